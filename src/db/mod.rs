@@ -1,0 +1,284 @@
+//! The database: the connection pool, the embedded versioned migrations and the notify trigger.
+//! Invariant: every SQL text that names Postern's schema is built here from a validated schema
+//! name, and migrations run one replica at a time under a transaction-scoped advisory lock (which
+//! works through pgbouncer too).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{is_schema_name, Config, NotifyMode};
+
+/// Embedded migrations, applied in order; a version once released never changes.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+
+/// The schema version this binary needs.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// A validated schema name, the only way SQL text gets one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schema(String);
+
+impl Schema {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        anyhow::ensure!(is_schema_name(name), "invalid schema name {name:?}");
+        Ok(Self(name.to_string()))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// The NOTIFY channel: `postern_outbox` for the default schema.
+    pub fn channel(&self) -> String {
+        format!("{}_outbox", self.0)
+    }
+
+    /// Replaces `__SCHEMA__` in a SQL text.
+    pub fn sql(&self, text: &str) -> String {
+        text.replace("__SCHEMA__", &self.0)
+    }
+}
+
+/// Builds the pool. Connections are made lazily, so this does not touch the network.
+pub fn pool(url: &str, size: usize) -> anyhow::Result<Pool> {
+    let pg: tokio_postgres::Config = url.parse().context("database.url")?;
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            // A connection the server closed (restart, pg_terminate_backend) is dropped on
+            // return and replaced, without a query per checkout.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .context("building the connection pool")
+}
+
+/// Waits until the database answers, retrying with capped exponential backoff, logging each
+/// failure. Returns `None` when cancelled first.
+pub async fn wait_until_reachable(pool: &Pool, cancel: &CancellationToken) -> Option<()> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match pool.get().await {
+            Ok(client) => match client.simple_query("SELECT 1").await {
+                Ok(_) => return Some(()),
+                Err(e) => tracing::warn!(error = %e, "database not ready; retrying"),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unreachable; retrying")
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Applies every missing migration and the grants for the publisher roles, in one transaction.
+/// Returns the versions applied.
+pub async fn migrate(
+    pool: &Pool,
+    schema: &Schema,
+    publisher_roles: &[String],
+) -> anyhow::Result<Vec<i32>> {
+    let mut client = pool.get().await.context("connecting for migration")?;
+    let tx = client.transaction().await?;
+    // Replicas starting together take turns here; the lock ends with the transaction.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&format!("postern.migrate.{}", schema.name())],
+    )
+    .await?;
+    tx.batch_execute(&schema.sql(
+        "CREATE SCHEMA IF NOT EXISTS __SCHEMA__;
+         CREATE TABLE IF NOT EXISTS __SCHEMA__.schema_migrations (
+             version    integer PRIMARY KEY,
+             name       text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         );",
+    ))
+    .await
+    .context("creating the schema")?;
+    let done: Vec<i32> = tx
+        .query(
+            &schema.sql("SELECT version FROM __SCHEMA__.schema_migrations"),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut applied = Vec::new();
+    for (version, name, text) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        tx.batch_execute(&schema.sql(text))
+            .await
+            .with_context(|| format!("applying migration {version} ({name})"))?;
+        tx.execute(
+            &schema.sql("INSERT INTO __SCHEMA__.schema_migrations (version, name) VALUES ($1, $2)"),
+            &[version, name],
+        )
+        .await?;
+        applied.push(*version);
+    }
+    for role in publisher_roles {
+        // Role names were validated as plain identifiers; quote them anyway.
+        let grant = schema.sql(&format!(
+            "GRANT USAGE ON SCHEMA __SCHEMA__ TO \"{role}\";
+             GRANT INSERT ON __SCHEMA__.outbox TO \"{role}\";
+             GRANT SELECT (event_id) ON __SCHEMA__.outbox TO \"{role}\";
+             GRANT EXECUTE ON FUNCTION __SCHEMA__.publish(text, jsonb, text, text, text, jsonb) TO \"{role}\";"
+        ));
+        tx.batch_execute(&grant)
+            .await
+            .with_context(|| format!("granting publish rights to role {role}"))?;
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// The highest migration applied, or `None` when the schema does not exist yet.
+pub async fn schema_version(
+    client: &tokio_postgres::Client,
+    schema: &Schema,
+) -> anyhow::Result<Option<i32>> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("{}.schema_migrations", schema.name())],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_one(
+            &schema.sql("SELECT max(version) FROM __SCHEMA__.schema_migrations"),
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// What the database's trigger does now, as `migrate` installed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifySetting {
+    pub mode: String,
+    pub throttle_ms: u64,
+}
+
+impl NotifySetting {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            mode: config.outbound.notify.as_str().to_string(),
+            throttle_ms: config.outbound.notify_throttle.0.as_millis().max(1) as u64,
+        }
+    }
+
+    fn encode(&self) -> String {
+        format!("{}:{}", self.mode, self.throttle_ms)
+    }
+
+    fn decode(s: &str) -> Option<Self> {
+        let (mode, ms) = s.split_once(':')?;
+        Some(Self {
+            mode: mode.to_string(),
+            throttle_ms: ms.parse().ok()?,
+        })
+    }
+}
+
+/// Installs the outbox trigger for `wanted`. With `force` (the `migrate` command) it always
+/// installs; otherwise (startup) it installs only when none was installed yet and returns the
+/// installed setting when it differs, so replicas configured differently warn instead of fighting.
+pub async fn install_notify(
+    pool: &Pool,
+    schema: &Schema,
+    wanted: &NotifySetting,
+    force: bool,
+) -> anyhow::Result<Option<NotifySetting>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&format!("postern.migrate.{}", schema.name())],
+    )
+    .await?;
+    let current = tx
+        .query_opt(
+            &schema.sql("SELECT value FROM __SCHEMA__.settings WHERE key = 'notify'"),
+            &[],
+        )
+        .await?
+        .and_then(|r| NotifySetting::decode(r.get(0)));
+    if let Some(current) = &current {
+        if current == wanted {
+            return Ok(None);
+        }
+        if !force {
+            return Ok(Some(current.clone()));
+        }
+    }
+    let channel = schema.channel();
+    let body = match wanted.mode.as_str() {
+        "statement" => format!("BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END"),
+        "throttled" => format!(
+            "DECLARE now_ms bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+             BEGIN
+               IF now_ms - (SELECT last_value FROM __SCHEMA__.notify_clock) >= {ms} THEN
+                 PERFORM setval('__SCHEMA__.notify_clock', now_ms);
+                 PERFORM pg_notify('{channel}', '');
+               END IF;
+               RETURN NULL;
+             END",
+            ms = wanted.throttle_ms
+        ),
+        _ => String::new(),
+    };
+    tx.batch_execute(&schema.sql("DROP TRIGGER IF EXISTS outbox_notify ON __SCHEMA__.outbox;"))
+        .await?;
+    if !body.is_empty() {
+        // SECURITY DEFINER so publishers need no rights on the clock sequence; a fixed
+        // search_path so a publisher cannot substitute functions or operators.
+        tx.batch_execute(&schema.sql(&format!(
+            "CREATE OR REPLACE FUNCTION __SCHEMA__.outbox_notify() RETURNS trigger
+               LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+             AS $fn$ {body} $fn$;
+             REVOKE EXECUTE ON FUNCTION __SCHEMA__.outbox_notify() FROM PUBLIC;
+             CREATE TRIGGER outbox_notify AFTER INSERT ON __SCHEMA__.outbox
+               FOR EACH STATEMENT EXECUTE FUNCTION __SCHEMA__.outbox_notify();"
+        )))
+        .await
+        .context("installing the outbox notify trigger")?;
+    }
+    tx.execute(
+        &schema.sql(
+            "INSERT INTO __SCHEMA__.settings (key, value) VALUES ('notify', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        ),
+        &[&wanted.encode()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(None)
+}
+
+/// Whether the notify mode needs a LISTEN connection at all.
+pub fn listens(mode: NotifyMode) -> bool {
+    mode != NotifyMode::None
+}

@@ -1,0 +1,133 @@
+//! The outbound HTTP client: one pooled client for every delivery, no redirects, no system proxy,
+//! the SSRF guard on every connection. Invariant: an attempt always ends in an [`AttemptResult`]
+//! (a response or a typed failure), never in a panic or a silent drop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::HeaderMap;
+
+use super::ssrf::{Blocked, Guard, GuardedResolver};
+
+/// How much of a response body is kept in the attempt record.
+pub const RESPONSE_BODY_LIMIT: usize = 4096;
+
+pub fn user_agent() -> String {
+    format!("postern/{}", env!("CARGO_PKG_VERSION"))
+}
+
+#[derive(Clone)]
+pub struct WebhookClient {
+    http: reqwest::Client,
+    guard: Arc<Guard>,
+}
+
+/// A response, with the body cut to [`RESPONSE_BODY_LIMIT`].
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+/// Why an attempt got no HTTP response. The variants exist so the worker and the record can say
+/// whose fault it was; all of them are retried by the policy.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("{0}")]
+    Blocked(#[from] Blocked),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("request failed: {0}")]
+    Other(String),
+}
+
+impl WebhookClient {
+    pub fn new(guard: Guard, timeout: Duration, per_host_idle: usize) -> anyhow::Result<Self> {
+        let guard = Arc::new(guard);
+        let http = reqwest::Client::builder()
+            .user_agent(user_agent())
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver::new(guard.clone())))
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(per_host_idle)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Self { http, guard })
+    }
+
+    /// POSTs `body` with `headers`, reading at most [`RESPONSE_BODY_LIMIT`] bytes of the answer.
+    pub async fn post(
+        &self,
+        url: &reqwest::Url,
+        headers: HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Response, SendError> {
+        self.guard.check_url(url)?;
+        let result = self
+            .http
+            .post(url.clone())
+            .headers(headers)
+            .body(body)
+            .send()
+            .await;
+        let mut resp = result.map_err(|e| classify(e, timeout))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let mut kept = Vec::new();
+        // A receiver that streams a huge body must not cost memory or time: keep the head only.
+        while kept.len() < RESPONSE_BODY_LIMIT {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => kept.extend_from_slice(&chunk),
+                Ok(None) => break,
+                // The status already arrived; a broken body does not change the outcome.
+                Err(_) => break,
+            }
+        }
+        kept.truncate(RESPONSE_BODY_LIMIT);
+        Ok(Response {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&kept).into_owned(),
+        })
+    }
+}
+
+fn classify(e: reqwest::Error, timeout: Duration) -> SendError {
+    if e.is_timeout() {
+        return SendError::Timeout(timeout);
+    }
+    // The guard's refusal surfaces as the source of a connect error.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if let Some(b) = s.downcast_ref::<Blocked>() {
+            return SendError::Blocked(b.clone());
+        }
+        source = s.source();
+    }
+    if e.is_connect() {
+        return SendError::Connect(error_chain(&e));
+    }
+    SendError::Other(error_chain(&e))
+}
+
+/// `outer: inner: innermost`, without repeating the same text.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}

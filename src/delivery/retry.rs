@@ -1,0 +1,176 @@
+//! Retry policies: when the next attempt of a failed delivery is due, or that there is none.
+//! Invariant: `max_attempts` counts every attempt, the first included; a `Retry-After` can only
+//! postpone an attempt, never hasten it, and never beyond the policy's longest delay.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryPolicy {
+    /// N delays mean N + 1 attempts.
+    Schedule { delays: Vec<Duration>, jitter: f64 },
+    /// `initial * multiplier^(n-1)`, capped at `max_delay`.
+    Exponential {
+        max_attempts: u32,
+        initial: Duration,
+        multiplier: f64,
+        max_delay: Duration,
+        jitter: f64,
+    },
+}
+
+impl RetryPolicy {
+    pub fn max_attempts(&self) -> u32 {
+        match self {
+            RetryPolicy::Schedule { delays, .. } => delays.len() as u32 + 1,
+            RetryPolicy::Exponential { max_attempts, .. } => *max_attempts,
+        }
+    }
+
+    fn jitter(&self) -> f64 {
+        match self {
+            RetryPolicy::Schedule { jitter, .. } | RetryPolicy::Exponential { jitter, .. } => {
+                *jitter
+            }
+        }
+    }
+
+    /// The longest delay the policy itself would ever wait (before jitter).
+    pub fn longest_delay(&self) -> Duration {
+        match self {
+            RetryPolicy::Schedule { delays, .. } => {
+                delays.iter().copied().max().unwrap_or_default()
+            }
+            RetryPolicy::Exponential { max_delay, .. } => *max_delay,
+        }
+    }
+
+    /// The nominal delay after attempt number `attempt` (1-based) failed, or `None` when that
+    /// was the last attempt.
+    pub fn base_delay(&self, attempt: u32) -> Option<Duration> {
+        if attempt == 0 || attempt >= self.max_attempts() {
+            return None;
+        }
+        match self {
+            RetryPolicy::Schedule { delays, .. } => delays.get(attempt as usize - 1).copied(),
+            RetryPolicy::Exponential {
+                initial,
+                multiplier,
+                max_delay,
+                ..
+            } => {
+                let factor = multiplier.powi(attempt as i32 - 1);
+                let secs = (initial.as_secs_f64() * factor).min(max_delay.as_secs_f64());
+                Some(Duration::from_secs_f64(secs))
+            }
+        }
+    }
+
+    /// The delay before the next attempt after `attempt` failed: jittered uniformly within
+    /// +-jitter, then raised to `retry_after` (capped at the policy's longest delay).
+    pub fn next_delay(&self, attempt: u32, retry_after: Option<Duration>) -> Option<Duration> {
+        let base = self.base_delay(attempt)?;
+        let j = self.jitter();
+        let jittered = if j > 0.0 {
+            let f = rand::thread_rng().gen_range(1.0 - j..=1.0 + j);
+            Duration::from_secs_f64(base.as_secs_f64() * f)
+        } else {
+            base
+        };
+        Some(match retry_after {
+            Some(ra) => jittered.max(ra.min(self.longest_delay())),
+            None => jittered,
+        })
+    }
+}
+
+/// Parses a `Retry-After` value: delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(secs: &[u64], jitter: f64) -> RetryPolicy {
+        RetryPolicy::Schedule {
+            delays: secs.iter().map(|&x| Duration::from_secs(x)).collect(),
+            jitter,
+        }
+    }
+
+    #[test]
+    fn schedule_counts_attempts() {
+        let p = s(&[1, 10], 0.0);
+        assert_eq!(p.max_attempts(), 3);
+        assert_eq!(p.next_delay(1, None), Some(Duration::from_secs(1)));
+        assert_eq!(p.next_delay(2, None), Some(Duration::from_secs(10)));
+        assert_eq!(p.next_delay(3, None), None);
+    }
+
+    #[test]
+    fn exponential_caps() {
+        let p = RetryPolicy::Exponential {
+            max_attempts: 6,
+            initial: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(10),
+            jitter: 0.0,
+        };
+        let delays: Vec<_> = (1..=6)
+            .map(|a| p.next_delay(a, None).map(|d| d.as_secs()))
+            .collect();
+        assert_eq!(
+            delays,
+            vec![Some(1), Some(2), Some(4), Some(8), Some(10), None]
+        );
+    }
+
+    #[test]
+    fn jitter_stays_in_band() {
+        let p = s(&[100], 0.2);
+        for _ in 0..1000 {
+            let d = p.next_delay(1, None).unwrap().as_secs_f64();
+            assert!((80.0..=120.0).contains(&d), "{d}");
+        }
+    }
+
+    #[test]
+    fn retry_after_postpones_never_hastens_and_is_capped() {
+        let p = s(&[5, 60], 0.0);
+        assert_eq!(
+            p.next_delay(1, Some(Duration::from_secs(1))),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            p.next_delay(1, Some(Duration::from_secs(30))),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            p.next_delay(1, Some(Duration::from_secs(3600))),
+            Some(Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_and_dates() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

@@ -1,0 +1,304 @@
+//! The delivery table's state machine in SQL: claim under a lease, settle, hand back, reap.
+//! Invariant: every write on a claimed row is fenced by (owner, attempt, `delivering`), so a
+//! replica whose lease lapsed can never overwrite a newer claim; no transaction spans an HTTP call.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use uuid::Uuid;
+
+use crate::db::Schema;
+
+/// One delivery claimed for one attempt, with everything needed to make it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: Uuid,
+    /// The attempt number this claim is for (1-based); the fence of every later write.
+    pub attempt: i32,
+    pub endpoint_id: String,
+    pub event_id: Uuid,
+    pub event_type: String,
+    /// The event payload as JSON text (jsonb's normal form).
+    pub payload: String,
+    pub created_at: DateTime<Utc>,
+    pub url: String,
+    pub headers: serde_json::Value,
+    pub signature: String,
+    pub retry: Option<serde_json::Value>,
+    /// Unexpired secrets, newest first.
+    pub secrets: Vec<String>,
+}
+
+/// How an attempt settles its delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    Delivered,
+    Retry {
+        at: DateTime<Utc>,
+    },
+    /// Attempts exhausted, or a failure no retry can fix: the dead letter.
+    Failed,
+    /// `410 Gone`: the endpoint is disabled and its deliveries paused, this one included.
+    EndpointGone,
+}
+
+/// The record of one attempt.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i32,
+    pub status_code: Option<i32>,
+    pub response_body: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub endpoint_id: String,
+    pub settle: Settle,
+    pub record: AttemptRecord,
+}
+
+/// Prepared SQL texts for one schema.
+pub struct DeliveryStore {
+    pool: Pool,
+    claim: String,
+    ack: String,
+    disable_gone: String,
+    pause_gone: String,
+    hand_back: String,
+    reap: String,
+}
+
+impl DeliveryStore {
+    pub fn new(pool: Pool, schema: &Schema) -> Self {
+        Self {
+            pool,
+            // Fair across endpoints: endpoints in random order, each contributing at most its
+            // free per-endpoint slots, so one endpoint's backlog cannot fill a batch. The
+            // MATERIALIZED fence stops the planner from re-running the LIMIT subquery.
+            claim: schema.sql(
+                "WITH c AS MATERIALIZED (
+                    SELECT due.id
+                    FROM (SELECT id FROM __SCHEMA__.endpoints
+                          WHERE active AND deleted_at IS NULL ORDER BY random()) e
+                    CROSS JOIN LATERAL (
+                        SELECT d.id FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now()
+                        ORDER BY d.next_attempt_at
+                        LIMIT GREATEST(0, $3::int - COALESCE(
+                            (SELECT b.n FROM unnest($4::text[], $5::int[]) AS b(id, n) WHERE b.id = e.id), 0))
+                        FOR UPDATE OF d SKIP LOCKED
+                    ) due
+                    LIMIT $2
+                 )
+                 UPDATE __SCHEMA__.deliveries d
+                 SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
+                     lease_expires_at = now() + make_interval(secs => $6), updated_at = now()
+                 FROM c, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
+                 WHERE d.id = c.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
+                 RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
+                           o.created_at, e.url, e.headers, e.signature, e.retry,
+                           ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
+                                 WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
+                                 ORDER BY s.id DESC) AS secrets",
+            ),
+            ack: schema.sql(
+                "WITH u AS (
+                    SELECT * FROM unnest($2::uuid[], $3::int[], $4::text[], $5::timestamptz[], $6::int[],
+                                         $7::text[], $8::timestamptz[], $9::int[], $10::text[])
+                      AS u(id, attempt, status, next_at, status_code, error, started_at, duration_ms, response_body)
+                 ), upd AS (
+                    UPDATE __SCHEMA__.deliveries d
+                    SET status = CASE
+                            WHEN u.status <> 'delivered' AND e.deleted_at IS NOT NULL THEN 'cancelled'
+                            WHEN u.status = 'pending' AND NOT e.active THEN 'paused'
+                            ELSE u.status END,
+                        next_attempt_at = COALESCE(u.next_at, d.next_attempt_at),
+                        lease_owner = NULL, lease_expires_at = NULL,
+                        last_status_code = u.status_code, last_error = u.error, updated_at = now(),
+                        delivered_at = CASE WHEN u.status = 'delivered' THEN now() ELSE d.delivered_at END
+                    FROM u, __SCHEMA__.endpoints e
+                    WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
+                      AND d.lease_owner = $1 AND e.id = d.endpoint_id
+                    RETURNING d.id
+                 )
+                 INSERT INTO __SCHEMA__.attempts
+                    (delivery_id, attempt, started_at, duration_ms, status_code, response_body, error)
+                 SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.status_code, u.response_body, u.error
+                 FROM u JOIN upd ON upd.id = u.id",
+            ),
+            disable_gone: schema.sql(
+                "UPDATE __SCHEMA__.endpoints
+                 SET active = false, disabled_reason = 'the endpoint answered 410 Gone', updated_at = now()
+                 WHERE id = ANY($1) AND active",
+            ),
+            pause_gone: schema.sql(
+                "UPDATE __SCHEMA__.deliveries SET status = 'paused', updated_at = now()
+                 WHERE endpoint_id = ANY($1) AND status = 'pending'",
+            ),
+            hand_back: schema.sql(
+                "UPDATE __SCHEMA__.deliveries d
+                 SET status = 'pending', attempts = d.attempts - 1, lease_owner = NULL,
+                     lease_expires_at = NULL, next_attempt_at = now(), updated_at = now()
+                 FROM unnest($2::uuid[], $3::int[]) AS u(id, attempt)
+                 WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering' AND d.lease_owner = $1",
+            ),
+            // A lapsed lease means the replica died (or stalled) mid-attempt: whether the request
+            // went out is unknown, so the attempt is recorded as such and the delivery is due again.
+            reap: schema.sql(
+                "WITH lapsed AS MATERIALIZED (
+                    SELECT id FROM __SCHEMA__.deliveries
+                    WHERE status = 'delivering' AND lease_expires_at < now()
+                    ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
+                 ), upd AS (
+                    UPDATE __SCHEMA__.deliveries d
+                    SET status = CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                                      WHEN e.active THEN 'pending' ELSE 'paused' END,
+                        lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = now(),
+                        last_error = 'lease expired: the replica making this attempt stopped or stalled',
+                        updated_at = now()
+                    FROM lapsed, __SCHEMA__.endpoints e
+                    WHERE d.id = lapsed.id AND e.id = d.endpoint_id
+                    RETURNING d.id, d.attempts
+                 )
+                 INSERT INTO __SCHEMA__.attempts (delivery_id, attempt, started_at, duration_ms, error)
+                 SELECT id, attempts, now(), 0, 'lease expired: outcome unknown' FROM upd
+                 ON CONFLICT DO NOTHING",
+            ),
+        }
+    }
+
+    /// Claims up to `limit` due deliveries for `owner`, at most `per_endpoint` per endpoint minus
+    /// what this replica already has in flight there (`busy`).
+    pub async fn claim(
+        &self,
+        owner: Uuid,
+        limit: i64,
+        per_endpoint: i32,
+        busy: &[(String, i32)],
+        lease: Duration,
+    ) -> anyhow::Result<Vec<Claimed>> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(&self.claim).await?;
+        let busy_ids: Vec<&str> = busy.iter().map(|(id, _)| id.as_str()).collect();
+        let busy_n: Vec<i32> = busy.iter().map(|(_, n)| *n).collect();
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &owner,
+                    &limit,
+                    &per_endpoint,
+                    &busy_ids,
+                    &busy_n,
+                    &lease.as_secs_f64(),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Claimed {
+                id: r.get(0),
+                attempt: r.get(1),
+                endpoint_id: r.get(2),
+                event_id: r.get(3),
+                event_type: r.get(4),
+                payload: r.get(5),
+                created_at: r.get(6),
+                url: r.get(7),
+                headers: r.get(8),
+                signature: r.get(9),
+                retry: r.get(10),
+                secrets: r.get(11),
+            })
+            .collect())
+    }
+
+    /// Writes a batch of outcomes in one transaction: attempts recorded, deliveries settled,
+    /// endpoints that answered 410 disabled. Acks whose fence fails are dropped by the database.
+    pub async fn settle(&self, owner: Uuid, acks: &[Ack]) -> anyhow::Result<()> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let mut gone: Vec<&str> = acks
+            .iter()
+            .filter(|a| a.settle == Settle::EndpointGone)
+            .map(|a| a.endpoint_id.as_str())
+            .collect();
+        if !gone.is_empty() {
+            gone.sort_unstable();
+            gone.dedup();
+            tx.execute(&self.disable_gone, &[&gone]).await?;
+            tx.execute(&self.pause_gone, &[&gone]).await?;
+        }
+        let n = acks.len();
+        let (mut ids, mut attempts, mut statuses, mut next_at) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut codes, mut errors, mut started, mut durations, mut bodies) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for a in acks {
+            ids.push(a.id);
+            attempts.push(a.attempt);
+            let (status, at) = match a.settle {
+                Settle::Delivered => ("delivered", None),
+                Settle::Retry { at } => ("pending", Some(at)),
+                Settle::Failed => ("failed", None),
+                // Paused by the CASE in the statement, since the endpoint is now inactive.
+                Settle::EndpointGone => ("pending", Some(Utc::now())),
+            };
+            statuses.push(status);
+            next_at.push(at);
+            codes.push(a.record.status_code);
+            errors.push(a.record.error.as_deref());
+            started.push(a.record.started_at);
+            durations.push(a.record.duration_ms);
+            bodies.push(a.record.response_body.as_deref());
+        }
+        let stmt = tx.prepare_cached(&self.ack).await?;
+        tx.execute(
+            &stmt,
+            &[
+                &owner, &ids, &attempts, &statuses, &next_at, &codes, &errors, &started,
+                &durations, &bodies,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Returns claimed-but-unfinished deliveries to `pending` at once (shutdown), undoing the
+    /// attempt count the claim added, so another replica takes them without waiting for a lease.
+    pub async fn hand_back(&self, owner: Uuid, items: &[(Uuid, i32)]) -> anyhow::Result<u64> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let client = self.pool.get().await?;
+        let ids: Vec<Uuid> = items.iter().map(|(id, _)| *id).collect();
+        let attempts: Vec<i32> = items.iter().map(|(_, a)| *a).collect();
+        Ok(client
+            .execute(&self.hand_back, &[&owner, &ids, &attempts])
+            .await?)
+    }
+
+    /// Makes deliveries whose lease lapsed due again; returns how many.
+    pub async fn reap(&self, batch: i64) -> anyhow::Result<u64> {
+        let client = self.pool.get().await?;
+        Ok(client.execute(&self.reap, &[&batch]).await?)
+    }
+}

@@ -1,0 +1,251 @@
+//! `postern demo`: a newcomer's first run. Against a real Postgres it migrates a scratch schema,
+//! starts a local receiver that verifies every signature, publishes sample events in one app
+//! transaction, shows delivery progress and ends with a summary line. Invariant: it leaves nothing
+//! behind (the scratch schema is dropped) and touches no schema but its own.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::{self, Schema};
+use crate::signing;
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// The Postgres to use (default: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/postgres).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// How many events to publish in the one transaction.
+    #[arg(long, default_value_t = 50)]
+    pub events: usize,
+    /// The scratch schema (dropped before and after).
+    #[arg(long, default_value = "postern_demo")]
+    pub schema: String,
+}
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+struct Receiver {
+    key: Vec<u8>,
+    /// event id -> (receipt time, signature verified)
+    seen: Mutex<HashMap<String, (Instant, bool)>>,
+    rejected: Mutex<u32>,
+}
+
+async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let at = Instant::now();
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let now = chrono::Utc::now().timestamp();
+    let verified = signing::verify_standard(
+        std::slice::from_ref(&rx.key),
+        h("webhook-id"),
+        h("webhook-timestamp"),
+        h("webhook-signature"),
+        &body,
+        now,
+        300,
+    )
+    .is_ok();
+    if !verified {
+        *rx.rejected.lock().expect("demo lock") += 1;
+        return StatusCode::UNAUTHORIZED;
+    }
+    let id = h("webhook-id").unwrap_or_default().to_string();
+    rx.seen
+        .lock()
+        .expect("demo lock")
+        .entry(id)
+        .or_insert((at, verified));
+    StatusCode::NO_CONTENT
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let url = args
+        .database_url
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .unwrap_or_else(|| DEFAULT_URL.to_string());
+    anyhow::ensure!(
+        args.events > 0 && args.events <= 100_000,
+        "--events must be 1 to 100000"
+    );
+    let schema = Schema::new(&args.schema).context("--schema")?;
+
+    // The receiver: what a customer's webhook handler would be.
+    let secret = signing::generate_secret();
+    let receiver = Arc::new(Receiver {
+        key: signing::standard_key(&secret)?,
+        seen: Mutex::new(HashMap::new()),
+        rejected: Mutex::new(0),
+    });
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let port = listener.local_addr()?.port();
+    let app = axum::Router::new()
+        .route("/webhooks", axum::routing::post(receive))
+        .with_state(receiver.clone());
+    let stop = CancellationToken::new();
+    let server_stop = stop.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_stop.cancelled().await })
+            .await;
+    });
+
+    let toml = format!(
+        r#"
+        shutdown_grace = "5s"
+        [database]
+        url = {url}
+        schema = "{schema}"
+        [log]
+        level = "warn"
+        [outbound]
+        request_timeout = "3s"
+        allow_private_networks = ["127.0.0.0/8"]
+        [[endpoints]]
+        id = "demo-receiver"
+        url = "http://127.0.0.1:{port}/webhooks"
+        events = ["order.*"]
+        secret = "{secret}"
+        "#,
+        url = toml::Value::String(url.clone()),
+        schema = schema.name(),
+    );
+    let config = Config::from_toml_str(&toml).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+    crate::telemetry::init(&config.log);
+
+    println!(
+        "postern demo: database {}",
+        crate::config::mask_url_password(&url)
+    );
+    let pool = db::pool(&url, 4)?;
+    let client = tokio::time::timeout(Duration::from_secs(10), pool.get())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "timed out connecting to {}",
+                crate::config::mask_url_password(&url)
+            )
+        })?
+        .with_context(|| {
+            format!(
+                "cannot connect to {} (set DATABASE_URL)",
+                crate::config::mask_url_password(&url)
+            )
+        })?;
+    client
+        .batch_execute(&schema.sql("DROP SCHEMA IF EXISTS __SCHEMA__ CASCADE"))
+        .await?;
+    drop(client);
+    let result = demo_body(&config, &pool, &schema, &receiver, args.events, port).await;
+    stop.cancel();
+    let cleanup = pool.get().await.map(|c| async move {
+        c.batch_execute(&schema.sql("DROP SCHEMA IF EXISTS __SCHEMA__ CASCADE"))
+            .await
+    });
+    if let Ok(fut) = cleanup {
+        let _ = fut.await;
+    }
+    result
+}
+
+async fn demo_body(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    schema: &Schema,
+    receiver: &Arc<Receiver>,
+    events: usize,
+    port: u16,
+) -> anyhow::Result<()> {
+    crate::app::prepare(config, pool, schema).await?;
+    println!(
+        "  migrated scratch schema {}; receiver listening on 127.0.0.1:{port}",
+        schema.name()
+    );
+    let shutdown = CancellationToken::new();
+    let tasks = crate::app::start(config, pool.clone(), schema, shutdown.clone())?;
+
+    // The app's side: a business row and its event, committed together.
+    let mut client = pool.get().await?;
+    client
+        .batch_execute(&schema.sql(
+            "CREATE TABLE __SCHEMA__.orders (id bigint PRIMARY KEY, total_cents bigint NOT NULL)",
+        ))
+        .await?;
+    let tx = client.transaction().await?;
+    let insert_order = tx
+        .prepare(&schema.sql("INSERT INTO __SCHEMA__.orders (id, total_cents) VALUES ($1, $2)"))
+        .await?;
+    let insert_event = tx
+        .prepare(&schema.sql(
+            "INSERT INTO __SCHEMA__.outbox (event_type, payload) VALUES ('order.created', $1)",
+        ))
+        .await?;
+    for i in 0..events as i64 {
+        tx.execute(&insert_order, &[&i, &(1000 + i)]).await?;
+        tx.execute(
+            &insert_event,
+            &[&serde_json::json!({"order_id": i, "total_cents": 1000 + i})],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    let committed = Instant::now();
+    println!("  committed {events} orders and their order.created events in one transaction");
+
+    let deadline = committed + Duration::from_secs(30);
+    let mut last_shown = usize::MAX;
+    loop {
+        let n = receiver.seen.lock().expect("demo lock").len();
+        if n != last_shown {
+            println!("  delivered {n}/{events}");
+            last_shown = n;
+        }
+        if n >= events || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    let mut tasks = tasks;
+    while tasks.join_next().await.is_some() {}
+
+    let seen = receiver.seen.lock().expect("demo lock").clone();
+    let rejected = *receiver.rejected.lock().expect("demo lock");
+    let mut latencies: Vec<Duration> = seen
+        .values()
+        .map(|(at, _)| at.saturating_duration_since(committed))
+        .collect();
+    latencies.sort();
+    let verified = seen.values().filter(|(_, v)| *v).count();
+    anyhow::ensure!(
+        !latencies.is_empty(),
+        "no event arrived within 30 s; run with RUST_LOG=postern=debug to see why"
+    );
+    let pct = |p: f64| {
+        latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "delivered {}/{} events, {} signatures verified, {} rejected; commit-to-receipt latency p50 {:.1} ms, max {:.1} ms",
+        seen.len(),
+        events,
+        verified,
+        rejected,
+        ms(pct(0.5)),
+        ms(*latencies.last().expect("non-empty"))
+    );
+    anyhow::ensure!(
+        seen.len() == events,
+        "only {} of {events} events arrived",
+        seen.len()
+    );
+    Ok(())
+}

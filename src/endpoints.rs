@@ -1,0 +1,132 @@
+//! Endpoint rows and their secrets. Invariant: endpoints live in Postgres (the config file's are
+//! upserted at startup, the config winning for every field but the runtime state `active` /
+//! `disabled_reason`), and a secret is never replaced outright: the old one keeps signing beside
+//! the new one until its grace ends, so receivers switch without a gap.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+
+use crate::config::EndpointConfig;
+use crate::db::Schema;
+
+/// How long a config endpoint's previous secret keeps signing after the config changes it.
+pub const CONFIG_SECRET_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// Upserts the config file's endpoints; config endpoints no longer in the file are soft-deleted
+/// (their unfinished deliveries become `cancelled`, still listed).
+pub async fn sync_config_endpoints(
+    pool: &Pool,
+    schema: &Schema,
+    endpoints: &[EndpointConfig],
+) -> anyhow::Result<()> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&format!("postern.endpoints.{}", schema.name())],
+    )
+    .await?;
+    let upsert = schema.sql(
+        "INSERT INTO __SCHEMA__.endpoints
+            (id, url, events, tenant, description, headers, retry, signature, active, source)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'config')
+         ON CONFLICT (id) DO UPDATE SET
+            url = excluded.url, events = excluded.events, tenant = excluded.tenant,
+            description = excluded.description, headers = excluded.headers, retry = excluded.retry,
+            signature = excluded.signature, source = 'config', deleted_at = NULL,
+            updated_at = now()",
+    );
+    let has_secret = schema.sql(
+        "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.endpoint_secrets
+                        WHERE endpoint_id = $1 AND secret = $2 AND expires_at IS NULL)",
+    );
+    let retire_others = schema.sql(
+        "UPDATE __SCHEMA__.endpoint_secrets
+         SET expires_at = LEAST(COALESCE(expires_at, 'infinity'), now() + make_interval(secs => $2))
+         WHERE endpoint_id = $1 AND (expires_at IS NULL OR expires_at > now())",
+    );
+    let add_secret =
+        schema.sql("INSERT INTO __SCHEMA__.endpoint_secrets (endpoint_id, secret) VALUES ($1, $2)");
+    for e in endpoints {
+        let headers: serde_json::Map<String, serde_json::Value> = e
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_ascii_lowercase(),
+                    serde_json::Value::String(v.expose().to_string()),
+                )
+            })
+            .collect();
+        let retry = e
+            .retry
+            .as_ref()
+            .map(|r| serde_json::to_value(r).expect("retry config serializes"));
+        tx.execute(
+            &upsert,
+            &[
+                &e.id,
+                &e.url,
+                &e.events,
+                &e.tenant,
+                &e.description,
+                &serde_json::Value::Object(headers),
+                &retry,
+                &e.signature.as_str(),
+                &e.active,
+            ],
+        )
+        .await
+        .with_context(|| format!("upserting endpoint {}", e.id))?;
+        let present: bool = tx
+            .query_one(&has_secret, &[&e.id, &e.secret.expose()])
+            .await?
+            .get(0);
+        if !present {
+            // A changed secret: the previous ones keep signing during the grace.
+            tx.execute(&retire_others, &[&e.id, &CONFIG_SECRET_GRACE.as_secs_f64()])
+                .await?;
+            tx.execute(&add_secret, &[&e.id, &e.secret.expose()])
+                .await?;
+        }
+    }
+    let ids: Vec<&str> = endpoints.iter().map(|e| e.id.as_str()).collect();
+    let removed: Vec<String> = tx
+        .query(
+            &schema.sql(
+                "UPDATE __SCHEMA__.endpoints SET deleted_at = now(), updated_at = now()
+                 WHERE source = 'config' AND deleted_at IS NULL AND id <> ALL($1) RETURNING id",
+            ),
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !removed.is_empty() {
+        cancel_unfinished(&tx, schema, &removed).await?;
+        tracing::warn!(endpoints = ?removed, "config endpoints removed from the file were deleted; their unfinished deliveries are cancelled");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Marks a deleted endpoint's unfinished deliveries `cancelled` (in-flight ones settle as
+/// cancelled when their attempt ends).
+pub async fn cancel_unfinished(
+    tx: &deadpool_postgres::Transaction<'_>,
+    schema: &Schema,
+    endpoint_ids: &[String],
+) -> anyhow::Result<u64> {
+    Ok(tx
+        .execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries SET status = 'cancelled', updated_at = now()
+                 WHERE endpoint_id = ANY($1) AND status IN ('pending', 'paused')",
+            ),
+            &[&endpoint_ids],
+        )
+        .await?)
+}

@@ -1,0 +1,13 @@
+//! Postern: reliable webhooks in both directions, with the application's own Postgres as the only
+//! infrastructure. The modules follow the data flow.
+
+pub mod app; // the process: startup, the task tree, graceful shutdown
+pub mod config; // figment layers validated into typed values; secrets resolved and redacted
+pub mod db; // pool, embedded migrations, the notify trigger
+pub mod delivery; // claim under a lease, sign, POST, settle; retry policy; SSRF guard
+pub mod demo; // `postern demo`: a self-contained first run
+pub mod endpoints; // endpoint rows and their secrets
+pub mod outbox; // LISTEN/NOTIFY + polling, fan-out of outbox rows into deliveries
+pub mod retention; // pruning old rows, reaping lapsed leases
+pub mod signing; // Standard Webhooks and other schemes, shared by both directions
+pub mod telemetry; // tracing subscriber

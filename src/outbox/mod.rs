@@ -1,0 +1,164 @@
+//! The outbox side: noticing committed events (LISTEN/NOTIFY as a hint, polling as the truth) and
+//! fanning them out. Invariant: the table is the truth. A wake-up only makes a pass happen sooner;
+//! a lost notification, a dead listener or `notify = "none"` delays a pass by at most one poll
+//! interval, and every (re)connect does LISTEN first and then a catch-up pass.
+
+pub mod dispatcher;
+pub mod glob;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use dispatcher::Dispatcher;
+
+/// Shared between the listener, the dispatcher and the worker of one replica.
+#[derive(Default)]
+pub struct Signals {
+    /// Rung by the listener: something was committed to the outbox.
+    pub outbox_changed: Notify,
+    /// Rung by the dispatcher: new deliveries exist.
+    pub deliveries_ready: Arc<Notify>,
+    /// Whether the LISTEN connection is up (for readiness and metrics).
+    pub listener_connected: AtomicBool,
+}
+
+/// Keeps one LISTEN connection up, reconnecting with backoff, and rings `outbox_changed` for every
+/// notification and after every (re)connect.
+pub async fn listen(
+    url: String,
+    channel: String,
+    signals: Arc<Signals>,
+    cancel: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    while !cancel.is_cancelled() {
+        match listen_once(&url, &channel, &signals, &cancel).await {
+            Ok(()) => delay = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "outbox listener disconnected");
+            }
+        }
+        signals.listener_connected.store(false, Ordering::Relaxed);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One connection's life: returns when it ends (error) or on cancellation (Ok).
+async fn listen_once(
+    url: &str,
+    channel: &str,
+    signals: &Signals,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    config
+        .application_name("postern-listener")
+        .connect_timeout(Duration::from_secs(5))
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30));
+    let (client, mut connection) = config.connect(NoTls).await?;
+    // The connection's plain Future drops notifications; poll_message hands them to us.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => {
+                    if tx.send(()).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    let result = async {
+        client.batch_execute(&format!("LISTEN {channel}")).await?;
+        signals.listener_connected.store(true, Ordering::Relaxed);
+        tracing::info!(channel, "listening for outbox notifications");
+        // Notifications sent while we were away are lost: scan once now.
+        signals.outbox_changed.notify_one();
+        let mut health = tokio::time::interval(Duration::from_secs(15));
+        health.tick().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                message = rx.recv() => match message {
+                    Some(()) => signals.outbox_changed.notify_one(),
+                    None => anyhow::bail!("listener connection closed"),
+                },
+                // A silently dead connection would never deliver another notification.
+                _ = health.tick() => { client.simple_query("SELECT 1").await?; }
+            }
+        }
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+/// Runs dispatcher passes on wake-ups and on the poll timer until cancelled.
+pub async fn dispatch_loop(
+    dispatcher: Dispatcher,
+    signals: Arc<Signals>,
+    poll_interval: Duration,
+    throttle: Duration,
+    cancel: CancellationToken,
+) {
+    let mut next_pass = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = signals.outbox_changed.notified() => {
+                // Commits inside a throttle window are not announced: look again once the
+                // window has passed.
+                next_pass = Instant::now() + throttle + Duration::from_millis(1);
+            }
+            _ = tokio::time::sleep_until(next_pass) => {
+                next_pass = Instant::now() + poll_interval;
+            }
+        }
+        loop {
+            match dispatcher.dispatch_once().await {
+                Ok(done) => {
+                    failures = 0;
+                    if done.deliveries > 0 {
+                        signals.deliveries_ready.notify_one();
+                    }
+                    if done.events > 0 {
+                        tracing::debug!(
+                            events = done.events,
+                            deliveries = done.deliveries,
+                            lag_s = done.max_lag_secs,
+                            "dispatched"
+                        );
+                    }
+                    if done.events < dispatcher.batch() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "dispatch failed");
+                    next_pass = Instant::now() + backoff;
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Retention and lease reaping: the housekeeping any replica may run. Invariant: work is done in
+//! small batches with `SKIP LOCKED`-friendly statements, so it never blocks the pipeline, and only
+//! finished rows older than their retention are deleted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::Schema;
+use crate::delivery::store::DeliveryStore;
+
+const BATCH: i64 = 1000;
+/// A pruning pass yields after this long, so a huge backlog of old rows is worked off over
+/// several passes rather than in one long burst of I/O.
+const PASS_BUDGET: Duration = Duration::from_secs(5);
+
+/// What a pruning pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub deliveries: u64,
+    pub events: u64,
+}
+
+pub struct Retention {
+    pool: Pool,
+    delivered: Duration,
+    failed: Duration,
+    prune_delivered: String,
+    prune_failed: String,
+    prune_events: String,
+}
+
+impl Retention {
+    pub fn new(pool: Pool, schema: &Schema, delivered: Duration, failed: Duration) -> Self {
+        Self {
+            pool,
+            delivered,
+            failed,
+            prune_delivered: schema.sql(
+                "DELETE FROM __SCHEMA__.deliveries WHERE id IN (
+                    SELECT id FROM __SCHEMA__.deliveries
+                    WHERE status = 'delivered' AND updated_at < now() - make_interval(secs => $1)
+                    LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            ),
+            prune_failed: schema.sql(
+                "DELETE FROM __SCHEMA__.deliveries WHERE id IN (
+                    SELECT id FROM __SCHEMA__.deliveries
+                    WHERE status IN ('failed', 'cancelled') AND updated_at < now() - make_interval(secs => $1)
+                    LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            ),
+            // An event goes once no delivery of it is left (all pruned, or none were made).
+            prune_events: schema.sql(
+                "DELETE FROM __SCHEMA__.outbox WHERE id IN (
+                    SELECT o.id FROM __SCHEMA__.outbox o
+                    WHERE o.dispatched_at < now() - make_interval(secs => $1)
+                      AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.deliveries d WHERE d.outbox_id = o.id)
+                    LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            ),
+        }
+    }
+
+    /// One pruning pass, batch by batch, until nothing old is left or the budget is spent.
+    pub async fn prune(&self) -> anyhow::Result<Pruned> {
+        let started = tokio::time::Instant::now();
+        let client = self.pool.get().await?;
+        let mut pruned = Pruned::default();
+        let steps = [
+            (&self.prune_delivered, self.delivered, false),
+            (&self.prune_failed, self.failed, false),
+            (&self.prune_events, self.delivered, true),
+        ];
+        for (sql, age, events) in steps {
+            loop {
+                let n = client
+                    .execute(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
+                    .await?;
+                if events {
+                    pruned.events += n;
+                } else {
+                    pruned.deliveries += n;
+                }
+                if n < BATCH as u64 || started.elapsed() > PASS_BUDGET {
+                    break;
+                }
+            }
+        }
+        Ok(pruned)
+    }
+}
+
+/// Reaps lapsed leases every `reap_every` and prunes every `prune_every`, until cancelled.
+pub async fn housekeeping_loop(
+    store: Arc<DeliveryStore>,
+    retention: Retention,
+    reap_every: Duration,
+    prune_every: Duration,
+    wake_worker: Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
+    let mut reap = tokio::time::interval(reap_every);
+    let mut prune = tokio::time::interval(prune_every);
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = reap.tick() => match store.reap(500).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::warn!(reaped = n, "deliveries whose lease lapsed are due again");
+                    wake_worker.notify_one();
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "reaping lapsed leases failed"),
+            },
+            _ = prune.tick() => match retention.prune().await {
+                Ok(p) if p == Pruned::default() => {}
+                Ok(p) => tracing::info!(deliveries = p.deliveries, events = p.events, "retention pruned old rows"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "retention pass failed"),
+            },
+        }
+    }
+}
