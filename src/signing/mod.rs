@@ -189,25 +189,42 @@ mod tests {
             let ts = header(v, &format!("{prefix}-timestamp"));
             let sig = header(v, &format!("{prefix}-signature"));
             let at = v["valid_at_unix"].as_i64().unwrap();
-            let result = verify_standard(&[key.clone()], id, ts, sig, &body(v), at, 300);
+            let result =
+                verify_standard(std::slice::from_ref(&key), id, ts, sig, &body(v), at, 300);
             if v["expect"] == "reject" {
                 assert_eq!(result, Err(VerifyError::SignatureMismatch), "{v}");
             } else {
                 assert_eq!(result, Ok(()), "{v}");
                 // Outside the tolerance, either way.
                 assert_eq!(
-                    verify_standard(&[key.clone()], id, ts, sig, &body(v), at + 301, 300),
+                    verify_standard(
+                        std::slice::from_ref(&key),
+                        id,
+                        ts,
+                        sig,
+                        &body(v),
+                        at + 301,
+                        300
+                    ),
                     Err(VerifyError::TimestampOutOfTolerance)
                 );
                 assert_eq!(
-                    verify_standard(&[key.clone()], id, ts, sig, &body(v), at - 301, 300),
+                    verify_standard(
+                        std::slice::from_ref(&key),
+                        id,
+                        ts,
+                        sig,
+                        &body(v),
+                        at - 301,
+                        300
+                    ),
                     Err(VerifyError::TimestampOutOfTolerance)
                 );
                 // One byte of body changed.
                 let mut tampered = body(v);
                 tampered[0] ^= 1;
                 assert_eq!(
-                    verify_standard(&[key.clone()], id, ts, sig, &tampered, at, 300),
+                    verify_standard(std::slice::from_ref(&key), id, ts, sig, &tampered, at, 300),
                     Err(VerifyError::SignatureMismatch)
                 );
                 // Our signer reproduces the vector when the header holds a single entry.
@@ -223,7 +240,7 @@ mod tests {
                 // A wrong key fails; the right key among several (rotation) passes.
                 let other = standard_key(&generate_secret()).unwrap();
                 assert_eq!(
-                    verify_standard(&[other.clone()], id, ts, sig, &body(v), at, 300),
+                    verify_standard(std::slice::from_ref(&other), id, ts, sig, &body(v), at, 300),
                     Err(VerifyError::SignatureMismatch)
                 );
                 assert_eq!(
@@ -261,7 +278,7 @@ mod tests {
         for k in &keys {
             assert_eq!(
                 verify_standard(
-                    &[k.clone()],
+                    std::slice::from_ref(k),
                     Some("msg"),
                     Some("1700000000"),
                     Some(&h),

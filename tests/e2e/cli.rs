@@ -1,0 +1,330 @@
+//! The command line: check-config, migrate, and the app-facing SQL contract it installs.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::*;
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("postern.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn postern(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn check_config_prints_the_effective_config_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!(
+            r#"
+            [database]
+            url = "postgres://app:db-password@127.0.0.1:5432/app"
+            [[endpoints]]
+            id = "billing"
+            url = "https://example.com/hooks"
+            events = ["order.*"]
+            secret = "env:BILLING_SECRET"
+            headers = {{ "x-api-key" = "file:{}" }}
+            "#,
+            dir.path().join("api-key").display()
+        ),
+    );
+    std::fs::write(dir.path().join("api-key"), "api-key-value\n").unwrap();
+    let out = postern(
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[
+            ("BILLING_SECRET", SECRET),
+            ("POSTERN__OUTBOUND__CONCURRENCY", "64"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("concurrency = 64"),
+        "env layer applies:\n{stdout}"
+    );
+    assert!(stdout.contains("secret = \"<redacted>\""), "{stdout}");
+    assert!(stdout.contains("x-api-key = \"<redacted>\""), "{stdout}");
+    assert!(
+        stdout.contains("postgres://app:<redacted>@127.0.0.1:5432/app"),
+        "{stdout}"
+    );
+    for secret in [SECRET, "api-key-value", "db-password"] {
+        assert!(!stdout.contains(secret), "{secret} leaked:\n{stdout}");
+    }
+    // The output is itself a valid config.
+    let reparsed: toml::Value = toml::from_str(&stdout).unwrap();
+    assert_eq!(reparsed["shutdown_grace"].as_str(), Some("25s"));
+}
+
+#[test]
+fn check_config_names_every_bad_key_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!(
+            r#"
+            shutdown_grace = "soon"
+            [database]
+            url = "postgres://127.0.0.1/app"
+            [[endpoints]]
+            id = "ok"
+            url = "https://example.com/a"
+            events = ["a.b"]
+            secret = "{SECRET}"
+            "#
+        ),
+    );
+    let out = postern(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("shutdown_grace: "), "{stderr}");
+
+    let path = write_config(
+        &dir,
+        &format!(
+            r#"
+            [database]
+            url = "postgres://127.0.0.1/app"
+            [outbound]
+            notify = "throttled"
+            concurrency = 0
+            [[endpoints]]
+            id = "ok"
+            url = "https://example.com/a"
+            events = ["a.b"]
+            secret = "{SECRET}"
+            [[endpoints]]
+            id = "bad"
+            url = "not a url"
+            events = []
+            secret = "no-prefix"
+            "#
+        ),
+    );
+    let out = postern(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    for key in [
+        "outbound.concurrency:",
+        "endpoints[1].url:",
+        "endpoints[1].events:",
+        "endpoints[1].secret:",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(key)),
+            "no line for {key}:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("endpoints[0]"), "{stderr}");
+
+    let path = write_config(
+        &dir,
+        "[database]\nurl = \"postgres://127.0.0.1/app\"\nschema_name = \"x\"\n",
+    );
+    let out = postern(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("database.schema_name: unknown key"));
+}
+
+#[test]
+fn database_url_falls_back_to_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, "");
+    let out = postern(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("database.url: not set"));
+    let out = postern(
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[("DATABASE_URL", "postgres://x@127.0.0.1/y")],
+    );
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("postgres://x@127.0.0.1/y"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!(
+            "[database]\nurl = \"{}\"\npublisher_roles = [\"postern_test_app\"]\n",
+            db.url
+        ),
+    );
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE postern_test_app; EXCEPTION WHEN duplicate_object THEN NULL; END $$;",
+        )
+        .await
+        .unwrap();
+    let path_s = path.to_str().unwrap().to_string();
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            let p = path_s.clone();
+            std::thread::spawn(move || postern(&["migrate", "--config", &p], &[]))
+        })
+        .collect();
+    for r in runs {
+        let out = r.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM postern.schema_migrations").await,
+        1
+    );
+    let out = postern(&["migrate", "--config", &path_s], &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("up to date"));
+
+    // The publisher role can publish, and nothing more.
+    client
+        .batch_execute("SET ROLE postern_test_app")
+        .await
+        .unwrap();
+    let id: uuid::Uuid = client
+        .query_one(
+            "SELECT postern.publish('order.created', '{\"id\": 42}'::jsonb)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute(
+            "INSERT INTO postern.outbox (event_type, payload, tenant, ordering_key) VALUES ('order.paid', '{\"id\": 42}', 'acme', 'order-42')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(client
+        .query("SELECT * FROM postern.deliveries", &[])
+        .await
+        .is_err());
+    assert!(client
+        .query("SELECT payload FROM postern.outbox", &[])
+        .await
+        .is_err());
+    client.batch_execute("RESET ROLE").await.unwrap();
+    assert_eq!(
+        scalar(
+            &client,
+            &format!("SELECT count(*) FROM postern.outbox WHERE event_id = '{id}'")
+        )
+        .await,
+        1
+    );
+    // A bad event type is refused by the table itself.
+    assert!(client
+        .execute(
+            "INSERT INTO postern.outbox (event_type, payload) VALUES ('bad..type', '{}')",
+            &[]
+        )
+        .await
+        .is_err());
+    client
+        .batch_execute("DROP OWNED BY postern_test_app")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_sets_the_notify_mode_and_a_differing_replica_warns() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!(
+            "[database]\nurl = \"{}\"\n[outbound]\nnotify = \"statement\"\n",
+            db.url
+        ),
+    );
+    let out = postern(&["migrate", "--config", path.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = db.client().await;
+    let setting: String = client
+        .query_one(
+            "SELECT value FROM postern.settings WHERE key = 'notify'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(setting.starts_with("statement:"), "{setting}");
+
+    // A replica configured for `throttled` keeps the installed mode and says so.
+    let receiver = Receiver::ok().await;
+    let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
+    let postern = Postern::start(&config).await;
+    postern
+        .wait_log("differs from the trigger installed", Duration::from_secs(5))
+        .await;
+    let setting: String = client
+        .query_one(
+            "SELECT value FROM postern.settings WHERE key = 'notify'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(setting.starts_with("statement:"));
+    publish_one(&client, "order.created", json!({})).await;
+    receiver.wait_count(1, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_at_startup_is_waited_for() {
+    let port = dead_port().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("[database]\nurl = \"postgres://postgres@127.0.0.1:{port}/postgres\"\n");
+    let path = write_config(&dir, &config);
+    let mut child = Command::new(binary())
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "postern gave up instead of waiting for the database"
+    );
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("database unreachable; retrying"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,496 @@
+//! Test harness: a database of its own per test, real HTTP receivers on 127.0.0.1 ports the OS
+//! picks, and the real `postern` binary as a child process.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Notify;
+use tokio_postgres::NoTls;
+
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const SECRET_2: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+pub fn base_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn with_database(base: &str, db: &str) -> String {
+    let mut url =
+        url::Url::parse(base).expect("DATABASE_URL must be a postgres:// URL for the tests");
+    url.set_path(&format!("/{db}"));
+    url.to_string()
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect to test Postgres");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A database created for one test and dropped after it.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let name = format!("postern_t_{}", uuid::Uuid::new_v4().simple());
+        let admin = connect(&base_url()).await;
+        let mut tries = 0;
+        loop {
+            match admin
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+            {
+                Ok(()) => break,
+                // Concurrent CREATE DATABASE from one template can collide; try again.
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    eprintln!("create database retry: {e}");
+                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                }
+                Err(e) => panic!("cannot create test database: {e}"),
+            }
+        }
+        let url = with_database(&base_url(), &name);
+        Self { name, url }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // A blocking drop on a fresh thread: the test's runtime may be shutting down.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((client, conn)) = tokio_postgres::connect(&base_url(), NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// One request as a receiver saw it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+
+    pub fn event_id(&self) -> String {
+        self.header("webhook-id").expect("webhook-id").to_string()
+    }
+}
+
+/// How a receiver answers its n-th request (0-based).
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+type Behaviour = Box<dyn Fn(usize, &Received) -> Reply + Send + Sync>;
+
+struct ReceiverState {
+    requests: Mutex<Vec<Received>>,
+    behaviour: Behaviour,
+    changed: Notify,
+}
+
+/// A real HTTP server on 127.0.0.1 that records every request.
+pub struct Receiver {
+    pub url: String,
+    state: Arc<ReceiverState>,
+}
+
+async fn handle(State(state): State<Arc<ReceiverState>>, req: Request) -> Response {
+    let at = Instant::now();
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 64 << 20)
+        .await
+        .unwrap_or_default();
+    let received = Received {
+        headers: parts.headers,
+        body,
+        at,
+    };
+    let n = {
+        let mut r = state.requests.lock().unwrap();
+        r.push(received.clone());
+        r.len() - 1
+    };
+    state.changed.notify_waiters();
+    let reply = (state.behaviour)(n, &received);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    let mut resp = (StatusCode::from_u16(reply.status).unwrap(), "ok").into_response();
+    for (k, v) in reply.headers {
+        resp.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    resp
+}
+
+impl Receiver {
+    pub async fn start(
+        behaviour: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let state = Arc::new(ReceiverState {
+            requests: Mutex::new(Vec::new()),
+            behaviour: Box::new(behaviour),
+            changed: Notify::new(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(state.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            url: format!("http://{addr}/hook"),
+            state,
+        }
+    }
+
+    pub async fn ok() -> Self {
+        Self::start(|_, _| Reply::status(200)).await
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// Waits until `cond` holds over the requests so far, or panics after `timeout`.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&[Received]) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.state.changed.notified();
+            if cond(&self.state.requests.lock().unwrap()) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out after {timeout:?} waiting for {what}; have {} requests",
+                self.count()
+            );
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
+        }
+    }
+
+    pub async fn wait_count(&self, n: usize, timeout: Duration) {
+        self.wait_for(timeout, &format!("{n} requests"), |r| r.len() >= n)
+            .await;
+    }
+
+    /// Requests grouped by `webhook-id`.
+    pub fn by_event(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for r in self.requests() {
+            *m.entry(r.event_id()).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+/// A port with nothing listening (bound, then released).
+pub async fn dead_port() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The standard part of a test config; tests append `[[endpoints]]` tables.
+pub fn base_config(db: &TestDb) -> String {
+    format!(
+        r#"shutdown_grace = "8s"
+
+[database]
+url = "{url}"
+
+[log]
+level = "info,postern=debug"
+
+[outbound]
+poll_interval = "200ms"
+request_timeout = "2s"
+lease = "4s"
+allow_private_networks = ["127.0.0.0/8"]
+
+[outbound.retry]
+schedule = ["200ms", "200ms"]
+jitter = 0.0
+
+[retention]
+interval = "1s"
+"#,
+        url = db.url
+    )
+}
+
+pub fn endpoint(id: &str, url: &str, events: &[&str], extra: &str) -> String {
+    let events: Vec<String> = events.iter().map(|e| format!("{e:?}")).collect();
+    format!(
+        "\n[[endpoints]]\nid = \"{id}\"\nurl = \"{url}\"\nevents = [{}]\nsecret = \"{SECRET}\"\n{extra}\n",
+        events.join(", ")
+    )
+}
+
+/// The real binary, running `postern run` with a config file.
+pub struct Postern {
+    child: Option<Child>,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_postern")
+}
+
+impl Postern {
+    /// Starts the binary and waits until its pipeline runs.
+    pub async fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[]).await
+    }
+
+    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let p = Self::spawn(config, env);
+        p.wait_log("pipeline started", Duration::from_secs(20))
+            .await;
+        p
+    }
+
+    pub fn spawn(config: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("postern.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = dir.path().join("postern.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(binary());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .env_remove("DATABASE_URL")
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn postern");
+        Self {
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.logs().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "postern did not log {needle:?} within {timeout:?}; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postern did not exit within {timeout:?}; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let child = self.child.as_mut().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Postern {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("---- postern log ----\n{}", self.logs());
+        }
+    }
+}
+
+/// Publishes `n` events of `event_type` in one transaction; returns their event ids.
+pub async fn publish_batch(
+    client: &mut tokio_postgres::Client,
+    event_type: &str,
+    n: usize,
+    offset: usize,
+) -> Vec<uuid::Uuid> {
+    let tx = client.transaction().await.unwrap();
+    let stmt = tx
+        .prepare(
+            "INSERT INTO postern.outbox (event_type, payload) VALUES ($1, $2) RETURNING event_id",
+        )
+        .await
+        .unwrap();
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let payload = serde_json::json!({"n": offset + i, "nested": {"b": [1, 2, 3], "a": "x"}});
+        ids.push(
+            tx.query_one(&stmt, &[&event_type, &payload])
+                .await
+                .unwrap()
+                .get(0),
+        );
+    }
+    tx.commit().await.unwrap();
+    ids
+}
+
+/// Publishes one event in its own transaction (autocommit).
+pub async fn publish_one(
+    client: &tokio_postgres::Client,
+    event_type: &str,
+    payload: serde_json::Value,
+) -> uuid::Uuid {
+    client
+        .query_one(
+            "INSERT INTO postern.outbox (event_type, payload) VALUES ($1, $2) RETURNING event_id",
+            &[&event_type, &payload],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Polls a SQL query returning one bigint until it equals `want`.
+pub async fn wait_sql(client: &tokio_postgres::Client, sql: &str, want: i64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got: i64 = client.query_one(sql, &[]).await.unwrap().get(0);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: {sql} = {got}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Verifies a request's Standard Webhooks signature with the reference library, not our signer.
+pub fn verify_independently(secret: &str, r: &Received) -> bool {
+    let wh = standardwebhooks::Webhook::new(secret).unwrap();
+    wh.verify(&r.body, &r.headers).is_ok()
+}

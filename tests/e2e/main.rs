@@ -1,0 +1,8 @@
+//! Black-box tests: the real `postern` binary against a real Postgres (a database of its own per
+//! test) and real HTTP receivers on 127.0.0.1 ports chosen by the OS. One test binary, so the
+//! suite links once.
+
+mod cli;
+mod common;
+mod outbound;
+mod resilience;

@@ -1,0 +1,523 @@
+//! Delivery scenarios: the real binary, a real Postgres, real receivers on 127.0.0.1.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::*;
+
+fn payload(n: usize) -> serde_json::Value {
+    json!({"n": n, "nested": {"b": [1, 2, 3], "a": "x"}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_events_reach_two_endpoints_exactly_once() {
+    let db = TestDb::create().await;
+    let a = Receiver::ok().await;
+    let b = Receiver::ok().await;
+    let config = base_config(&db)
+        + &endpoint("a", &a.url, &["*"], "")
+        + &endpoint("b", &b.url, &["order.*"], "");
+    let _postern = Postern::start(&config).await;
+
+    let mut client = db.client().await;
+    let mut ids = publish_batch(&mut client, "order.created", 500, 0).await;
+    for i in 500..1000 {
+        ids.push(publish_one(&client, "order.paid", payload(i)).await);
+    }
+    a.wait_count(1000, Duration::from_secs(60)).await;
+    b.wait_count(1000, Duration::from_secs(60)).await;
+    // Give a duplicate time to show up.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let expected: HashMap<String, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| (id.to_string(), n))
+        .collect();
+    assert_eq!(expected.len(), 1000, "event ids are unique");
+    for (name, receiver) in [("a", &a), ("b", &b)] {
+        let requests = receiver.requests();
+        assert_eq!(requests.len(), 1000, "endpoint {name} got duplicates");
+        let mut seen = HashSet::new();
+        for r in &requests {
+            let id = r.event_id();
+            assert!(seen.insert(id.clone()), "endpoint {name} got {id} twice");
+            let n = *expected
+                .get(&id)
+                .unwrap_or_else(|| panic!("unknown event id {id}"));
+            assert!(
+                verify_independently(SECRET, r),
+                "signature of {id} does not verify"
+            );
+            let body = r.json();
+            assert_eq!(body["id"], json!(id));
+            assert_eq!(
+                body["type"],
+                json!(if n < 500 {
+                    "order.created"
+                } else {
+                    "order.paid"
+                })
+            );
+            assert_eq!(body["data"], payload(n), "payload of event {n}");
+            assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+            assert_eq!(r.header("content-type"), Some("application/json"));
+            assert!(r.header("user-agent").unwrap().starts_with("postern/"));
+        }
+    }
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered' AND attempts = 1",
+        2000,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.attempts WHERE status_code = 200"
+        )
+        .await,
+        2000
+    );
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn globs_tenants_and_targets_decide_who_gets_what() {
+    let db = TestDb::create().await;
+    let orders = Receiver::ok().await;
+    let created = Receiver::ok().await;
+    let all = Receiver::ok().await;
+    let invoices = Receiver::ok().await;
+    let config = base_config(&db)
+        + &endpoint("orders", &orders.url, &["order.*"], "")
+        + &endpoint("created", &created.url, &["*.created"], "tenant = \"acme\"")
+        + &endpoint(
+            "all",
+            &all.url,
+            &["order.*", "user.*", "invoice.*"],
+            "tenant = \"*\"",
+        )
+        + &endpoint("invoices", &invoices.url, &["invoice.paid"], "");
+    let _postern = Postern::start(&config).await;
+    let client = db.client().await;
+
+    let events: &[(&str, &str, Option<&str>, Option<&str>)] = &[
+        ("e1", "order.created", None, None),
+        ("e2", "order.item.added", None, None),
+        ("e3", "user.created", Some("acme"), None),
+        ("e4", "user.profile.created", Some("acme"), None),
+        ("e5", "order.created", Some("acme"), None),
+        ("e6", "invoice.paid", None, None),
+        ("e7", "invoice.paid", Some("other"), None),
+        ("e8", "order.created", None, Some("invoices")),
+        ("e9", "nobody.listens", None, None),
+    ];
+    let mut label_of = HashMap::new();
+    for (label, event_type, tenant, target) in events {
+        let id: uuid::Uuid = client
+            .query_one(
+                "SELECT postern.publish($1, $2, tenant => $3, target_endpoint => $4)",
+                &[event_type, &json!({"label": label}), tenant, target],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        label_of.insert(id.to_string(), *label);
+    }
+    let want: &[(&Receiver, &[&str])] = &[
+        (&orders, &["e1", "e2"]),
+        (&created, &["e3", "e5"]),
+        (&all, &["e1", "e2", "e3", "e4", "e5", "e6", "e7"]),
+        (&invoices, &["e6", "e8"]),
+    ];
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL",
+        0,
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status <> 'delivered'",
+        0,
+        Duration::from_secs(10),
+    )
+    .await;
+    for (receiver, labels) in want {
+        receiver
+            .wait_count(labels.len(), Duration::from_secs(10))
+            .await;
+        let mut got: Vec<&str> = receiver
+            .requests()
+            .iter()
+            .map(|r| label_of[&r.event_id()])
+            .collect();
+        got.sort();
+        assert_eq!(&got, labels);
+    }
+    // The unsubscribed event was dispatched with zero deliveries.
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.deliveries d JOIN postern.outbox o ON o.id = d.outbox_id WHERE o.event_type = 'nobody.listens'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM postern.deliveries").await,
+        13
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_retried_and_every_attempt_recorded() {
+    let db = TestDb::create().await;
+    let flaky = Receiver::start(|n, _| Reply::status(if n < 2 { 500 } else { 200 })).await;
+    let config = base_config(&db) + &endpoint("flaky", &flaky.url, &["*"], "");
+    let _postern = Postern::start(&config).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({"x": 1})).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered' AND attempts = 3",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    let rows = client
+        .query(
+            "SELECT attempt, status_code, error FROM postern.attempts ORDER BY attempt",
+            &[],
+        )
+        .await
+        .unwrap();
+    let codes: Vec<(i32, Option<i32>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(codes, vec![(1, Some(500)), (2, Some(500)), (3, Some(200))]);
+    assert_eq!(
+        rows[0].get::<_, Option<String>>(2).as_deref(),
+        Some("HTTP 500")
+    );
+    // The same webhook-id on every retry.
+    let ids: HashSet<String> = flaky.requests().iter().map(|r| r.event_id()).collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(flaky.count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_postpones_the_next_attempt() {
+    let db = TestDb::create().await;
+    let limited = Receiver::start(|n, _| {
+        if n == 0 {
+            Reply::status(429).with_header("retry-after", "2")
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
+    let config = base_config(&db)
+        + &endpoint(
+            "limited",
+            &limited.url,
+            &["*"],
+            "retry = { schedule = [\"200ms\", \"10s\"], jitter = 0.0 }",
+        );
+    let _postern = Postern::start(&config).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    limited.wait_count(2, Duration::from_secs(15)).await;
+    let r = limited.requests();
+    let gap = r[1].at - r[0].at;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "second attempt after {gap:?}, Retry-After said 2s"
+    );
+    assert!(gap < Duration::from_secs(5), "second attempt after {gap:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_disables_the_endpoint_and_pauses_its_deliveries() {
+    let db = TestDb::create().await;
+    let gone = Receiver::start(|_, _| Reply::status(410)).await;
+    let config = base_config(&db) + &endpoint("gone", &gone.url, &["*"], "");
+    let _postern = Postern::start(&config).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'paused'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let row = client
+        .query_one(
+            "SELECT active, disabled_reason FROM postern.endpoints WHERE id = 'gone'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0));
+    assert!(row.get::<_, Option<String>>(1).unwrap().contains("410"));
+    // New events for an inactive endpoint are kept, paused, not lost.
+    publish_one(&client, "order.created", json!({})).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'paused'",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(gone.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_never_succeeds_ends_failed() {
+    let db = TestDb::create().await;
+    let broken = Receiver::start(|_, _| Reply::status(500)).await;
+    let config = base_config(&db) + &endpoint("broken", &broken.url, &["*"], "");
+    let _postern = Postern::start(&config).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'failed' AND attempts = 3",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM postern.attempts").await,
+        3
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        broken.count(),
+        3,
+        "a failed delivery is not attempted again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_endpoint_does_not_delay_another() {
+    let db = TestDb::create().await;
+    let hanging = Receiver::start(|_, _| Reply::status(200).after(Duration::from_secs(30))).await;
+    let healthy = Receiver::ok().await;
+    let config = base_config(&db)
+        + &endpoint("hanging", &hanging.url, &["*"], "")
+        + &endpoint("healthy", &healthy.url, &["*"], "");
+    let _postern = Postern::start(&config).await;
+    let mut client = db.client().await;
+    publish_batch(&mut client, "order.created", 40, 0).await;
+    let committed = Instant::now();
+    healthy.wait_count(40, Duration::from_secs(10)).await;
+    let last = healthy.requests().iter().map(|r| r.at).max().unwrap();
+    assert!(
+        last - committed < Duration::from_millis(1500),
+        "healthy endpoint took {:?} while the other hung",
+        last - committed
+    );
+    // The hanging endpoint's attempts time out and are recorded as such.
+    wait_sql(
+        &client,
+        "SELECT count(DISTINCT a.delivery_id) FROM postern.attempts a JOIN postern.deliveries d ON d.id = a.delivery_id
+         WHERE d.endpoint_id = 'hanging' AND a.error LIKE 'timed out%'",
+        40,
+        Duration::from_secs(20),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoints_backlog_does_not_slow_a_healthy_one() {
+    let db = TestDb::create().await;
+    let dead_url = format!("http://127.0.0.1:{}/hook", dead_port().await);
+    let healthy = Receiver::ok().await;
+    let config = base_config(&db)
+        + &endpoint(
+            "dead",
+            &dead_url,
+            &["dead.*"],
+            "retry = { schedule = [\"50ms\", \"50ms\", \"50ms\", \"50ms\"], jitter = 0.0 }",
+        )
+        + &endpoint("healthy", &healthy.url, &["live.*"], "");
+    // The backlog exists before Postern starts.
+    let mut client = {
+        let p = Postern::start(&config).await;
+        drop(p);
+        db.client().await
+    };
+    publish_batch(&mut client, "dead.thing", 3000, 0).await;
+    let _postern = Postern::start(&config).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL",
+        0,
+        Duration::from_secs(20),
+    )
+    .await;
+    let started = Instant::now();
+    publish_batch(&mut client, "live.thing", 300, 0).await;
+    healthy.wait_count(300, Duration::from_secs(20)).await;
+    let took = healthy.requests().iter().map(|r| r.at).max().unwrap() - started;
+    let dead_pending = scalar(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'dead' AND status IN ('pending', 'delivering')",
+    )
+    .await;
+    assert!(
+        dead_pending > 0,
+        "the dead backlog should still be there while the healthy one drains"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "healthy endpoint needed {took:?} beside a dead backlog"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ssrf_guard_refuses_loopback_unless_allowed() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let config = (base_config(&db) + &endpoint("local", &receiver.url, &["*"], ""))
+        .replace("allow_private_networks = [\"127.0.0.0/8\"]", "");
+    let postern = Postern::start(&config).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'failed'",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    let errors: Vec<String> = client
+        .query("SELECT error FROM postern.attempts", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(errors.len(), 3);
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("SSRF guard") && e.contains("127.0.0.1")),
+        "{errors:?}"
+    );
+    assert_eq!(receiver.count(), 0, "no packet may reach a refused address");
+    drop(postern);
+
+    // The same endpoint by name ("localhost" resolves to loopback): refused too.
+    let by_name = receiver.url.replace("127.0.0.1", "localhost");
+    let config = (base_config(&db) + &endpoint("local", &by_name, &["*"], "")).replace(
+        "allow_private_networks = [\"127.0.0.0/8\"]",
+        "allow_private_networks = [\"10.0.0.0/8\"]",
+    );
+    let _postern = Postern::start(&config).await;
+    publish_one(&client, "order.created", json!({})).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'failed'",
+        2,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(receiver.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_payload_fails_at_once_with_a_clear_error() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let config = base_config(&db).replace("[outbound]\n", "[outbound]\nmax_payload = \"1KiB\"\n")
+        + &endpoint("e", &receiver.url, &["*"], "");
+    let _postern = Postern::start(&config).await;
+    let client = db.client().await;
+    publish_one(&client, "big.event", json!({"blob": "x".repeat(2000)})).await;
+    publish_one(&client, "small.event", json!({"blob": "x"})).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'failed' AND attempts = 1",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let error: String = client
+        .query_one(
+            "SELECT last_error FROM postern.deliveries WHERE status = 'failed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(error.contains("max_payload"), "{error}");
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    assert_eq!(receiver.requests()[0].json()["type"], "small.event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_signatures_and_custom_headers() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let config = base_config(&db)
+        + &endpoint(
+            "legacy",
+            &receiver.url,
+            &["*"],
+            "signature = \"legacy\"\nheaders = { \"X-Api-Key\" = \"env:POSTERN_TEST_API_KEY\" }",
+        )
+        .replace(SECRET, "my-legacy-secret");
+    let _postern = Postern::start_with_env(&config, &[("POSTERN_TEST_API_KEY", "k-123")]).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({"a": 1})).await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    let r = &receiver.requests()[0];
+    let ts = r.header("x-webhook-timestamp").unwrap();
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"my-legacy-secret").unwrap();
+    mac.update(format!("{ts}.").as_bytes());
+    mac.update(&r.body);
+    let want = format!("v1={}", hex::encode(mac.finalize().into_bytes()));
+    assert_eq!(r.header("x-webhook-signature"), Some(want.as_str()));
+    let delivery_id: uuid::Uuid = client
+        .query_one("SELECT id FROM postern.deliveries", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        r.header("x-webhook-delivery-id"),
+        Some(delivery_id.to_string().as_str())
+    );
+    assert_eq!(r.header("x-api-key"), Some("k-123"));
+    assert!(r.header("webhook-signature").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_config_secret_signs_beside_the_old_one() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
+    drop(Postern::start(&config).await);
+    let _postern = Postern::start(&config.replace(SECRET, SECRET_2)).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    let r = &receiver.requests()[0];
+    assert_eq!(r.header("webhook-signature").unwrap().split(' ').count(), 2);
+    assert!(verify_independently(SECRET, r));
+    assert!(verify_independently(SECRET_2, r));
+}
