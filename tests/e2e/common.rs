@@ -276,6 +276,7 @@ pub fn base_config(db: &TestDb) -> String {
 
 [database]
 url = "{url}"
+pool_size = 4
 
 [log]
 level = "info,postern=debug"
