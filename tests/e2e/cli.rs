@@ -328,3 +328,23 @@ async fn an_unreachable_database_at_startup_is_waited_for() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_reference_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/postern.toml");
+    let out = postern(
+        &["check-config", "--config", path],
+        &[
+            ("DATABASE_URL", "postgres://app:pw@127.0.0.1:5432/app"),
+            ("BILLING_WEBHOOK_SECRET", SECRET),
+            ("BILLING_API_KEY", "key"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("id = \"billing\""), "{stdout}");
+}
