@@ -130,3 +130,45 @@ pub async fn cancel_unfinished(
         )
         .await?)
 }
+
+/// Pauses or resumes an endpoint: inactive, its `pending` deliveries become `paused`; active
+/// again, its `paused` deliveries become `pending`, due at once, so nothing is lost either way.
+/// Returns false when no such (undeleted) endpoint exists.
+pub async fn set_active(
+    pool: &Pool,
+    schema: &Schema,
+    id: &str,
+    active: bool,
+    reason: Option<&str>,
+) -> anyhow::Result<bool> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let found = tx
+        .execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.endpoints
+                 SET active = $2, disabled_reason = CASE WHEN $2 THEN NULL ELSE $3 END, updated_at = now()
+                 WHERE id = $1 AND deleted_at IS NULL",
+            ),
+            &[&id, &active, &reason],
+        )
+        .await?
+        > 0;
+    if found {
+        let (from, to) = if active {
+            ("paused", "pending")
+        } else {
+            ("pending", "paused")
+        };
+        tx.execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries SET status = $3, next_attempt_at = now(), updated_at = now()
+                 WHERE endpoint_id = $1 AND status = $2",
+            ),
+            &[&id, &from, &to],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(found)
+}

@@ -437,6 +437,18 @@ fn build_headers(d: &Claimed, body: &[u8]) -> Result<HeaderMap, String> {
             h.insert(name, value);
         }
     }
+    // W3C trace context the app attached to the event travels with it.
+    if let Some(meta) = d.metadata.as_ref().and_then(|m| m.as_object()) {
+        for name in ["traceparent", "tracestate"] {
+            if let Some(value) = meta
+                .get(name)
+                .and_then(|v| v.as_str())
+                .and_then(|v| HeaderValue::from_str(v).ok())
+            {
+                h.insert(name, value);
+            }
+        }
+    }
     let now = Utc::now().timestamp();
     let scheme: SignatureScheme = d.signature.parse().map_err(|e: String| e)?;
     let ts = HeaderValue::from(now);

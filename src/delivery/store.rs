@@ -26,6 +26,8 @@ pub struct Claimed {
     pub headers: serde_json::Value,
     pub signature: String,
     pub retry: Option<serde_json::Value>,
+    /// The event's metadata (a `traceparent` in it is carried along as a header).
+    pub metadata: Option<serde_json::Value>,
     /// Unexpired secrets, newest first.
     pub secrets: Vec<String>,
 }
@@ -101,7 +103,7 @@ impl DeliveryStore {
                  FROM c, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
                  WHERE d.id = c.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
                  RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
-                           o.created_at, e.url, e.headers, e.signature, e.retry,
+                           o.created_at, e.url, e.headers, e.signature, e.retry, o.metadata,
                            ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
                                  WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
                                  ORDER BY s.id DESC) AS secrets",
@@ -213,7 +215,8 @@ impl DeliveryStore {
                 headers: r.get(8),
                 signature: r.get(9),
                 retry: r.get(10),
-                secrets: r.get(11),
+                metadata: r.get(11),
+                secrets: r.get(12),
             })
             .collect())
     }

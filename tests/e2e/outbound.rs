@@ -248,9 +248,9 @@ async fn retry_after_postpones_the_next_attempt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gone_disables_the_endpoint_and_pauses_its_deliveries() {
+async fn gone_disables_the_endpoint_and_pauses_its_deliveries_until_resumed() {
     let db = TestDb::create().await;
-    let gone = Receiver::start(|_, _| Reply::status(410)).await;
+    let gone = Receiver::start(|n, _| Reply::status(if n == 0 { 410 } else { 200 })).await;
     let config = base_config(&db) + &endpoint("gone", &gone.url, &["*"], "");
     let _postern = Postern::start(&config).await;
     let client = db.client().await;
@@ -282,6 +282,37 @@ async fn gone_disables_the_endpoint_and_pauses_its_deliveries() {
     .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(gone.count(), 1);
+
+    // Re-activated, both paused deliveries go out.
+    let pool = postern::db::pool(&db.url, 2).unwrap();
+    let schema = postern::db::Schema::new("postern").unwrap();
+    assert!(
+        postern::endpoints::set_active(&pool, &schema, "gone", true, None)
+            .await
+            .unwrap()
+    );
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(gone.count(), 3);
+    let reason: Option<String> = client
+        .query_one(
+            "SELECT disabled_reason FROM postern.endpoints WHERE id = 'gone'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(reason, None);
+    assert!(
+        !postern::endpoints::set_active(&pool, &schema, "no-such-endpoint", true, None)
+            .await
+            .unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -483,9 +514,17 @@ async fn legacy_signatures_and_custom_headers() {
         .replace(SECRET, "my-legacy-secret");
     let _postern = Postern::start_with_env(&config, &[("POSTERN_TEST_API_KEY", "k-123")]).await;
     let client = db.client().await;
-    publish_one(&client, "order.created", json!({"a": 1})).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    client
+        .execute(
+            "INSERT INTO postern.outbox (event_type, payload, metadata) VALUES ('order.created', '{\"a\": 1}', $1)",
+            &[&json!({ "traceparent": traceparent })],
+        )
+        .await
+        .unwrap();
     receiver.wait_count(1, Duration::from_secs(10)).await;
     let r = &receiver.requests()[0];
+    assert_eq!(r.header("traceparent"), Some(traceparent));
     let ts = r.header("x-webhook-timestamp").unwrap();
     use hmac::Mac;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"my-legacy-secret").unwrap();
