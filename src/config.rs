@@ -48,6 +48,78 @@ pub struct Config {
     pub retention: RetentionConfig,
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// The verifying reverse proxy for provider webhooks; absent = no inbound listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    #[serde(default = "defaults::inbound_listen")]
+    pub listen: String,
+    /// The app, on localhost: `http://host:port`.
+    #[serde(default = "defaults::inbound_upstream")]
+    pub upstream: String,
+    #[serde(default = "defaults::inbound_max_body")]
+    pub max_body: ByteSize,
+    /// Slow senders are cut off: the whole request body must arrive within this.
+    #[serde(default = "defaults::inbound_read_timeout")]
+    pub read_timeout: Dur,
+    #[serde(default = "defaults::inbound_upstream_timeout")]
+    pub upstream_timeout: Dur,
+    /// CIDRs of proxies (e.g. the ingress) whose X-Forwarded-For is believed.
+    #[serde(default)]
+    pub trust_forwarded_for: Vec<IpNet>,
+    /// Worker threads of the proxy's runtime.
+    #[serde(default = "defaults::inbound_threads")]
+    pub threads: usize,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One provider route. Provider-specific keys are checked by the provider's verifier.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Exact path match (the query string is ignored for routing).
+    pub path: String,
+    pub provider: String,
+    #[serde(default)]
+    pub secrets: Vec<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_path: Option<String>,
+    #[serde(default)]
+    pub allow_ips: Vec<IpNet>,
+    /// Accepted methods; webhooks are POST unless a route says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// square: the notification URL registered with Square.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification_url: Option<String>,
+    /// twilio: the URL Twilio requests, without its query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    /// hmac: the signature header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// hmac: sha256 | sha1 | sha512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+    /// hmac: hex | base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<String>,
+    /// hmac: text before the signature in the header, e.g. `sha256=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// hmac: the header carrying a unix timestamp, when the sender signs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_header: Option<String>,
+    /// hmac: what is signed, from `{timestamp}` and `{body}`; default `{body}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_template: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -605,6 +677,24 @@ mod defaults {
     pub fn retention_interval() -> Dur {
         Dur(Duration::from_secs(60))
     }
+    pub fn inbound_listen() -> String {
+        "0.0.0.0:8081".into()
+    }
+    pub fn inbound_upstream() -> String {
+        "http://127.0.0.1:8080".into()
+    }
+    pub fn inbound_max_body() -> ByteSize {
+        ByteSize(5 << 20)
+    }
+    pub fn inbound_read_timeout() -> Dur {
+        Dur(Duration::from_secs(10))
+    }
+    pub fn inbound_upstream_timeout() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn inbound_threads() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    }
 }
 
 /// Where an endpoint id, tenant or schema name may come from: short, printable, no surprises.
@@ -814,6 +904,9 @@ impl Config {
                     p.extend(errs.into_iter().map(|m| format!("{key}.retry.{m}")));
                 }
             }
+        }
+        if let Some(inbound) = &self.inbound {
+            p.extend(crate::inbound::validate(inbound));
         }
         if p.is_empty() {
             Ok(())

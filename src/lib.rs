@@ -7,6 +7,7 @@ pub mod db; // pool, embedded migrations, the notify trigger
 pub mod delivery; // claim under a lease, sign, POST, settle; retry policy; SSRF guard
 pub mod demo; // `postern demo`: a self-contained first run
 pub mod endpoints; // endpoint rows and their secrets
+pub mod inbound; // the verifying reverse proxy for provider webhooks (pingora)
 pub mod outbox; // LISTEN/NOTIFY + polling, fan-out of outbox rows into deliveries
 pub mod retention; // pruning old rows, reaping lapsed leases
 pub mod signing; // Standard Webhooks and other schemes, shared by both directions

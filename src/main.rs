@@ -94,7 +94,23 @@ async fn run(arg: ConfigArg) -> ExitCode {
     let grace = config.shutdown_grace.0;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    let mut sidecar = tokio::spawn(postern::app::run(config, shutdown.clone()));
+    let inbound = match postern::inbound::spawn(&config, shutdown.clone()) {
+        Ok(thread) => thread,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot start the inbound proxy");
+            return ExitCode::FAILURE;
+        }
+    };
+    let token = shutdown.clone();
+    let mut sidecar = tokio::spawn(async move {
+        let result = postern::app::run(config, token.clone()).await;
+        // Whatever ended the pipeline ends the proxy too, then waits for it to drain.
+        token.cancel();
+        if let Some(thread) = inbound {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        result
+    });
     let outcome = tokio::select! {
         r = &mut sidecar => r,
         _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {

@@ -54,12 +54,48 @@ pub fn generate_secret() -> String {
     format!("{WHSEC_PREFIX}{}", B64.encode(key))
 }
 
-fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+/// The digests HMAC signatures use across providers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HmacAlgorithm {
+    Sha1,
+    Sha256,
+    Sha512,
+}
+
+fn mac_over<M: Mac>(mut mac: M, parts: &[&[u8]]) -> Vec<u8> {
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// HMAC over the concatenation of `parts`, without building the concatenation.
+pub fn hmac_with(algorithm: HmacAlgorithm, key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    const ANY_KEY: &str = "HMAC accepts any key length";
+    match algorithm {
+        HmacAlgorithm::Sha1 => mac_over(
+            Hmac::<sha1::Sha1>::new_from_slice(key).expect(ANY_KEY),
+            parts,
+        ),
+        HmacAlgorithm::Sha256 => mac_over(HmacSha256::new_from_slice(key).expect(ANY_KEY), parts),
+        HmacAlgorithm::Sha512 => mac_over(
+            Hmac::<sha2::Sha512>::new_from_slice(key).expect(ANY_KEY),
+            parts,
+        ),
+    }
+}
+
+pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts any key length");
     for p in parts {
         mac.update(p);
     }
     mac.finalize().into_bytes().into()
+}
+
+/// Constant-time equality (length is not secret).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
 /// `v1,<base64>` for one key over `"{id}.{timestamp}.{body}"`.

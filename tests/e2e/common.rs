@@ -100,6 +100,8 @@ impl Drop for TestDb {
 /// One request as a receiver saw it.
 #[derive(Clone, Debug)]
 pub struct Received {
+    /// Path and query as requested.
+    pub uri: String,
     pub headers: HeaderMap,
     pub body: Bytes,
     pub at: Instant,
@@ -166,6 +168,7 @@ async fn handle(State(state): State<Arc<ReceiverState>>, req: Request) -> Respon
         .await
         .unwrap_or_default();
     let received = Received {
+        uri: parts.uri.to_string(),
         headers: parts.headers,
         body,
         at,

@@ -4,5 +4,6 @@
 
 mod cli;
 mod common;
+mod inbound;
 mod outbound;
 mod resilience;

@@ -1,0 +1,257 @@
+//! Inbound: the verifying reverse proxy in front of the app. Invariant: a request reaches the app
+//! only after its signature verified over the exact raw bytes it carried; every other request is
+//! answered by Postern with a JSON error and never forwarded.
+
+pub mod providers;
+mod proxy;
+mod server;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::config::{InboundConfig, RouteConfig};
+use providers::Verifier;
+
+pub use server::spawn;
+
+/// A route, ready to serve.
+pub struct Route {
+    pub path: String,
+    pub provider: String,
+    pub verifier: Box<dyn Verifier>,
+    pub upstream_path: Option<String>,
+    pub allow_ips: Vec<IpNet>,
+    pub methods: Vec<String>,
+}
+
+/// Everything the proxy needs, built once from the config.
+pub struct Inbound {
+    pub routes: HashMap<String, Route>,
+    pub upstream: SocketAddr,
+    pub max_body: usize,
+    pub read_timeout: std::time::Duration,
+    pub upstream_timeout: std::time::Duration,
+    pub trust_forwarded_for: Vec<IpNet>,
+}
+
+/// Checks the `[inbound]` section; every problem names its key.
+pub fn validate(config: &InboundConfig) -> Vec<String> {
+    let mut p = Vec::new();
+    if config.listen.parse::<SocketAddr>().is_err() {
+        p.push(format!(
+            "inbound.listen: {:?} is not an address like 0.0.0.0:8081",
+            config.listen
+        ));
+    }
+    if let Err(e) = upstream_addr(&config.upstream) {
+        p.push(format!("inbound.upstream: {e}"));
+    }
+    if config.max_body.0 == 0 || config.max_body.0 > 1 << 30 {
+        p.push("inbound.max_body: must be above zero and at most 1GiB".into());
+    }
+    if config.read_timeout.0.is_zero() {
+        p.push("inbound.read_timeout: must be above zero".into());
+    }
+    if config.upstream_timeout.0.is_zero() {
+        p.push("inbound.upstream_timeout: must be above zero".into());
+    }
+    if config.threads == 0 || config.threads > 64 {
+        p.push("inbound.threads: must be 1 to 64".into());
+    }
+    let mut paths = HashMap::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let key = format!("inbound.routes[{i}]");
+        if !route.path.starts_with('/') || route.path.contains('?') {
+            p.push(format!(
+                "{key}.path: {:?} must start with / and carry no query",
+                route.path
+            ));
+        } else if let Some(j) = paths.insert(route.path.clone(), i) {
+            p.push(format!(
+                "{key}.path: {:?} is also inbound.routes[{j}].path",
+                route.path
+            ));
+        }
+        if let Some(up) = &route.upstream_path {
+            if !up.starts_with('/') || up.contains('?') {
+                p.push(format!(
+                    "{key}.upstream_path: {up:?} must start with / and carry no query"
+                ));
+            }
+        }
+        for (j, m) in route.methods.iter().flatten().enumerate() {
+            if http::Method::from_bytes(m.as_bytes()).is_err() || m.to_ascii_uppercase() != *m {
+                p.push(format!(
+                    "{key}.methods[{j}]: {m:?} is not an upper-case HTTP method"
+                ));
+            }
+        }
+        if let Err(errs) = providers::build(route) {
+            p.extend(errs.into_iter().map(|e| format!("{key}.{e}")));
+        }
+    }
+    p
+}
+
+/// The upstream must be plain HTTP on an address this pod reaches (normally loopback).
+fn upstream_addr(url: &str) -> Result<SocketAddr, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+    if parsed.scheme() != "http" {
+        return Err(format!("{url:?} must be http:// (the app, on localhost)"));
+    }
+    if parsed.path() != "/" && !parsed.path().is_empty() {
+        return Err(format!(
+            "{url:?} must not carry a path; use a route's upstream_path"
+        ));
+    }
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| format!("{url:?} has no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = parsed.port_or_known_default().unwrap_or(80);
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host} resolves to no address"))
+}
+
+impl Inbound {
+    /// Builds the routes; the config was validated, so failures here are bugs or a changed
+    /// environment (DNS), reported as errors all the same.
+    pub fn build(config: &InboundConfig) -> anyhow::Result<Self> {
+        let problems = validate(config);
+        anyhow::ensure!(problems.is_empty(), "{}", problems.join("\n"));
+        let mut routes = HashMap::new();
+        for route in &config.routes {
+            routes.insert(route.path.clone(), Self::route(route)?);
+        }
+        Ok(Self {
+            routes,
+            upstream: upstream_addr(&config.upstream).map_err(anyhow::Error::msg)?,
+            max_body: config.max_body.0 as usize,
+            read_timeout: config.read_timeout.0,
+            upstream_timeout: config.upstream_timeout.0,
+            trust_forwarded_for: config.trust_forwarded_for.clone(),
+        })
+    }
+
+    fn route(route: &RouteConfig) -> anyhow::Result<Route> {
+        let verifier = providers::build(route).map_err(|e| anyhow::anyhow!(e.join("; ")))?;
+        Ok(Route {
+            path: route.path.clone(),
+            provider: route.provider.clone(),
+            verifier,
+            upstream_path: route.upstream_path.clone(),
+            allow_ips: route.allow_ips.clone(),
+            methods: route.methods.clone().unwrap_or_else(|| vec!["POST".into()]),
+        })
+    }
+
+    /// The sender's address: the peer, unless the peer is a trusted proxy, in which case the
+    /// right-most X-Forwarded-For entry that is not itself a trusted proxy.
+    pub fn client_ip(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+        let trusted = |ip: &IpAddr| self.trust_forwarded_for.iter().any(|n| n.contains(ip));
+        if !trusted(&peer) {
+            return peer;
+        }
+        let Some(xff) = forwarded_for else {
+            return peer;
+        };
+        let mut client = peer;
+        for entry in xff.split(',').rev() {
+            match entry.trim().parse::<IpAddr>() {
+                Ok(ip) if trusted(&ip) => client = ip,
+                Ok(ip) => return ip,
+                // An unparsable entry ends the chain of trust.
+                Err(_) => return client,
+            }
+        }
+        client
+    }
+}
+
+/// Shared, immutable state of the running proxy.
+pub type SharedInbound = Arc<Inbound>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbound(trust: &[&str]) -> Inbound {
+        Inbound {
+            routes: HashMap::new(),
+            upstream: "127.0.0.1:1".parse().unwrap(),
+            max_body: 1,
+            read_timeout: std::time::Duration::from_secs(1),
+            upstream_timeout: std::time::Duration::from_secs(1),
+            trust_forwarded_for: trust.iter().map(|n| n.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_peers() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let untrusting = inbound(&[]);
+        assert_eq!(
+            untrusting.client_ip(ip("10.0.0.5"), Some("1.2.3.4")),
+            ip("10.0.0.5")
+        );
+        let trusting = inbound(&["10.0.0.0/8"]);
+        assert_eq!(
+            trusting.client_ip(ip("10.0.0.5"), Some("1.2.3.4")),
+            ip("1.2.3.4")
+        );
+        assert_eq!(
+            trusting.client_ip(ip("10.0.0.5"), Some("6.6.6.6, 1.2.3.4, 10.0.0.9")),
+            ip("1.2.3.4")
+        );
+        assert_eq!(trusting.client_ip(ip("10.0.0.5"), None), ip("10.0.0.5"));
+        assert_eq!(
+            trusting.client_ip(ip("10.0.0.5"), Some("garbage")),
+            ip("10.0.0.5")
+        );
+        assert_eq!(
+            trusting.client_ip(ip("192.168.1.1"), Some("1.2.3.4")),
+            ip("192.168.1.1")
+        );
+    }
+
+    #[test]
+    fn config_problems_name_their_keys() {
+        let config: InboundConfig = toml::from_str(
+            r#"
+            listen = "nowhere"
+            upstream = "https://127.0.0.1:8080"
+            [[routes]]
+            path = "/a"
+            provider = "stripe"
+            secrets = ["s"]
+            allow_ips = ["10.0.0.0/8"]
+            [[routes]]
+            path = "/a"
+            provider = "square"
+            secrets = [""]
+            [[routes]]
+            path = "b"
+            provider = "carrier-pigeon"
+            secrets = ["s"]
+            "#,
+        )
+        .unwrap();
+        let text = validate(&config).join("\n");
+        for want in [
+            "inbound.listen:",
+            "inbound.upstream:",
+            "inbound.routes[1].path: \"/a\" is also inbound.routes[0].path",
+            "inbound.routes[1].secrets[0]: is empty",
+            "inbound.routes[2].path:",
+            "inbound.routes[2].provider: unknown provider \"carrier-pigeon\"",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Shopify: `X-Shopify-Hmac-Sha256`, base64 HMAC-SHA256 of the body; no timestamp.
+
+use super::{Incoming, Verifier, VerifyError};
+use crate::signing;
+
+pub struct Shopify {
+    secrets: Vec<Vec<u8>>,
+}
+
+impl Shopify {
+    pub fn new(secrets: &[&str]) -> Self {
+        Self {
+            secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        }
+    }
+}
+
+impl Verifier for Shopify {
+    fn verify(&self, r: &Incoming<'_>) -> Result<(), VerifyError> {
+        let sig = super::decode_b64(r.required("x-shopify-hmac-sha256")?)
+            .ok_or(VerifyError::MalformedHeader)?;
+        let expected: Vec<Vec<u8>> = self
+            .secrets
+            .iter()
+            .map(|k| signing::hmac_sha256(k, &[r.body]).to_vec())
+            .collect();
+        super::any_match(&expected, &[sig])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::vectors;
+    use super::*;
+
+    #[test]
+    fn official_vector() {
+        let v = &vectors::all("shopify")[0];
+        let headers = vectors::headers(v);
+        let body = vectors::body(v);
+        let secret = v["secret"].as_str().unwrap();
+        let check = |s: &Shopify, body: &[u8]| {
+            s.verify(&Incoming {
+                headers: &headers,
+                body,
+                query: None,
+                now: 0,
+            })
+        };
+        assert_eq!(check(&Shopify::new(&[secret]), &body), Ok(()));
+        let mut tampered = body.clone();
+        tampered[0] ^= 1;
+        assert_eq!(
+            check(&Shopify::new(&[secret]), &tampered),
+            Err(VerifyError::SignatureMismatch)
+        );
+        assert_eq!(
+            check(&Shopify::new(&["x"]), &body),
+            Err(VerifyError::SignatureMismatch)
+        );
+        assert_eq!(check(&Shopify::new(&["x", secret]), &body), Ok(()));
+    }
+}

@@ -1,0 +1,447 @@
+//! The pingora service: route, screen, read the whole (bounded) body, verify, forward.
+//! Invariant: the body is read once, in `request_filter`, and forwarded by Postern itself from that
+//! buffer through pingora's upstream connector, so any body up to `max_body` reaches the app intact
+//! (pingora re-sends a consumed body only from its 64 KiB retry buffer: no such cliff here).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+
+use super::providers::{Incoming, VerifyError};
+use super::{Inbound, Route};
+
+/// Headers that describe one hop, not the message: never forwarded either way.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+pub const VERIFIED_HEADER: &str = "x-postern-verified";
+
+/// A request Postern answers itself.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn from_verify(e: VerifyError) -> Self {
+        let code = match e {
+            VerifyError::MissingHeader => "missing_header",
+            VerifyError::MalformedHeader => "malformed_header",
+            VerifyError::TimestampOutOfTolerance => "timestamp_out_of_tolerance",
+            VerifyError::SignatureMismatch => "signature_mismatch",
+        };
+        Self::new(401, code, e.to_string())
+    }
+}
+
+/// What happened to one request, for the log line and the metrics.
+pub struct Decision {
+    route: Option<String>,
+    provider: Option<String>,
+    outcome: &'static str,
+    error: Option<&'static str>,
+    status: u16,
+}
+
+pub struct VerifyingProxy {
+    inbound: Arc<Inbound>,
+    connector: Connector,
+}
+
+impl VerifyingProxy {
+    pub fn new(inbound: Arc<Inbound>) -> Self {
+        Self {
+            inbound,
+            connector: Connector::new(None),
+        }
+    }
+
+    fn peer(&self) -> HttpPeer {
+        let mut peer = HttpPeer::new(self.inbound.upstream, false, String::new());
+        peer.options.connection_timeout = Some(
+            self.inbound
+                .upstream_timeout
+                .min(std::time::Duration::from_secs(5)),
+        );
+        peer.options.read_timeout = Some(self.inbound.upstream_timeout);
+        peer.options.write_timeout = Some(self.inbound.upstream_timeout);
+        peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+        peer
+    }
+
+    /// Everything up to a verified, buffered body; `Err` is the answer to send instead.
+    async fn admit<'r>(
+        &'r self,
+        session: &mut Session,
+        decision: &mut Decision,
+    ) -> Result<(&'r Route, Bytes), Refusal> {
+        let req = session.req_header();
+        let path = req.uri.path().to_string();
+        let route = self.inbound.routes.get(&path).ok_or_else(|| {
+            Refusal::new(
+                404,
+                "route_not_found",
+                format!("no webhook route at {path}"),
+            )
+        })?;
+        decision.route = Some(route.path.clone());
+        decision.provider = Some(route.provider.clone());
+        let method = req.method.as_str();
+        if !route.methods.iter().any(|m| m == method) {
+            return Err(Refusal::new(
+                405,
+                "method_not_allowed",
+                format!(
+                    "{method} is not accepted here; use {}",
+                    route.methods.join(", ")
+                ),
+            ));
+        }
+        if !route.allow_ips.is_empty() {
+            let peer = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip())
+                .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+            let xff = session
+                .req_header()
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok());
+            let client = self.inbound.client_ip(peer, xff);
+            if !route.allow_ips.iter().any(|n| n.contains(&client)) {
+                return Err(Refusal::new(
+                    403,
+                    "ip_not_allowed",
+                    format!("sender {client} is not allowed on this route"),
+                ));
+            }
+        }
+        let req = session.req_header();
+        let declared = match req.headers.get(http::header::CONTENT_LENGTH) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| Refusal::new(400, "bad_request", "invalid Content-Length"))?,
+            ),
+        };
+        if declared.is_some_and(|n| n > self.inbound.max_body as u64) {
+            return Err(too_large(self.inbound.max_body));
+        }
+        let expects_continue = req
+            .headers
+            .get(http::header::EXPECT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        if expects_continue {
+            // No upstream exists yet, so pingora would not answer this; the sender waits for it.
+            session.write_continue_response().await.map_err(|e| {
+                Refusal::new(400, "bad_request", format!("cannot answer Expect: {e}"))
+            })?;
+        }
+        let body = tokio::time::timeout(
+            self.inbound.read_timeout,
+            read_body(session, self.inbound.max_body),
+        )
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                408,
+                "request_timeout",
+                "the request body did not arrive within inbound.read_timeout",
+            )
+        })??;
+        let req = session.req_header();
+        let incoming = Incoming {
+            headers: &req.headers,
+            body: &body,
+            query: req.uri.query(),
+            now: chrono::Utc::now().timestamp(),
+        };
+        route
+            .verifier
+            .verify(&incoming)
+            .map_err(Refusal::from_verify)?;
+        Ok((route, body))
+    }
+
+    /// Sends the verified request to the app and relays the answer. Returns the status relayed.
+    async fn forward(
+        &self,
+        session: &mut Session,
+        route: &Route,
+        body: Bytes,
+    ) -> Result<u16, Refusal> {
+        let upstream_req = self.upstream_request(session, route, body.len())?;
+        let peer = self.peer();
+        // A pooled connection the app closed meanwhile fails on first use: retry once on a new one.
+        let mut attempt = 0;
+        let (mut upstream, response) = loop {
+            attempt += 1;
+            let (mut up, reused) = self
+                .connector
+                .get_http_session(&peer)
+                .await
+                .map_err(|e| upstream_failure(&e))?;
+            let exchange = async {
+                up.write_request_header(Box::new(upstream_req.clone()))
+                    .await?;
+                up.write_request_body(body.clone(), true).await?;
+                up.finish_request_body().await?;
+                up.read_response_header().await?;
+                Ok::<_, Box<Error>>(())
+            };
+            match tokio::time::timeout(self.inbound.upstream_timeout, exchange).await {
+                Err(_) => return Err(timeout_refusal()),
+                Ok(Ok(())) => {
+                    let resp = up.response_header().cloned().ok_or_else(|| {
+                        Refusal::new(
+                            502,
+                            "upstream_unavailable",
+                            "the app sent no response header",
+                        )
+                    })?;
+                    break (up, resp);
+                }
+                Ok(Err(e)) if reused && attempt == 1 => {
+                    tracing::debug!(error = %e, "pooled upstream connection failed; retrying on a new one");
+                }
+                Ok(Err(e)) => return Err(upstream_failure(&e)),
+            }
+        };
+        let status = response.status.as_u16();
+        let mut downstream = response.clone();
+        for name in HOP_BY_HOP.iter().filter(|h| **h != "transfer-encoding") {
+            downstream.remove_header(*name);
+        }
+        // From here on the sender has a status line: failures can only end the connection.
+        let relay = async {
+            session
+                .write_response_header(Box::new(downstream), false)
+                .await?;
+            loop {
+                let chunk = upstream.read_response_body().await?;
+                let done = chunk.is_none() || upstream.response_done();
+                session.write_response_body(chunk, done).await?;
+                if done {
+                    break;
+                }
+            }
+            Ok::<_, Box<Error>>(())
+        };
+        match tokio::time::timeout(self.inbound.upstream_timeout, relay).await {
+            Ok(Ok(())) => {
+                self.connector
+                    .release_http_session(upstream, &peer, peer.options.idle_timeout)
+                    .await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "relaying the app's response failed");
+                session.set_keepalive(None);
+            }
+            Err(_) => {
+                tracing::warn!("relaying the app's response timed out");
+                session.set_keepalive(None);
+            }
+        }
+        Ok(status)
+    }
+
+    /// The same method, path (or `upstream_path`), query and headers, minus hop-by-hop headers
+    /// and any `x-postern-*` the sender supplied, plus the verified mark.
+    fn upstream_request(
+        &self,
+        session: &Session,
+        route: &Route,
+        body_len: usize,
+    ) -> Result<RequestHeader, Refusal> {
+        let req = session.req_header();
+        let path = route.upstream_path.as_deref().unwrap_or(req.uri.path());
+        let target = match req.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let bad = |e: Box<Error>| Refusal::new(400, "bad_request", e.to_string());
+        let mut up = RequestHeader::build(
+            req.method.clone(),
+            target.as_bytes(),
+            Some(req.headers.len() + 3),
+        )
+        .map_err(bad)?;
+        for (name, value) in req.headers.iter() {
+            let n = name.as_str();
+            if HOP_BY_HOP.contains(&n)
+                || n == "content-length"
+                || n == "expect"
+                || n.starts_with("x-postern-")
+            {
+                continue;
+            }
+            up.append_header(name.clone(), value.clone()).map_err(bad)?;
+        }
+        up.insert_header(http::header::CONTENT_LENGTH, body_len.to_string())
+            .map_err(bad)?;
+        up.insert_header(VERIFIED_HEADER, route.provider.as_str())
+            .map_err(bad)?;
+        Ok(up)
+    }
+}
+
+fn too_large(limit: usize) -> Refusal {
+    Refusal::new(
+        413,
+        "body_too_large",
+        format!("the body exceeds inbound.max_body ({limit} bytes)"),
+    )
+}
+
+fn timeout_refusal() -> Refusal {
+    Refusal::new(
+        504,
+        "upstream_timeout",
+        "the app did not answer within inbound.upstream_timeout",
+    )
+}
+
+fn upstream_failure(e: &Error) -> Refusal {
+    match e.etype() {
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout => {
+            timeout_refusal()
+        }
+        _ => Refusal::new(
+            502,
+            "upstream_unavailable",
+            format!("the app is unreachable: {}", e.etype().as_str()),
+        ),
+    }
+}
+
+/// Reads the whole body, counting as it goes (chunked bodies declare no length).
+async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Refusal> {
+    let mut buf = BytesMut::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(too_large(limit));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Err(e) => {
+                return Err(Refusal::new(
+                    400,
+                    "bad_request",
+                    format!("cannot read the request body: {}", e.etype().as_str()),
+                ))
+            }
+        }
+    }
+}
+
+async fn respond(session: &mut Session, refusal: &Refusal, close: bool) -> pingora::Result<()> {
+    let body = serde_json::json!({"error": refusal.code, "message": refusal.message}).to_string();
+    let mut header = ResponseHeader::build(refusal.status, Some(3))?;
+    header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    if close {
+        // The body may be unread: this connection cannot carry another request.
+        header.insert_header(http::header::CONNECTION, "close")?;
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+#[async_trait]
+impl ProxyHttp for VerifyingProxy {
+    type CTX = ();
+
+    fn new_ctx(&self) {}
+
+    /// Never reached: `request_filter` answers every request itself.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut (),
+    ) -> pingora::Result<Box<HttpPeer>> {
+        Error::e_explain(
+            ErrorType::InternalError,
+            "the inbound proxy forwards from request_filter",
+        )
+    }
+
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
+        let started = Instant::now();
+        let mut decision = Decision {
+            route: None,
+            provider: None,
+            outcome: "refused",
+            error: None,
+            status: 0,
+        };
+        match self.admit(session, &mut decision).await {
+            Ok((route, body)) => match self.forward(session, route, body).await {
+                Ok(status) => {
+                    decision.outcome = "forwarded";
+                    decision.status = status;
+                }
+                Err(refusal) => {
+                    decision.outcome = "upstream_error";
+                    decision.error = Some(refusal.code);
+                    decision.status = refusal.status;
+                    respond(session, &refusal, false).await?;
+                }
+            },
+            Err(refusal) => {
+                decision.error = Some(refusal.code);
+                decision.status = refusal.status;
+                let body_unread = !session.is_body_done();
+                respond(session, &refusal, body_unread).await?;
+            }
+        }
+        tracing::info!(
+            route = decision.route.as_deref().unwrap_or("-"),
+            provider = decision.provider.as_deref().unwrap_or("-"),
+            outcome = decision.outcome,
+            error = decision.error.unwrap_or("-"),
+            status = decision.status,
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "inbound request"
+        );
+        Ok(true)
+    }
+}
