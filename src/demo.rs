@@ -35,6 +35,8 @@ const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 struct Receiver {
     key: Vec<u8>,
+    /// `x-postern-verified` of every request the "app" got through the inbound proxy.
+    app_saw: Mutex<Vec<String>>,
     /// event id -> (receipt time, signature verified)
     seen: Mutex<HashMap<String, (Instant, bool)>>,
     rejected: Mutex<u32>,
@@ -67,6 +69,17 @@ async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Byte
     StatusCode::NO_CONTENT
 }
 
+/// The app behind the inbound proxy: it only ever sees verified requests.
+async fn app_endpoint(State(rx): State<Arc<Receiver>>, headers: HeaderMap) -> StatusCode {
+    let mark = headers
+        .get("x-postern-verified")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_string();
+    rx.app_saw.lock().expect("demo lock").push(mark);
+    StatusCode::OK
+}
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let url = args
         .database_url
@@ -82,6 +95,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let secret = signing::generate_secret();
     let receiver = Arc::new(Receiver {
         key: signing::standard_key(&secret)?,
+        app_saw: Mutex::new(Vec::new()),
         seen: Mutex::new(HashMap::new()),
         rejected: Mutex::new(0),
     });
@@ -89,6 +103,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let port = listener.local_addr()?.port();
     let app = axum::Router::new()
         .route("/webhooks", axum::routing::post(receive))
+        .route("/app/stripe", axum::routing::post(app_endpoint))
         .with_state(receiver.clone());
     let stop = CancellationToken::new();
     let server_stop = stop.clone();
@@ -98,6 +113,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .await;
     });
 
+    let inbound_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let stripe_secret = format!("whsec_demo_{}", uuid::Uuid::new_v4().simple());
     let toml = format!(
         r#"
         shutdown_grace = "5s"
@@ -114,6 +133,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         url = "http://127.0.0.1:{port}/webhooks"
         events = ["order.*"]
         secret = "{secret}"
+        [inbound]
+        listen = "127.0.0.1:{inbound_port}"
+        upstream = "http://127.0.0.1:{port}"
+        [[inbound.routes]]
+        path = "/webhooks/stripe"
+        provider = "stripe"
+        secrets = ["{stripe_secret}"]
+        upstream_path = "/app/stripe"
         "#,
         url = toml::Value::String(url.clone()),
         schema = schema.name(),
@@ -144,7 +171,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .batch_execute(&schema.sql("DROP SCHEMA IF EXISTS __SCHEMA__ CASCADE"))
         .await?;
     drop(client);
-    let result = demo_body(&config, &pool, &schema, &receiver, args.events, port).await;
+    let mut result = demo_body(&config, &pool, &schema, &receiver, args.events, port).await;
+    if result.is_ok() {
+        result = demo_inbound(&config, &receiver, inbound_port, &stripe_secret).await;
+    }
     stop.cancel();
     let cleanup = pool.get().await.map(|c| async move {
         c.batch_execute(&schema.sql("DROP SCHEMA IF EXISTS __SCHEMA__ CASCADE"))
@@ -246,6 +276,62 @@ async fn demo_body(
         seen.len() == events,
         "only {} of {events} events arrived",
         seen.len()
+    );
+    Ok(())
+}
+
+/// The inbound half: a Stripe-signed request goes through the proxy, a forged one is refused.
+async fn demo_inbound(
+    config: &Config,
+    receiver: &Arc<Receiver>,
+    port: u16,
+    secret: &str,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let thread = crate::inbound::spawn(config, stop.clone())?.context("inbound is configured")?;
+    let url = format!("http://127.0.0.1:{port}/webhooks/stripe");
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the inbound proxy did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = r#"{"id":"evt_demo","type":"payment_intent.succeeded"}"#;
+    let t = chrono::Utc::now().timestamp();
+    let sig = hex::encode(signing::hmac_sha256(
+        secret.as_bytes(),
+        &[t.to_string().as_bytes(), b".", body.as_bytes()],
+    ));
+    let signed = http
+        .post(&url)
+        .header("stripe-signature", format!("t={t},v1={sig}"))
+        .body(body)
+        .send()
+        .await?;
+    let forged = http
+        .post(&url)
+        .header("stripe-signature", format!("t={t},v1={}", "0".repeat(64)))
+        .body(body)
+        .send()
+        .await?;
+    let signed_status = signed.status().as_u16();
+    let forged_status = forged.status().as_u16();
+    let forged_body: serde_json::Value =
+        serde_json::from_str(&forged.text().await?).unwrap_or_default();
+    stop.cancel();
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    let app_saw = receiver.app_saw.lock().expect("demo lock").clone();
+    println!(
+        "inbound: a Stripe-signed request went through the proxy ({signed_status}, the app saw x-postern-verified: {}); a forged one was refused ({forged_status} {})",
+        app_saw.first().map_or("nothing", String::as_str),
+        forged_body["error"].as_str().unwrap_or("?")
+    );
+    anyhow::ensure!(
+        signed_status == 200 && forged_status == 401 && app_saw.len() == 1,
+        "the inbound demo did not behave as expected"
     );
     Ok(())
 }

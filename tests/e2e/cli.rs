@@ -338,6 +338,9 @@ fn the_reference_config_is_valid() {
             ("DATABASE_URL", "postgres://app:pw@127.0.0.1:5432/app"),
             ("BILLING_WEBHOOK_SECRET", SECRET),
             ("BILLING_API_KEY", "key"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_stripe"),
+            ("GITHUB_WEBHOOK_SECRET", "gh-secret-value"),
+            ("ACME_WEBHOOK_SECRET", "acme-secret-value"),
         ],
     );
     assert!(
@@ -347,4 +350,84 @@ fn the_reference_config_is_valid() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("id = \"billing\""), "{stdout}");
+    assert!(stdout.contains("provider = \"stripe\""), "{stdout}");
+    for secret in ["whsec_stripe", "gh-secret-value", "acme-secret-value"] {
+        assert!(!stdout.contains(secret), "{secret} leaked");
+    }
+}
+
+#[test]
+fn demo_delivers_and_shows_the_proxy_refusing_a_forgery() {
+    let schema = format!("postern_demo_{}", uuid::Uuid::new_v4().simple());
+    let out = postern(
+        &["demo", "--events", "20", "--schema", &schema],
+        &[("DATABASE_URL", &base_url())],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("delivered "))
+        .expect("a summary line");
+    assert!(
+        summary.contains("delivered 20/20 events, 20 signatures verified"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("commit-to-receipt latency p50"),
+        "{summary}"
+    );
+    assert!(
+        stdout.contains("a forged one was refused (401 signature_mismatch)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn inbound_config_problems_name_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        r#"
+        [database]
+        url = "postgres://127.0.0.1/app"
+        [inbound]
+        upstream = "http://127.0.0.1:8080"
+        [[inbound.routes]]
+        path = "/webhooks/square"
+        provider = "square"
+        secrets = ["s"]
+        [[inbound.routes]]
+        path = "/webhooks/x"
+        provider = "mystery"
+        secrets = []
+        "#,
+    );
+    let out = postern(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("inbound.routes[0].notification_url: required"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("inbound.routes[1].secrets: at least one secret"),
+        "{stderr}"
+    );
+
+    let path = write_config(
+        &dir,
+        "[database]\nurl = \"postgres://127.0.0.1/app\"\n[inbound]\n[[inbound.routes]]\npath = \"/a\"\nprovider = \"github\"\nsecrets = [\"s\"]\nallow_ips = [\"10.0.0.0/33\"]\n",
+    );
+    let out = postern(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("inbound.routes[0].allow_ips"),
+        "{stderr}"
+    );
 }
