@@ -11,7 +11,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::api::admin::Health;
 use crate::config::Config;
+use crate::crypto::SecretBox;
 use crate::db::{self, NotifySetting, Schema};
 use crate::delivery::client::WebhookClient;
 use crate::delivery::ssrf::Guard;
@@ -21,32 +23,190 @@ use crate::endpoints;
 use crate::outbox::dispatcher::Dispatcher;
 use crate::outbox::{self, Signals};
 use crate::retention::{self, Retention};
+use crate::telemetry::Metrics;
 
 /// Runs the sidecar until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let schema = Schema::new(&config.database.schema)?;
     let pool = db::pool(config.database.url(), config.database.pool_size)?;
+    let vault = SecretBox::from_config(&config)?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         database = %crate::config::mask_url_password(config.database.url()),
         schema = schema.name(),
+        encrypting_secrets = vault.encrypting(),
         "postern starting"
     );
-    if db::wait_until_reachable(&pool, &shutdown).await.is_none() {
-        return Ok(());
+    let inbound_addr = config.inbound.as_ref().and_then(|i| i.listen.parse().ok());
+    let health = Arc::new(Health::new(inbound_addr));
+    // The probes answer from the first moment (readyz says why it is not ready yet).
+    let admin_stop = CancellationToken::new();
+    let admin = match &config.admin {
+        Some(a) => Some(crate::api::admin::spawn(
+            &a.listen,
+            health.clone(),
+            metrics.clone(),
+            admin_stop.clone(),
+        )?),
+        None => None,
+    };
+    let api_listener = match &config.api {
+        Some(api) => Some(
+            tokio::net::TcpListener::bind(&api.listen)
+                .await
+                .with_context(|| format!("api.listen: cannot bind {}", api.listen))?,
+        ),
+        None => None,
+    };
+    let mut tasks = JoinSet::new();
+    tasks.spawn(probe_loop(
+        config.database.url().to_string(),
+        schema.clone(),
+        pool.clone(),
+        health.clone(),
+        metrics.clone(),
+        shutdown.child_token(),
+    ));
+
+    let result = async {
+        if db::wait_until_reachable(&pool, &shutdown).await.is_none() {
+            return Ok(());
+        }
+        prepare(&config, &pool, &schema, &vault).await?;
+        let pipeline = start(
+            &config,
+            pool.clone(),
+            &schema,
+            shutdown.clone(),
+            metrics.clone(),
+            vault.clone(),
+        )?;
+        if let (Some(listener), Some(api)) = (api_listener, &config.api) {
+            let state = crate::api::ApiState {
+                pool: pool.clone(),
+                schema: schema.clone(),
+                vault: vault.clone(),
+                guard: Arc::new(Guard::new(config.outbound.allow_private_networks.clone())),
+            };
+            let tokens = api.tokens.iter().map(|t| t.expose().to_string()).collect();
+            let router = crate::api::router(state, tokens);
+            tracing::info!(listen = %api.listen, "management API listening");
+            tasks.spawn(crate::api::serve(listener, router, shutdown.child_token()));
+        }
+        health
+            .pipeline
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("postern running");
+        shutdown.cancelled().await;
+        health
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("shutting down: no new claims; draining in-flight deliveries");
+        join_all(pipeline).await;
+        anyhow::Ok(())
     }
-    prepare(&config, &pool, &schema).await?;
-    let tasks = start(&config, pool, &schema, shutdown.clone())?;
-    tracing::info!("postern running");
-    shutdown.cancelled().await;
-    tracing::info!("shutting down: no new claims; draining in-flight deliveries");
+    .await;
+    health
+        .stopping
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    shutdown.cancel();
     join_all(tasks).await;
+    admin_stop.cancel();
+    if let Some(thread) = admin {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     tracing::info!("postern stopped");
-    Ok(())
+    result
+}
+
+/// Keeps `Health` and the database-derived gauges current, on a connection of its own so a
+/// saturated pool never makes the process look dead.
+async fn probe_loop(
+    url: String,
+    schema: Schema,
+    pool: Pool,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let gauges = schema.sql(
+        "SELECT (SELECT count(*) FROM __SCHEMA__.deliveries WHERE status = 'pending' AND next_attempt_at <= now()),
+                (SELECT COALESCE(extract(epoch FROM now() - min(next_attempt_at)), 0)::float8
+                   FROM __SCHEMA__.deliveries WHERE status = 'pending' AND next_attempt_at <= now()),
+                (SELECT count(*) FROM __SCHEMA__.endpoints WHERE NOT active AND deleted_at IS NULL)",
+    );
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let status = pool.status();
+        metrics
+            .db_pool_in_use
+            .set((status.size - status.available.min(status.size)) as i64);
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = connect_probe(&url).await;
+        }
+        let Some(c) = &client else {
+            health.database.store(false, Relaxed);
+            continue;
+        };
+        let probe = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            let version = db::schema_version(c, &schema).await?;
+            let values = match version {
+                Some(_) => Some(c.query_one(&gauges, &[]).await?),
+                None => None,
+            };
+            anyhow::Ok((version, values))
+        })
+        .await;
+        match probe {
+            Ok(Ok((version, values))) => {
+                health.database.store(true, Relaxed);
+                health
+                    .schema
+                    .store(version.is_some_and(|v| v >= db::SCHEMA_VERSION), Relaxed);
+                if let Some(row) = values {
+                    metrics.deliveries_due.set(row.get(0));
+                    metrics.oldest_due_seconds.set(row.get(1));
+                    metrics.endpoints_inactive.set(row.get(2));
+                }
+            }
+            _ => {
+                health.database.store(false, Relaxed);
+                client = None;
+            }
+        }
+    }
+}
+
+async fn connect_probe(url: &str) -> Option<tokio_postgres::Client> {
+    let mut config: tokio_postgres::Config = url.parse().ok()?;
+    config
+        .application_name("postern-probe")
+        .connect_timeout(std::time::Duration::from_secs(2));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Some(client)
 }
 
 /// Migrations (or a version check), the notify trigger and the config endpoints.
-pub async fn prepare(config: &Config, pool: &Pool, schema: &Schema) -> anyhow::Result<()> {
+pub async fn prepare(
+    config: &Config,
+    pool: &Pool,
+    schema: &Schema,
+    vault: &SecretBox,
+) -> anyhow::Result<()> {
     if config.database.migrate_on_start {
         let applied = db::migrate(pool, schema, &config.database.publisher_roles).await?;
         if !applied.is_empty() {
@@ -71,7 +231,7 @@ pub async fn prepare(config: &Config, pool: &Pool, schema: &Schema) -> anyhow::R
             "outbound.notify differs from the trigger installed in the database; keeping the installed one (run `postern migrate` to change it)"
         );
     }
-    endpoints::sync_config_endpoints(pool, schema, &config.endpoints)
+    endpoints::sync_config_endpoints(pool, schema, vault, &config.endpoints)
         .await
         .context("syncing the config file's endpoints")?;
     Ok(())
@@ -83,6 +243,8 @@ pub fn start(
     pool: Pool,
     schema: &Schema,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+    vault: SecretBox,
 ) -> anyhow::Result<JoinSet<()>> {
     let o = &config.outbound;
     let signals = Arc::new(Signals::default());
@@ -94,6 +256,7 @@ pub fn start(
             config.database.listen_url().to_string(),
             schema.channel(),
             signals.clone(),
+            metrics.clone(),
             shutdown.child_token(),
         ));
     }
@@ -101,6 +264,7 @@ pub fn start(
     tasks.spawn(outbox::dispatch_loop(
         dispatcher,
         signals.clone(),
+        metrics.clone(),
         o.poll_interval.0,
         o.notify_throttle.0,
         shutdown.child_token(),
@@ -116,6 +280,8 @@ pub fn start(
         store.clone(),
         client,
         WorkerSettings::from_config(config),
+        vault,
+        metrics,
         owner,
         signals.deliveries_ready.clone(),
     );

@@ -48,9 +48,32 @@ pub struct Config {
     pub retention: RetentionConfig,
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// Probes and metrics (no token); absent = that listener is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
+    /// The management REST API; absent = that listener is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiConfig>,
     /// The verifying reverse proxy for provider webhooks; absent = no inbound listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<InboundConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    #[serde(default = "defaults::api_listen")]
+    pub listen: String,
+    /// Bearer tokens accepted on every `/api/*` route.
+    #[serde(default)]
+    pub tokens: Vec<Secret>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +163,9 @@ pub struct DatabaseConfig {
     /// Connections in Postern's pool (the LISTEN connection is extra).
     #[serde(default = "defaults::pool_size")]
     pub pool_size: usize,
+    /// 32 bytes, base64: endpoint secrets and custom header values are encrypted at rest with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<Secret>,
 }
 
 impl Default for DatabaseConfig {
@@ -151,6 +177,7 @@ impl Default for DatabaseConfig {
             migrate_on_start: true,
             publisher_roles: Vec::new(),
             pool_size: defaults::pool_size(),
+            encryption_key: None,
         }
     }
 }
@@ -677,6 +704,12 @@ mod defaults {
     pub fn retention_interval() -> Dur {
         Dur(Duration::from_secs(60))
     }
+    pub fn admin_listen() -> String {
+        "0.0.0.0:9091".into()
+    }
+    pub fn api_listen() -> String {
+        "127.0.0.1:9090".into()
+    }
     pub fn inbound_listen() -> String {
         "0.0.0.0:8081".into()
     }
@@ -908,11 +941,56 @@ impl Config {
         if let Some(inbound) = &self.inbound {
             p.extend(crate::inbound::validate(inbound));
         }
+        if let Some(key) = &self.database.encryption_key {
+            if let Err(e) = crate::crypto::SecretBox::from_base64(key.expose()) {
+                p.push(format!("database.encryption_key: {e}"));
+            }
+        }
+        if let Some(admin) = &self.admin {
+            if admin.listen.parse::<std::net::SocketAddr>().is_err() {
+                p.push(format!(
+                    "admin.listen: {:?} is not an address like 0.0.0.0:9091",
+                    admin.listen
+                ));
+            }
+        }
+        if let Some(api) = &self.api {
+            match api.listen.parse::<std::net::SocketAddr>() {
+                Err(_) => p.push(format!(
+                    "api.listen: {:?} is not an address like 127.0.0.1:9090",
+                    api.listen
+                )),
+                Ok(addr) if !addr.ip().is_loopback() && api.tokens.is_empty() => p.push(format!(
+                    "api.tokens: required when api.listen ({}) is not a loopback address",
+                    api.listen
+                )),
+                Ok(_) => {}
+            }
+            for (i, t) in api.tokens.iter().enumerate() {
+                if t.expose().len() < 16 {
+                    p.push(format!("api.tokens[{i}]: must be at least 16 characters"));
+                }
+            }
+        }
         if p.is_empty() {
             Ok(())
         } else {
             Err(ConfigError { problems: p })
         }
+    }
+
+    /// Things that work but deserve an operator's attention (`check-config` prints them).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.database.encryption_key.is_none() {
+            w.push("database.encryption_key: not set; endpoint secrets are stored in Postgres in plain text".into());
+        }
+        if let Some(api) = &self.api {
+            if api.tokens.is_empty() {
+                w.push("api.tokens: not set; any process that reaches the loopback listener can use the API".into());
+            }
+        }
+        w
     }
 
     /// The effective configuration as TOML, every secret shown as `"<redacted>"`.

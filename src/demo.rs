@@ -194,13 +194,22 @@ async fn demo_body(
     events: usize,
     port: u16,
 ) -> anyhow::Result<()> {
-    crate::app::prepare(config, pool, schema).await?;
+    let vault = crate::crypto::SecretBox::plaintext();
+    crate::app::prepare(config, pool, schema, &vault).await?;
     println!(
         "  migrated scratch schema {}; receiver listening on 127.0.0.1:{port}",
         schema.name()
     );
     let shutdown = CancellationToken::new();
-    let tasks = crate::app::start(config, pool.clone(), schema, shutdown.clone())?;
+    let metrics = std::sync::Arc::new(crate::telemetry::Metrics::new());
+    let tasks = crate::app::start(
+        config,
+        pool.clone(),
+        schema,
+        shutdown.clone(),
+        metrics,
+        vault,
+    )?;
 
     // The app's side: a business row and its event, committed together.
     let mut client = pool.get().await?;
@@ -288,7 +297,9 @@ async fn demo_inbound(
     secret: &str,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let thread = crate::inbound::spawn(config, stop.clone())?.context("inbound is configured")?;
+    let metrics = std::sync::Arc::new(crate::telemetry::Metrics::new());
+    let thread =
+        crate::inbound::spawn(config, stop.clone(), metrics)?.context("inbound is configured")?;
     let url = format!("http://127.0.0.1:{port}/webhooks/stripe");
     let http = reqwest::Client::builder().no_proxy().build()?;
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -9,6 +9,7 @@ use anyhow::Context;
 use deadpool_postgres::Pool;
 
 use crate::config::EndpointConfig;
+use crate::crypto::SecretBox;
 use crate::db::Schema;
 
 /// How long a config endpoint's previous secret keeps signing after the config changes it.
@@ -19,6 +20,7 @@ pub const CONFIG_SECRET_GRACE: Duration = Duration::from_secs(24 * 3600);
 pub async fn sync_config_endpoints(
     pool: &Pool,
     schema: &Schema,
+    vault: &SecretBox,
     endpoints: &[EndpointConfig],
 ) -> anyhow::Result<()> {
     let mut client = pool.get().await?;
@@ -38,9 +40,8 @@ pub async fn sync_config_endpoints(
             signature = excluded.signature, source = 'config', deleted_at = NULL,
             updated_at = now()",
     );
-    let has_secret = schema.sql(
-        "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.endpoint_secrets
-                        WHERE endpoint_id = $1 AND secret = $2 AND expires_at IS NULL)",
+    let current_secrets = schema.sql(
+        "SELECT secret FROM __SCHEMA__.endpoint_secrets WHERE endpoint_id = $1 AND expires_at IS NULL",
     );
     let retire_others = schema.sql(
         "UPDATE __SCHEMA__.endpoint_secrets
@@ -56,7 +57,7 @@ pub async fn sync_config_endpoints(
             .map(|(k, v)| {
                 (
                     k.to_ascii_lowercase(),
-                    serde_json::Value::String(v.expose().to_string()),
+                    serde_json::Value::String(vault.seal(v.expose())),
                 )
             })
             .collect();
@@ -80,15 +81,21 @@ pub async fn sync_config_endpoints(
         )
         .await
         .with_context(|| format!("upserting endpoint {}", e.id))?;
-        let present: bool = tx
-            .query_one(&has_secret, &[&e.id, &e.secret.expose()])
-            .await?
-            .get(0);
+        // Sealed values carry a random nonce, so compare after opening them.
+        let mut present = false;
+        for row in tx.query(&current_secrets, &[&e.id]).await? {
+            let stored: String = row.get(0);
+            let opened = vault
+                .open(&stored)
+                .with_context(|| format!("reading endpoint {}'s secret", e.id))?;
+            present |=
+                crate::signing::constant_time_eq(opened.as_bytes(), e.secret.expose().as_bytes());
+        }
         if !present {
             // A changed secret: the previous ones keep signing during the grace.
             tx.execute(&retire_others, &[&e.id, &CONFIG_SECRET_GRACE.as_secs_f64()])
                 .await?;
-            tx.execute(&add_secret, &[&e.id, &e.secret.expose()])
+            tx.execute(&add_secret, &[&e.id, &vault.seal(e.secret.expose())])
                 .await?;
         }
     }

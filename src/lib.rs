@@ -1,8 +1,10 @@
 //! Postern: reliable webhooks in both directions, with the application's own Postgres as the only
 //! infrastructure. The modules follow the data flow.
 
+pub mod api; // management REST API, probes, metrics endpoint
 pub mod app; // the process: startup, the task tree, graceful shutdown
 pub mod config; // figment layers validated into typed values; secrets resolved and redacted
+pub mod crypto; // secrets at rest (ChaCha20-Poly1305)
 pub mod db; // pool, embedded migrations, the notify trigger
 pub mod delivery; // claim under a lease, sign, POST, settle; retry policy; SSRF guard
 pub mod demo; // `postern demo`: a self-contained first run

@@ -82,6 +82,9 @@ fn check_config(arg: ConfigArg) -> ExitCode {
     let Some(config) = load(&arg) else {
         return ExitCode::from(2);
     };
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
     print!("{}", config.to_redacted_toml());
     ExitCode::SUCCESS
 }
@@ -94,7 +97,8 @@ async fn run(arg: ConfigArg) -> ExitCode {
     let grace = config.shutdown_grace.0;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    let inbound = match postern::inbound::spawn(&config, shutdown.clone()) {
+    let metrics = std::sync::Arc::new(postern::telemetry::Metrics::new());
+    let inbound = match postern::inbound::spawn(&config, shutdown.clone(), metrics.clone()) {
         Ok(thread) => thread,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "cannot start the inbound proxy");
@@ -103,7 +107,7 @@ async fn run(arg: ConfigArg) -> ExitCode {
     };
     let token = shutdown.clone();
     let mut sidecar = tokio::spawn(async move {
-        let result = postern::app::run(config, token.clone()).await;
+        let result = postern::app::run(config, token.clone(), metrics).await;
         // Whatever ended the pipeline ends the proxy too, then waits for it to drain.
         token.cancel();
         if let Some(thread) = inbound {

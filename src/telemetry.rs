@@ -25,3 +25,141 @@ pub fn init(config: &LogConfig) {
             .try_init(),
     };
 }
+
+/// Every metric name Postern exposes, in one place. Counters get `_total` appended by the
+/// exposition format. Labels stay low-cardinality: never URLs, tenants or ids.
+pub mod names {
+    pub const DELIVERIES: &str = "postern_deliveries";
+    pub const ATTEMPT_DURATION: &str = "postern_attempt_duration_seconds";
+    pub const DELIVERIES_DUE: &str = "postern_deliveries_due";
+    pub const OLDEST_DUE: &str = "postern_oldest_due_seconds";
+    pub const DISPATCH_LAG: &str = "postern_outbox_dispatch_lag_seconds";
+    pub const ENDPOINTS_INACTIVE: &str = "postern_endpoints_inactive";
+    pub const INBOUND_REQUESTS: &str = "postern_inbound_requests";
+    pub const INBOUND_DURATION: &str = "postern_inbound_duration_seconds";
+    pub const DB_POOL_IN_USE: &str = "postern_db_pool_in_use";
+    pub const LISTENER_CONNECTED: &str = "postern_listener_connected";
+}
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// delivered | retry | failed | gone
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InboundLabels {
+    /// The route's configured path (bounded by the config), or "-" when none matched.
+    pub route: String,
+    /// forwarded | refused | upstream_error
+    pub outcome: &'static str,
+}
+
+/// The process's metrics; one instance, shared by reference.
+pub struct Metrics {
+    registry: Registry,
+    pub deliveries: Family<OutcomeLabel, Counter>,
+    pub attempt_duration: Histogram,
+    pub deliveries_due: Gauge,
+    pub oldest_due_seconds: Gauge<f64, AtomicU64>,
+    pub dispatch_lag: Histogram,
+    pub endpoints_inactive: Gauge,
+    pub inbound_requests: Family<InboundLabels, Counter>,
+    pub inbound_duration: Histogram,
+    pub db_pool_in_use: Gauge,
+    pub listener_connected: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let m = Self {
+            deliveries: Family::default(),
+            attempt_duration: latency(),
+            deliveries_due: Gauge::default(),
+            oldest_due_seconds: Gauge::default(),
+            dispatch_lag: latency(),
+            endpoints_inactive: Gauge::default(),
+            inbound_requests: Family::default(),
+            inbound_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            db_pool_in_use: Gauge::default(),
+            listener_connected: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            names::DELIVERIES,
+            "Delivery attempts by outcome",
+            m.deliveries.clone(),
+        );
+        registry.register(
+            names::ATTEMPT_DURATION,
+            "Duration of delivery attempts",
+            m.attempt_duration.clone(),
+        );
+        registry.register(
+            names::DELIVERIES_DUE,
+            "Deliveries due now and not yet claimed",
+            m.deliveries_due.clone(),
+        );
+        registry.register(
+            names::OLDEST_DUE,
+            "Age of the oldest due delivery",
+            m.oldest_due_seconds.clone(),
+        );
+        registry.register(
+            names::DISPATCH_LAG,
+            "Time from outbox insert to fan-out",
+            m.dispatch_lag.clone(),
+        );
+        registry.register(
+            names::ENDPOINTS_INACTIVE,
+            "Endpoints that are inactive",
+            m.endpoints_inactive.clone(),
+        );
+        registry.register(
+            names::INBOUND_REQUESTS,
+            "Inbound webhook requests by route and outcome",
+            m.inbound_requests.clone(),
+        );
+        registry.register(
+            names::INBOUND_DURATION,
+            "Time to decide and answer inbound requests",
+            m.inbound_duration.clone(),
+        );
+        registry.register(
+            names::DB_POOL_IN_USE,
+            "Pool connections in use",
+            m.db_pool_in_use.clone(),
+        );
+        registry.register(
+            names::LISTENER_CONNECTED,
+            "1 when the LISTEN connection is up",
+            m.listener_connected.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

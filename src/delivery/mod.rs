@@ -22,7 +22,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::config::{Config, RetryConfig, SignatureScheme};
+use crate::crypto::SecretBox;
 use crate::signing;
+use crate::telemetry::{Metrics, OutcomeLabel};
 use client::{SendError, WebhookClient};
 use retry::RetryPolicy;
 use store::{Ack, AttemptRecord, Claimed, DeliveryStore, Settle};
@@ -64,6 +66,8 @@ pub struct Worker {
     store: Arc<DeliveryStore>,
     client: WebhookClient,
     settings: WorkerSettings,
+    secrets: SecretBox,
+    metrics: Arc<Metrics>,
     owner: Uuid,
     /// Rung by the dispatcher (new deliveries) and by finished attempts (free slots).
     wake: Arc<Notify>,
@@ -117,6 +121,8 @@ impl Worker {
         store: Arc<DeliveryStore>,
         client: WebhookClient,
         settings: WorkerSettings,
+        secrets: SecretBox,
+        metrics: Arc<Metrics>,
         owner: Uuid,
         wake: Arc<Notify>,
     ) -> Self {
@@ -124,6 +130,8 @@ impl Worker {
             store,
             client,
             settings,
+            secrets,
+            metrics,
             owner,
             wake,
         }
@@ -141,6 +149,8 @@ impl Worker {
         let context = Arc::new(AttemptContext {
             client: self.client.clone(),
             settings: self.settings.clone(),
+            secrets: self.secrets.clone(),
+            metrics: self.metrics.clone(),
         });
 
         let mut claim_failures = 0u32;
@@ -278,13 +288,29 @@ async fn settle_loop(
 struct AttemptContext {
     client: WebhookClient,
     settings: WorkerSettings,
+    secrets: SecretBox,
+    metrics: Arc<Metrics>,
 }
 
 impl AttemptContext {
     /// Makes one attempt and decides how it settles. Never fails: every path returns an `Ack`.
     async fn attempt(&self, d: Claimed) -> Ack {
         let span = tracing::info_span!("attempt", delivery.id = %d.id, endpoint.id = %d.endpoint_id, attempt = d.attempt);
-        self.attempt_in_span(d).instrument(span).await
+        let ack = self.attempt_in_span(d).instrument(span).await;
+        let outcome = match ack.settle {
+            Settle::Delivered => "delivered",
+            Settle::Retry { .. } => "retry",
+            Settle::Failed => "failed",
+            Settle::EndpointGone => "gone",
+        };
+        self.metrics
+            .deliveries
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+        self.metrics
+            .attempt_duration
+            .observe(f64::from(ack.record.duration_ms.max(0)) / 1000.0);
+        ack
     }
 
     async fn attempt_in_span(&self, d: Claimed) -> Ack {
@@ -331,7 +357,7 @@ impl AttemptContext {
                 )
             }
         };
-        let headers = match build_headers(&d, &body) {
+        let headers = match build_headers(&d, &body, &self.secrets) {
             Ok(h) => h,
             Err(e) => return finish(Settle::Failed, None, None, Some(e)),
         };
@@ -423,14 +449,24 @@ pub fn envelope(d: &Claimed) -> Bytes {
 
 /// Content type, the endpoint's custom headers, then the signature headers (last, so a custom
 /// header can never replace them).
-fn build_headers(d: &Claimed, body: &[u8]) -> Result<HeaderMap, String> {
+fn build_headers(d: &Claimed, body: &[u8], vault: &SecretBox) -> Result<HeaderMap, String> {
     let mut h = HeaderMap::new();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(custom) = d.headers.as_object() {
         for (name, value) in custom {
+            let opened = value.as_str().map(|v| {
+                vault
+                    .open(v)
+                    .map_err(|e| format!("custom header {name:?}: {e}"))
+            });
+            let value = match opened {
+                Some(Ok(v)) => Some(v),
+                Some(Err(e)) => return Err(e),
+                None => None,
+            };
             let (Ok(name), Some(Ok(value))) = (
                 HeaderName::from_bytes(name.as_bytes()),
-                value.as_str().map(HeaderValue::from_str),
+                value.as_deref().map(HeaderValue::from_str),
             ) else {
                 return Err(format!("custom header {name:?} is not a valid header"));
             };
@@ -451,11 +487,16 @@ fn build_headers(d: &Claimed, body: &[u8]) -> Result<HeaderMap, String> {
     }
     let now = Utc::now().timestamp();
     let scheme: SignatureScheme = d.signature.parse().map_err(|e: String| e)?;
+    let secrets: Vec<String> = d
+        .secrets
+        .iter()
+        .map(|s| vault.open(s))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
     let ts = HeaderValue::from(now);
     match scheme {
         SignatureScheme::Standard => {
-            let keys: Vec<Vec<u8>> = d
-                .secrets
+            let keys: Vec<Vec<u8>> = secrets
                 .iter()
                 .filter_map(|s| signing::standard_key(s).ok())
                 .collect();
@@ -475,8 +516,7 @@ fn build_headers(d: &Claimed, body: &[u8]) -> Result<HeaderMap, String> {
             );
         }
         SignatureScheme::Legacy => {
-            let secret = d
-                .secrets
+            let secret = secrets
                 .first()
                 .ok_or("endpoint has no unexpired secret to sign with")?;
             let sig = signing::legacy_signature(secret, now, body);

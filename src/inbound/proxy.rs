@@ -17,6 +17,7 @@ use pingora::{Error, ErrorType};
 
 use super::providers::{Incoming, VerifyError};
 use super::{Inbound, Route};
+use crate::telemetry::{InboundLabels, Metrics};
 
 /// Headers that describe one hop, not the message: never forwarded either way.
 const HOP_BY_HOP: &[&str] = &[
@@ -73,13 +74,15 @@ pub struct Decision {
 pub struct VerifyingProxy {
     inbound: Arc<Inbound>,
     connector: Connector,
+    metrics: Arc<Metrics>,
 }
 
 impl VerifyingProxy {
-    pub fn new(inbound: Arc<Inbound>) -> Self {
+    pub fn new(inbound: Arc<Inbound>, metrics: Arc<Metrics>) -> Self {
         Self {
             inbound,
             connector: Connector::new(None),
+            metrics,
         }
     }
 
@@ -433,13 +436,22 @@ impl ProxyHttp for VerifyingProxy {
                 respond(session, &refusal, body_unread).await?;
             }
         }
+        let elapsed = started.elapsed();
+        self.metrics
+            .inbound_requests
+            .get_or_create(&InboundLabels {
+                route: decision.route.clone().unwrap_or_else(|| "-".into()),
+                outcome: decision.outcome,
+            })
+            .inc();
+        self.metrics.inbound_duration.observe(elapsed.as_secs_f64());
         tracing::info!(
             route = decision.route.as_deref().unwrap_or("-"),
             provider = decision.provider.as_deref().unwrap_or("-"),
             outcome = decision.outcome,
             error = decision.error.unwrap_or("-"),
             status = decision.status,
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
             "inbound request"
         );
         Ok(true)

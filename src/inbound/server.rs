@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::proxy::VerifyingProxy;
 use super::Inbound;
 use crate::config::Config;
+use crate::telemetry::Metrics;
 
 /// Turns Postern's cancellation into pingora's graceful terminate.
 struct TokenSignal(CancellationToken);
@@ -33,6 +34,7 @@ impl ShutdownSignalWatch for TokenSignal {
 pub fn spawn(
     config: &Config,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
     let Some(section) = &config.inbound else {
         return Ok(None);
@@ -55,7 +57,7 @@ pub fn spawn(
     let mut server = Server::new_with_opt_and_conf(None, conf);
     let mut service = http_proxy_service_with_name(
         &server.configuration,
-        VerifyingProxy::new(inbound.clone()),
+        VerifyingProxy::new(inbound.clone(), metrics),
         "postern inbound",
     );
     service.add_tcp(&section.listen);

@@ -34,12 +34,12 @@ impl Target {
 }
 
 /// What one dispatcher pass did.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Dispatched {
     pub events: usize,
     pub deliveries: usize,
-    /// Seconds from the oldest event's insert to its dispatch (for the lag metric).
-    pub max_lag_secs: f64,
+    /// Seconds from each event's insert to its dispatch (for the lag metric).
+    pub lags: Vec<f64>,
 }
 
 pub struct Dispatcher {
@@ -100,14 +100,14 @@ impl Dispatcher {
         let mut outbox_ids = Vec::with_capacity(rows.len());
         let (mut d_outbox, mut d_event, mut d_type, mut d_endpoint, mut d_status) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut max_lag: f64 = 0.0;
+        let mut lags = Vec::with_capacity(rows.len());
         for r in &rows {
             let id: i64 = r.get(0);
             let event_id: Uuid = r.get(1);
             let event_type: String = r.get(2);
             let tenant: Option<String> = r.get(3);
             let target: Option<String> = r.get(4);
-            max_lag = max_lag.max(r.get::<_, f64>(5));
+            lags.push(r.get::<_, f64>(5));
             outbox_ids.push(id);
             for t in &targets {
                 if t.wants(&event_type, tenant.as_deref(), target.as_deref()) {
@@ -135,7 +135,7 @@ impl Dispatcher {
         Ok(Dispatched {
             events: rows.len(),
             deliveries: d_outbox.len(),
-            max_lag_secs: max_lag,
+            lags,
         })
     }
 

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
+use crate::telemetry::Metrics;
 use dispatcher::Dispatcher;
 
 /// Shared between the listener, the dispatcher and the worker of one replica.
@@ -35,17 +36,19 @@ pub async fn listen(
     url: String,
     channel: String,
     signals: Arc<Signals>,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(100);
     while !cancel.is_cancelled() {
-        match listen_once(&url, &channel, &signals, &cancel).await {
+        match listen_once(&url, &channel, &signals, &metrics, &cancel).await {
             Ok(()) => delay = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "outbox listener disconnected");
             }
         }
         signals.listener_connected.store(false, Ordering::Relaxed);
+        metrics.listener_connected.set(0);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
@@ -59,6 +62,7 @@ async fn listen_once(
     url: &str,
     channel: &str,
     signals: &Signals,
+    metrics: &Metrics,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut config: tokio_postgres::Config = url.parse()?;
@@ -88,6 +92,7 @@ async fn listen_once(
     let result = async {
         client.batch_execute(&format!("LISTEN {channel}")).await?;
         signals.listener_connected.store(true, Ordering::Relaxed);
+        metrics.listener_connected.set(1);
         tracing::info!(channel, "listening for outbox notifications");
         // Notifications sent while we were away are lost: scan once now.
         signals.outbox_changed.notify_one();
@@ -114,6 +119,7 @@ async fn listen_once(
 pub async fn dispatch_loop(
     dispatcher: Dispatcher,
     signals: Arc<Signals>,
+    metrics: Arc<Metrics>,
     poll_interval: Duration,
     throttle: Duration,
     cancel: CancellationToken,
@@ -139,11 +145,15 @@ pub async fn dispatch_loop(
                     if done.deliveries > 0 {
                         signals.deliveries_ready.notify_one();
                     }
+                    for lag in &done.lags {
+                        metrics.dispatch_lag.observe(*lag);
+                    }
                     if done.events > 0 {
+                        let max_lag = done.lags.iter().copied().fold(0.0, f64::max);
                         tracing::debug!(
                             events = done.events,
                             deliveries = done.deliveries,
-                            lag_s = done.max_lag_secs,
+                            max_lag_s = max_lag,
                             "dispatched"
                         );
                     }

@@ -1,0 +1,460 @@
+//! Deliveries: lists, one delivery with its attempts, retry, replay, stats.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::endpoints::{decode_cursor, encode_cursor, page_limit};
+use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::ApiState;
+
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_deliveries))
+        .routes(routes!(get_delivery))
+        .routes(routes!(retry_delivery))
+        .routes(routes!(replay))
+        .routes(routes!(stats))
+}
+
+const STATUSES: &[&str] = &[
+    "pending",
+    "delivering",
+    "delivered",
+    "failed",
+    "paused",
+    "cancelled",
+];
+
+#[derive(Serialize, ToSchema)]
+pub struct Delivery {
+    id: uuid::Uuid,
+    event_id: uuid::Uuid,
+    event_type: String,
+    endpoint_id: String,
+    /// pending | delivering | delivered | failed | paused | cancelled
+    status: String,
+    /// How many attempts were made.
+    attempts: i32,
+    /// When the next attempt is due (pending deliveries only).
+    next_attempt_at: Option<DateTime<Utc>>,
+    last_status_code: Option<i32>,
+    last_error: Option<String>,
+    created_at: DateTime<Utc>,
+    delivered_at: Option<DateTime<Utc>>,
+}
+
+const COLUMNS: &str =
+    "id, event_id, event_type, endpoint_id, status, attempts, next_attempt_at, last_status_code,
+                       last_error, created_at, delivered_at";
+
+fn from_row(r: &tokio_postgres::Row) -> Delivery {
+    let status: String = r.get(4);
+    Delivery {
+        id: r.get(0),
+        event_id: r.get(1),
+        event_type: r.get(2),
+        endpoint_id: r.get(3),
+        next_attempt_at: if status == "pending" { r.get(6) } else { None },
+        status,
+        attempts: r.get(5),
+        last_status_code: r.get(7),
+        last_error: r.get(8),
+        created_at: r.get(9),
+        delivered_at: r.get(10),
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+struct Attempt {
+    attempt: i32,
+    started_at: DateTime<Utc>,
+    duration_ms: i32,
+    status_code: Option<i32>,
+    /// The first 4 KiB of the response body.
+    response_body: Option<String>,
+    error: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct DeliveryWithAttempts {
+    #[serde(flatten)]
+    delivery: Delivery,
+    attempt_log: Vec<Attempt>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct DeliveryList {
+    deliveries: Vec<Delivery>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListDeliveries {
+    status: Option<String>,
+    event_type: Option<String>,
+    /// Created at or after (RFC 3339).
+    since: Option<DateTime<Utc>>,
+    /// Created before (RFC 3339).
+    until: Option<DateTime<Utc>>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+async fn endpoint_exists(
+    state: &ApiState,
+    id: &str,
+    include_deleted: bool,
+) -> Result<bool, ApiError> {
+    let client = state.pool.get().await?;
+    let row = client
+        .query_opt(
+            &state
+                .schema
+                .sql("SELECT deleted_at IS NULL FROM __SCHEMA__.endpoints WHERE id = $1"),
+            &[&id],
+        )
+        .await?;
+    Ok(row.is_some_and(|r| include_deleted || r.get::<_, bool>(0)))
+}
+
+/// An endpoint's deliveries, newest first (a deleted endpoint's too: they stay listed).
+#[utoipa::path(get, path = "/endpoints/{id}/deliveries", tag = "deliveries", params(ListDeliveries),
+    responses((status = 200, body = DeliveryList), (status = 404, body = ErrorBody)))]
+async fn list_deliveries(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ListDeliveries>,
+) -> Result<Json<DeliveryList>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    if let Some(s) = &q.status {
+        if !STATUSES.contains(&s.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "status: must be one of {}",
+                STATUSES.join(", ")
+            )));
+        }
+    }
+    if !endpoint_exists(&state, &id, true).await? {
+        return Err(ApiError::not_found(format!("no endpoint {id}")));
+    }
+    let before = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let (before_at, before_id) = match &before {
+        Some((at, cursor_id)) => {
+            let uuid: uuid::Uuid = cursor_id
+                .parse()
+                .map_err(|_| ApiError::bad_request("cursor: not a cursor this API returned"))?;
+            (Some(*at), Some(uuid))
+        }
+        None => (None, None),
+    };
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            &state.schema.sql(&format!(
+                "SELECT {COLUMNS} FROM __SCHEMA__.deliveries
+                 WHERE endpoint_id = $1
+                   AND ($2::text IS NULL OR status = $2)
+                   AND ($3::text IS NULL OR event_type = $3)
+                   AND ($4::timestamptz IS NULL OR created_at >= $4)
+                   AND ($5::timestamptz IS NULL OR created_at < $5)
+                   AND ($6::timestamptz IS NULL OR (created_at, id) < ($6, $7::uuid))
+                 ORDER BY created_at DESC, id DESC LIMIT $8"
+            )),
+            &[
+                &id,
+                &q.status,
+                &q.event_type,
+                &q.since,
+                &q.until,
+                &before_at,
+                &before_id,
+                &(limit + 1),
+            ],
+        )
+        .await?;
+    let mut deliveries: Vec<Delivery> = rows.iter().map(from_row).collect();
+    let next_cursor = if deliveries.len() as i64 > limit {
+        deliveries.truncate(limit as usize);
+        deliveries
+            .last()
+            .map(|d| encode_cursor(d.created_at, &d.id.to_string()))
+    } else {
+        None
+    };
+    Ok(Json(DeliveryList {
+        deliveries,
+        next_cursor,
+    }))
+}
+
+fn parse_id(id: &str) -> Result<uuid::Uuid, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::not_found(format!("no delivery {id}")))
+}
+
+/// One delivery with every attempt.
+#[utoipa::path(get, path = "/deliveries/{id}", tag = "deliveries",
+    responses((status = 200, body = DeliveryWithAttempts), (status = 404, body = ErrorBody)))]
+async fn get_delivery(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<DeliveryWithAttempts>, ApiError> {
+    let uuid = parse_id(&id)?;
+    let client = state.pool.get().await?;
+    let row = client
+        .query_opt(
+            &state.schema.sql(&format!(
+                "SELECT {COLUMNS} FROM __SCHEMA__.deliveries WHERE id = $1"
+            )),
+            &[&uuid],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no delivery {id}")))?;
+    let attempts = client
+        .query(
+            &state.schema.sql(
+                "SELECT attempt, started_at, duration_ms, status_code, response_body, error
+                 FROM __SCHEMA__.attempts WHERE delivery_id = $1 ORDER BY attempt",
+            ),
+            &[&uuid],
+        )
+        .await?
+        .iter()
+        .map(|r| Attempt {
+            attempt: r.get(0),
+            started_at: r.get(1),
+            duration_ms: r.get(2),
+            status_code: r.get(3),
+            response_body: r.get(4),
+            error: r.get(5),
+        })
+        .collect();
+    Ok(Json(DeliveryWithAttempts {
+        delivery: from_row(&row),
+        attempt_log: attempts,
+    }))
+}
+
+/// Make a `failed` or `cancelled` (or waiting `pending`) delivery due now: one more attempt.
+#[utoipa::path(post, path = "/deliveries/{id}/retry", tag = "deliveries",
+    responses((status = 202, body = Delivery), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn retry_delivery(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<(StatusCode, Json<Delivery>), ApiError> {
+    let uuid = parse_id(&id)?;
+    let client = state.pool.get().await?;
+    let row = client
+        .query_opt(
+            &state.schema.sql(
+                "SELECT d.status, e.deleted_at IS NOT NULL, e.active
+                 FROM __SCHEMA__.deliveries d JOIN __SCHEMA__.endpoints e ON e.id = d.endpoint_id WHERE d.id = $1",
+            ),
+            &[&uuid],
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no delivery {id}")))?;
+    let (status, deleted, active): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    if deleted {
+        return Err(ApiError::conflict(
+            "endpoint_deleted",
+            "the delivery's endpoint was deleted",
+        ));
+    }
+    match status.as_str() {
+        "failed" | "cancelled" | "pending" => {}
+        "delivered" => {
+            return Err(ApiError::conflict(
+                "already_delivered",
+                "the delivery was delivered",
+            ))
+        }
+        "delivering" => return Err(ApiError::conflict("in_flight", "an attempt is in flight")),
+        _ => {
+            return Err(ApiError::conflict(
+                "endpoint_inactive",
+                "the endpoint is inactive; activate it to resume",
+            ))
+        }
+    }
+    let new_status = if active { "pending" } else { "paused" };
+    let row = client
+        .query_opt(
+            &state.schema.sql(&format!(
+                "UPDATE __SCHEMA__.deliveries SET status = $3, next_attempt_at = now(), updated_at = now()
+                 WHERE id = $1 AND status = $2 RETURNING {COLUMNS}"
+            )),
+            &[&uuid, &status, &new_status],
+        )
+        .await?
+        .ok_or_else(|| ApiError::conflict("changed", "the delivery changed meanwhile; look again"))?;
+    tracing::info!(delivery.id = %id, "delivery retried through the API");
+    Ok((StatusCode::ACCEPTED, Json(from_row(&row))))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct Replay {
+    /// Deliveries created at or after this (RFC 3339).
+    since: DateTime<Utc>,
+    /// ...and before this (default: now).
+    until: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Requeued {
+    requeued: u64,
+}
+
+/// Every `failed` delivery of the endpoint created in the window becomes due again.
+#[utoipa::path(post, path = "/endpoints/{id}/replay", tag = "deliveries", request_body = Replay,
+    responses((status = 202, body = Requeued), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn replay(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<Replay>,
+) -> Result<(StatusCode, Json<Requeued>), ApiError> {
+    if body.until.is_some_and(|u| u <= body.since) {
+        return Err(ApiError::invalid(
+            "invalid_window",
+            "until must be after since",
+        ));
+    }
+    if !endpoint_exists(&state, &id, false).await? {
+        return Err(ApiError::not_found(format!("no endpoint {id}")));
+    }
+    let client = state.pool.get().await?;
+    let requeued = client
+        .execute(
+            &state.schema.sql(
+                "UPDATE __SCHEMA__.deliveries d
+                 SET status = CASE WHEN e.active THEN 'pending' ELSE 'paused' END, next_attempt_at = now(), updated_at = now()
+                 FROM __SCHEMA__.endpoints e
+                 WHERE e.id = d.endpoint_id AND d.endpoint_id = $1 AND d.status = 'failed'
+                   AND d.created_at >= $2 AND ($3::timestamptz IS NULL OR d.created_at < $3)",
+            ),
+            &[&id, &body.since, &body.until],
+        )
+        .await?;
+    tracing::info!(endpoint.id = %id, requeued, "failed deliveries replayed");
+    Ok((StatusCode::ACCEPTED, Json(Requeued { requeued })))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    /// Start of the window (RFC 3339); default 24 hours ago.
+    since: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Latency {
+    mean: f64,
+    p50: f64,
+    p95: f64,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Stats {
+    /// Deliveries created in the window.
+    total: i64,
+    delivered: i64,
+    failed: i64,
+    /// Not finished yet: pending, delivering or paused.
+    pending: i64,
+    /// delivered / total, in percent (0 when total is 0).
+    success_rate: f64,
+    /// Over the attempts started in the window; nearest-rank percentiles.
+    latency_ms: Latency,
+}
+
+/// Counts, success rate and attempt latency over a window.
+#[utoipa::path(get, path = "/endpoints/{id}/stats", tag = "deliveries", params(StatsQuery),
+    responses((status = 200, body = Stats), (status = 404, body = ErrorBody)))]
+async fn stats(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<StatsQuery>,
+) -> Result<Json<Stats>, ApiError> {
+    if !endpoint_exists(&state, &id, true).await? {
+        return Err(ApiError::not_found(format!("no endpoint {id}")));
+    }
+    let since = q
+        .since
+        .unwrap_or_else(|| Utc::now() - chrono::Duration::hours(24));
+    let client = state.pool.get().await?;
+    let counts = client
+        .query_one(
+            &state.schema.sql(
+                "SELECT count(*),
+                        count(*) FILTER (WHERE status = 'delivered'),
+                        count(*) FILTER (WHERE status = 'failed'),
+                        count(*) FILTER (WHERE status IN ('pending', 'delivering', 'paused'))
+                 FROM __SCHEMA__.deliveries WHERE endpoint_id = $1 AND created_at >= $2",
+            ),
+            &[&id, &since],
+        )
+        .await?;
+    let mut durations: Vec<i32> = client
+        .query(
+            &state.schema.sql(
+                "SELECT a.duration_ms FROM __SCHEMA__.attempts a JOIN __SCHEMA__.deliveries d ON d.id = a.delivery_id
+                 WHERE d.endpoint_id = $1 AND a.started_at >= $2",
+            ),
+            &[&id, &since],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    durations.sort_unstable();
+    let (total, delivered): (i64, i64) = (counts.get(0), counts.get(1));
+    Ok(Json(Stats {
+        total,
+        delivered,
+        failed: counts.get(2),
+        pending: counts.get(3),
+        success_rate: if total > 0 {
+            delivered as f64 * 100.0 / total as f64
+        } else {
+            0.0
+        },
+        latency_ms: Latency {
+            mean: if durations.is_empty() {
+                0.0
+            } else {
+                durations.iter().map(|&d| f64::from(d)).sum::<f64>() / durations.len() as f64
+            },
+            p50: nearest_rank(&durations, 50.0),
+            p95: nearest_rank(&durations, 95.0),
+        },
+    }))
+}
+
+/// The nearest-rank percentile of sorted values (0 for none).
+fn nearest_rank(sorted: &[i32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    f64::from(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<i32> = (1..=20).collect();
+        assert_eq!(super::nearest_rank(&v, 50.0), 10.0);
+        assert_eq!(super::nearest_rank(&v, 95.0), 19.0);
+        assert_eq!(super::nearest_rank(&[7], 95.0), 7.0);
+        assert_eq!(super::nearest_rank(&[], 50.0), 0.0);
+    }
+}

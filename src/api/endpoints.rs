@@ -1,0 +1,560 @@
+//! `/endpoints`: create, list, read, change, delete, rotate the secret, send a test event.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::ApiState;
+use crate::config::{
+    validate_custom_header, validate_endpoint_url, Dur, RetryConfig, SignatureScheme, REDACTED,
+};
+use crate::outbox::glob::EventPattern;
+
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_endpoint, list_endpoints))
+        .routes(routes!(get_endpoint, patch_endpoint, delete_endpoint))
+        .routes(routes!(rotate_secret))
+}
+
+/// An endpoint as the API shows it. `secret` appears only in the create and rotate responses;
+/// header values are never shown (they often carry credentials).
+#[derive(Serialize, ToSchema)]
+pub struct Endpoint {
+    pub id: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub tenant: Option<String>,
+    pub description: Option<String>,
+    /// Header names, each value shown as `<redacted>`.
+    pub headers: BTreeMap<String, String>,
+    /// The endpoint's own retry policy, when it has one.
+    #[schema(value_type = Option<Object>)]
+    pub retry: Option<serde_json::Value>,
+    pub active: bool,
+    pub disabled_reason: Option<String>,
+    /// `standard` or `legacy`.
+    pub signature: String,
+    /// `config` or `api`.
+    pub source: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+const COLUMNS: &str =
+    "id, url, events, tenant, description, headers, retry, active, disabled_reason, signature, source, created_at, updated_at";
+
+fn from_row(r: &tokio_postgres::Row) -> Endpoint {
+    let headers: serde_json::Value = r.get(5);
+    Endpoint {
+        id: r.get(0),
+        url: r.get(1),
+        events: r.get(2),
+        tenant: r.get(3),
+        description: r.get(4),
+        headers: headers
+            .as_object()
+            .map(|m| {
+                m.keys()
+                    .map(|k| (k.clone(), REDACTED.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        retry: r.get(6),
+        active: r.get(7),
+        disabled_reason: r.get(8),
+        signature: r.get(9),
+        source: r.get(10),
+        created_at: r.get(11),
+        updated_at: r.get(12),
+        secret: None,
+    }
+}
+
+/// A field that may be absent (leave it), `null` (clear it) or a value (set it).
+fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEndpoint {
+    /// http(s) URL the deliveries are POSTed to; must be allowed by the SSRF policy.
+    url: String,
+    /// Event types or patterns: `*` is one segment, a trailing `*` one or more.
+    events: Vec<String>,
+    /// `T`: tenant T's events only; absent: events without a tenant; `*`: all.
+    tenant: Option<String>,
+    description: Option<String>,
+    /// Extra headers sent with every delivery (stored encrypted when a key is set).
+    headers: Option<BTreeMap<String, String>>,
+    /// `{"schedule": ["5s", "1m"], "jitter": 0.2}` or `{"max_attempts": 6, "initial_delay": "1s", ...}`.
+    #[schema(value_type = Option<Object>)]
+    retry: Option<RetryConfig>,
+    active: Option<bool>,
+    #[schema(value_type = Option<String>)]
+    signature: Option<SignatureScheme>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchEndpoint {
+    url: Option<String>,
+    events: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    tenant: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    description: Option<Option<String>>,
+    headers: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<Object>)]
+    retry: Option<Option<RetryConfig>>,
+    /// false pauses the endpoint's deliveries; true resumes them.
+    active: Option<bool>,
+    #[schema(value_type = Option<String>)]
+    signature: Option<SignatureScheme>,
+}
+
+fn check_url(state: &ApiState, url: &str) -> Result<(), ApiError> {
+    let parsed = validate_endpoint_url(url)
+        .map_err(|m| ApiError::invalid("invalid_url", format!("url: {m}")))?;
+    // The connect-time guard is the authority; refusing the obvious cases here gives the caller
+    // an answer now instead of a failed delivery later.
+    let blocked = match parsed.host_str() {
+        Some("localhost") => state
+            .guard
+            .check("127.0.0.1".parse().expect("literal"))
+            .err(),
+        _ => state.guard.check_url(&parsed).err(),
+    };
+    match blocked {
+        Some(b) => Err(ApiError::invalid("url_not_allowed", format!("url: {b}"))),
+        None => Ok(()),
+    }
+}
+
+fn check_events(events: &[String]) -> Result<(), ApiError> {
+    if events.is_empty() {
+        return Err(ApiError::invalid(
+            "invalid_events",
+            "events: must list at least one event type or pattern",
+        ));
+    }
+    for (i, e) in events.iter().enumerate() {
+        EventPattern::parse(e)
+            .map_err(|m| ApiError::invalid("invalid_events", format!("events[{i}]: {m}")))?;
+    }
+    Ok(())
+}
+
+fn check_tenant(tenant: Option<&str>) -> Result<(), ApiError> {
+    match tenant {
+        Some(t)
+            if t != "*"
+                && (t.is_empty()
+                    || t.len() > 128
+                    || !t
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))) =>
+        {
+            Err(ApiError::invalid(
+                "invalid_tenant",
+                "tenant: must be \"*\" or 1-128 characters of a-z, A-Z, 0-9, _ - . :",
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_headers(
+    state: &ApiState,
+    headers: &BTreeMap<String, String>,
+) -> Result<serde_json::Value, ApiError> {
+    let mut sealed = serde_json::Map::new();
+    for (name, value) in headers {
+        validate_custom_header(name)
+            .map_err(|m| ApiError::invalid("invalid_headers", format!("headers.{name}: {m}")))?;
+        if http::HeaderValue::from_str(value).is_err() {
+            return Err(ApiError::invalid(
+                "invalid_headers",
+                format!("headers.{name}: not a valid header value"),
+            ));
+        }
+        sealed.insert(
+            name.to_ascii_lowercase(),
+            serde_json::Value::String(state.vault.seal(value)),
+        );
+    }
+    Ok(serde_json::Value::Object(sealed))
+}
+
+fn check_retry(retry: Option<&RetryConfig>) -> Result<Option<serde_json::Value>, ApiError> {
+    let Some(r) = retry else { return Ok(None) };
+    r.policy().map_err(|errs| {
+        ApiError::invalid(
+            "invalid_retry",
+            errs.iter()
+                .map(|e| format!("retry.{e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    Ok(Some(
+        serde_json::to_value(r).expect("retry config serializes"),
+    ))
+}
+
+async fn load(state: &ApiState, id: &str) -> Result<Endpoint, ApiError> {
+    let client = state.pool.get().await?;
+    let row = client
+        .query_opt(
+            &state.schema.sql(&format!(
+                "SELECT {COLUMNS} FROM __SCHEMA__.endpoints WHERE id = $1 AND deleted_at IS NULL"
+            )),
+            &[&id],
+        )
+        .await?;
+    row.as_ref()
+        .map(from_row)
+        .ok_or_else(|| ApiError::not_found(format!("no endpoint {id}")))
+}
+
+/// Create an endpoint; the response carries its generated secret, the only time it is shown.
+#[utoipa::path(post, path = "/endpoints", tag = "endpoints", request_body = CreateEndpoint,
+    responses((status = 201, body = Endpoint), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_endpoint(
+    State(state): State<ApiState>,
+    ApiJson(body): ApiJson<CreateEndpoint>,
+) -> Result<(StatusCode, Json<Endpoint>), ApiError> {
+    check_url(&state, &body.url)?;
+    check_events(&body.events)?;
+    check_tenant(body.tenant.as_deref())?;
+    let headers = check_headers(&state, &body.headers.unwrap_or_default())?;
+    let retry = check_retry(body.retry.as_ref())?;
+    let id = format!("ep_{}", uuid::Uuid::new_v4().simple());
+    let secret = crate::signing::generate_secret();
+    let signature = body.signature.unwrap_or_default();
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_one(
+            &state.schema.sql(&format!(
+                "INSERT INTO __SCHEMA__.endpoints (id, url, events, tenant, description, headers, retry, signature, active, source)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'api') RETURNING {COLUMNS}"
+            )),
+            &[
+                &id,
+                &body.url,
+                &body.events,
+                &body.tenant,
+                &body.description,
+                &headers,
+                &retry,
+                &signature.as_str(),
+                &body.active.unwrap_or(true),
+            ],
+        )
+        .await?;
+    tx.execute(
+        &state
+            .schema
+            .sql("INSERT INTO __SCHEMA__.endpoint_secrets (endpoint_id, secret) VALUES ($1, $2)"),
+        &[&id, &state.vault.seal(&secret)],
+    )
+    .await?;
+    tx.commit().await?;
+    let mut endpoint = from_row(&row);
+    endpoint.secret = Some(secret);
+    tracing::info!(endpoint.id = %id, "endpoint created");
+    Ok((StatusCode::CREATED, Json(endpoint)))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+struct ListEndpoints {
+    tenant: Option<String>,
+    active: Option<bool>,
+    /// 1 to 250, default 50.
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct EndpointList {
+    endpoints: Vec<Endpoint>,
+    next_cursor: Option<String>,
+}
+
+pub(super) fn encode_cursor(at: DateTime<Utc>, id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}:{id}", at.timestamp_micros()))
+}
+
+pub(super) fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, String), ApiError> {
+    let bad = || ApiError::bad_request("cursor: not a cursor this API returned");
+    let text =
+        String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?).map_err(|_| bad())?;
+    let (micros, id) = text.split_once(':').ok_or_else(bad)?;
+    let at = DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+    Ok((at, id.to_string()))
+}
+
+pub(super) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit.unwrap_or(50) {
+        n @ 1..=250 => Ok(n),
+        _ => Err(ApiError::bad_request("limit: must be 1 to 250")),
+    }
+}
+
+/// List endpoints, oldest first, with keyset pagination (stable under concurrent inserts).
+#[utoipa::path(get, path = "/endpoints", tag = "endpoints", params(ListEndpoints),
+    responses((status = 200, body = EndpointList), (status = 400, body = ErrorBody)))]
+async fn list_endpoints(
+    State(state): State<ApiState>,
+    ApiQuery(q): ApiQuery<ListEndpoints>,
+) -> Result<Json<EndpointList>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let (after_at, after_id) = match &after {
+        Some((at, id)) => (Some(*at), Some(id.as_str())),
+        None => (None, None),
+    };
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            &state.schema.sql(&format!(
+                "SELECT {COLUMNS} FROM __SCHEMA__.endpoints
+                 WHERE deleted_at IS NULL
+                   AND ($1::text IS NULL OR tenant = $1)
+                   AND ($2::bool IS NULL OR active = $2)
+                   AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4::text))
+                 ORDER BY created_at, id LIMIT $5"
+            )),
+            &[&q.tenant, &q.active, &after_at, &after_id, &(limit + 1)],
+        )
+        .await?;
+    let mut endpoints: Vec<Endpoint> = rows.iter().map(from_row).collect();
+    let next_cursor = if endpoints.len() as i64 > limit {
+        endpoints.truncate(limit as usize);
+        endpoints.last().map(|e| encode_cursor(e.created_at, &e.id))
+    } else {
+        None
+    };
+    Ok(Json(EndpointList {
+        endpoints,
+        next_cursor,
+    }))
+}
+
+/// Read one endpoint (never its secret).
+#[utoipa::path(get, path = "/endpoints/{id}", tag = "endpoints",
+    responses((status = 200, body = Endpoint), (status = 404, body = ErrorBody)))]
+async fn get_endpoint(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Endpoint>, ApiError> {
+    load(&state, &id).await.map(Json)
+}
+
+/// Change an endpoint. Endpoints from the config file accept only `active` (runtime state).
+#[utoipa::path(patch, path = "/endpoints/{id}", tag = "endpoints", request_body = PatchEndpoint,
+    responses((status = 200, body = Endpoint), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn patch_endpoint(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<PatchEndpoint>,
+) -> Result<Json<Endpoint>, ApiError> {
+    let current = load(&state, &id).await?;
+    let changes_fields = body.url.is_some()
+        || body.events.is_some()
+        || body.tenant.is_some()
+        || body.description.is_some()
+        || body.headers.is_some()
+        || body.retry.is_some()
+        || body.signature.is_some();
+    if current.source == "config" && changes_fields {
+        return Err(ApiError::conflict(
+            "config_managed",
+            format!("endpoint {id} is defined in the config file; only `active` can change here"),
+        ));
+    }
+    if let Some(url) = &body.url {
+        check_url(&state, url)?;
+    }
+    if let Some(events) = &body.events {
+        check_events(events)?;
+    }
+    if let Some(tenant) = &body.tenant {
+        check_tenant(tenant.as_deref())?;
+    }
+    let headers = body
+        .headers
+        .as_ref()
+        .map(|h| check_headers(&state, h))
+        .transpose()?;
+    let retry = match &body.retry {
+        Some(r) => Some(check_retry(r.as_ref())?),
+        None => None,
+    };
+    if changes_fields {
+        let client = state.pool.get().await?;
+        client
+            .execute(
+                &state.schema.sql(
+                    "UPDATE __SCHEMA__.endpoints SET
+                        url = COALESCE($2, url),
+                        events = COALESCE($3, events),
+                        tenant = CASE WHEN $4 THEN $5 ELSE tenant END,
+                        description = CASE WHEN $6 THEN $7 ELSE description END,
+                        headers = COALESCE($8, headers),
+                        retry = CASE WHEN $9 THEN $10 ELSE retry END,
+                        signature = COALESCE($11, signature),
+                        updated_at = now()
+                     WHERE id = $1 AND deleted_at IS NULL",
+                ),
+                &[
+                    &id,
+                    &body.url,
+                    &body.events,
+                    &body.tenant.is_some(),
+                    &body.tenant.clone().flatten(),
+                    &body.description.is_some(),
+                    &body.description.clone().flatten(),
+                    &headers,
+                    &retry.is_some(),
+                    &retry.clone().flatten(),
+                    &body.signature.map(|s| s.as_str()),
+                ],
+            )
+            .await?;
+    }
+    if let Some(active) = body.active {
+        if active != current.active {
+            crate::endpoints::set_active(
+                &state.pool,
+                &state.schema,
+                &id,
+                active,
+                Some("paused through the API"),
+            )
+            .await?;
+        }
+    }
+    load(&state, &id).await.map(Json)
+}
+
+/// Delete an endpoint (soft): its unfinished deliveries become `cancelled`, still listed.
+#[utoipa::path(delete, path = "/endpoints/{id}", tag = "endpoints",
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_endpoint(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let current = load(&state, &id).await?;
+    if current.source == "config" {
+        return Err(ApiError::conflict(
+            "config_managed",
+            format!("endpoint {id} is defined in the config file; remove it there"),
+        ));
+    }
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        &state
+            .schema
+            .sql("UPDATE __SCHEMA__.endpoints SET deleted_at = now(), updated_at = now() WHERE id = $1 AND deleted_at IS NULL"),
+        &[&id],
+    )
+    .await?;
+    let cancelled =
+        crate::endpoints::cancel_unfinished(&tx, &state.schema, std::slice::from_ref(&id)).await?;
+    tx.commit().await?;
+    tracing::info!(endpoint.id = %id, cancelled, "endpoint deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RotateSecret {
+    /// How long the old secret keeps signing beside the new one (default 24h, at most 30d).
+    #[schema(value_type = Option<String>, example = "24h")]
+    grace: Option<Dur>,
+}
+
+/// A new secret. The old one keeps signing alongside it until the grace ends, so receivers
+/// switch without a gap.
+#[utoipa::path(post, path = "/endpoints/{id}/rotate-secret", tag = "endpoints", request_body(content = Option<RotateSecret>),
+    responses((status = 200, body = Endpoint), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn rotate_secret(
+    State(state): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Endpoint>, ApiError> {
+    let request: RotateSecret = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateSecret { grace: None }
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid("invalid_body", e.to_string()))?
+    };
+    let grace = request
+        .grace
+        .map_or(Duration::from_secs(24 * 3600), |d| d.0);
+    if grace > Duration::from_secs(30 * 86_400) {
+        return Err(ApiError::invalid("invalid_body", "grace: at most 30d"));
+    }
+    let current = load(&state, &id).await?;
+    if current.source == "config" {
+        return Err(ApiError::conflict(
+            "config_managed",
+            format!("endpoint {id} takes its secret from the config file; change it there"),
+        ));
+    }
+    let secret = crate::signing::generate_secret();
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        &state.schema.sql(
+            "UPDATE __SCHEMA__.endpoint_secrets
+             SET expires_at = LEAST(COALESCE(expires_at, 'infinity'), now() + make_interval(secs => $2))
+             WHERE endpoint_id = $1 AND (expires_at IS NULL OR expires_at > now())",
+        ),
+        &[&id, &grace.as_secs_f64()],
+    )
+    .await?;
+    tx.execute(
+        &state
+            .schema
+            .sql("INSERT INTO __SCHEMA__.endpoint_secrets (endpoint_id, secret) VALUES ($1, $2)"),
+        &[&id, &state.vault.seal(&secret)],
+    )
+    .await?;
+    tx.execute(
+        &state
+            .schema
+            .sql("UPDATE __SCHEMA__.endpoints SET updated_at = now() WHERE id = $1"),
+        &[&id],
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(endpoint.id = %id, grace_s = grace.as_secs(), "endpoint secret rotated");
+    let mut endpoint = load(&state, &id).await?;
+    endpoint.secret = Some(secret);
+    Ok(Json(endpoint))
+}

@@ -1,0 +1,133 @@
+//! The management REST API (`/api/v1`, bearer tokens) and the admin listener (probes, metrics).
+//! Invariant: every `/api/*` route is behind a constant-time token check when tokens are set; every
+//! error is `{"error": "<code>", "message": "..."}`, the same shape the inbound proxy uses; the
+//! OpenAPI document is generated from the handlers, so it cannot drift from them.
+
+pub mod admin;
+mod deliveries;
+mod endpoints;
+mod error;
+mod events;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::crypto::SecretBox;
+use crate::db::Schema;
+use crate::delivery::ssrf::Guard;
+pub use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct ApiState {
+    pub pool: Pool,
+    pub schema: Schema,
+    pub vault: SecretBox,
+    pub guard: Arc<Guard>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Postern management API", description = "Endpoints, deliveries, retries, replays and stats."),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The `/api/v1` routes and the OpenAPI document they generate.
+pub fn routes() -> (axum::Router<ApiState>, utoipa::openapi::OpenApi) {
+    let v1 = OpenApiRouter::new()
+        .merge(endpoints::routes())
+        .merge(deliveries::routes())
+        .merge(events::routes());
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest("/api/v1", v1)
+        .split_for_parts()
+}
+
+/// Accepts the request when no tokens are configured (loopback only, enforced by the config) or
+/// when `Authorization: Bearer <token>` matches one of them in constant time.
+async fn require_token(
+    State(tokens): State<Arc<Vec<Vec<u8>>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if tokens.is_empty() {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::as_bytes);
+    let Some(presented) = presented else {
+        return ApiError::unauthorized("missing bearer token").into_response();
+    };
+    let mut ok = false;
+    for t in tokens.iter() {
+        ok |= crate::signing::constant_time_eq(t, presented);
+    }
+    if ok {
+        next.run(request).await
+    } else {
+        ApiError::unauthorized("invalid bearer token").into_response()
+    }
+}
+
+/// The complete API router: routes, the OpenAPI document, the token layer, JSON 404s.
+pub fn router(state: ApiState, tokens: Vec<String>) -> axum::Router {
+    let (routes, openapi) = routes();
+    let openapi = Arc::new(openapi);
+    let tokens = Arc::new(
+        tokens
+            .into_iter()
+            .map(String::into_bytes)
+            .collect::<Vec<_>>(),
+    );
+    routes
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || {
+                let doc = openapi.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(axum::middleware::from_fn_with_state(tokens, require_token))
+        .with_state(state)
+}
+
+/// Serves the API until `shutdown`, then finishes in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: CancellationToken,
+) {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "management API server failed");
+    }
+}
