@@ -498,3 +498,72 @@ pub fn verify_independently(secret: &str, r: &Received) -> bool {
     let wh = standardwebhooks::Webhook::new(secret).unwrap();
     wh.verify(&r.body, &r.headers).is_ok()
 }
+
+/// A TCP relay on 127.0.0.1 in front of Postgres that a test can cut and restore, to make the
+/// database unreachable for Postern without touching the shared server.
+pub struct TcpRelay {
+    pub port: u16,
+    enabled: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl TcpRelay {
+    pub async fn start(target: (String, u16)) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let enabled = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (on, held) = (enabled.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !on.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                held.lock().unwrap().push(link);
+            }
+        });
+        Self {
+            port,
+            enabled,
+            links,
+        }
+    }
+
+    /// Refuses new connections and cuts the open ones.
+    pub fn cut(&self) {
+        self.enabled
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.enabled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `url` with its host and port replaced by this relay's.
+    pub fn url_for(&self, url: &str) -> String {
+        let mut u = url::Url::parse(url).unwrap();
+        u.set_host(Some("127.0.0.1")).unwrap();
+        u.set_port(Some(self.port)).unwrap();
+        u.to_string()
+    }
+}
+
+/// Host and port of the test Postgres.
+pub fn pg_target() -> (String, u16) {
+    let u = url::Url::parse(&base_url()).unwrap();
+    (
+        u.host_str().unwrap_or("127.0.0.1").to_string(),
+        u.port().unwrap_or(5432),
+    )
+}

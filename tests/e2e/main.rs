@@ -2,6 +2,7 @@
 //! test) and real HTTP receivers on 127.0.0.1 ports chosen by the OS. One test binary, so the
 //! suite links once.
 
+mod api;
 mod cli;
 mod common;
 mod inbound;

@@ -1,0 +1,808 @@
+//! The management API, probes and metrics: the real binary, real Postgres, real HTTP.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+struct Ops {
+    db: TestDb,
+    postern: Postern,
+    api: String,
+    admin: String,
+    http: reqwest::Client,
+}
+
+/// Postern with the API (token, encryption key) and admin listeners; `extra` is appended.
+async fn start_ops(db: TestDb, database_url: Option<&str>, extra: &str) -> Ops {
+    let (api_port, admin_port) = (dead_port().await, dead_port().await);
+    let mut config = base_config(&db);
+    if let Some(url) = database_url {
+        config = config.replace(
+            &format!("url = \"{}\"", db.url),
+            &format!("url = \"{url}\""),
+        );
+    }
+    config = config.replace(
+        "pool_size = 4\n",
+        &format!("pool_size = 4\nencryption_key = \"{KEY}\"\n"),
+    );
+    let config = format!(
+        "{config}\n[api]\nlisten = \"127.0.0.1:{api_port}\"\ntokens = [\"{TOKEN}\"]\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{extra}"
+    );
+    let postern = Postern::start(&config).await;
+    postern
+        .wait_log("management API listening", Duration::from_secs(10))
+        .await;
+    Ops {
+        db,
+        postern,
+        api: format!("http://127.0.0.1:{api_port}/api/v1"),
+        admin: format!("http://127.0.0.1:{admin_port}"),
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+    }
+}
+
+impl Ops {
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.api))
+            .bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    async fn create(&self, url: &str, extra: Value) -> Value {
+        let mut body = json!({"url": url, "events": ["*"]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (s, v) = self.call("POST", "/endpoints", Some(body)).await;
+        assert_eq!(s, 201, "{v}");
+        v
+    }
+
+    /// Polls `/readyz` until it answers `want`; returns the body.
+    async fn wait_ready(&self, want: u16) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (s, body) = self.get_text(&format!("{}/readyz", self.admin)).await;
+            if s == want {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "readyz stayed {s} ({body}), wanted {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn get_text(&self, url: &str) -> (u16, String) {
+        let resp = self.http.get(url).send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_guard_every_api_route_and_the_openapi_document_is_served() {
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    for (auth, want) in [
+        (None, 401),
+        (Some("Bearer wrong-token-wrong-token"), 401),
+        (Some("Basic abc"), 401),
+    ] {
+        let mut req = ops.http.get(format!("{}/endpoints", ops.api));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), want);
+        let body: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+        assert_eq!(body["error"], "unauthorized");
+    }
+    let (s, v) = ops.call("GET", "/endpoints", None).await;
+    assert_eq!((s, v["endpoints"].as_array().map(Vec::len)), (200, Some(0)));
+    let (s, doc) = ops.call("GET", "/openapi.json", None).await;
+    assert_eq!(s, 200);
+    let paths = doc["paths"].as_object().unwrap();
+    for p in [
+        "/api/v1/endpoints",
+        "/api/v1/endpoints/{id}",
+        "/api/v1/endpoints/{id}/rotate-secret",
+        "/api/v1/endpoints/{id}/deliveries",
+        "/api/v1/deliveries/{id}",
+        "/api/v1/deliveries/{id}/retry",
+        "/api/v1/endpoints/{id}/replay",
+        "/api/v1/endpoints/{id}/stats",
+        "/api/v1/events",
+        "/api/v1/endpoints/{id}/test",
+    ] {
+        assert!(paths.contains_key(p), "OpenAPI lacks {p}");
+    }
+    let (s, v) = ops.call("GET", "/no-such-route", None).await;
+    assert_eq!((s, v["error"].as_str()), (404, Some("not_found")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_life_pause_resume_delete_and_its_secret_shown_once() {
+    let receiver = Receiver::ok().await;
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let created = ops
+        .create(
+            &receiver.url,
+            json!({"description": "billing", "headers": {"x-api-key": "k-1"}}),
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let secret = created["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"));
+    assert_eq!(created["source"], "api");
+    assert_eq!(created["headers"]["x-api-key"], "<redacted>");
+
+    // Never again: not in a read, a list, the database in the clear, or a log line.
+    let (_, one) = ops.call("GET", &format!("/endpoints/{id}"), None).await;
+    let (_, list) = ops.call("GET", "/endpoints", None).await;
+    assert!(one.get("secret").is_none() && !one.to_string().contains(&secret));
+    assert!(!list.to_string().contains(&secret));
+    let client = ops.db.client().await;
+    let stored: String = client
+        .query_one("SELECT secret FROM postern.endpoint_secrets", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        stored.starts_with("enc:v1:") && !stored.contains(&secret[6..]),
+        "stored in the clear: {stored}"
+    );
+    let headers: Value = client
+        .query_one("SELECT headers FROM postern.endpoints", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !headers.to_string().contains("k-1"),
+        "header value stored in the clear"
+    );
+
+    // It delivers, signed with that secret, with the decrypted header.
+    let (s, v) = ops
+        .call(
+            "POST",
+            "/events",
+            Some(json!({"type": "order.created", "data": {"n": 1}})),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    let r = &receiver.requests()[0];
+    assert!(verify_independently(&secret, r));
+    assert_eq!(r.header("x-api-key"), Some("k-1"));
+    assert_eq!(r.event_id(), v["id"].as_str().unwrap());
+
+    // Pause: new deliveries wait as paused; resume: they go out, nothing lost.
+    let (s, v) = ops
+        .call(
+            "PATCH",
+            &format!("/endpoints/{id}"),
+            Some(json!({"active": false})),
+        )
+        .await;
+    assert_eq!((s, v["active"].as_bool()), (200, Some(false)), "{v}");
+    for n in 0..3 {
+        ops.call(
+            "POST",
+            "/events",
+            Some(json!({"type": "order.created", "data": {"n": n}})),
+        )
+        .await;
+    }
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'paused'",
+        3,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(receiver.count(), 1);
+    let (s, _) = ops
+        .call(
+            "PATCH",
+            &format!("/endpoints/{id}"),
+            Some(json!({"active": true})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    receiver.wait_count(4, Duration::from_secs(10)).await;
+
+    // Delete: unfinished deliveries become cancelled and stay listed.
+    ops.call(
+        "PATCH",
+        &format!("/endpoints/{id}"),
+        Some(json!({"active": false})),
+    )
+    .await;
+    ops.call(
+        "POST",
+        "/events",
+        Some(json!({"type": "order.created", "data": {}})),
+    )
+    .await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'paused'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let (s, _) = ops.call("DELETE", &format!("/endpoints/{id}"), None).await;
+    assert_eq!(s, 204);
+    let (s, _) = ops.call("GET", &format!("/endpoints/{id}"), None).await;
+    assert_eq!(s, 404);
+    let (s, v) = ops
+        .call(
+            "GET",
+            &format!("/endpoints/{id}/deliveries?status=cancelled"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, v["deliveries"].as_array().unwrap().len()),
+        (200, 1),
+        "{v}"
+    );
+    let cancelled = v["deliveries"][0]["id"].as_str().unwrap().to_string();
+    let (s, v) = ops
+        .call("POST", &format!("/deliveries/{cancelled}/retry"), None)
+        .await;
+    assert_eq!((s, v["error"].as_str()), (409, Some("endpoint_deleted")));
+
+    assert!(
+        !ops.postern.logs().contains(&secret),
+        "the secret reached a log line"
+    );
+    assert!(
+        !ops.postern.logs().contains("k-1"),
+        "a header value reached a log line"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_validation_error_gets_its_status_and_code() {
+    let receiver = Receiver::ok().await;
+    let config_endpoint = endpoint("from-config", &receiver.url, &["*"], "");
+    let ops = start_ops(TestDb::create().await, None, &config_endpoint).await;
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (
+            json!({"url": "not a url", "events": ["*"]}),
+            422,
+            "invalid_url",
+        ),
+        (
+            json!({"url": "ftp://example.com/x", "events": ["*"]}),
+            422,
+            "invalid_url",
+        ),
+        (
+            json!({"url": "http://10.0.0.1/hook", "events": ["*"]}),
+            422,
+            "url_not_allowed",
+        ),
+        (
+            json!({"url": "http://169.254.169.254/latest", "events": ["*"]}),
+            422,
+            "url_not_allowed",
+        ),
+        (
+            json!({"url": "http://[fd00::1]/hook", "events": ["*"]}),
+            422,
+            "url_not_allowed",
+        ),
+        (
+            json!({"url": receiver.url, "events": []}),
+            422,
+            "invalid_events",
+        ),
+        (
+            json!({"url": receiver.url, "events": ["a..b"]}),
+            422,
+            "invalid_events",
+        ),
+        (
+            json!({"url": receiver.url, "events": ["*"], "colour": "red"}),
+            422,
+            "invalid_body",
+        ),
+        (
+            json!({"url": receiver.url, "events": ["*"], "tenant": "a b"}),
+            422,
+            "invalid_tenant",
+        ),
+        (
+            json!({"url": receiver.url, "events": ["*"], "headers": {"webhook-id": "x"}}),
+            422,
+            "invalid_headers",
+        ),
+        (
+            json!({"url": receiver.url, "events": ["*"], "retry": {"schedule": ["1s"], "max_attempts": 2}}),
+            422,
+            "invalid_retry",
+        ),
+        (json!({"events": ["*"]}), 422, "invalid_body"),
+    ];
+    for (body, status, code) in cases {
+        let (s, v) = ops.call("POST", "/endpoints", Some(body.clone())).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (status, Some(code)),
+            "{body} -> {v}"
+        );
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let resp = ops
+        .http
+        .post(format!("{}/endpoints", ops.api))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let (s, v) = ops.call("GET", "/endpoints/ep_nope", None).await;
+    assert_eq!((s, v["error"].as_str()), (404, Some("not_found")));
+    let (s, v) = ops.call("GET", "/deliveries/not-a-uuid", None).await;
+    assert_eq!((s, v["error"].as_str()), (404, Some("not_found")));
+    let (s, v) = ops
+        .call(
+            "POST",
+            "/events",
+            Some(json!({"type": "bad..type", "data": {}})),
+        )
+        .await;
+    assert_eq!((s, v["error"].as_str()), (422, Some("invalid_event_type")));
+    // Config endpoints: visible, `active` changes, anything else is a conflict.
+    let (s, v) = ops.call("GET", "/endpoints/from-config", None).await;
+    assert_eq!((s, v["source"].as_str()), (200, Some("config")));
+    let (s, v) = ops
+        .call(
+            "PATCH",
+            "/endpoints/from-config",
+            Some(json!({"url": "https://example.com/x"})),
+        )
+        .await;
+    assert_eq!((s, v["error"].as_str()), (409, Some("config_managed")));
+    let (s, v) = ops
+        .call(
+            "PATCH",
+            "/endpoints/from-config",
+            Some(json!({"active": false})),
+        )
+        .await;
+    assert_eq!((s, v["active"].as_bool()), (200, Some(false)));
+    let (s, _) = ops.call("DELETE", "/endpoints/from-config", None).await;
+    assert_eq!(s, 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_signs_with_both_secrets_during_the_grace_then_only_the_new() {
+    let receiver = Receiver::ok().await;
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let created = ops.create(&receiver.url, json!({})).await;
+    let id = created["id"].as_str().unwrap();
+    let old = created["secret"].as_str().unwrap().to_string();
+    let (s, rotated) = ops
+        .call(
+            "POST",
+            &format!("/endpoints/{id}/rotate-secret"),
+            Some(json!({"grace": "3s"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{rotated}");
+    let new = rotated["secret"].as_str().unwrap().to_string();
+    assert_ne!(old, new);
+    let rotated_at = Instant::now();
+    ops.call("POST", &format!("/endpoints/{id}/test"), None)
+        .await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    let during = &receiver.requests()[0];
+    assert_eq!(during.json()["type"], "postern.test");
+    assert_eq!(
+        during
+            .header("webhook-signature")
+            .unwrap()
+            .split(' ')
+            .count(),
+        2
+    );
+    assert!(verify_independently(&old, during) && verify_independently(&new, during));
+
+    tokio::time::sleep(
+        Duration::from_secs(3).saturating_sub(rotated_at.elapsed()) + Duration::from_millis(300),
+    )
+    .await;
+    ops.call("POST", &format!("/endpoints/{id}/test"), None)
+        .await;
+    receiver.wait_count(2, Duration::from_secs(10)).await;
+    let after = &receiver.requests()[1];
+    assert_eq!(
+        after
+            .header("webhook-signature")
+            .unwrap()
+            .split(' ')
+            .count(),
+        1
+    );
+    assert!(verify_independently(&new, after));
+    assert!(!verify_independently(&old, after));
+    // The default grace is accepted without a body.
+    let (s, _) = ops
+        .call("POST", &format!("/endpoints/{id}/rotate-secret"), None)
+        .await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursor_pagination_is_stable_under_concurrent_inserts() {
+    let receiver = Receiver::ok().await;
+    let ops = Arc::new(start_ops(TestDb::create().await, None, "").await);
+    let mut original = Vec::new();
+    for i in 0..7 {
+        original.push(
+            ops.create(&receiver.url, json!({"description": format!("e{i}")}))
+                .await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let writer = {
+        let (ops, url) = (ops.clone(), receiver.url.clone());
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                ops.create(&url, json!({})).await;
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/endpoints?limit=3&cursor={c}"),
+            None => "/endpoints?limit=3".to_string(),
+        };
+        let (s, page) = ops.call("GET", &path, None).await;
+        assert_eq!(s, 200, "{page}");
+        seen.extend(
+            page["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["id"].as_str().unwrap().to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    writer.await.unwrap();
+    let unique: HashSet<_> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "a page repeated an endpoint");
+    assert_eq!(
+        &seen[..7],
+        &original[..],
+        "the first endpoints keep their order"
+    );
+    let (s, v) = ops.call("GET", "/endpoints?cursor=garbage", None).await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_retry_and_replay_follow_a_scripted_scenario_exactly() {
+    let healed = Arc::new(AtomicBool::new(false));
+    let flag = healed.clone();
+    let receiver = Receiver::start(move |_, r| {
+        let ok = r.json()["data"]["ok"] == json!(true) || flag.load(Ordering::SeqCst);
+        Reply::status(if ok { 200 } else { 500 })
+    })
+    .await;
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let created = ops
+        .create(
+            &receiver.url,
+            json!({"retry": {"schedule": [], "jitter": 0.0}}),
+        )
+        .await;
+    let id = created["id"].as_str().unwrap();
+    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+    for ok in [true, true, true, false] {
+        let (s, _) = ops
+            .call(
+                "POST",
+                "/events",
+                Some(json!({"type": "order.created", "data": {"ok": ok}})),
+            )
+            .await;
+        assert_eq!(s, 202);
+    }
+    let client = ops.db.client().await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status IN ('delivered', 'failed')",
+        4,
+        Duration::from_secs(10),
+    )
+    .await;
+    let (s, stats) = ops
+        .call("GET", &format!("/endpoints/{id}/stats"), None)
+        .await;
+    assert_eq!(s, 200, "{stats}");
+    assert_eq!(
+        (
+            &stats["total"],
+            &stats["delivered"],
+            &stats["failed"],
+            &stats["pending"]
+        ),
+        (&json!(4), &json!(3), &json!(1), &json!(0))
+    );
+    assert_eq!(stats["success_rate"], json!(75.0));
+    let mut durations: Vec<i32> = client
+        .query(
+            "SELECT duration_ms FROM postern.attempts ORDER BY duration_ms",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    durations.sort();
+    let mean = durations.iter().map(|&d| f64::from(d)).sum::<f64>() / 4.0;
+    assert_eq!(stats["latency_ms"]["mean"], json!(mean));
+    assert_eq!(
+        stats["latency_ms"]["p50"],
+        json!(f64::from(durations[1])),
+        "nearest rank of 4: the 2nd"
+    );
+    assert_eq!(stats["latency_ms"]["p95"], json!(f64::from(durations[3])));
+
+    // The failed one: its record, then retry and replay.
+    let (_, list) = ops
+        .call(
+            "GET",
+            &format!("/endpoints/{id}/deliveries?status=failed"),
+            None,
+        )
+        .await;
+    let failed_id = list["deliveries"][0]["id"].as_str().unwrap().to_string();
+    let (s, one) = ops
+        .call("GET", &format!("/deliveries/{failed_id}"), None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(one["attempts"], 1);
+    assert_eq!(one["attempt_log"][0]["status_code"], 500);
+    let (_, delivered) = ops
+        .call(
+            "GET",
+            &format!("/endpoints/{id}/deliveries?status=delivered&limit=1"),
+            None,
+        )
+        .await;
+    let delivered_id = delivered["deliveries"][0]["id"].as_str().unwrap();
+    let (s, v) = ops
+        .call("POST", &format!("/deliveries/{delivered_id}/retry"), None)
+        .await;
+    assert_eq!((s, v["error"].as_str()), (409, Some("already_delivered")));
+    // Replay outside the window requeues nothing; inside, exactly the failed one.
+    let (s, v) = ops
+        .call(
+            "POST",
+            &format!("/endpoints/{id}/replay"),
+            Some(json!({"since": "2001-01-01T00:00:00Z", "until": "2001-01-02T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!((s, &v["requeued"]), (202, &json!(0)));
+    healed.store(true, Ordering::SeqCst);
+    let (s, v) = ops
+        .call(
+            "POST",
+            &format!("/endpoints/{id}/replay"),
+            Some(json!({"since": before})),
+        )
+        .await;
+    assert_eq!((s, &v["requeued"]), (202, &json!(1)), "{v}");
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
+        4,
+        Duration::from_secs(10),
+    )
+    .await;
+    let (_, one) = ops
+        .call("GET", &format!("/deliveries/{failed_id}"), None)
+        .await;
+    assert_eq!(
+        (one["status"].as_str(), one["attempts"].as_i64()),
+        (Some("delivered"), Some(2))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_database_and_metrics_count_deliveries() {
+    let relay = TcpRelay::start(pg_target()).await;
+    let db = TestDb::create().await;
+    let through_relay = relay.url_for(&db.url);
+    let receiver = Receiver::ok().await;
+    let ops = start_ops(
+        db,
+        Some(&through_relay),
+        &endpoint("e", &receiver.url, &["*"], ""),
+    )
+    .await;
+    ops.wait_ready(200).await;
+    assert_eq!(ops.get_text(&format!("{}/healthz", ops.admin)).await.0, 200);
+
+    let client = ops.db.client().await;
+    for i in 0..25 {
+        publish_one(&client, "order.created", json!({ "i": i })).await;
+    }
+    receiver.wait_count(25, Duration::from_secs(10)).await;
+    let (s, text) = ops.get_text(&format!("{}/metrics", ops.admin)).await;
+    assert_eq!(s, 200);
+    let samples = parse_prometheus(&text);
+    let delivered = samples.iter().find(|(name, labels, _)| {
+        name == "postern_deliveries_total" && labels.contains("outcome=\"delivered\"")
+    });
+    assert_eq!(delivered.map(|s| s.2), Some(25.0), "{text}");
+    for family in [
+        "postern_attempt_duration_seconds_bucket",
+        "postern_deliveries_due",
+        "postern_oldest_due_seconds",
+        "postern_outbox_dispatch_lag_seconds_count",
+        "postern_endpoints_inactive",
+        "postern_inbound_duration_seconds_count",
+        "postern_db_pool_in_use",
+        "postern_listener_connected",
+    ] {
+        assert!(
+            samples.iter().any(|(n, _, _)| n == family),
+            "no {family} in:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("# TYPE postern_inbound_requests counter"),
+        "{text}"
+    );
+
+    relay.cut();
+    let body = ops.wait_ready(503).await;
+    assert!(body.contains("database unreachable"), "{body}");
+    assert_eq!(
+        ops.get_text(&format!("{}/healthz", ops.admin)).await.0,
+        200,
+        "alive all the same"
+    );
+    relay.restore();
+    ops.wait_ready(200).await;
+}
+
+/// Parses the Prometheus text format strictly enough to catch a malformed exposition:
+/// (name, labels, value) per sample.
+fn parse_prometheus(text: &str) -> Vec<(String, String, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let kind = rest.split_whitespace().nth(1).unwrap();
+                assert!(
+                    [
+                        "counter",
+                        "gauge",
+                        "histogram",
+                        "summary",
+                        "untyped",
+                        "info",
+                        "unknown"
+                    ]
+                    .contains(&kind),
+                    "{line}"
+                );
+            }
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => {
+                assert!(l.ends_with('}'), "{line}");
+                (n, l.trim_end_matches('}'))
+            }
+            None => (series, ""),
+        };
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        out.push((name.to_string(), labels.to_string(), value));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_shutdown_readyz_turns_503_first() {
+    let receiver =
+        Receiver::start(|_, _| Reply::status(200).after(Duration::from_millis(1500))).await;
+    let mut ops = start_ops(
+        TestDb::create().await,
+        None,
+        &endpoint("e", &receiver.url, &["*"], ""),
+    )
+    .await;
+    let client = ops.db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    ops.wait_ready(200).await;
+    ops.postern.signal("TERM");
+    let (s, body) = ops.get_text(&format!("{}/readyz", ops.admin)).await;
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("shutting down"), "{body}");
+    assert!(ops
+        .postern
+        .wait_exit(Duration::from_secs(9))
+        .await
+        .success());
+}
+
+#[test]
+fn a_public_api_listener_without_tokens_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        "[database]\nurl = \"postgres://x@127.0.0.1/y\"\n[api]\nlisten = \"0.0.0.0:9090\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("api.tokens: required when api.listen"));
+    // Loopback without tokens is allowed, with a warning; so is a missing encryption key.
+    std::fs::write(
+        &path,
+        "[database]\nurl = \"postgres://x@127.0.0.1/y\"\n[api]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: database.encryption_key: not set"),
+        "{stderr}"
+    );
+}
