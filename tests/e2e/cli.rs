@@ -341,6 +341,11 @@ fn the_reference_config_is_valid() {
             ("STRIPE_WEBHOOK_SECRET", "whsec_stripe"),
             ("GITHUB_WEBHOOK_SECRET", "gh-secret-value"),
             ("ACME_WEBHOOK_SECRET", "acme-secret-value"),
+            (
+                "POSTERN_ENCRYPTION_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            ),
+            ("POSTERN_API_TOKEN", "api-token-value-0123456789"),
         ],
     );
     assert!(
@@ -351,7 +356,13 @@ fn the_reference_config_is_valid() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("id = \"billing\""), "{stdout}");
     assert!(stdout.contains("provider = \"stripe\""), "{stdout}");
-    for secret in ["whsec_stripe", "gh-secret-value", "acme-secret-value"] {
+    for secret in [
+        "whsec_stripe",
+        "gh-secret-value",
+        "acme-secret-value",
+        "MDEyMzQ1Njc4",
+        "api-token-value",
+    ] {
         assert!(!stdout.contains(secret), "{secret} leaked");
     }
 }

@@ -5,6 +5,7 @@
 mod api;
 mod cli;
 mod common;
+mod deploy;
 mod inbound;
 mod outbound;
 mod resilience;
