@@ -371,6 +371,23 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Refusal
     }
 }
 
+/// After refusing a request whose body is still arriving, read and discard a bounded amount of it
+/// before closing: closing with unread data makes the kernel reset the connection, and the
+/// sender would lose the answer already sent (a "lingering close", as nginx does).
+async fn linger(session: &mut Session) {
+    const LINGER_BYTES: usize = 16 << 20;
+    let drain = async {
+        let mut seen = 0;
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            seen += chunk.len();
+            if seen > LINGER_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+}
+
 async fn respond(session: &mut Session, refusal: &Refusal, close: bool) -> pingora::Result<()> {
     let body = serde_json::json!({"error": refusal.code, "message": refusal.message}).to_string();
     let mut header = ResponseHeader::build(refusal.status, Some(3))?;
@@ -434,6 +451,9 @@ impl ProxyHttp for VerifyingProxy {
                 decision.status = refusal.status;
                 let body_unread = !session.is_body_done();
                 respond(session, &refusal, body_unread).await?;
+                if body_unread {
+                    linger(session).await;
+                }
             }
         }
         let elapsed = started.elapsed();
