@@ -663,13 +663,31 @@ async fn readiness_follows_the_database_and_metrics_count_deliveries() {
         publish_one(&client, "order.created", json!({ "i": i })).await;
     }
     receiver.wait_count(25, Duration::from_secs(10)).await;
-    let (s, text) = ops.get_text(&format!("{}/metrics", ops.admin)).await;
-    assert_eq!(s, 200);
-    let samples = parse_prometheus(&text);
-    let delivered = samples.iter().find(|(name, labels, _)| {
-        name == "postern_deliveries_total" && labels.contains("outcome=\"delivered\"")
-    });
-    assert_eq!(delivered.map(|s| s.2), Some(25.0), "{text}");
+    // The counter moves when an attempt settles, just after the receiver answered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (text, samples) = loop {
+        let (s, text) = ops.get_text(&format!("{}/metrics", ops.admin)).await;
+        assert_eq!(s, 200);
+        let samples = parse_prometheus(&text);
+        let delivered = samples
+            .iter()
+            .find(|(name, labels, _)| {
+                name == "postern_deliveries_total" && labels.contains("outcome=\"delivered\"")
+            })
+            .map(|s| s.2);
+        if delivered == Some(25.0) || Instant::now() > deadline {
+            assert_eq!(delivered, Some(25.0), "{text}");
+            break (text, samples);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
+        25,
+        Duration::from_secs(5),
+    )
+    .await;
     for family in [
         "postern_attempt_duration_seconds_bucket",
         "postern_deliveries_due",
@@ -764,9 +782,12 @@ async fn on_shutdown_readyz_turns_503_first() {
     receiver.wait_count(1, Duration::from_secs(10)).await;
     ops.wait_ready(200).await;
     ops.postern.signal("TERM");
-    let (s, body) = ops.get_text(&format!("{}/readyz", ops.admin)).await;
-    assert_eq!(s, 503, "{body}");
+    let body = ops.wait_ready(503).await;
     assert!(body.contains("shutting down"), "{body}");
+    assert!(
+        ops.postern.is_running(),
+        "readyz must turn 503 before the process exits"
+    );
     assert!(ops
         .postern
         .wait_exit(Duration::from_secs(9))

@@ -408,6 +408,10 @@ impl Postern {
         }
     }
 
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
     pub fn kill9(&mut self) {
         let child = self.child.as_mut().unwrap();
         child.kill().unwrap();
