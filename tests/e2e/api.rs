@@ -827,3 +827,69 @@ fn a_public_api_listener_without_tokens_is_refused() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_pages_stay_stable_while_new_deliveries_arrive() {
+    let receiver = Receiver::ok().await;
+    let ops = Arc::new(start_ops(TestDb::create().await, None, "").await);
+    // Paused, so the deliveries stay put while we page through them.
+    let created = ops.create(&receiver.url, json!({"active": false})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let client = ops.db.client().await;
+    let mut first = Vec::new();
+    for i in 0..7 {
+        first.push(publish_one(&client, "order.created", json!({ "i": i })).await);
+        // Distinct creation times, so "newest first" has one answer.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries",
+        7,
+        Duration::from_secs(10),
+    )
+    .await;
+    let writer = {
+        let url = ops.db.url.clone();
+        tokio::spawn(async move {
+            let client = connect(&url).await;
+            for i in 0..10 {
+                publish_one(&client, "order.created", json!({ "late": i })).await;
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/endpoints/{id}/deliveries?limit=2&cursor={c}"),
+            None => format!("/endpoints/{id}/deliveries?limit=2"),
+        };
+        let (s, page) = ops.call("GET", &path, None).await;
+        assert_eq!(s, 200, "{page}");
+        seen.extend(
+            page["deliveries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["event_id"].as_str().unwrap().to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    writer.await.unwrap();
+    let unique: HashSet<_> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "a page repeated a delivery");
+    let expected: Vec<String> = first.iter().rev().map(|u| u.to_string()).collect();
+    let tail: Vec<String> = seen
+        .iter()
+        .filter(|e| expected.contains(e))
+        .cloned()
+        .collect();
+    assert_eq!(
+        tail, expected,
+        "the first deliveries appear once each, newest first"
+    );
+}
