@@ -1,0 +1,965 @@
+//! `postern-bench`: the measuring instrument. Starts the real `postern` binary against the real
+//! Postgres with a fast Rust receiver and upstream, runs the scenarios of BENCHMARKS.md, prints a
+//! table and writes `target/bench/results.json`. Every figure that matters is a ratio against a
+//! reference measured in the same run; `--quick` runs everything small, to prove the harness works
+//! (it asserts nothing about timings).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use clap::Parser;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio_postgres::NoTls;
+
+#[derive(Parser, Clone)]
+#[command(about = "Postern's benchmark harness (see BENCHMARKS.md)")]
+struct Args {
+    /// The postern binary to measure.
+    #[arg(long, default_value = "target/release/postern")]
+    postern: PathBuf,
+    /// Small sizes, a few seconds each: checks the harness, not the figures.
+    #[arg(long)]
+    quick: bool,
+    /// Postgres to use (a scratch database `postern_bench` is created there and dropped).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+    /// Run only these scenarios (1-6); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u32>,
+}
+
+struct Sizes {
+    write_secs: f64,
+    write_rounds: usize,
+    backlog: i64,
+    live_secs: f64,
+    latency_secs: f64,
+    rates: Vec<u32>,
+    inbound_secs: f64,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                write_secs: 1.0,
+                write_rounds: 1,
+                backlog: 1000,
+                live_secs: 2.0,
+                latency_secs: 2.0,
+                rates: vec![200],
+                inbound_secs: 2.0,
+            }
+        } else {
+            Self {
+                write_secs: 5.0,
+                write_rounds: 3,
+                backlog: 20_000,
+                live_secs: 20.0,
+                latency_secs: 20.0,
+                rates: vec![200, 1000],
+                inbound_secs: 15.0,
+            }
+        }
+    }
+}
+
+/// One measured figure, its target and the verdict.
+#[derive(Clone)]
+struct Figure {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    target: Option<(&'static str, f64)>,
+}
+
+impl Figure {
+    fn new(name: impl Into<String>, value: f64, unit: &'static str) -> Self {
+        Self {
+            name: name.into(),
+            value,
+            unit,
+            target: None,
+        }
+    }
+    fn at_least(mut self, t: f64) -> Self {
+        self.target = Some((">=", t));
+        self
+    }
+    fn at_most(mut self, t: f64) -> Self {
+        self.target = Some(("<=", t));
+        self
+    }
+    fn verdict(&self) -> &'static str {
+        match self.target {
+            None => "",
+            Some((">=", t)) if self.value >= t => "met",
+            Some(("<=", t)) if self.value <= t => "met",
+            Some(_) => "MISSED",
+        }
+    }
+    fn json(&self) -> Value {
+        json!({
+            "name": self.name, "value": self.value, "unit": self.unit,
+            "target": self.target.map(|(op, t)| format!("{op} {t}")),
+            "verdict": self.verdict(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The receiver (outbound deliveries) and upstream (inbound proxy): one fast axum server.
+
+#[derive(Default)]
+struct Sink {
+    count: AtomicU64,
+    reached: Notify,
+    target: AtomicU64,
+    /// webhook-id -> receipt time, when latency is being recorded.
+    receipts: Mutex<Option<HashMap<String, Instant>>>,
+}
+
+async fn receive(State(sink): State<Arc<Sink>>, headers: HeaderMap, _body: Bytes) -> StatusCode {
+    let now = Instant::now();
+    if let Some(map) = sink.receipts.lock().unwrap().as_mut() {
+        if let Some(id) = headers.get("webhook-id").and_then(|v| v.to_str().ok()) {
+            map.entry(id.to_string()).or_insert(now);
+        }
+    }
+    let n = sink.count.fetch_add(1, Ordering::Relaxed) + 1;
+    if n == sink.target.load(Ordering::Relaxed) {
+        sink.reached.notify_waiters();
+    }
+    StatusCode::OK
+}
+
+async fn upstream(_body: Bytes) -> &'static str {
+    "ok"
+}
+
+async fn start_sink() -> anyhow::Result<(Arc<Sink>, u16)> {
+    let sink = Arc::new(Sink::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let app = axum::Router::new()
+        .route("/hook/{n}", axum::routing::post(receive))
+        .route("/up", axum::routing::post(upstream))
+        .with_state(sink.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((sink, port))
+}
+
+impl Sink {
+    fn expect(&self, total: u64) {
+        self.count.store(0, Ordering::SeqCst);
+        self.target.store(total, Ordering::SeqCst);
+    }
+    async fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.reached.notified();
+            if self.count.load(Ordering::SeqCst) >= self.target.load(Ordering::SeqCst) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The database and the postern process.
+
+struct Bench {
+    args: Args,
+    sizes: Sizes,
+    admin_url: String,
+    db_url: String,
+    sink: Arc<Sink>,
+    sink_port: u16,
+    dir: PathBuf,
+}
+
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Running {
+    child: Child,
+    started: Instant,
+    ready_after: Duration,
+}
+
+impl Running {
+    fn rss_kib(&self, field: &str) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Bench {
+    async fn reset_database(&self) -> anyhow::Result<()> {
+        let admin = connect(&self.admin_url).await?;
+        admin
+            .batch_execute("DROP DATABASE IF EXISTS postern_bench WITH (FORCE)")
+            .await?;
+        admin.batch_execute("CREATE DATABASE postern_bench").await?;
+        let pool = postern::db::pool(&self.db_url, 2)?;
+        let schema = postern::db::Schema::new("postern")?;
+        postern::db::migrate(&pool, &schema, &[]).await?;
+        let client = connect(&self.db_url).await?;
+        client
+            .batch_execute(
+                "CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL, total_cents bigint NOT NULL,
+                                      created_at timestamptz NOT NULL DEFAULT now());
+                 CREATE INDEX orders_created ON orders (created_at);",
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn set_notify(&self, mode: &str) -> anyhow::Result<()> {
+        let pool = postern::db::pool(&self.db_url, 2)?;
+        let schema = postern::db::Schema::new("postern")?;
+        let setting = postern::db::NotifySetting {
+            mode: mode.to_string(),
+            throttle_ms: 10,
+        };
+        postern::db::install_notify(&pool, &schema, &setting, true).await?;
+        Ok(())
+    }
+
+    fn config(&self, endpoints: usize, inbound_port: Option<u16>) -> (String, u16) {
+        let admin_port = free_port();
+        let mut c = format!(
+            "shutdown_grace = \"10s\"\n[database]\nurl = \"{}\"\nmigrate_on_start = false\npool_size = 8\n\
+             [log]\nlevel = \"warn\"\n[outbound]\nallow_private_networks = [\"127.0.0.0/8\"]\nrequest_timeout = \"5s\"\n\
+             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n",
+            self.db_url
+        );
+        for n in 0..endpoints {
+            c.push_str(&format!(
+                "[[endpoints]]\nid = \"bench-{n}\"\nurl = \"http://127.0.0.1:{}/hook/{n}\"\nevents = [\"*\"]\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n",
+                self.sink_port
+            ));
+        }
+        if let Some(port) = inbound_port {
+            c.push_str(&format!(
+                "[inbound]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://127.0.0.1:{}\"\n\
+                 [[inbound.routes]]\npath = \"/stripe\"\nprovider = \"stripe\"\nsecrets = [\"whsec_bench\"]\nupstream_path = \"/up\"\n",
+                self.sink_port
+            ));
+        }
+        (c, admin_port)
+    }
+
+    /// Starts postern and waits for `/readyz` 200.
+    async fn start_postern(&self, config: &str, admin_port: u16) -> anyhow::Result<Running> {
+        let path = self.dir.join(format!("postern-{}.toml", free_port()));
+        std::fs::write(&path, config)?;
+        let log = std::fs::File::create(self.dir.join("postern.log"))?;
+        let started = Instant::now();
+        let child = Command::new(&self.args.postern)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.args.postern.display()))?;
+        let http = reqwest::Client::builder().no_proxy().build()?;
+        let url = format!("http://127.0.0.1:{admin_port}/readyz");
+        loop {
+            if let Ok(r) = http.get(&url).send().await {
+                if r.status().as_u16() == 200 {
+                    break;
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let log = std::fs::read_to_string(self.dir.join("postern.log")).unwrap_or_default();
+                bail!("postern was not ready within 30 s; its log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(Running {
+            ready_after: started.elapsed(),
+            child,
+            started,
+        })
+    }
+
+    async fn insert_backlog(&self, n: i64) -> anyhow::Result<()> {
+        let client = connect(&self.db_url).await?;
+        client
+            .execute(
+                "INSERT INTO postern.outbox (event_type, payload)
+                 SELECT 'order.created', jsonb_build_object('order_id', g, 'total_cents', 1000 + g) FROM generate_series(1, $1::bigint) g",
+                &[&n],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writers.
+
+/// One app-shaped transaction: a business row and its event.
+async fn app_commit(client: &mut tokio_postgres::Client, bare: bool) -> anyhow::Result<uuid::Uuid> {
+    if bare {
+        let row = client
+            .query_one(
+                "INSERT INTO postern.outbox (event_type, payload) VALUES ('order.created', '{\"order_id\": 1}') RETURNING event_id",
+                &[],
+            )
+            .await?;
+        return Ok(row.get(0));
+    }
+    let tx = client.transaction().await?;
+    let order: i64 = tx
+        .query_one(
+            "INSERT INTO orders (customer, total_cents) VALUES ('acme', 4200) RETURNING id",
+            &[],
+        )
+        .await?
+        .get(0);
+    let row = tx
+        .query_one(
+            "INSERT INTO postern.outbox (event_type, payload) VALUES ('order.created', jsonb_build_object('order_id', $1::bigint)) RETURNING event_id",
+            &[&order],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(row.get(0))
+}
+
+/// `writers` connections committing as fast as they can for `secs`; returns commits.
+async fn hammer(url: &str, writers: usize, secs: f64, bare: bool) -> anyhow::Result<u64> {
+    let total = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let mut client = connect(url).await?;
+        client.batch_execute("SET synchronous_commit = on").await?;
+        let total = total.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                if app_commit(&mut client, bare).await.is_ok() {
+                    total.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(total.load(Ordering::Relaxed))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    percentile(&v, 50.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios.
+
+async fn write_path(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
+    for (bare, label) in [(false, "app-shaped"), (true, "bare single-row")] {
+        let mut ratios: HashMap<&str, Vec<f64>> = HashMap::new();
+        let mut rates: HashMap<&str, Vec<f64>> = HashMap::new();
+        for _round in 0..b.sizes.write_rounds {
+            let mut baseline = 0.0;
+            // Interleaved: no trigger, then each mode, then again next round (A B C A B C).
+            for mode in ["none", "throttled", "statement"] {
+                b.set_notify(mode).await?;
+                let commits = hammer(&b.db_url, 16, b.sizes.write_secs, bare).await?;
+                let rate = commits as f64 / b.sizes.write_secs;
+                if mode == "none" {
+                    baseline = rate;
+                } else {
+                    ratios.entry(mode).or_default().push(rate / baseline);
+                }
+                rates.entry(mode).or_default().push(rate);
+            }
+        }
+        for mode in ["none", "throttled", "statement"] {
+            out.push(Figure::new(
+                format!("write path, {label}, notify={mode}: commits/s"),
+                median(rates[mode].clone()),
+                "/s",
+            ));
+        }
+        for mode in ["throttled", "statement"] {
+            let f = Figure::new(
+                format!("write path, {label}, notify={mode}: ratio to no trigger"),
+                median(ratios[mode].clone()),
+                "x",
+            );
+            out.push(if !bare && mode == "throttled" {
+                f.at_least(0.95)
+            } else {
+                f
+            });
+        }
+    }
+    b.set_notify("throttled").await?;
+    Ok(())
+}
+
+async fn backlog_drain(
+    b: &Bench,
+    out: &mut Vec<Figure>,
+    footprint: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    for endpoints in [1usize, 4] {
+        b.reset_database().await?;
+        b.set_notify("throttled").await?;
+        b.insert_backlog(b.sizes.backlog).await?;
+        let total = b.sizes.backlog as u64 * endpoints as u64;
+        b.sink.expect(total);
+        let (config, admin) = b.config(endpoints, None);
+        let running = b.start_postern(&config, admin).await?;
+        let done = b.sink.wait(Duration::from_secs(600)).await;
+        let secs = running.started.elapsed().as_secs_f64();
+        if !done {
+            bail!(
+                "drain to {endpoints} endpoint(s) did not finish: {} of {total}",
+                b.sink.count.load(Ordering::SeqCst)
+            );
+        }
+        let rate = total as f64 / secs;
+        let f = Figure::new(
+            format!("backlog drain, {endpoints} endpoint(s), {total} deliveries: deliveries/s"),
+            rate,
+            "/s",
+        );
+        out.push(if endpoints == 1 {
+            f.at_least(5000.0)
+        } else {
+            f.at_least(8000.0)
+        });
+        if endpoints == 4 {
+            footprint.push(
+                Figure::new(
+                    "peak RSS, backlog drain (4 endpoints)",
+                    running.rss_kib("VmHWM:") / 1024.0,
+                    "MiB",
+                )
+                .at_most(200.0),
+            );
+        }
+        running.stop();
+    }
+    Ok(())
+}
+
+async fn live(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
+    b.reset_database().await?;
+    b.set_notify("throttled").await?;
+    let (config, admin) = b.config(1, None);
+    let running = b.start_postern(&config, admin).await?;
+    b.sink.expect(u64::MAX);
+    let commits = hammer(&b.db_url, 16, b.sizes.live_secs, false).await?;
+    let delivered = b.sink.count.load(Ordering::SeqCst);
+    let client = connect(&b.db_url).await?;
+    let backlog: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL)
+                  + (SELECT count(*) FROM postern.deliveries WHERE status IN ('pending', 'delivering'))",
+            &[],
+        )
+        .await?
+        .get(0);
+    running.stop();
+    let secs = b.sizes.live_secs;
+    out.push(Figure::new(
+        "live: app commits/s (16 writers)",
+        commits as f64 / secs,
+        "/s",
+    ));
+    out.push(Figure::new(
+        "live: deliveries/s",
+        delivered as f64 / secs,
+        "/s",
+    ));
+    out.push(
+        Figure::new(
+            "live: deliveries / commits",
+            delivered as f64 / commits.max(1) as f64,
+            "x",
+        )
+        .at_least(0.95),
+    );
+    out.push(Figure::new(
+        "live: backlog at the end",
+        backlog as f64,
+        "events",
+    ));
+    Ok(())
+}
+
+async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
+    b.reset_database().await?;
+    b.set_notify("throttled").await?;
+    let (config, admin) = b.config(1, None);
+    let running = b.start_postern(&config, admin).await?;
+    for &rate in &b.sizes.rates {
+        *b.sink.receipts.lock().unwrap() = Some(HashMap::new());
+        b.sink.expect(u64::MAX);
+        let commits: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let writers = 8usize;
+        let n = (rate as f64 * b.sizes.latency_secs) as u64;
+        let start = Instant::now() + Duration::from_millis(100);
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let mut client = connect(&b.db_url).await?;
+            let commits = commits.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut i = w as u64;
+                while i < n {
+                    tokio::time::sleep_until(
+                        (start + Duration::from_secs_f64(i as f64 / rate as f64)).into(),
+                    )
+                    .await;
+                    if let Ok(id) = app_commit(&mut client, false).await {
+                        commits
+                            .lock()
+                            .unwrap()
+                            .insert(id.to_string(), Instant::now());
+                    }
+                    i += writers as u64;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await?;
+        }
+        let expected = commits.lock().unwrap().len() as u64;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while b
+            .sink
+            .receipts
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |m| m.len() as u64)
+            < expected
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let receipts = b.sink.receipts.lock().unwrap().take().unwrap_or_default();
+        let commits = commits.lock().unwrap();
+        let mut ms: Vec<f64> = commits
+            .iter()
+            .filter_map(|(id, at)| {
+                receipts
+                    .get(id)
+                    .map(|r| r.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        ms.sort_by(|a, b| a.total_cmp(b));
+        out.push(
+            Figure::new(
+                format!("latency at {rate}/s: p50"),
+                percentile(&ms, 50.0),
+                "ms",
+            )
+            .at_most(10.0),
+        );
+        out.push(Figure::new(
+            format!("latency at {rate}/s: p95"),
+            percentile(&ms, 95.0),
+            "ms",
+        ));
+        out.push(
+            Figure::new(
+                format!("latency at {rate}/s: p99"),
+                percentile(&ms, 99.0),
+                "ms",
+            )
+            .at_most(50.0),
+        );
+        out.push(Figure::new(
+            format!("latency at {rate}/s: received / committed"),
+            ms.len() as f64 / expected.max(1) as f64,
+            "x",
+        ));
+    }
+    running.stop();
+    Ok(())
+}
+
+/// 64 keep-alive connections posting `body` with `headers` to `url` for `secs`.
+async fn load(
+    url: &str,
+    headers: &[(String, String)],
+    body: &Bytes,
+    secs: f64,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (client, url, headers, body) = (
+            client.clone(),
+            url.to_string(),
+            headers.to_vec(),
+            body.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let mut req = client.post(&url).body(body.clone());
+                for (k, v) in &headers {
+                    req = req.header(k, v);
+                }
+                match req.send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await?;
+        all.extend(lat);
+        errors += e;
+    }
+    if errors > 0 {
+        bail!("{errors} requests to {url} failed");
+    }
+    all.sort_by(|a, b| a.total_cmp(b));
+    Ok((all.len() as f64 / secs, all))
+}
+
+async fn inbound(
+    b: &Bench,
+    out: &mut Vec<Figure>,
+    footprint: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    b.reset_database().await?;
+    let port = free_port();
+    let (config, admin) = b.config(0, Some(port));
+    let running = b.start_postern(&config, admin).await?;
+    let body = Bytes::from(format!(
+        "{{\"id\":\"evt_bench\",\"pad\":\"{}\"}}",
+        "x".repeat(1000)
+    ));
+    let t = chrono::Utc::now().timestamp();
+    let sig = hex::encode(postern::signing::hmac_sha256(
+        b"whsec_bench",
+        &[t.to_string().as_bytes(), b".", &body],
+    ));
+    let headers = vec![
+        ("stripe-signature".to_string(), format!("t={t},v1={sig}")),
+        ("content-type".into(), "application/json".into()),
+    ];
+    let direct = load(
+        &format!("http://127.0.0.1:{}/up", b.sink_port),
+        &headers,
+        &body,
+        b.sizes.inbound_secs,
+    )
+    .await?;
+    let proxied = load(
+        &format!("http://127.0.0.1:{port}/stripe"),
+        &headers,
+        &body,
+        b.sizes.inbound_secs,
+    )
+    .await?;
+    footprint.push(
+        Figure::new(
+            "peak RSS, inbound load",
+            running.rss_kib("VmHWM:") / 1024.0,
+            "MiB",
+        )
+        .at_most(200.0),
+    );
+    running.stop();
+    out.push(Figure::new(
+        "inbound direct to upstream: requests/s",
+        direct.0,
+        "/s",
+    ));
+    out.push(Figure::new(
+        "inbound through postern: requests/s",
+        proxied.0,
+        "/s",
+    ));
+    out.push(
+        Figure::new(
+            "inbound throughput ratio (postern / direct)",
+            proxied.0 / direct.0,
+            "x",
+        )
+        .at_least(0.7),
+    );
+    out.push(Figure::new(
+        "inbound direct p50 / p99",
+        percentile(&direct.1, 50.0),
+        "ms",
+    ));
+    out.push(Figure::new(
+        "inbound direct p99",
+        percentile(&direct.1, 99.0),
+        "ms",
+    ));
+    out.push(Figure::new(
+        "inbound through postern p50",
+        percentile(&proxied.1, 50.0),
+        "ms",
+    ));
+    out.push(Figure::new(
+        "inbound through postern p99",
+        percentile(&proxied.1, 99.0),
+        "ms",
+    ));
+    out.push(
+        Figure::new(
+            "inbound added latency p50",
+            percentile(&proxied.1, 50.0) - percentile(&direct.1, 50.0),
+            "ms",
+        )
+        .at_most(1.0),
+    );
+    Ok(())
+}
+
+async fn idle_footprint(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
+    b.reset_database().await?;
+    let (config, admin) = b.config(1, None);
+    let running = b.start_postern(&config, admin).await?;
+    out.push(
+        Figure::new(
+            "start to /readyz 200 (database up)",
+            running.ready_after.as_secs_f64() * 1000.0,
+            "ms",
+        )
+        .at_most(1000.0),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    out.push(
+        Figure::new(
+            "idle RSS after start",
+            running.rss_kib("VmRSS:") / 1024.0,
+            "MiB",
+        )
+        .at_most(30.0),
+    );
+    running.stop();
+    let size = std::fs::metadata(&b.args.postern)?.len() as f64 / (1024.0 * 1024.0);
+    out.push(Figure::new(
+        format!("binary size ({})", b.args.postern.display()),
+        size,
+        "MiB",
+    ));
+    Ok(())
+}
+
+async fn postgres_settings(url: &str) -> anyhow::Result<Value> {
+    let client = connect(url).await?;
+    let mut settings = serde_json::Map::new();
+    for name in [
+        "server_version",
+        "shared_buffers",
+        "synchronous_commit",
+        "fsync",
+        "max_connections",
+        "wal_level",
+    ] {
+        let row = client.query_one(&format!("SHOW {name}"), &[]).await?;
+        settings.insert(name.to_string(), Value::String(row.get(0)));
+    }
+    Ok(Value::Object(settings))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.postern.exists(),
+        "{} does not exist; build it first",
+        args.postern.display()
+    );
+    let (sink, sink_port) = start_sink().await?;
+    let mut db_url = url::Url::parse(&args.database_url).context("--database-url")?;
+    db_url.set_path("/postern_bench");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pg = postgres_settings(&args.database_url).await?;
+    println!(
+        "postern-bench{}: {cores} cores; Postgres {pg}",
+        if args.quick { " --quick" } else { "" }
+    );
+    let bench = Bench {
+        sizes: Sizes::new(args.quick),
+        admin_url: args.database_url.clone(),
+        db_url: db_url.to_string(),
+        sink,
+        sink_port,
+        dir: {
+            let dir = std::env::temp_dir().join(format!("postern-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            dir
+        },
+        args: args.clone(),
+    };
+    let wanted = |n: u32| args.only.is_empty() || args.only.contains(&n);
+    let mut sections: Vec<(&str, Vec<Figure>)> = Vec::new();
+    let mut footprint = Vec::new();
+    let started = Instant::now();
+    bench.reset_database().await?;
+    if wanted(1) {
+        let mut f = Vec::new();
+        write_path(&bench, &mut f).await?;
+        sections.push(("1. app write-path cost", f));
+    }
+    if wanted(2) {
+        let mut f = Vec::new();
+        backlog_drain(&bench, &mut f, &mut footprint).await?;
+        sections.push(("2. backlog drain", f));
+    }
+    if wanted(3) {
+        let mut f = Vec::new();
+        live(&bench, &mut f).await?;
+        sections.push(("3. live", f));
+    }
+    if wanted(4) {
+        let mut f = Vec::new();
+        latency(&bench, &mut f).await?;
+        sections.push(("4. latency", f));
+    }
+    if wanted(5) {
+        let mut f = Vec::new();
+        inbound(&bench, &mut f, &mut footprint).await?;
+        sections.push(("5. inbound", f));
+    }
+    if wanted(6) {
+        idle_footprint(&bench, &mut footprint).await?;
+    }
+    if !footprint.is_empty() {
+        sections.push(("6. footprint", footprint));
+    }
+    let admin = connect(&bench.admin_url).await?;
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS postern_bench WITH (FORCE)")
+        .await?;
+
+    let mut json_sections = serde_json::Map::new();
+    for (title, figures) in &sections {
+        println!("\n{title}");
+        for f in figures {
+            let target = f
+                .target
+                .map(|(op, t)| format!("{op} {t}"))
+                .unwrap_or_default();
+            println!(
+                "  {:<70} {:>12.3} {:<6} {:<10} {}",
+                f.name,
+                f.value,
+                f.unit,
+                target,
+                f.verdict()
+            );
+        }
+        json_sections.insert(
+            title.to_string(),
+            Value::Array(figures.iter().map(Figure::json).collect()),
+        );
+    }
+    let results = json!({
+        "quick": args.quick,
+        "postern": args.postern.display().to_string(),
+        "cores": cores,
+        "postgres": pg,
+        "seconds": started.elapsed().as_secs_f64(),
+        "scenarios": json_sections,
+    });
+    if let Some(dir) = Path::new(&args.out).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
+    println!(
+        "\nwritten to {} in {:.1} s",
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
