@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use postern::config::Config;
 use tokio_util::sync::CancellationToken;
 
+// glibc's allocator showed up as about 15 % of the proxy's CPU under load (malloc, free and
+// consolidation); mimalloc keeps small, short-lived allocations cheap.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "postern",
