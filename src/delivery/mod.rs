@@ -73,27 +73,29 @@ pub struct Worker {
     wake: Arc<Notify>,
 }
 
-/// In-flight counts per endpoint for this replica.
+/// Claimed-but-unsettled deliveries per endpoint for this replica, and each endpoint's request
+/// semaphore (which exists while the endpoint has any).
 #[derive(Default)]
 struct InFlight {
-    per_endpoint: Mutex<HashMap<String, i32>>,
+    per_endpoint: Mutex<HashMap<String, (i32, Arc<Semaphore>)>>,
 }
 
 impl InFlight {
-    fn add(&self, endpoint: &str) {
-        *self
-            .per_endpoint
-            .lock()
-            .expect("in-flight map")
+    /// Counts one more claimed delivery; returns the endpoint's request semaphore.
+    fn add(&self, endpoint: &str, per_endpoint: usize) -> Arc<Semaphore> {
+        let mut map = self.per_endpoint.lock().expect("in-flight map");
+        let entry = map
             .entry(endpoint.to_string())
-            .or_default() += 1;
+            .or_insert_with(|| (0, Arc::new(Semaphore::new(per_endpoint))));
+        entry.0 += 1;
+        entry.1.clone()
     }
 
     fn remove(&self, endpoint: &str) {
         let mut map = self.per_endpoint.lock().expect("in-flight map");
-        if let Some(n) = map.get_mut(endpoint) {
-            *n -= 1;
-            if *n <= 0 {
+        if let Some(entry) = map.get_mut(endpoint) {
+            entry.0 -= 1;
+            if entry.0 <= 0 {
                 map.remove(endpoint);
             }
         }
@@ -104,9 +106,25 @@ impl InFlight {
             .lock()
             .expect("in-flight map")
             .iter()
-            .map(|(k, v)| (k.clone(), *v))
+            .map(|(k, v)| (k.clone(), v.0))
             .collect()
     }
+}
+
+/// How many deliveries per endpoint a replica claims ahead of its request slots for that
+/// endpoint: larger claims cost the database fewer round trips per delivery, while requests stay
+/// bounded by `per_endpoint_concurrency`.
+const PREFETCH_FACTOR: usize = 4;
+
+/// Time kept free at the end of a lease for recording the outcome.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// A finished (or handed back) delivery on its way to the database, with what it held: its slot
+/// is released only once its outcome is written, so claims never outrun settling.
+struct Done {
+    report: Report,
+    endpoint: String,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// What an attempt task reports.
@@ -144,8 +162,15 @@ impl Worker {
         let in_flight = Arc::new(InFlight::default());
         let tracker = TaskTracker::new();
         let abort = CancellationToken::new();
-        let (report_tx, report_rx) = mpsc::unbounded_channel::<Report>();
-        let settler = tokio::spawn(settle_loop(self.store.clone(), self.owner, report_rx));
+        let (report_tx, report_rx) = mpsc::unbounded_channel::<Done>();
+        let settler = tokio::spawn(settle_loop(
+            self.store.clone(),
+            self.owner,
+            report_rx,
+            in_flight.clone(),
+            self.wake.clone(),
+        ));
+        let per_endpoint = self.settings.per_endpoint_concurrency;
         let context = Arc::new(AttemptContext {
             client: self.client.clone(),
             settings: self.settings.clone(),
@@ -164,7 +189,7 @@ impl Worker {
                     .claim(
                         self.owner,
                         free as i64,
-                        self.settings.per_endpoint_concurrency as i32,
+                        (per_endpoint * PREFETCH_FACTOR) as i32,
                         &busy,
                         self.settings.lease,
                     )
@@ -174,29 +199,50 @@ impl Worker {
                         claim_failures = 0;
                         claimed_full = batch.len() == free;
                         for delivery in batch {
-                            let permit = slots
+                            let slot = slots
                                 .clone()
                                 .try_acquire_owned()
                                 .expect("claimed within free slots");
-                            in_flight.add(&delivery.endpoint_id);
-                            let (context, in_flight, tx, abort, wake) = (
+                            let requests = in_flight.add(&delivery.endpoint_id, per_endpoint);
+                            let (context, tx, abort, stop) = (
                                 context.clone(),
-                                in_flight.clone(),
                                 report_tx.clone(),
                                 abort.clone(),
-                                self.wake.clone(),
+                                shutdown.clone(),
+                            );
+                            let (claimed_at, lease, timeout) = (
+                                Instant::now(),
+                                self.settings.lease,
+                                self.settings.request_timeout,
                             );
                             tracker.spawn(async move {
                                 let endpoint = delivery.endpoint_id.clone();
                                 let (id, attempt) = (delivery.id, delivery.attempt);
-                                let report = tokio::select! {
-                                    ack = context.attempt(delivery) => Report::Settled(ack),
-                                    _ = abort.cancelled() => Report::HandBack(id, attempt),
+                                // Waiting for a request slot is not starting: on shutdown such a
+                                // delivery goes straight back to the others.
+                                let request = tokio::select! {
+                                    permit = requests.acquire_owned() => permit.ok(),
+                                    _ = stop.cancelled() => None,
                                 };
-                                let _ = tx.send(report);
-                                in_flight.remove(&endpoint);
-                                drop(permit);
-                                wake.notify_one();
+                                // An attempt must end well inside the lease it was claimed under;
+                                // one that waited too long for its slot is handed back instead.
+                                let wait_budget = lease
+                                    .saturating_sub(timeout + LEASE_MARGIN)
+                                    .max(Duration::from_millis(250));
+                                let request =
+                                    request.filter(|_| claimed_at.elapsed() <= wait_budget);
+                                let report = match request {
+                                    None => Report::HandBack(id, attempt),
+                                    Some(_request) => tokio::select! {
+                                        ack = context.attempt(delivery) => Report::Settled(ack),
+                                        _ = abort.cancelled() => Report::HandBack(id, attempt),
+                                    },
+                                };
+                                let _ = tx.send(Done {
+                                    report,
+                                    endpoint,
+                                    _slot: slot,
+                                });
                             });
                         }
                     }
@@ -240,19 +286,22 @@ impl Worker {
 }
 
 /// Writes outcomes in batches: whatever has arrived since the last write goes in one transaction.
+/// Only then are the deliveries' slots released and the claimer woken.
 async fn settle_loop(
     store: Arc<DeliveryStore>,
     owner: Uuid,
-    mut rx: mpsc::UnboundedReceiver<Report>,
+    mut rx: mpsc::UnboundedReceiver<Done>,
+    in_flight: Arc<InFlight>,
+    wake: Arc<Notify>,
 ) {
-    let mut buf = Vec::with_capacity(512);
+    let mut buf: Vec<Done> = Vec::with_capacity(512);
     while rx.recv_many(&mut buf, 512).await > 0 {
         let mut acks = Vec::with_capacity(buf.len());
         let mut back = Vec::new();
-        for r in buf.drain(..) {
-            match r {
-                Report::Settled(a) => acks.push(a),
-                Report::HandBack(id, attempt) => back.push((id, attempt)),
+        for done in &buf {
+            match &done.report {
+                Report::Settled(a) => acks.push(a.clone()),
+                Report::HandBack(id, attempt) => back.push((*id, *attempt)),
             }
         }
         let mut delay = Duration::from_millis(100);
@@ -282,6 +331,10 @@ async fn settle_loop(
                 }
             }
         }
+        for done in buf.drain(..) {
+            in_flight.remove(&done.endpoint);
+        }
+        wake.notify_one();
     }
 }
 

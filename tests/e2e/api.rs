@@ -882,7 +882,19 @@ async fn delivery_pages_stay_stable_while_new_deliveries_arrive() {
     writer.await.unwrap();
     let unique: HashSet<_> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len(), "a page repeated a delivery");
-    let expected: Vec<String> = first.iter().rev().map(|u| u.to_string()).collect();
+    // Newest first as the database orders them: deliveries fanned out in one transaction share
+    // a creation time, and the id breaks the tie.
+    let expected: Vec<String> = client
+        .query(
+            "SELECT event_id::text FROM postern.deliveries WHERE event_id = ANY($1) ORDER BY created_at DESC, id DESC",
+            &[&first],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(expected.len(), 7);
     let tail: Vec<String> = seen
         .iter()
         .filter(|e| expected.contains(e))
