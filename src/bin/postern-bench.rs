@@ -773,7 +773,7 @@ async fn inbound(
         .at_least(0.7),
     );
     out.push(Figure::new(
-        "inbound direct p50 / p99",
+        "inbound direct p50",
         percentile(&direct.1, 50.0),
         "ms",
     ));
