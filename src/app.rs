@@ -32,7 +32,8 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let schema = Schema::new(&config.database.schema)?;
-    let pool = db::pool(config.database.url(), config.database.pool_size)?;
+    let tls = db::tls::from_config(&config.database)?;
+    let pool = db::pool(config.database.url(), config.database.pool_size, &tls)?;
     let vault = SecretBox::from_config(&config)?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -64,6 +65,7 @@ pub async fn run(
     };
     let mut tasks = JoinSet::new();
     tasks.spawn(probe_loop(
+        tls.clone(),
         config.database.url().to_string(),
         schema.clone(),
         pool.clone(),
@@ -84,6 +86,7 @@ pub async fn run(
             shutdown.clone(),
             metrics.clone(),
             vault.clone(),
+            tls.clone(),
         )?;
         if let (Some(listener), Some(api)) = (api_listener, &config.api) {
             let state = crate::api::ApiState {
@@ -126,6 +129,7 @@ pub async fn run(
 /// Keeps `Health` and the database-derived gauges current, on a connection of its own so a
 /// saturated pool never makes the process look dead.
 async fn probe_loop(
+    tls: db::tls::Tls,
     url: String,
     schema: Schema,
     pool: Pool,
@@ -153,7 +157,7 @@ async fn probe_loop(
             .db_pool_in_use
             .set((status.size - status.available.min(status.size)) as i64);
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = connect_probe(&url).await;
+            client = connect_probe(&url, &tls).await;
         }
         let Some(c) = &client else {
             health.database.store(false, Relaxed);
@@ -188,12 +192,12 @@ async fn probe_loop(
     }
 }
 
-async fn connect_probe(url: &str) -> Option<tokio_postgres::Client> {
+async fn connect_probe(url: &str, tls: &db::tls::Tls) -> Option<tokio_postgres::Client> {
     let mut config: tokio_postgres::Config = url.parse().ok()?;
     config
         .application_name("postern-probe")
         .connect_timeout(std::time::Duration::from_secs(2));
-    let (client, connection) = config.connect(tokio_postgres::NoTls).await.ok()?;
+    let (client, connection) = config.connect(tls.clone()).await.ok()?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -245,6 +249,7 @@ pub fn start(
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
     vault: SecretBox,
+    tls: db::tls::Tls,
 ) -> anyhow::Result<JoinSet<()>> {
     let o = &config.outbound;
     let signals = Arc::new(Signals::default());
@@ -254,6 +259,7 @@ pub fn start(
     if db::listens(o.notify) {
         tasks.spawn(outbox::listen(
             config.database.listen_url().to_string(),
+            tls,
             schema.channel(),
             signals.clone(),
             metrics.clone(),
@@ -317,7 +323,8 @@ async fn join_all(mut tasks: JoinSet<()>) {
 /// configured notify trigger (replacing whatever mode was installed).
 pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
     let schema = Schema::new(&config.database.schema)?;
-    let pool = db::pool(config.database.url(), config.database.pool_size)?;
+    let tls = db::tls::from_config(&config.database)?;
+    let pool = db::pool(config.database.url(), config.database.pool_size, &tls)?;
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {

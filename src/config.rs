@@ -163,6 +163,14 @@ pub struct DatabaseConfig {
     /// Connections in Postern's pool (the LISTEN connection is extra).
     #[serde(default = "defaults::pool_size")]
     pub pool_size: usize,
+    /// Verify the server's TLS certificate and host name (libpq's verify-full) against the Mozilla
+    /// roots. Whether to use TLS at all is the URL's `sslmode` (disable / prefer / require).
+    #[serde(default)]
+    pub tls_verify: bool,
+    /// PEM CA certificates to verify the server against (implies `tls_verify`), e.g. a cloud
+    /// provider's CA bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
     /// 32 bytes, base64: endpoint secrets and custom header values are encrypted at rest with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption_key: Option<Secret>,
@@ -177,6 +185,8 @@ impl Default for DatabaseConfig {
             migrate_on_start: true,
             publisher_roles: Vec::new(),
             pool_size: defaults::pool_size(),
+            tls_verify: false,
+            ca_file: None,
             encryption_key: None,
         }
     }
@@ -940,6 +950,11 @@ impl Config {
         }
         if let Some(inbound) = &self.inbound {
             p.extend(crate::inbound::validate(inbound));
+        }
+        if let Some(path) = &self.database.ca_file {
+            if let Err(e) = crate::db::tls::verified(Some(path)) {
+                p.push(format!("{e:#}"));
+            }
         }
         if let Some(key) = &self.database.encryption_key {
             if let Err(e) = crate::crypto::SecretBox::from_base64(key.expose()) {

@@ -152,7 +152,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "postern demo: database {}",
         crate::config::mask_url_password(&url)
     );
-    let pool = db::pool(&url, 4)?;
+    let pool = db::pool(&url, 4, &db::tls::unverified())?;
     let client = tokio::time::timeout(Duration::from_secs(10), pool.get())
         .await
         .map_err(|_| {
@@ -209,6 +209,7 @@ async fn demo_body(
         shutdown.clone(),
         metrics,
         vault,
+        db::tls::unverified(),
     )?;
 
     // The app's side: a business row and its event, committed together.

@@ -28,6 +28,21 @@ pub fn init(config: &LogConfig) {
     };
 }
 
+/// An error with its causes, `outer: inner: innermost`, without repeating the same text: the
+/// cause is usually what an operator needs (e.g. why a TLS handshake failed).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
 /// Every metric name Postern exposes, in one place. Counters get `_total` appended by the
 /// exposition format. Labels stay low-cardinality: never URLs, tenants or ids.
 pub mod names {

@@ -259,7 +259,7 @@ impl Bench {
             .batch_execute("DROP DATABASE IF EXISTS postern_bench WITH (FORCE)")
             .await?;
         admin.batch_execute("CREATE DATABASE postern_bench").await?;
-        let pool = postern::db::pool(&self.db_url, 2)?;
+        let pool = postern::db::pool(&self.db_url, 2, &postern::db::tls::unverified())?;
         let schema = postern::db::Schema::new("postern")?;
         postern::db::migrate(&pool, &schema, &[]).await?;
         let client = connect(&self.db_url).await?;
@@ -274,7 +274,7 @@ impl Bench {
     }
 
     async fn set_notify(&self, mode: &str) -> anyhow::Result<()> {
-        let pool = postern::db::pool(&self.db_url, 2)?;
+        let pool = postern::db::pool(&self.db_url, 2, &postern::db::tls::unverified())?;
         let schema = postern::db::Schema::new("postern")?;
         let setting = postern::db::NotifySetting {
             mode: mode.to_string(),

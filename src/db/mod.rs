@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+pub mod tls;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{is_schema_name, Config, NotifyMode};
@@ -44,11 +44,11 @@ impl Schema {
 }
 
 /// Builds the pool. Connections are made lazily, so this does not touch the network.
-pub fn pool(url: &str, size: usize) -> anyhow::Result<Pool> {
+pub fn pool(url: &str, size: usize, tls: &tls::Tls) -> anyhow::Result<Pool> {
     let pg: tokio_postgres::Config = url.parse().context("database.url")?;
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        tls.clone(),
         ManagerConfig {
             // A connection the server closed (restart, pg_terminate_backend) is dropped on
             // return and replaced, without a query per checkout.
@@ -72,10 +72,16 @@ pub async fn wait_until_reachable(pool: &Pool, cancel: &CancellationToken) -> Op
         match pool.get().await {
             Ok(client) => match client.simple_query("SELECT 1").await {
                 Ok(_) => return Some(()),
-                Err(e) => tracing::warn!(error = %e, "database not ready; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %crate::telemetry::error_chain(&e), "database not ready; retrying")
+                }
             },
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unreachable; retrying")
+                tracing::warn!(
+                    error = %crate::telemetry::error_chain(&e),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "database unreachable; retrying"
+                )
             }
         }
         tokio::select! {

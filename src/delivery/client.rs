@@ -113,21 +113,7 @@ fn classify(e: reqwest::Error, timeout: Duration) -> SendError {
         source = s.source();
     }
     if e.is_connect() {
-        return SendError::Connect(error_chain(&e));
+        return SendError::Connect(crate::telemetry::error_chain(&e));
     }
-    SendError::Other(error_chain(&e))
-}
-
-/// `outer: inner: innermost`, without repeating the same text.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    parts.join(": ")
+    SendError::Other(crate::telemetry::error_chain(&e))
 }

@@ -13,7 +13,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+
+use crate::db::tls::Tls;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::Metrics;
@@ -34,6 +36,7 @@ pub struct Signals {
 /// notification and after every (re)connect.
 pub async fn listen(
     url: String,
+    tls: Tls,
     channel: String,
     signals: Arc<Signals>,
     metrics: Arc<Metrics>,
@@ -41,7 +44,7 @@ pub async fn listen(
 ) {
     let mut delay = Duration::from_millis(100);
     while !cancel.is_cancelled() {
-        match listen_once(&url, &channel, &signals, &metrics, &cancel).await {
+        match listen_once(&url, &tls, &channel, &signals, &metrics, &cancel).await {
             Ok(()) => delay = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "outbox listener disconnected");
@@ -60,6 +63,7 @@ pub async fn listen(
 /// One connection's life: returns when it ends (error) or on cancellation (Ok).
 async fn listen_once(
     url: &str,
+    tls: &Tls,
     channel: &str,
     signals: &Signals,
     metrics: &Metrics,
@@ -71,7 +75,7 @@ async fn listen_once(
         .connect_timeout(Duration::from_secs(5))
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30));
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = config.connect(tls.clone()).await?;
     // The connection's plain Future drops notifications; poll_message hands them to us.
     let (tx, mut rx) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {

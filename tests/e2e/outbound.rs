@@ -284,7 +284,7 @@ async fn gone_disables_the_endpoint_and_pauses_its_deliveries_until_resumed() {
     assert_eq!(gone.count(), 1);
 
     // Re-activated, both paused deliveries go out.
-    let pool = postern::db::pool(&db.url, 2).unwrap();
+    let pool = postern::db::pool(&db.url, 2, &postern::db::tls::unverified()).unwrap();
     let schema = postern::db::Schema::new("postern").unwrap();
     assert!(
         postern::endpoints::set_active(&pool, &schema, "gone", true, None)

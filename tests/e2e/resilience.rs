@@ -365,3 +365,45 @@ async fn retention_prunes_what_is_old_and_nothing_else() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_use_tls_when_offered_and_verify_when_asked() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let ssl_on: String = client.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    let receiver = Receiver::ok().await;
+    let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
+    if ssl_on == "on" {
+        // sslmode=prefer (the default): encrypted.
+        let postern = Postern::start(&config).await;
+        postern
+            .wait_log("listening for outbox notifications", Duration::from_secs(5))
+            .await;
+        let encrypted = scalar(
+            &client,
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.application_name = 'postern-listener' AND a.datname = current_database() AND s.ssl",
+        )
+        .await;
+        assert_eq!(encrypted, 1, "the listener connection is not encrypted");
+        drop(postern);
+        // Verification on: this server's self-signed certificate is refused, and said so.
+        let verify = config.replace("pool_size = 4\n", "pool_size = 4\ntls_verify = true\n");
+        let postern = Postern::spawn(&verify, &[]);
+        postern
+            .wait_log("database unreachable; retrying", Duration::from_secs(10))
+            .await;
+        assert!(
+            postern.logs().to_lowercase().contains("certificate"),
+            "{}",
+            postern.logs()
+        );
+    } else {
+        // A server without TLS: sslmode=require must refuse to connect in the clear.
+        let require = config.replace(&db.url, &format!("{}?sslmode=require", db.url));
+        let postern = Postern::spawn(&require, &[]);
+        postern
+            .wait_log("database unreachable; retrying", Duration::from_secs(10))
+            .await;
+    }
+}
