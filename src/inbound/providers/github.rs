@@ -1,7 +1,6 @@
 //! GitHub: `X-Hub-Signature-256: sha256=<hex>` HMAC-SHA256 of the body; no timestamp.
 
 use super::{Incoming, Verifier, VerifyError};
-use crate::signing;
 
 pub struct GitHub {
     secrets: Vec<Vec<u8>>,
@@ -10,7 +9,7 @@ pub struct GitHub {
 impl GitHub {
     pub fn new(secrets: &[&str]) -> Self {
         Self {
-            secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            secrets: super::key_bytes(secrets),
         }
     }
 }
@@ -22,11 +21,7 @@ impl Verifier for GitHub {
             .strip_prefix("sha256=")
             .and_then(super::decode_hex)
             .ok_or(VerifyError::MalformedHeader)?;
-        let expected: Vec<Vec<u8>> = self
-            .secrets
-            .iter()
-            .map(|k| signing::hmac_sha256(k, &[r.body]).to_vec())
-            .collect();
+        let expected: Vec<Vec<u8>> = super::hmac_sha256_each(&self.secrets, &[r.body]);
         super::any_match(&expected, &[sig])
     }
 }

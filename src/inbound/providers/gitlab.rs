@@ -9,7 +9,7 @@ pub struct GitLab {
 impl GitLab {
     pub fn new(secrets: &[&str]) -> Self {
         Self {
-            secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            secrets: super::key_bytes(secrets),
         }
     }
 }

@@ -106,7 +106,7 @@ impl GenericHmac {
             return Err(p);
         }
         Ok(Self {
-            secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            secrets: super::key_bytes(secrets),
             header,
             algorithm,
             base64,

@@ -179,6 +179,18 @@ pub(crate) fn any_match(expected: &[Vec<u8>], candidates: &[Vec<u8>]) -> Result<
     }
 }
 
+/// Secrets used as raw key bytes (every scheme but Standard Webhooks).
+pub(crate) fn key_bytes(secrets: &[&str]) -> Vec<Vec<u8>> {
+    secrets.iter().map(|s| s.as_bytes().to_vec()).collect()
+}
+
+/// HMAC-SHA256 of the concatenated `parts` under each key: the candidates a signature may match.
+pub(crate) fn hmac_sha256_each(keys: &[Vec<u8>], parts: &[&[u8]]) -> Vec<Vec<u8>> {
+    keys.iter()
+        .map(|k| crate::signing::hmac_sha256(k, parts).to_vec())
+        .collect()
+}
+
 pub(crate) fn decode_hex(s: &str) -> Option<Vec<u8>> {
     hex::decode(s.trim()).ok()
 }

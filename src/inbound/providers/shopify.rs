@@ -1,7 +1,6 @@
 //! Shopify: `X-Shopify-Hmac-Sha256`, base64 HMAC-SHA256 of the body; no timestamp.
 
 use super::{Incoming, Verifier, VerifyError};
-use crate::signing;
 
 pub struct Shopify {
     secrets: Vec<Vec<u8>>,
@@ -10,7 +9,7 @@ pub struct Shopify {
 impl Shopify {
     pub fn new(secrets: &[&str]) -> Self {
         Self {
-            secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            secrets: super::key_bytes(secrets),
         }
     }
 }
@@ -19,11 +18,7 @@ impl Verifier for Shopify {
     fn verify(&self, r: &Incoming<'_>) -> Result<(), VerifyError> {
         let sig = super::decode_b64(r.required("x-shopify-hmac-sha256")?)
             .ok_or(VerifyError::MalformedHeader)?;
-        let expected: Vec<Vec<u8>> = self
-            .secrets
-            .iter()
-            .map(|k| signing::hmac_sha256(k, &[r.body]).to_vec())
-            .collect();
+        let expected: Vec<Vec<u8>> = super::hmac_sha256_each(&self.secrets, &[r.body]);
         super::any_match(&expected, &[sig])
     }
 }

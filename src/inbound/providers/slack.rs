@@ -2,7 +2,6 @@
 //! `X-Slack-Request-Timestamp`; 5 minutes either way.
 
 use super::{Incoming, Verifier, VerifyError, Window};
-use crate::signing;
 
 pub struct Slack {
     secrets: Vec<Vec<u8>>,
@@ -12,7 +11,7 @@ pub struct Slack {
 impl Slack {
     pub fn new(secrets: &[&str], tolerance: Option<i64>) -> Self {
         Self {
-            secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            secrets: super::key_bytes(secrets),
             tolerance: tolerance.unwrap_or(300),
         }
     }
@@ -28,11 +27,8 @@ impl Verifier for Slack {
             .ok_or(VerifyError::MalformedHeader)?;
         Window::Symmetric(self.tolerance).check(ts, r.now)?;
         let ts_text = ts.to_string();
-        let expected: Vec<Vec<u8>> = self
-            .secrets
-            .iter()
-            .map(|k| signing::hmac_sha256(k, &[b"v0:", ts_text.as_bytes(), b":", r.body]).to_vec())
-            .collect();
+        let expected: Vec<Vec<u8>> =
+            super::hmac_sha256_each(&self.secrets, &[b"v0:", ts_text.as_bytes(), b":", r.body]);
         super::any_match(&expected, &[sig])
     }
 }

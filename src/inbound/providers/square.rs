@@ -2,7 +2,6 @@
 //! the URL is the one registered with Square (route key `notification_url`); no timestamp.
 
 use super::{Incoming, Verifier, VerifyError};
-use crate::signing;
 
 pub struct Square {
     secrets: Vec<Vec<u8>>,
@@ -13,7 +12,7 @@ impl Square {
     pub fn new(secrets: &[&str], notification_url: Option<&str>) -> Result<Self, Vec<String>> {
         match notification_url {
             Some(url) if !url.is_empty() => Ok(Self {
-                secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+                secrets: super::key_bytes(secrets),
                 notification_url: url.to_string(),
             }),
             _ => Err(vec!["notification_url: required for provider \"square\" (the URL registered with Square)".into()]),
@@ -25,11 +24,8 @@ impl Verifier for Square {
     fn verify(&self, r: &Incoming<'_>) -> Result<(), VerifyError> {
         let sig = super::decode_b64(r.required("x-square-hmacsha256-signature")?)
             .ok_or(VerifyError::MalformedHeader)?;
-        let expected: Vec<Vec<u8>> = self
-            .secrets
-            .iter()
-            .map(|k| signing::hmac_sha256(k, &[self.notification_url.as_bytes(), r.body]).to_vec())
-            .collect();
+        let expected: Vec<Vec<u8>> =
+            super::hmac_sha256_each(&self.secrets, &[self.notification_url.as_bytes(), r.body]);
         super::any_match(&expected, &[sig])
     }
 }

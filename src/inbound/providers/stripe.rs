@@ -2,7 +2,6 @@
 //! with the whole `whsec_...` string; `v0` is ignored; 5 minutes, past only.
 
 use super::{Incoming, Verifier, VerifyError, Window};
-use crate::signing;
 
 pub struct Stripe {
     secrets: Vec<Vec<u8>>,
@@ -12,7 +11,7 @@ pub struct Stripe {
 impl Stripe {
     pub fn new(secrets: &[&str], tolerance: Option<i64>) -> Self {
         Self {
-            secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            secrets: super::key_bytes(secrets),
             tolerance: tolerance.unwrap_or(300),
         }
     }
@@ -36,11 +35,8 @@ impl Verifier for Stripe {
         let ts = timestamp.ok_or(VerifyError::MalformedHeader)?;
         Window::PastOnly(self.tolerance).check(ts, r.now)?;
         let ts_text = ts.to_string();
-        let expected: Vec<Vec<u8>> = self
-            .secrets
-            .iter()
-            .map(|k| signing::hmac_sha256(k, &[ts_text.as_bytes(), b".", r.body]).to_vec())
-            .collect();
+        let expected: Vec<Vec<u8>> =
+            super::hmac_sha256_each(&self.secrets, &[ts_text.as_bytes(), b".", r.body]);
         super::any_match(&expected, &candidates)
     }
 }

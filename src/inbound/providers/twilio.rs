@@ -18,7 +18,7 @@ impl Twilio {
         match public_url {
             Some(url) if url.contains('?') => Err(vec!["public_url: must not carry a query (the received one is appended)".into()]),
             Some(url) if !url.is_empty() => Ok(Self {
-                secrets: secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+                secrets: super::key_bytes(secrets),
                 public_url: url.to_string(),
             }),
             _ => Err(vec!["public_url: required for provider \"twilio\" (the URL Twilio requests, without its query)".into()]),
