@@ -242,25 +242,32 @@ pub async fn install_notify(
         }
     }
     let channel = schema.channel();
-    let body = match wanted.mode.as_str() {
-        "statement" => format!("BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END"),
-        "throttled" => format!(
-            "DECLARE now_ms bigint := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
-               -- A function call, not a query: plpgsql evaluates it on its fast path, without
-               -- the executor, which is most of what this trigger would otherwise cost.
-               last_ms bigint := pg_sequence_last_value('__SCHEMA__.notify_clock'::regclass);
-             BEGIN
-               -- Never set yet, or a clock ahead of now (set by hand, or the system clock stepped
-               -- back): treat it as expired, so nothing can silence the wake-ups.
-               IF last_ms IS NULL OR now_ms - last_ms >= {ms} OR now_ms < last_ms THEN
-                 PERFORM setval('__SCHEMA__.notify_clock', now_ms);
-                 PERFORM pg_notify('{channel}', '');
-               END IF;
-               RETURN NULL;
-             END",
-            ms = wanted.throttle_ms
+    // The throttle lives in the trigger's WHEN clause, which the executor evaluates before
+    // deciding to call the function at all: inside a window (nearly every commit under load) no
+    // plpgsql runs. The clock is read with a function call, not a query, and `date_part` works in
+    // double precision where `extract` would use numeric. A clock never set, or ahead of now (set by
+    // hand, or the system clock stepped back), counts as expired, so nothing can silence wake-ups.
+    let now_ms = "(date_part('epoch', clock_timestamp()) * 1000)::bigint";
+    let (body, when) = match wanted.mode.as_str() {
+        "statement" => (
+            format!("BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END"),
+            String::new(),
         ),
-        _ => String::new(),
+        "throttled" => (
+            format!(
+                "BEGIN
+                   PERFORM setval('__SCHEMA__.notify_clock', {now_ms});
+                   PERFORM pg_notify('{channel}', '');
+                   RETURN NULL;
+                 END"
+            ),
+            format!(
+                "WHEN (COALESCE({now_ms} - pg_sequence_last_value('__SCHEMA__.notify_clock'::regclass)
+                                NOT BETWEEN 0 AND {window}, true))",
+                window = wanted.throttle_ms.saturating_sub(1)
+            ),
+        ),
+        _ => (String::new(), String::new()),
     };
     tx.batch_execute(&schema.sql("DROP TRIGGER IF EXISTS outbox_notify ON __SCHEMA__.outbox;"))
         .await?;
@@ -274,7 +281,7 @@ pub async fn install_notify(
              AS $fn$ {body} $fn$;
              REVOKE EXECUTE ON FUNCTION __SCHEMA__.outbox_notify() FROM PUBLIC;
              CREATE TRIGGER outbox_notify AFTER INSERT ON __SCHEMA__.outbox
-               FOR EACH STATEMENT EXECUTE FUNCTION __SCHEMA__.outbox_notify();"
+               FOR EACH STATEMENT {when} EXECUTE FUNCTION __SCHEMA__.outbox_notify();"
         )))
         .await
         .context("installing the outbox notify trigger")?;
