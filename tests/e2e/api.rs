@@ -77,6 +77,27 @@ impl Ops {
         v
     }
 
+    /// Follows `next_cursor` from `first` to the last page; returns `field` of every item in `list`.
+    async fn walk_pages(&self, first: &str, list: &str, field: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut path = first.to_string();
+        loop {
+            let (s, page) = self.call("GET", &path, None).await;
+            assert_eq!(s, 200, "{page}");
+            seen.extend(
+                page[list]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e[field].as_str().unwrap().to_string()),
+            );
+            match page["next_cursor"].as_str() {
+                Some(c) => path = format!("{first}&cursor={c}"),
+                None => return seen,
+            }
+        }
+    }
+
     /// Polls `/readyz` until it answers `want`; returns the body.
     async fn wait_ready(&self, want: u16) -> String {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -479,27 +500,9 @@ async fn cursor_pagination_is_stable_under_concurrent_inserts() {
             }
         })
     };
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/endpoints?limit=3&cursor={c}"),
-            None => "/endpoints?limit=3".to_string(),
-        };
-        let (s, page) = ops.call("GET", &path, None).await;
-        assert_eq!(s, 200, "{page}");
-        seen.extend(
-            page["endpoints"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["id"].as_str().unwrap().to_string()),
-        );
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => break,
-        }
-    }
+    let seen = ops
+        .walk_pages("/endpoints?limit=3", "endpoints", "id")
+        .await;
     writer.await.unwrap();
     let unique: HashSet<_> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len(), "a page repeated an endpoint");
@@ -858,27 +861,13 @@ async fn delivery_pages_stay_stable_while_new_deliveries_arrive() {
             }
         })
     };
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/endpoints/{id}/deliveries?limit=2&cursor={c}"),
-            None => format!("/endpoints/{id}/deliveries?limit=2"),
-        };
-        let (s, page) = ops.call("GET", &path, None).await;
-        assert_eq!(s, 200, "{page}");
-        seen.extend(
-            page["deliveries"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d["event_id"].as_str().unwrap().to_string()),
-        );
-        match page["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => break,
-        }
-    }
+    let seen = ops
+        .walk_pages(
+            &format!("/endpoints/{id}/deliveries?limit=2"),
+            "deliveries",
+            "event_id",
+        )
+        .await;
     writer.await.unwrap();
     let unique: HashSet<_> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len(), "a page repeated a delivery");
