@@ -8,7 +8,6 @@ mod server;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -173,9 +172,6 @@ impl Inbound {
         client
     }
 }
-
-/// Shared, immutable state of the running proxy.
-pub type SharedInbound = Arc<Inbound>;
 
 #[cfg(test)]
 mod tests {

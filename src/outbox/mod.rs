@@ -6,7 +6,6 @@
 pub mod dispatcher;
 pub mod glob;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +27,6 @@ pub struct Signals {
     pub outbox_changed: Notify,
     /// Rung by the dispatcher: new deliveries exist.
     pub deliveries_ready: Arc<Notify>,
-    /// Whether the LISTEN connection is up (for readiness and metrics).
-    pub listener_connected: AtomicBool,
 }
 
 /// Keeps one LISTEN connection up, reconnecting with backoff, and rings `outbox_changed` for every
@@ -50,7 +47,6 @@ pub async fn listen(
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "outbox listener disconnected");
             }
         }
-        signals.listener_connected.store(false, Ordering::Relaxed);
         metrics.listener_connected.set(0);
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -95,7 +91,6 @@ async fn listen_once(
     });
     let result = async {
         client.batch_execute(&format!("LISTEN {channel}")).await?;
-        signals.listener_connected.store(true, Ordering::Relaxed);
         metrics.listener_connected.set(1);
         tracing::info!(channel, "listening for outbox notifications");
         // Notifications sent while we were away are lost: scan once now.
