@@ -43,13 +43,6 @@ pub async fn sync_config_endpoints(
     let current_secrets = schema.sql(
         "SELECT secret FROM __SCHEMA__.endpoint_secrets WHERE endpoint_id = $1 AND expires_at IS NULL",
     );
-    let retire_others = schema.sql(
-        "UPDATE __SCHEMA__.endpoint_secrets
-         SET expires_at = LEAST(COALESCE(expires_at, 'infinity'), now() + make_interval(secs => $2))
-         WHERE endpoint_id = $1 AND (expires_at IS NULL OR expires_at > now())",
-    );
-    let add_secret =
-        schema.sql("INSERT INTO __SCHEMA__.endpoint_secrets (endpoint_id, secret) VALUES ($1, $2)");
     for e in endpoints {
         let headers: serde_json::Map<String, serde_json::Value> = e
             .headers
@@ -93,10 +86,15 @@ pub async fn sync_config_endpoints(
         }
         if !present {
             // A changed secret: the previous ones keep signing during the grace.
-            tx.execute(&retire_others, &[&e.id, &CONFIG_SECRET_GRACE.as_secs_f64()])
-                .await?;
-            tx.execute(&add_secret, &[&e.id, &vault.seal(e.secret.expose())])
-                .await?;
+            add_secret(
+                &tx,
+                schema,
+                vault,
+                &e.id,
+                e.secret.expose(),
+                Some(CONFIG_SECRET_GRACE),
+            )
+            .await?;
         }
     }
     let ids: Vec<&str> = endpoints.iter().map(|e| e.id.as_str()).collect();
@@ -178,4 +176,34 @@ pub async fn set_active(
     }
     tx.commit().await?;
     Ok(found)
+}
+
+/// Stores a new secret for an endpoint, sealed. With `retire_others`, every other unexpired secret
+/// keeps signing for that grace and then expires (a rotation); without, they are left as they are.
+pub async fn add_secret(
+    tx: &deadpool_postgres::Transaction<'_>,
+    schema: &Schema,
+    vault: &SecretBox,
+    endpoint_id: &str,
+    secret: &str,
+    retire_others: Option<Duration>,
+) -> anyhow::Result<()> {
+    if let Some(grace) = retire_others {
+        tx.execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.endpoint_secrets
+                 SET expires_at = LEAST(COALESCE(expires_at, 'infinity'), now() + make_interval(secs => $2))
+                 WHERE endpoint_id = $1 AND (expires_at IS NULL OR expires_at > now())",
+            ),
+            &[&endpoint_id, &grace.as_secs_f64()],
+        )
+        .await?;
+    }
+    tx.execute(
+        &schema
+            .sql("INSERT INTO __SCHEMA__.endpoint_secrets (endpoint_id, secret) VALUES ($1, $2)"),
+        &[&endpoint_id, &vault.seal(secret)],
+    )
+    .await?;
+    Ok(())
 }

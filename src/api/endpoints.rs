@@ -272,13 +272,7 @@ async fn create_endpoint(
             ],
         )
         .await?;
-    tx.execute(
-        &state
-            .schema
-            .sql("INSERT INTO __SCHEMA__.endpoint_secrets (endpoint_id, secret) VALUES ($1, $2)"),
-        &[&id, &state.vault.seal(&secret)],
-    )
-    .await?;
+    crate::endpoints::add_secret(&tx, &state.schema, &state.vault, &id, &secret, None).await?;
     tx.commit().await?;
     let mut endpoint = from_row(&row);
     endpoint.secret = Some(secret);
@@ -529,22 +523,8 @@ async fn rotate_secret(
     let secret = crate::signing::generate_secret();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    tx.execute(
-        &state.schema.sql(
-            "UPDATE __SCHEMA__.endpoint_secrets
-             SET expires_at = LEAST(COALESCE(expires_at, 'infinity'), now() + make_interval(secs => $2))
-             WHERE endpoint_id = $1 AND (expires_at IS NULL OR expires_at > now())",
-        ),
-        &[&id, &grace.as_secs_f64()],
-    )
-    .await?;
-    tx.execute(
-        &state
-            .schema
-            .sql("INSERT INTO __SCHEMA__.endpoint_secrets (endpoint_id, secret) VALUES ($1, $2)"),
-        &[&id, &state.vault.seal(&secret)],
-    )
-    .await?;
+    crate::endpoints::add_secret(&tx, &state.schema, &state.vault, &id, &secret, Some(grace))
+        .await?;
     tx.execute(
         &state
             .schema
