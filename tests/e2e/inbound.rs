@@ -193,6 +193,24 @@ async fn start_proxy(upstream: Receiver) -> Proxy {
 }
 
 impl Proxy {
+    /// POSTs `body` chunked (no Content-Length), in pieces of `piece` bytes.
+    async fn post_chunked(
+        &self,
+        path: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+        piece: usize,
+    ) -> reqwest::Result<reqwest::Response> {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            body.chunks(piece).map(|c| Ok(c.to_vec())).collect();
+        let stream = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+        let mut req = self.http.post(format!("{}{path}", self.base)).body(stream);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        req.send().await
+    }
+
     async fn post(
         &self,
         path: &str,
@@ -416,19 +434,10 @@ async fn bodies_of_every_size_arrive_intact_with_length_chunked_and_expect() {
         let (s, a) = proxy.post("/wh/github", "", &headers, body.clone()).await;
         assert_eq!(s, 200, "{size} bytes with Content-Length: {a}");
         // Chunked.
-        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-            body.chunks(10_000).map(|c| Ok(c.to_vec())).collect();
-        let mut req =
-            proxy
-                .http
-                .post(format!("{}/wh/github", proxy.base))
-                .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-                    chunks,
-                )));
-        for (k, v) in &headers {
-            req = req.header(k, v);
-        }
-        let resp = req.send().await.unwrap();
+        let resp = proxy
+            .post_chunked("/wh/github", &headers, &body, 10_000)
+            .await
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 200, "{size} bytes chunked");
         // Expect: 100-continue, over a raw socket so the wait for 100 is real.
         let status = expect_continue(proxy.port, "/wh/github", &headers, &body);
@@ -486,19 +495,10 @@ async fn bodies_over_max_body_get_413_declared_or_counted() {
     let (headers, _) = sign("github", &body, now());
     let (s, a) = proxy.post("/wh/github", "", &headers, body.clone()).await;
     assert_eq!((s, a["error"].as_str()), (413, Some("body_too_large")));
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        body.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
-    let mut req =
-        proxy
-            .http
-            .post(format!("{}/wh/github", proxy.base))
-            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-                chunks,
-            )));
-    for (k, v) in &headers {
-        req = req.header(k, v);
-    }
-    match req.send().await {
+    match proxy
+        .post_chunked("/wh/github", &headers, &body, 64 * 1024)
+        .await
+    {
         Ok(resp) => {
             assert_eq!(resp.status().as_u16(), 413);
             assert_eq!(
