@@ -18,9 +18,9 @@ use crate::db::{self, NotifySetting, Schema};
 use crate::delivery::client::WebhookClient;
 use crate::delivery::ssrf::Guard;
 use crate::delivery::store::DeliveryStore;
-use crate::delivery::{Worker, WorkerSettings};
+use crate::delivery::{Capacity, Worker, WorkerSettings};
 use crate::endpoints;
-use crate::outbox::dispatcher::Dispatcher;
+use crate::outbox::dispatcher::{Dispatcher, FastPath};
 use crate::outbox::{self, Signals};
 use crate::retention::{self, Retention};
 use crate::telemetry::Metrics;
@@ -81,7 +81,6 @@ pub async fn run(
         prepare(&config, &pool, &schema, &vault).await?;
         let pipeline = start(
             &config,
-            pool.clone(),
             &schema,
             shutdown.clone(),
             metrics.clone(),
@@ -145,7 +144,8 @@ async fn probe_loop(
         "SELECT (SELECT count(*) FROM __SCHEMA__.deliveries WHERE status = 'pending' AND next_attempt_at <= now()),
                 (SELECT COALESCE(extract(epoch FROM now() - min(next_attempt_at)), 0)::float8
                    FROM __SCHEMA__.deliveries WHERE status = 'pending' AND next_attempt_at <= now()),
-                (SELECT count(*) FROM __SCHEMA__.endpoints WHERE NOT active AND deleted_at IS NULL)",
+                (SELECT count(*) FROM __SCHEMA__.endpoints WHERE NOT active AND deleted_at IS NULL),
+                (SELECT count(*) FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL)",
     );
     loop {
         tokio::select! {
@@ -182,6 +182,7 @@ async fn probe_loop(
                     metrics.deliveries_due.set(row.get(0));
                     metrics.oldest_due_seconds.set(row.get(1));
                     metrics.endpoints_inactive.set(row.get(2));
+                    metrics.outbox_undispatched.set(row.get(3));
                 }
             }
             _ => {
@@ -244,7 +245,6 @@ pub async fn prepare(
 /// Spawns the pipeline's tasks; each stops when `shutdown` is cancelled.
 pub fn start(
     config: &Config,
-    pool: Pool,
     schema: &Schema,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
@@ -252,6 +252,7 @@ pub fn start(
     tls: db::tls::Tls,
 ) -> anyhow::Result<JoinSet<()>> {
     let o = &config.outbound;
+    let pool = db::pipeline_pool(config.database.url(), &tls)?;
     let signals = Arc::new(Signals::default());
     let mut tasks = JoinSet::new();
     let owner = Uuid::new_v4();
@@ -266,7 +267,16 @@ pub fn start(
             shutdown.child_token(),
         ));
     }
-    let dispatcher = Dispatcher::new(pool.clone(), schema, o.dispatch_batch);
+    let settings = WorkerSettings::from_config(config);
+    let capacity = Capacity::new(&settings);
+    let (handoff, handoffs) = tokio::sync::mpsc::unbounded_channel();
+    let fast_path = FastPath {
+        owner,
+        lease: settings.lease,
+        capacity: capacity.clone(),
+        handoff,
+    };
+    let dispatcher = Dispatcher::new(pool.clone(), schema, o.dispatch_batch, fast_path);
     tasks.spawn(outbox::dispatch_loop(
         dispatcher,
         signals.clone(),
@@ -285,13 +295,14 @@ pub fn start(
     let worker = Worker::new(
         store.clone(),
         client,
-        WorkerSettings::from_config(config),
+        settings,
         vault,
         metrics,
         owner,
+        capacity,
         signals.deliveries_ready.clone(),
     );
-    tasks.spawn(worker.run(shutdown.child_token()));
+    tasks.spawn(worker.run(handoffs, shutdown.child_token()));
 
     let retention = Retention::new(
         pool,

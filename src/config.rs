@@ -160,7 +160,8 @@ pub struct DatabaseConfig {
     pub migrate_on_start: bool,
     #[serde(default)]
     pub publisher_roles: Vec<String>,
-    /// Connections in Postern's pool (the LISTEN connection is extra).
+    /// Connections in the pool for the API and start-up (the LISTEN connection, the prober's and
+    /// the pipeline's four are extra).
     #[serde(default = "defaults::pool_size")]
     pub pool_size: usize,
     /// Verify the server's TLS certificate and host name (libpq's verify-full) against the Mozilla

@@ -204,7 +204,6 @@ async fn demo_body(
     let metrics = std::sync::Arc::new(crate::telemetry::Metrics::new());
     let tasks = crate::app::start(
         config,
-        pool.clone(),
         schema,
         shutdown.clone(),
         metrics,

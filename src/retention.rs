@@ -38,18 +38,8 @@ impl Retention {
             pool,
             delivered,
             failed,
-            prune_delivered: schema.sql(
-                "DELETE FROM __SCHEMA__.deliveries WHERE id IN (
-                    SELECT id FROM __SCHEMA__.deliveries
-                    WHERE status = 'delivered' AND updated_at < now() - make_interval(secs => $1)
-                    LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            ),
-            prune_failed: schema.sql(
-                "DELETE FROM __SCHEMA__.deliveries WHERE id IN (
-                    SELECT id FROM __SCHEMA__.deliveries
-                    WHERE status IN ('failed', 'cancelled') AND updated_at < now() - make_interval(secs => $1)
-                    LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            ),
+            prune_delivered: schema.sql(&prune_deliveries("status = 'delivered'")),
+            prune_failed: schema.sql(&prune_deliveries("status IN ('failed', 'cancelled')")),
             // An event goes once no delivery of it is left (all pruned, or none were made).
             prune_events: schema.sql(
                 "DELETE FROM __SCHEMA__.outbox WHERE id IN (
@@ -73,9 +63,16 @@ impl Retention {
         ];
         for (sql, age, events) in steps {
             loop {
-                let n = client
-                    .execute(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
-                    .await?;
+                let n = if events {
+                    client
+                        .execute(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
+                        .await?
+                } else {
+                    let row = client
+                        .query_one(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
+                        .await?;
+                    row.get::<_, i64>(0) as u64
+                };
                 if events {
                     pruned.events += n;
                 } else {
@@ -88,6 +85,23 @@ impl Retention {
         }
         Ok(pruned)
     }
+}
+
+/// Deletes a batch of finished deliveries matching `finished` and, in the same statement, their
+/// attempts (no foreign key cascades them: see migration 2). Returns the deliveries deleted.
+fn prune_deliveries(finished: &str) -> String {
+    format!(
+        "WITH gone AS (
+            DELETE FROM __SCHEMA__.deliveries WHERE id IN (
+                SELECT id FROM __SCHEMA__.deliveries
+                WHERE {finished} AND updated_at < now() - make_interval(secs => $1)
+                LIMIT $2 FOR UPDATE SKIP LOCKED)
+            RETURNING id
+         ), attempts AS (
+            DELETE FROM __SCHEMA__.attempts a USING gone WHERE a.delivery_id = gone.id
+         )
+         SELECT count(*) FROM gone"
+    )
 }
 
 /// Reaps lapsed leases every `reap_every` and prunes every `prune_every`, until cancelled.

@@ -51,6 +51,7 @@ pub mod names {
     pub const DELIVERIES_DUE: &str = "postern_deliveries_due";
     pub const OLDEST_DUE: &str = "postern_oldest_due_seconds";
     pub const DISPATCH_LAG: &str = "postern_outbox_dispatch_lag_seconds";
+    pub const OUTBOX_UNDISPATCHED: &str = "postern_outbox_undispatched";
     pub const ENDPOINTS_INACTIVE: &str = "postern_endpoints_inactive";
     pub const INBOUND_REQUESTS: &str = "postern_inbound_requests";
     pub const INBOUND_DURATION: &str = "postern_inbound_duration_seconds";
@@ -87,6 +88,7 @@ pub struct Metrics {
     pub deliveries: Family<OutcomeLabel, Counter>,
     pub attempt_duration: Histogram,
     pub deliveries_due: Gauge,
+    pub outbox_undispatched: Gauge,
     pub oldest_due_seconds: Gauge<f64, AtomicU64>,
     pub dispatch_lag: Histogram,
     pub endpoints_inactive: Gauge,
@@ -110,6 +112,7 @@ impl Metrics {
             deliveries: Family::default(),
             attempt_duration: latency(),
             deliveries_due: Gauge::default(),
+            outbox_undispatched: Gauge::default(),
             oldest_due_seconds: Gauge::default(),
             dispatch_lag: latency(),
             endpoints_inactive: Gauge::default(),
@@ -133,6 +136,11 @@ impl Metrics {
             names::DELIVERIES_DUE,
             "Deliveries due now and not yet claimed",
             m.deliveries_due.clone(),
+        );
+        registry.register(
+            names::OUTBOX_UNDISPATCHED,
+            "Events committed to the outbox and not yet fanned out (the backlog under overload)",
+            m.outbox_undispatched.clone(),
         );
         registry.register(
             names::OLDEST_DUE,

@@ -42,6 +42,9 @@ struct Args {
     /// Run only these scenarios (1-6); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u32>,
+    /// Leave the scratch database behind after the run, for inspection.
+    #[arg(long)]
+    keep_database: bool,
 }
 
 struct Sizes {
@@ -527,14 +530,15 @@ async fn live(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
     let commits = hammer(&b.db_url, 16, b.sizes.live_secs, false).await?;
     let delivered = b.sink.count.load(Ordering::SeqCst);
     let client = connect(&b.db_url).await?;
-    let backlog: i64 = client
+    let row = client
         .query_one(
-            "SELECT (SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL)
-                  + (SELECT count(*) FROM postern.deliveries WHERE status IN ('pending', 'delivering'))",
+            "SELECT (SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL),
+                    (SELECT count(*) FROM postern.deliveries WHERE status IN ('pending', 'delivering'))",
             &[],
         )
-        .await?
-        .get(0);
+        .await?;
+    let (undispatched, undelivered): (i64, i64) = (row.get(0), row.get(1));
+    let backlog = undispatched + undelivered;
     running.stop();
     let secs = b.sizes.live_secs;
     out.push(Figure::new(
@@ -558,6 +562,11 @@ async fn live(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
     out.push(Figure::new(
         "live: backlog at the end",
         backlog as f64,
+        "events",
+    ));
+    out.push(Figure::new(
+        "live: of which not yet fanned out",
+        undispatched as f64,
         "events",
     ));
     Ok(())
@@ -917,10 +926,12 @@ async fn main() -> anyhow::Result<()> {
     if !footprint.is_empty() {
         sections.push(("6. footprint", footprint));
     }
-    let admin = connect(&bench.admin_url).await?;
-    admin
-        .batch_execute("DROP DATABASE IF EXISTS postern_bench WITH (FORCE)")
-        .await?;
+    if !bench.args.keep_database {
+        let admin = connect(&bench.admin_url).await?;
+        admin
+            .batch_execute("DROP DATABASE IF EXISTS postern_bench WITH (FORCE)")
+            .await?;
+    }
 
     let mut json_sections = serde_json::Map::new();
     for (title, figures) in &sections {

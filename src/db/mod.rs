@@ -13,7 +13,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{is_schema_name, Config, NotifyMode};
 
 /// Embedded migrations, applied in order; a version once released never changes.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("migrations/0001_init.sql")),
+    (
+        2,
+        "no_row_triggers_on_hot_path",
+        include_str!("migrations/0002_no_row_triggers_on_hot_path.sql"),
+    ),
+];
 
 /// The schema version this binary needs.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -46,6 +53,32 @@ impl Schema {
 /// Builds the pool. Connections are made lazily, so this does not touch the network.
 pub fn pool(url: &str, size: usize, tls: &tls::Tls) -> anyhow::Result<Pool> {
     let pg: tokio_postgres::Config = url.parse().context("database.url")?;
+    build_pool(pg, size, tls)
+}
+
+/// Connections the delivery pipeline keeps (fan-out, claims, outcomes, housekeeping).
+pub const PIPELINE_CONNECTIONS: usize = 4;
+
+/// The pipeline's own pool, whose sessions commit with `synchronous_commit = off`. Everything
+/// the pipeline writes can be derived again from rows the app committed durably: if the database
+/// crashes before flushing a fan-out or an outcome, the event is fanned out again or the lease
+/// lapses and the attempt is made again (at-least-once, as after any crash), never lost. In
+/// return, its commits do not queue for the WAL flush behind the app's own commits. The API's
+/// writes (endpoints, secrets) use the ordinary pool and stay durable on return.
+pub fn pipeline_pool(url: &str, tls: &tls::Tls) -> anyhow::Result<Pool> {
+    let mut pg: tokio_postgres::Config = url.parse().context("database.url")?;
+    let options = match pg.get_options() {
+        Some(existing) => format!("{existing} -c synchronous_commit=off"),
+        None => "-c synchronous_commit=off".to_string(),
+    };
+    pg.options(&options);
+    if pg.get_application_name().is_none() {
+        pg.application_name("postern-pipeline");
+    }
+    build_pool(pg, PIPELINE_CONNECTIONS, tls)
+}
+
+fn build_pool(pg: tokio_postgres::Config, size: usize, tls: &tls::Tls) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
         pg,
         tls.clone(),

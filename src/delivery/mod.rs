@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -69,62 +69,177 @@ pub struct Worker {
     secrets: SecretBox,
     metrics: Arc<Metrics>,
     owner: Uuid,
-    /// Rung by the dispatcher (new deliveries) and by finished attempts (free slots).
+    capacity: Arc<Capacity>,
+    /// Rung by the dispatcher (new pending deliveries) and by settled outcomes (free slots).
     wake: Arc<Notify>,
 }
 
-/// Claimed-but-unsettled deliveries per endpoint for this replica, and each endpoint's request
-/// semaphore (which exists while the endpoint has any).
-#[derive(Default)]
-struct InFlight {
-    per_endpoint: Mutex<HashMap<String, (i32, Arc<Semaphore>)>>,
-}
+/// How many deliveries a replica holds (claimed or handed over, not yet settled) per request it
+/// may have in flight to one endpoint: claims, fan-outs and settles are round trips to a database
+/// the app is keeping busy, so the window of held deliveries must cover their latency, while
+/// requests stay bounded by `per_endpoint_concurrency`. Measured with the live benchmark
+/// (BENCHMARKS.md): a window of 4 kept 0.64-0.66 of the app's commits/s to one endpoint, 16 kept
+/// 0.81-0.84 (before the fan-out fast path existed).
+const HOLDS_PER_ENDPOINT_REQUEST: usize = 16;
 
-impl InFlight {
-    /// Counts one more claimed delivery; returns the endpoint's request semaphore.
-    fn add(&self, endpoint: &str, per_endpoint: usize) -> Arc<Semaphore> {
-        let mut map = self.per_endpoint.lock().expect("in-flight map");
-        let entry = map
-            .entry(endpoint.to_string())
-            .or_insert_with(|| (0, Arc::new(Semaphore::new(per_endpoint))));
-        entry.0 += 1;
-        entry.1.clone()
-    }
-
-    fn remove(&self, endpoint: &str) {
-        let mut map = self.per_endpoint.lock().expect("in-flight map");
-        if let Some(entry) = map.get_mut(endpoint) {
-            entry.0 -= 1;
-            if entry.0 <= 0 {
-                map.remove(endpoint);
-            }
-        }
-    }
-
-    fn snapshot(&self) -> Vec<(String, i32)> {
-        self.per_endpoint
-            .lock()
-            .expect("in-flight map")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.0))
-            .collect()
-    }
-}
-
-/// How many deliveries per endpoint a replica claims ahead of its request slots for that
-/// endpoint: larger claims cost the database fewer round trips per delivery, while requests stay
-/// bounded by `per_endpoint_concurrency`.
-const PREFETCH_FACTOR: usize = 4;
+/// The same for the whole replica, per request of `concurrency`. Every held delivery has its
+/// payload in memory, so this also bounds memory: 1,024 held deliveries with the defaults.
+const HOLDS_PER_REQUEST: usize = 4;
 
 /// Time kept free at the end of a lease for recording the outcome.
 const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
-/// A finished (or handed back) delivery on its way to the database, with what it held: its slot
-/// is released only once its outcome is written, so claims never outrun settling.
+/// This replica's delivery capacity, shared by the worker (claims) and the dispatcher (fresh
+/// deliveries it claims as it fans them out). A hold is taken per delivery from claim (or
+/// fan-out) to written outcome; requests are bounded separately, globally and per endpoint.
+pub struct Capacity {
+    holds: Arc<Semaphore>,
+    requests: Arc<Semaphore>,
+    per_endpoint_requests: usize,
+    per_endpoint_held: i32,
+    /// Held deliveries per endpoint and the endpoint's request semaphore (present while any are held).
+    per_endpoint: Mutex<HashMap<String, (i32, Arc<Semaphore>)>>,
+    /// Rung when holds are given back, for a dispatcher waiting for room.
+    pub freed: Notify,
+}
+
+/// One delivery's hold on its replica's capacity; dropping it gives the hold back. It lives until
+/// the delivery's outcome is written, so claims and fan-outs never outrun settling.
+pub struct Hold {
+    _hold: OwnedSemaphorePermit,
+    endpoint: String,
+    endpoint_requests: Arc<Semaphore>,
+    capacity: Arc<Capacity>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut map = self.capacity.per_endpoint.lock().expect("capacity map");
+        if let Some(entry) = map.get_mut(&self.endpoint) {
+            entry.0 -= 1;
+            if entry.0 <= 0 {
+                map.remove(&self.endpoint);
+            }
+        }
+    }
+}
+
+impl Capacity {
+    pub fn new(settings: &WorkerSettings) -> Arc<Self> {
+        Arc::new(Self {
+            holds: Arc::new(Semaphore::new(settings.concurrency * HOLDS_PER_REQUEST)),
+            requests: Arc::new(Semaphore::new(settings.concurrency)),
+            per_endpoint_requests: settings.per_endpoint_concurrency,
+            per_endpoint_held: (settings.per_endpoint_concurrency * HOLDS_PER_ENDPOINT_REQUEST)
+                as i32,
+            per_endpoint: Mutex::default(),
+            freed: Notify::new(),
+        })
+    }
+
+    /// How many more deliveries this replica could hold now, to whichever of `endpoints` has the
+    /// most room (all of them count when `endpoints` is empty).
+    pub fn free_for(&self, endpoints: &[String]) -> usize {
+        let free = self.holds.available_permits();
+        if endpoints.is_empty() {
+            return free;
+        }
+        let map = self.per_endpoint.lock().expect("capacity map");
+        let room = endpoints
+            .iter()
+            .map(|e| self.per_endpoint_held - map.get(e).map_or(0, |v| v.0))
+            .max()
+            .unwrap_or(0)
+            .max(0) as usize;
+        free.min(room)
+    }
+
+    /// A hold for a fresh delivery to `endpoint`, if one is free and the endpoint is under its
+    /// limit of held deliveries.
+    pub fn try_hold(self: &Arc<Self>, endpoint: &str) -> Option<Hold> {
+        let mut map = self.per_endpoint.lock().expect("capacity map");
+        if map
+            .get(endpoint)
+            .is_some_and(|e| e.0 >= self.per_endpoint_held)
+        {
+            return None;
+        }
+        let permit = self.holds.clone().try_acquire_owned().ok()?;
+        Some(self.count(&mut map, endpoint, permit))
+    }
+
+    /// Counts a delivery the worker claimed with `permit` (the claim query applied the limit).
+    fn hold_claimed(self: &Arc<Self>, endpoint: &str, permit: OwnedSemaphorePermit) -> Hold {
+        let mut map = self.per_endpoint.lock().expect("capacity map");
+        self.count(&mut map, endpoint, permit)
+    }
+
+    fn count(
+        self: &Arc<Self>,
+        map: &mut HashMap<String, (i32, Arc<Semaphore>)>,
+        endpoint: &str,
+        permit: OwnedSemaphorePermit,
+    ) -> Hold {
+        let entry = map
+            .entry(endpoint.to_string())
+            .or_insert_with(|| (0, Arc::new(Semaphore::new(self.per_endpoint_requests))));
+        entry.0 += 1;
+        Hold {
+            _hold: permit,
+            endpoint: endpoint.to_string(),
+            endpoint_requests: entry.1.clone(),
+            capacity: self.clone(),
+        }
+    }
+
+    /// Takes every free hold, for a claim of that many.
+    fn take_free(&self) -> Vec<OwnedSemaphorePermit> {
+        std::iter::from_fn(|| self.holds.clone().try_acquire_owned().ok()).collect()
+    }
+
+    /// Gives back holds a claim did not use.
+    fn give_back(&self, unused: impl Iterator<Item = OwnedSemaphorePermit>) {
+        if unused.count() > 0 {
+            self.freed.notify_one();
+        }
+    }
+
+    fn requests_in_flight(&self, concurrency: usize) -> usize {
+        concurrency - self.requests.available_permits()
+    }
+
+    fn held_per_endpoint(&self) -> Vec<(String, i32)> {
+        self.per_endpoint
+            .lock()
+            .expect("capacity map")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.0))
+            .collect()
+    }
+
+    /// Waits for a request slot of the hold's endpoint, then one of the replica's.
+    async fn request_slot(
+        &self,
+        hold: &Hold,
+    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let endpoint = hold.endpoint_requests.clone().acquire_owned().await.ok()?;
+        let replica = self.requests.clone().acquire_owned().await.ok()?;
+        Some((endpoint, replica))
+    }
+}
+
+/// A delivery the dispatcher inserted already claimed by this replica (attempt 1, leased), with
+/// its hold: the fan-out fast path, which saves the claim's round trip and row version.
+pub struct Handoff {
+    pub delivery: Claimed,
+    pub hold: Hold,
+}
+
+/// A finished (or handed back) delivery on its way to the database, with the hold it releases
+/// once its outcome is written.
 struct Done {
     report: Report,
-    endpoint: String,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _hold: Hold,
 }
 
 /// What an attempt task reports.
@@ -135,6 +250,7 @@ enum Report {
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<DeliveryStore>,
         client: WebhookClient,
@@ -142,6 +258,7 @@ impl Worker {
         secrets: SecretBox,
         metrics: Arc<Metrics>,
         owner: Uuid,
+        capacity: Arc<Capacity>,
         wake: Arc<Notify>,
     ) -> Self {
         Self {
@@ -151,133 +268,138 @@ impl Worker {
             secrets,
             metrics,
             owner,
+            capacity,
             wake,
         }
     }
 
     /// Runs until `shutdown` is cancelled, then drains: in-flight attempts get until the drain
-    /// deadline, what is left is handed back, and every outcome is written before returning.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(self.settings.concurrency));
-        let in_flight = Arc::new(InFlight::default());
-        let tracker = TaskTracker::new();
-        let abort = CancellationToken::new();
+    /// deadline, what is left (and whatever the dispatcher still hands over) is handed back, and
+    /// every outcome is written before returning.
+    pub async fn run(
+        self,
+        mut handoffs: mpsc::UnboundedReceiver<Vec<Handoff>>,
+        shutdown: CancellationToken,
+    ) {
         let (report_tx, report_rx) = mpsc::unbounded_channel::<Done>();
+        let slots_freed = Arc::new(Notify::new());
         let settler = tokio::spawn(settle_loop(
             self.store.clone(),
             self.owner,
             report_rx,
-            in_flight.clone(),
-            self.wake.clone(),
+            slots_freed.clone(),
+            self.capacity.clone(),
         ));
-        let per_endpoint = self.settings.per_endpoint_concurrency;
-        let context = Arc::new(AttemptContext {
-            client: self.client.clone(),
-            settings: self.settings.clone(),
-            secrets: self.secrets.clone(),
-            metrics: self.metrics.clone(),
-        });
+        let attempts = Attempts {
+            context: Arc::new(AttemptContext {
+                client: self.client.clone(),
+                settings: self.settings.clone(),
+                secrets: self.secrets.clone(),
+                metrics: self.metrics.clone(),
+            }),
+            tracker: TaskTracker::new(),
+            reports: report_tx.clone(),
+            abort: CancellationToken::new(),
+            shutdown: shutdown.clone(),
+        };
 
         let mut claim_failures = 0u32;
+        let mut handoffs_open = true;
+        // Whether due deliveries may be waiting in the table. Fresh ones usually arrive as
+        // handoffs, so a freed slot is a reason to claim only while the last claim found work.
+        let mut backlog = true;
+        let mut claim_now = true;
+        // Retries fall due without anyone ringing: claim at least once per poll interval, however
+        // busy the handoffs keep this loop.
+        let mut next_poll = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
-            let free = slots.available_permits();
-            let mut claimed_full = false;
-            if free > 0 {
-                let busy = in_flight.snapshot();
-                match self
-                    .store
-                    .claim(
-                        self.owner,
-                        free as i64,
-                        (per_endpoint * PREFETCH_FACTOR) as i32,
-                        &busy,
-                        self.settings.lease,
-                    )
-                    .await
-                {
-                    Ok(batch) => {
-                        claim_failures = 0;
-                        claimed_full = batch.len() == free;
-                        for delivery in batch {
-                            let slot = slots
-                                .clone()
-                                .try_acquire_owned()
-                                .expect("claimed within free slots");
-                            let requests = in_flight.add(&delivery.endpoint_id, per_endpoint);
-                            let (context, tx, abort, stop) = (
-                                context.clone(),
-                                report_tx.clone(),
-                                abort.clone(),
-                                shutdown.clone(),
-                            );
-                            let (claimed_at, lease, timeout) = (
-                                Instant::now(),
-                                self.settings.lease,
-                                self.settings.request_timeout,
-                            );
-                            tracker.spawn(async move {
-                                let endpoint = delivery.endpoint_id.clone();
-                                let (id, attempt) = (delivery.id, delivery.attempt);
-                                // Waiting for a request slot is not starting: on shutdown such a
-                                // delivery goes straight back to the others.
-                                let request = tokio::select! {
-                                    permit = requests.acquire_owned() => permit.ok(),
-                                    _ = stop.cancelled() => None,
-                                };
-                                // An attempt must end well inside the lease it was claimed under;
-                                // one that waited too long for its slot is handed back instead.
-                                let wait_budget = lease
-                                    .saturating_sub(timeout + LEASE_MARGIN)
-                                    .max(Duration::from_millis(250));
-                                let request =
-                                    request.filter(|_| claimed_at.elapsed() <= wait_budget);
-                                let report = match request {
-                                    None => Report::HandBack(id, attempt),
-                                    Some(_request) => tokio::select! {
-                                        ack = context.attempt(delivery) => Report::Settled(ack),
-                                        _ = abort.cancelled() => Report::HandBack(id, attempt),
-                                    },
-                                };
-                                let _ = tx.send(Done {
-                                    report,
-                                    endpoint,
-                                    _slot: slot,
-                                });
-                            });
+            if claim_now {
+                let slots = self.capacity.take_free();
+                if !slots.is_empty() {
+                    let busy = self.capacity.held_per_endpoint();
+                    match self
+                        .store
+                        .claim(
+                            self.owner,
+                            slots.len() as i64,
+                            self.capacity.per_endpoint_held,
+                            &busy,
+                            self.settings.lease,
+                        )
+                        .await
+                    {
+                        Ok(batch) => {
+                            claim_failures = 0;
+                            backlog = !batch.is_empty();
+                            let full = batch.len() == slots.len();
+                            let mut slots = slots.into_iter();
+                            for (delivery, slot) in batch.into_iter().zip(&mut slots) {
+                                let hold = self.capacity.hold_claimed(&delivery.endpoint_id, slot);
+                                attempts.start(delivery, hold);
+                            }
+                            self.capacity.give_back(slots);
+                            if full {
+                                continue;
+                            }
                         }
-                    }
-                    Err(e) => {
-                        claim_failures += 1;
-                        tracing::warn!(error = %format!("{e:#}"), "claiming deliveries failed; retrying");
+                        Err(e) => {
+                            self.capacity.give_back(slots.into_iter());
+                            claim_failures += 1;
+                            tracing::warn!(error = %format!("{e:#}"), "claiming deliveries failed; retrying");
+                        }
                     }
                 }
             }
-            if claimed_full {
-                continue;
+            if claim_now {
+                next_poll = tokio::time::Instant::now()
+                    + if claim_failures > 0 {
+                        Duration::from_millis(100 * 2u64.pow(claim_failures.min(6)))
+                    } else {
+                        self.settings.poll_interval
+                    };
             }
-            let backoff = if claim_failures > 0 {
-                Duration::from_millis(100 * 2u64.pow(claim_failures.min(6)))
-            } else {
-                self.settings.poll_interval
+            claim_now = tokio::select! {
+                _ = shutdown.cancelled() => false,
+                // New pending deliveries (the dispatcher found no free slot) or reaped ones.
+                _ = self.wake.notified(), if claim_failures == 0 => true,
+                _ = slots_freed.notified(), if claim_failures == 0 && backlog => true,
+                batch = handoffs.recv(), if handoffs_open => {
+                    match batch {
+                        Some(batch) => batch.into_iter().for_each(|h| attempts.start(h.delivery, h.hold)),
+                        None => handoffs_open = false,
+                    }
+                    false
+                },
+                _ = tokio::time::sleep_until(next_poll) => true,
             };
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = self.wake.notified(), if claim_failures == 0 => {}
-                _ = tokio::time::sleep(backoff) => {}
-            }
         }
 
-        tracker.close();
-        let in_flight_now = self.settings.concurrency - slots.available_permits();
-        tracing::info!(in_flight = in_flight_now, "delivery worker draining");
-        if tokio::time::timeout(self.settings.drain, tracker.wait())
-            .await
-            .is_err()
-        {
+        attempts.tracker.close();
+        let in_flight = self.capacity.requests_in_flight(self.settings.concurrency);
+        tracing::info!(in_flight, "delivery worker draining");
+        // The dispatcher may still be finishing a pass: what it hands over now goes straight back.
+        let return_handoffs = async {
+            while let Some(batch) = handoffs.recv().await {
+                for h in batch {
+                    let report = Report::HandBack(h.delivery.id, h.delivery.attempt);
+                    let _ = report_tx.send(Done {
+                        report,
+                        _hold: h.hold,
+                    });
+                }
+            }
+        };
+        let drained = tokio::time::timeout(
+            self.settings.drain,
+            futures_util::future::join(attempts.tracker.wait(), return_handoffs),
+        )
+        .await;
+        if drained.is_err() {
             tracing::warn!("drain deadline reached; handing back unfinished deliveries");
-            abort.cancel();
-            tracker.wait().await;
+            attempts.abort.cancel();
+            attempts.tracker.wait().await;
         }
+        drop(attempts);
         drop(report_tx);
         if let Err(e) = settler.await {
             tracing::error!(error = %e, "settling task failed");
@@ -285,14 +407,65 @@ impl Worker {
     }
 }
 
+/// Starts attempts as tasks and routes their reports to the settler.
+struct Attempts {
+    context: Arc<AttemptContext>,
+    tracker: TaskTracker,
+    reports: mpsc::UnboundedSender<Done>,
+    /// Cancelled when the drain deadline passes: unfinished attempts are handed back.
+    abort: CancellationToken,
+    shutdown: CancellationToken,
+}
+
+impl Attempts {
+    fn start(&self, delivery: Claimed, hold: Hold) {
+        let (context, reports, abort, stop) = (
+            self.context.clone(),
+            self.reports.clone(),
+            self.abort.clone(),
+            self.shutdown.clone(),
+        );
+        let lease = context.settings.lease;
+        let timeout = context.settings.request_timeout;
+        let claimed_at = Instant::now();
+        self.tracker.spawn(async move {
+            let (id, attempt) = (delivery.id, delivery.attempt);
+            // Waiting for a request slot is not starting: on shutdown such a delivery goes
+            // straight back to the others.
+            let capacity = hold.capacity.clone();
+            let request = tokio::select! {
+                permits = capacity.request_slot(&hold) => permits,
+                _ = stop.cancelled() => None,
+            };
+            // An attempt must end well inside the lease it was claimed under; one that waited
+            // too long for its slot is handed back instead.
+            let wait_budget = lease
+                .saturating_sub(timeout + LEASE_MARGIN)
+                .max(Duration::from_millis(250));
+            let request = request.filter(|_| claimed_at.elapsed() <= wait_budget);
+            let report = match request {
+                None => Report::HandBack(id, attempt),
+                Some(_request) => tokio::select! {
+                    ack = context.attempt(delivery) => Report::Settled(ack),
+                    _ = abort.cancelled() => Report::HandBack(id, attempt),
+                },
+            };
+            let _ = reports.send(Done {
+                report,
+                _hold: hold,
+            });
+        });
+    }
+}
+
 /// Writes outcomes in batches: whatever has arrived since the last write goes in one transaction.
-/// Only then are the deliveries' slots released and the claimer woken.
+/// Only then are the deliveries' holds dropped (their slots freed) and the claimer told.
 async fn settle_loop(
     store: Arc<DeliveryStore>,
     owner: Uuid,
     mut rx: mpsc::UnboundedReceiver<Done>,
-    in_flight: Arc<InFlight>,
-    wake: Arc<Notify>,
+    slots_freed: Arc<Notify>,
+    capacity: Arc<Capacity>,
 ) {
     let mut buf: Vec<Done> = Vec::with_capacity(512);
     while rx.recv_many(&mut buf, 512).await > 0 {
@@ -307,6 +480,7 @@ async fn settle_loop(
         let mut delay = Duration::from_millis(100);
         // Outcomes are retried until written; if the database stays away longer than the lease,
         // the reaper makes the deliveries due again (at-least-once, never lost).
+        let started = Instant::now();
         for attempt in 1.. {
             let result = async {
                 store.settle(owner, &acks).await?;
@@ -331,10 +505,16 @@ async fn settle_loop(
                 }
             }
         }
-        for done in buf.drain(..) {
-            in_flight.remove(&done.endpoint);
-        }
-        wake.notify_one();
+        tracing::debug!(
+            outcomes = acks.len(),
+            handed_back = back.len(),
+            took_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "outcomes written"
+        );
+        // Dropping the holds frees the slots.
+        buf.clear();
+        slots_freed.notify_one();
+        capacity.freed.notify_one();
     }
 }
 
@@ -585,4 +765,60 @@ fn build_headers(d: &Claimed, body: &[u8], vault: &SecretBox) -> Result<HeaderMa
         }
     }
     Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capacity(concurrency: usize, per_endpoint: usize) -> Arc<Capacity> {
+        let config = Config::from_toml_str(&format!(
+            "[database]\nurl = \"postgres://127.0.0.1/app\"\n[outbound]\n\
+             concurrency = {concurrency}\nper_endpoint_concurrency = {per_endpoint}\n"
+        ))
+        .expect("valid config");
+        Capacity::new(&WorkerSettings::from_config(&config))
+    }
+
+    #[test]
+    fn holds_are_bounded_per_endpoint_and_per_replica_and_given_back_on_drop() {
+        // 2 requests -> 8 holds per replica; 1 request per endpoint -> 16 holds per endpoint.
+        let cap = capacity(2, 1);
+        let a: Vec<Hold> = std::iter::from_fn(|| cap.try_hold("a")).collect();
+        assert_eq!(a.len(), 8, "the replica-wide bound applies first");
+        assert!(cap.try_hold("b").is_none());
+        assert_eq!(cap.free_for(&["b".to_string()]), 0);
+        drop(a);
+        assert_eq!(cap.free_for(&[]), 8);
+        assert!(cap.held_per_endpoint().is_empty());
+
+        // 8 requests -> 32 holds per replica; 1 per endpoint -> 16 holds per endpoint.
+        let cap = capacity(8, 1);
+        let a: Vec<Hold> = std::iter::from_fn(|| cap.try_hold("a")).collect();
+        assert_eq!(a.len(), 16, "one endpoint cannot take every hold");
+        assert_eq!(cap.free_for(&["a".to_string()]), 0);
+        assert_eq!(cap.free_for(&["a".to_string(), "b".to_string()]), 16);
+        assert!(cap.try_hold("b").is_some());
+        assert_eq!(cap.held_per_endpoint(), vec![("a".to_string(), 16)]);
+    }
+
+    #[tokio::test]
+    async fn a_claim_gives_back_what_it_did_not_use_and_wakes_the_dispatcher() {
+        let cap = capacity(1, 1);
+        let taken = cap.take_free();
+        assert_eq!(taken.len(), 4);
+        assert_eq!(cap.free_for(&[]), 0);
+        let mut taken = taken.into_iter();
+        let hold = cap.hold_claimed("a", taken.next().unwrap());
+        cap.give_back(taken);
+        assert_eq!(cap.free_for(&[]), 3);
+        tokio::time::timeout(Duration::from_secs(1), cap.freed.notified())
+            .await
+            .expect("the dispatcher is told room freed");
+        // A request slot of the endpoint and of the replica, then none until it is returned.
+        let slot = cap.request_slot(&hold).await.expect("a request slot");
+        assert_eq!(cap.requests_in_flight(1), 1);
+        drop(slot);
+        assert_eq!(cap.requests_in_flight(1), 0);
+    }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::db::Schema;
@@ -228,18 +229,6 @@ impl DeliveryStore {
             return Ok(());
         }
         let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let mut gone: Vec<&str> = acks
-            .iter()
-            .filter(|a| a.settle == Settle::EndpointGone)
-            .map(|a| a.endpoint_id.as_str())
-            .collect();
-        if !gone.is_empty() {
-            gone.sort_unstable();
-            gone.dedup();
-            tx.execute(&self.disable_gone, &[&gone]).await?;
-            tx.execute(&self.pause_gone, &[&gone]).await?;
-        }
         let n = acks.len();
         let (mut ids, mut attempts, mut statuses, mut next_at) = (
             Vec::with_capacity(n),
@@ -272,15 +261,28 @@ impl DeliveryStore {
             durations.push(a.record.duration_ms);
             bodies.push(a.record.response_body.as_deref());
         }
+        let params: [&(dyn ToSql + Sync); 10] = [
+            &owner, &ids, &attempts, &statuses, &next_at, &codes, &errors, &started, &durations,
+            &bodies,
+        ];
+        let mut gone: Vec<&str> = acks
+            .iter()
+            .filter(|a| a.settle == Settle::EndpointGone)
+            .map(|a| a.endpoint_id.as_str())
+            .collect();
+        if gone.is_empty() {
+            // The usual case: one statement, its own transaction, one round trip.
+            let stmt = client.prepare_cached(&self.ack).await?;
+            client.execute(&stmt, &params).await?;
+            return Ok(());
+        }
+        gone.sort_unstable();
+        gone.dedup();
+        let tx = client.transaction().await?;
+        tx.execute(&self.disable_gone, &[&gone]).await?;
+        tx.execute(&self.pause_gone, &[&gone]).await?;
         let stmt = tx.prepare_cached(&self.ack).await?;
-        tx.execute(
-            &stmt,
-            &[
-                &owner, &ids, &attempts, &statuses, &next_at, &codes, &errors, &started,
-                &durations, &bodies,
-            ],
-        )
-        .await?;
+        tx.execute(&stmt, &params).await?;
         tx.commit().await?;
         Ok(())
     }

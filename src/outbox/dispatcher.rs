@@ -3,18 +3,31 @@
 //! one transaction, so an event is fanned out exactly once even with several replicas (rows are
 //! taken with `FOR UPDATE SKIP LOCKED`, never by a high-water mark: `id` order is not commit order).
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use deadpool_postgres::Pool;
+use tokio::sync::mpsc;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::glob::Subscription;
 use crate::db::Schema;
+use crate::delivery::store::Claimed;
+use crate::delivery::{Capacity, Handoff};
 
-/// An endpoint as the matcher sees it.
+/// An endpoint as the matcher sees it, with what a fast-path delivery to it needs.
 struct Target {
     id: String,
     tenant: Option<String>,
     active: bool,
     subscription: Subscription,
+    url: String,
+    headers: serde_json::Value,
+    signature: String,
+    retry: Option<serde_json::Value>,
+    secrets: Vec<String>,
 }
 
 impl Target {
@@ -36,15 +49,35 @@ impl Target {
 /// What one dispatcher pass did.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Dispatched {
+    /// How many events the pass could take (the batch, or less when delivery capacity is short);
+    /// 0 means it took none because this replica has no room to deliver them.
+    pub limit: usize,
     pub events: usize,
     pub deliveries: usize,
+    /// Deliveries inserted `pending`, for the worker to claim (the rest were handed to it).
+    pub pending: usize,
     /// Seconds from each event's insert to its dispatch (for the lag metric).
     pub lags: Vec<f64>,
+}
+
+/// The fan-out fast path: fresh deliveries to active endpoints are inserted already claimed by
+/// this replica (attempt 1, under a lease) while it has capacity, and handed to its worker in
+/// memory. The rest are inserted `pending` for whichever replica claims them.
+pub struct FastPath {
+    pub owner: Uuid,
+    pub lease: Duration,
+    pub capacity: Arc<Capacity>,
+    pub handoff: mpsc::UnboundedSender<Vec<Handoff>>,
 }
 
 pub struct Dispatcher {
     pool: Pool,
     batch: i64,
+    fast: FastPath,
+    /// Deliveries to active endpoints per event in the last pass (at least 1), and the active
+    /// endpoints then, to size the next pass to the delivery capacity.
+    fanout: AtomicUsize,
+    active: Mutex<Vec<String>>,
     take: String,
     endpoints: String,
     insert: String,
@@ -52,95 +85,222 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(pool: Pool, schema: &Schema, batch: usize) -> Self {
+    pub fn new(pool: Pool, schema: &Schema, batch: usize, fast: FastPath) -> Self {
         Self {
             pool,
             batch: batch as i64,
+            fast,
+            fanout: AtomicUsize::new(1),
+            active: Mutex::default(),
             take: schema.sql(
                 "SELECT id, event_id, event_type, tenant, target_endpoint,
-                        extract(epoch FROM clock_timestamp() - created_at)::float8
+                        extract(epoch FROM clock_timestamp() - created_at)::float8,
+                        payload::text, created_at, metadata
                  FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
             ),
             endpoints: schema.sql(
-                "SELECT id, tenant, active, events FROM __SCHEMA__.endpoints WHERE deleted_at IS NULL",
+                "SELECT e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
+                        ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
+                              WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
+                              ORDER BY s.id DESC)
+                 FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL",
             ),
             insert: schema.sql(
-                "INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status)
-                 SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[])",
+                "INSERT INTO __SCHEMA__.deliveries
+                    (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at)
+                 SELECT u.id, u.outbox_id, u.event_id, u.event_type, u.endpoint_id, u.status,
+                        CASE WHEN u.status = 'delivering' THEN 1 ELSE 0 END,
+                        CASE WHEN u.status = 'delivering' THEN $7::uuid END,
+                        CASE WHEN u.status = 'delivering' THEN now() + make_interval(secs => $8) END
+                 FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[])
+                   AS u(id, outbox_id, event_id, event_type, endpoint_id, status)",
             ),
             mark: schema.sql("UPDATE __SCHEMA__.outbox SET dispatched_at = now() WHERE id = ANY($1)"),
         }
     }
 
-    /// Fans out one batch. Call again while it returns a full batch.
-    pub async fn dispatch_once(&self) -> anyhow::Result<Dispatched> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let take = tx.prepare_cached(&self.take).await?;
-        let rows = tx.query(&take, &[&self.batch]).await?;
-        if rows.is_empty() {
-            tx.commit().await?;
+    /// Fans out one batch, sized to what this replica can deliver now unless `regardless`: the
+    /// events wait in the outbox rather than as `pending` deliveries that cost another claim and
+    /// row version later. Call again while it returns `events == limit > 0`.
+    pub async fn dispatch_once(&self, regardless: bool) -> anyhow::Result<Dispatched> {
+        let limit = if regardless {
+            self.batch as usize
+        } else {
+            let active = self.active.lock().expect("active endpoints");
+            (self.fast.capacity.free_for(&active) / self.fanout.load(Relaxed))
+                .min(self.batch as usize)
+        };
+        if limit == 0 {
             return Ok(Dispatched::default());
         }
-        // Read inside the transaction, so an endpoint created before the event committed is seen.
-        let endpoints = tx.prepare_cached(&self.endpoints).await?;
-        let targets: Vec<Target> = tx
-            .query(&endpoints, &[])
-            .await?
+        let mut client = self.pool.get().await?;
+        let (take, endpoints, insert, mark) = futures_util::try_join!(
+            client.prepare_cached(&self.take),
+            client.prepare_cached(&self.endpoints),
+            client.prepare_cached(&self.insert),
+            client.prepare_cached(&self.mark),
+        )?;
+        let tx = client.transaction().await?;
+        // Pipelined: both go out before either answer is awaited. The endpoints are read inside
+        // the transaction, so an endpoint created before the event committed is seen.
+        let take_params: [&(dyn ToSql + Sync); 1] = [&(limit as i64)];
+        let (rows, endpoint_rows) =
+            futures_util::try_join!(tx.query(&take, &take_params), tx.query(&endpoints, &[]))?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(Dispatched {
+                limit,
+                ..Dispatched::default()
+            });
+        }
+        let targets: Vec<Target> = endpoint_rows
             .iter()
             .map(|r| Target {
                 id: r.get(0),
                 tenant: r.get(1),
                 active: r.get(2),
                 subscription: Subscription::new(&r.get::<_, Vec<String>>(3)),
+                url: r.get(4),
+                headers: r.get(5),
+                signature: r.get(6),
+                retry: r.get(7),
+                secrets: r.get(8),
             })
             .collect();
 
+        *self.active.lock().expect("active endpoints") = targets
+            .iter()
+            .filter(|t| t.active)
+            .map(|t| t.id.clone())
+            .collect();
         let mut outbox_ids = Vec::with_capacity(rows.len());
-        let (mut d_outbox, mut d_event, mut d_type, mut d_endpoint, mut d_status) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut new = NewDeliveries::default();
+        let mut handoffs = Vec::new();
+        let mut to_active = 0usize;
         let mut lags = Vec::with_capacity(rows.len());
         for r in &rows {
             let id: i64 = r.get(0);
             let event_id: Uuid = r.get(1);
-            let event_type: String = r.get(2);
-            let tenant: Option<String> = r.get(3);
-            let target: Option<String> = r.get(4);
+            let event_type: &str = r.get(2);
+            let tenant: Option<&str> = r.get(3);
+            let target: Option<&str> = r.get(4);
             lags.push(r.get::<_, f64>(5));
             outbox_ids.push(id);
-            for t in &targets {
-                if t.wants(&event_type, tenant.as_deref(), target.as_deref()) {
-                    d_outbox.push(id);
-                    d_event.push(event_id);
-                    d_type.push(event_type.clone());
-                    d_endpoint.push(t.id.as_str());
-                    // Inactive endpoints still get their deliveries, paused, so re-activating
-                    // one loses nothing.
-                    d_status.push(if t.active { "pending" } else { "paused" });
+            for t in targets
+                .iter()
+                .filter(|t| t.wants(event_type, tenant, target))
+            {
+                let delivery_id = Uuid::now_v7();
+                if t.active {
+                    to_active += 1;
+                }
+                let hold = t
+                    .active
+                    .then(|| self.fast.capacity.try_hold(&t.id))
+                    .flatten();
+                // Inactive endpoints still get their deliveries, paused, so re-activating one
+                // loses nothing.
+                let status = match (&hold, t.active) {
+                    (Some(_), _) => "delivering",
+                    (None, true) => "pending",
+                    (None, false) => "paused",
+                };
+                new.push(delivery_id, id, event_id, event_type, &t.id, status);
+                if let Some(hold) = hold {
+                    let delivery = Claimed {
+                        id: delivery_id,
+                        attempt: 1,
+                        endpoint_id: t.id.clone(),
+                        event_id,
+                        event_type: event_type.to_string(),
+                        payload: r.get(6),
+                        created_at: r.get(7),
+                        url: t.url.clone(),
+                        headers: t.headers.clone(),
+                        signature: t.signature.clone(),
+                        retry: t.retry.clone(),
+                        metadata: r.get(8),
+                        secrets: t.secrets.clone(),
+                    };
+                    handoffs.push(Handoff { delivery, hold });
                 }
             }
         }
-        if !d_outbox.is_empty() {
-            let insert = tx.prepare_cached(&self.insert).await?;
-            tx.execute(
-                &insert,
-                &[&d_outbox, &d_event, &d_type, &d_endpoint, &d_status],
-            )
-            .await?;
+        self.fanout
+            .store(to_active.div_ceil(rows.len()).max(1), Relaxed);
+        let (owner, lease) = (self.fast.owner, self.fast.lease.as_secs_f64());
+        let deliveries = new.ids.len();
+        let pending = deliveries - handoffs.len();
+        let mark_params: [&(dyn ToSql + Sync); 1] = [&outbox_ids];
+        if deliveries > 0 {
+            let insert_params: [&(dyn ToSql + Sync); 8] = [
+                &new.ids,
+                &new.outbox_ids,
+                &new.event_ids,
+                &new.event_types,
+                &new.endpoints,
+                &new.statuses,
+                &owner,
+                &lease,
+            ];
+            futures_util::try_join!(
+                tx.execute(&insert, &insert_params),
+                tx.execute(&mark, &mark_params),
+            )?;
+        } else {
+            tx.execute(&mark, &mark_params).await?;
         }
-        let mark = tx.prepare_cached(&self.mark).await?;
-        tx.execute(&mark, &[&outbox_ids]).await?;
         tx.commit().await?;
+        // Only a stopped worker drops the receiver; the leases then lapse and the reaper makes
+        // these deliveries due again.
+        if !handoffs.is_empty() && self.fast.handoff.send(handoffs).is_err() {
+            tracing::warn!(
+                "the delivery worker has stopped; fresh deliveries wait for their lease to lapse"
+            );
+        }
         Ok(Dispatched {
+            limit,
             events: rows.len(),
-            deliveries: d_outbox.len(),
+            deliveries,
+            pending,
             lags,
         })
     }
 
-    pub fn batch(&self) -> usize {
-        self.batch as usize
+    /// Resolves when the worker gives delivery capacity back.
+    pub async fn capacity_freed(&self) {
+        self.fast.capacity.freed.notified().await
+    }
+}
+
+/// The delivery rows of one pass, column by column (for `unnest`).
+#[derive(Default)]
+struct NewDeliveries<'a> {
+    ids: Vec<Uuid>,
+    outbox_ids: Vec<i64>,
+    event_ids: Vec<Uuid>,
+    event_types: Vec<&'a str>,
+    endpoints: Vec<&'a str>,
+    statuses: Vec<&'static str>,
+}
+
+impl<'a> NewDeliveries<'a> {
+    fn push(
+        &mut self,
+        id: Uuid,
+        outbox_id: i64,
+        event_id: Uuid,
+        event_type: &'a str,
+        endpoint: &'a str,
+        status: &'static str,
+    ) {
+        self.ids.push(id);
+        self.outbox_ids.push(outbox_id);
+        self.event_ids.push(event_id);
+        self.event_types.push(event_type);
+        self.endpoints.push(endpoint);
+        self.statuses.push(status);
     }
 }
 
@@ -154,6 +314,11 @@ mod tests {
             tenant: tenant.map(Into::into),
             active: true,
             subscription: Subscription::new(events),
+            url: format!("http://127.0.0.1/{id}"),
+            headers: serde_json::json!({}),
+            signature: "standard".into(),
+            retry: None,
+            secrets: Vec::new(),
         }
     }
 

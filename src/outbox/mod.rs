@@ -25,7 +25,7 @@ use dispatcher::Dispatcher;
 pub struct Signals {
     /// Rung by the listener: something was committed to the outbox.
     pub outbox_changed: Notify,
-    /// Rung by the dispatcher: new deliveries exist.
+    /// Rung by the dispatcher: new deliveries wait in the table to be claimed.
     pub deliveries_ready: Arc<Notify>,
 }
 
@@ -114,6 +114,9 @@ async fn listen_once(
     result
 }
 
+/// How long fan-out waits for delivery capacity before fanning out into `pending` anyway.
+const FANOUT_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Runs dispatcher passes on wake-ups and on the poll timer until cancelled.
 pub async fn dispatch_loop(
     dispatcher: Dispatcher,
@@ -137,11 +140,25 @@ pub async fn dispatch_loop(
                 next_pass = Instant::now() + poll_interval;
             }
         }
-        loop {
-            match dispatcher.dispatch_once().await {
+        let mut regardless = false;
+        while !cancel.is_cancelled() {
+            let started = Instant::now();
+            match dispatcher.dispatch_once(regardless).await {
                 Ok(done) => {
                     failures = 0;
-                    if done.deliveries > 0 {
+                    regardless = false;
+                    if done.limit == 0 {
+                        // No room to deliver more: wait for some, but only so long; then the
+                        // events are fanned out anyway, as pending deliveries, so a replica whose
+                        // endpoints are stuck never keeps events from being recorded.
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = dispatcher.capacity_freed() => {}
+                            _ = tokio::time::sleep(FANOUT_PATIENCE) => regardless = true,
+                        }
+                        continue;
+                    }
+                    if done.pending > 0 {
                         signals.deliveries_ready.notify_one();
                     }
                     for lag in &done.lags {
@@ -152,11 +169,13 @@ pub async fn dispatch_loop(
                         tracing::debug!(
                             events = done.events,
                             deliveries = done.deliveries,
+                            pending = done.pending,
+                            took_ms = started.elapsed().as_secs_f64() * 1000.0,
                             max_lag_s = max_lag,
                             "dispatched"
                         );
                     }
-                    if done.events < dispatcher.batch() {
+                    if done.events < done.limit {
                         break;
                     }
                 }

@@ -694,6 +694,7 @@ async fn readiness_follows_the_database_and_metrics_count_deliveries() {
     for family in [
         "postern_attempt_duration_seconds_bucket",
         "postern_deliveries_due",
+        "postern_outbox_undispatched",
         "postern_oldest_due_seconds",
         "postern_outbox_dispatch_lag_seconds_count",
         "postern_endpoints_inactive",

@@ -373,6 +373,46 @@ async fn a_hanging_endpoint_does_not_delay_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_goes_on_when_every_hold_waits_on_a_hanging_endpoint() {
+    let db = TestDb::create().await;
+    let hanging = Receiver::start(|_, _| Reply::status(200).after(Duration::from_secs(30))).await;
+    // One request slot: the replica holds at most 4 deliveries, all stuck behind the hang.
+    let config = base_config(&db).replace(
+        "[outbound]\n",
+        "[outbound]\nconcurrency = 1\nper_endpoint_concurrency = 1\n",
+    ) + &endpoint("hanging", &hanging.url, &["*"], "");
+    let _postern = Postern::start(&config).await;
+    let mut client = db.client().await;
+    publish_batch(&mut client, "order.created", 20, 0).await;
+    // Fan-out waits for room only about a second, then records the rest as pending. Waiting for
+    // room alone would take about 5 s here (room frees as held deliveries are handed back).
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries",
+        20,
+        Duration::from_millis(3000),
+    )
+    .await;
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL"
+        )
+        .await,
+        0
+    );
+    assert!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.deliveries WHERE status = 'delivering'"
+        )
+        .await
+            <= 4,
+        "a replica never holds more than 4 x concurrency deliveries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoints_backlog_does_not_slow_a_healthy_one() {
     let db = TestDb::create().await;
     let dead_url = format!("http://127.0.0.1:{}/hook", dead_port().await);
