@@ -99,8 +99,6 @@ pub struct Capacity {
     per_endpoint_held: i32,
     /// Held deliveries per endpoint and the endpoint's request semaphore (present while any are held).
     per_endpoint: Mutex<HashMap<String, (i32, Arc<Semaphore>)>>,
-    /// Rung when holds are given back, for a dispatcher waiting for room.
-    pub freed: Notify,
 }
 
 /// One delivery's hold on its replica's capacity; dropping it gives the hold back. It lives until
@@ -133,25 +131,7 @@ impl Capacity {
             per_endpoint_held: (settings.per_endpoint_concurrency * HOLDS_PER_ENDPOINT_REQUEST)
                 as i32,
             per_endpoint: Mutex::default(),
-            freed: Notify::new(),
         })
-    }
-
-    /// How many more deliveries this replica could hold now, to whichever of `endpoints` has the
-    /// most room (all of them count when `endpoints` is empty).
-    pub fn free_for(&self, endpoints: &[String]) -> usize {
-        let free = self.holds.available_permits();
-        if endpoints.is_empty() {
-            return free;
-        }
-        let map = self.per_endpoint.lock().expect("capacity map");
-        let room = endpoints
-            .iter()
-            .map(|e| self.per_endpoint_held - map.get(e).map_or(0, |v| v.0))
-            .max()
-            .unwrap_or(0)
-            .max(0) as usize;
-        free.min(room)
     }
 
     /// A hold for a fresh delivery to `endpoint`, if one is free and the endpoint is under its
@@ -195,13 +175,6 @@ impl Capacity {
     /// Takes every free hold, for a claim of that many.
     fn take_free(&self) -> Vec<OwnedSemaphorePermit> {
         std::iter::from_fn(|| self.holds.clone().try_acquire_owned().ok()).collect()
-    }
-
-    /// Gives back holds a claim did not use.
-    fn give_back(&self, unused: impl Iterator<Item = OwnedSemaphorePermit>) {
-        if unused.count() > 0 {
-            self.freed.notify_one();
-        }
     }
 
     fn requests_in_flight(&self, concurrency: usize) -> usize {
@@ -288,7 +261,6 @@ impl Worker {
             self.owner,
             report_rx,
             slots_freed.clone(),
-            self.capacity.clone(),
         ));
         let attempts = Attempts {
             context: Arc::new(AttemptContext {
@@ -306,7 +278,8 @@ impl Worker {
         let mut claim_failures = 0u32;
         let mut handoffs_open = true;
         // Whether due deliveries may be waiting in the table. Fresh ones usually arrive as
-        // handoffs, so a freed slot is a reason to claim only while the last claim found work.
+        // handoffs, so a freed hold is a reason to claim only while the last claim found work or
+        // was cut short by an endpoint's limit.
         let mut backlog = true;
         let mut claim_now = true;
         // Retries fall due without anyone ringing: claim at least once per poll interval, however
@@ -330,20 +303,24 @@ impl Worker {
                     {
                         Ok(batch) => {
                             claim_failures = 0;
-                            backlog = !batch.is_empty();
+                            // An endpoint at its limit of held deliveries may have more waiting:
+                            // the next freed hold is a reason to look again.
+                            let limited = busy
+                                .iter()
+                                .any(|(_, n)| *n >= self.capacity.per_endpoint_held);
+                            backlog = !batch.is_empty() || limited;
                             let full = batch.len() == slots.len();
                             let mut slots = slots.into_iter();
                             for (delivery, slot) in batch.into_iter().zip(&mut slots) {
                                 let hold = self.capacity.hold_claimed(&delivery.endpoint_id, slot);
                                 attempts.start(delivery, hold);
                             }
-                            self.capacity.give_back(slots);
+                            // Holds the claim did not use go back as `slots` is dropped.
                             if full {
                                 continue;
                             }
                         }
                         Err(e) => {
-                            self.capacity.give_back(slots.into_iter());
                             claim_failures += 1;
                             tracing::warn!(error = %format!("{e:#}"), "claiming deliveries failed; retrying");
                         }
@@ -465,7 +442,6 @@ async fn settle_loop(
     owner: Uuid,
     mut rx: mpsc::UnboundedReceiver<Done>,
     slots_freed: Arc<Notify>,
-    capacity: Arc<Capacity>,
 ) {
     let mut buf: Vec<Done> = Vec::with_capacity(512);
     while rx.recv_many(&mut buf, 512).await > 0 {
@@ -514,7 +490,6 @@ async fn settle_loop(
         // Dropping the holds frees the slots.
         buf.clear();
         slots_freed.notify_one();
-        capacity.freed.notify_one();
     }
 }
 
@@ -787,38 +762,41 @@ mod tests {
         let a: Vec<Hold> = std::iter::from_fn(|| cap.try_hold("a")).collect();
         assert_eq!(a.len(), 8, "the replica-wide bound applies first");
         assert!(cap.try_hold("b").is_none());
-        assert_eq!(cap.free_for(&["b".to_string()]), 0);
         drop(a);
-        assert_eq!(cap.free_for(&[]), 8);
+        assert_eq!(cap.holds.available_permits(), 8);
         assert!(cap.held_per_endpoint().is_empty());
 
         // 8 requests -> 32 holds per replica; 1 per endpoint -> 16 holds per endpoint.
         let cap = capacity(8, 1);
         let a: Vec<Hold> = std::iter::from_fn(|| cap.try_hold("a")).collect();
         assert_eq!(a.len(), 16, "one endpoint cannot take every hold");
-        assert_eq!(cap.free_for(&["a".to_string()]), 0);
-        assert_eq!(cap.free_for(&["a".to_string(), "b".to_string()]), 16);
         assert!(cap.try_hold("b").is_some());
         assert_eq!(cap.held_per_endpoint(), vec![("a".to_string(), 16)]);
     }
 
     #[tokio::test]
-    async fn a_claim_gives_back_what_it_did_not_use_and_wakes_the_dispatcher() {
+    async fn a_claim_keeps_only_the_holds_it_used_and_requests_are_bounded() {
         let cap = capacity(1, 1);
         let taken = cap.take_free();
         assert_eq!(taken.len(), 4);
-        assert_eq!(cap.free_for(&[]), 0);
+        assert_eq!(cap.holds.available_permits(), 0);
         let mut taken = taken.into_iter();
         let hold = cap.hold_claimed("a", taken.next().unwrap());
-        cap.give_back(taken);
-        assert_eq!(cap.free_for(&[]), 3);
-        tokio::time::timeout(Duration::from_secs(1), cap.freed.notified())
-            .await
-            .expect("the dispatcher is told room freed");
+        drop(taken);
+        assert_eq!(cap.holds.available_permits(), 3);
         // A request slot of the endpoint and of the replica, then none until it is returned.
         let slot = cap.request_slot(&hold).await.expect("a request slot");
         assert_eq!(cap.requests_in_flight(1), 1);
+        let second = cap.try_hold("a").unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), cap.request_slot(&second))
+                .await
+                .is_err(),
+            "the endpoint's one request slot is taken"
+        );
         drop(slot);
         assert_eq!(cap.requests_in_flight(1), 0);
+        drop(hold);
+        assert_eq!(cap.held_per_endpoint(), vec![("a".to_string(), 1)]);
     }
 }

@@ -3,8 +3,7 @@
 //! one transaction, so an event is fanned out exactly once even with several replicas (rows are
 //! taken with `FOR UPDATE SKIP LOCKED`, never by a high-water mark: `id` order is not commit order).
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -49,9 +48,6 @@ impl Target {
 /// What one dispatcher pass did.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Dispatched {
-    /// How many events the pass could take (the batch, or less when delivery capacity is short);
-    /// 0 means it took none because this replica has no room to deliver them.
-    pub limit: usize,
     pub events: usize,
     pub deliveries: usize,
     /// Deliveries inserted `pending`, for the worker to claim (the rest were handed to it).
@@ -74,10 +70,6 @@ pub struct Dispatcher {
     pool: Pool,
     batch: i64,
     fast: FastPath,
-    /// Deliveries to active endpoints per event in the last pass (at least 1), and the active
-    /// endpoints then, to size the next pass to the delivery capacity.
-    fanout: AtomicUsize,
-    active: Mutex<Vec<String>>,
     take: String,
     endpoints: String,
     insert: String,
@@ -90,8 +82,6 @@ impl Dispatcher {
             pool,
             batch: batch as i64,
             fast,
-            fanout: AtomicUsize::new(1),
-            active: Mutex::default(),
             take: schema.sql(
                 "SELECT id, event_id, event_type, tenant, target_endpoint,
                         extract(epoch FROM clock_timestamp() - created_at)::float8,
@@ -120,20 +110,8 @@ impl Dispatcher {
         }
     }
 
-    /// Fans out one batch, sized to what this replica can deliver now unless `regardless`: the
-    /// events wait in the outbox rather than as `pending` deliveries that cost another claim and
-    /// row version later. Call again while it returns `events == limit > 0`.
-    pub async fn dispatch_once(&self, regardless: bool) -> anyhow::Result<Dispatched> {
-        let limit = if regardless {
-            self.batch as usize
-        } else {
-            let active = self.active.lock().expect("active endpoints");
-            (self.fast.capacity.free_for(&active) / self.fanout.load(Relaxed))
-                .min(self.batch as usize)
-        };
-        if limit == 0 {
-            return Ok(Dispatched::default());
-        }
+    /// Fans out one batch. Call again while it returns a full batch.
+    pub async fn dispatch_once(&self) -> anyhow::Result<Dispatched> {
         let mut client = self.pool.get().await?;
         let (take, endpoints, insert, mark) = futures_util::try_join!(
             client.prepare_cached(&self.take),
@@ -144,15 +122,12 @@ impl Dispatcher {
         let tx = client.transaction().await?;
         // Pipelined: both go out before either answer is awaited. The endpoints are read inside
         // the transaction, so an endpoint created before the event committed is seen.
-        let take_params: [&(dyn ToSql + Sync); 1] = [&(limit as i64)];
+        let take_params: [&(dyn ToSql + Sync); 1] = [&self.batch];
         let (rows, endpoint_rows) =
             futures_util::try_join!(tx.query(&take, &take_params), tx.query(&endpoints, &[]))?;
         if rows.is_empty() {
             tx.commit().await?;
-            return Ok(Dispatched {
-                limit,
-                ..Dispatched::default()
-            });
+            return Ok(Dispatched::default());
         }
         let targets: Vec<Target> = endpoint_rows
             .iter()
@@ -169,15 +144,9 @@ impl Dispatcher {
             })
             .collect();
 
-        *self.active.lock().expect("active endpoints") = targets
-            .iter()
-            .filter(|t| t.active)
-            .map(|t| t.id.clone())
-            .collect();
         let mut outbox_ids = Vec::with_capacity(rows.len());
         let mut new = NewDeliveries::default();
         let mut handoffs = Vec::new();
-        let mut to_active = 0usize;
         let mut lags = Vec::with_capacity(rows.len());
         for r in &rows {
             let id: i64 = r.get(0);
@@ -192,9 +161,6 @@ impl Dispatcher {
                 .filter(|t| t.wants(event_type, tenant, target))
             {
                 let delivery_id = Uuid::now_v7();
-                if t.active {
-                    to_active += 1;
-                }
                 let hold = t
                     .active
                     .then(|| self.fast.capacity.try_hold(&t.id))
@@ -227,8 +193,6 @@ impl Dispatcher {
                 }
             }
         }
-        self.fanout
-            .store(to_active.div_ceil(rows.len()).max(1), Relaxed);
         let (owner, lease) = (self.fast.owner, self.fast.lease.as_secs_f64());
         let deliveries = new.ids.len();
         let pending = deliveries - handoffs.len();
@@ -260,7 +224,6 @@ impl Dispatcher {
             );
         }
         Ok(Dispatched {
-            limit,
             events: rows.len(),
             deliveries,
             pending,
@@ -268,9 +231,8 @@ impl Dispatcher {
         })
     }
 
-    /// Resolves when the worker gives delivery capacity back.
-    pub async fn capacity_freed(&self) {
-        self.fast.capacity.freed.notified().await
+    pub fn batch(&self) -> usize {
+        self.batch as usize
     }
 }
 

@@ -114,9 +114,6 @@ async fn listen_once(
     result
 }
 
-/// How long fan-out waits for delivery capacity before fanning out into `pending` anyway.
-const FANOUT_PATIENCE: Duration = Duration::from_secs(1);
-
 /// Runs dispatcher passes on wake-ups and on the poll timer until cancelled.
 pub async fn dispatch_loop(
     dispatcher: Dispatcher,
@@ -140,24 +137,11 @@ pub async fn dispatch_loop(
                 next_pass = Instant::now() + poll_interval;
             }
         }
-        let mut regardless = false;
         while !cancel.is_cancelled() {
             let started = Instant::now();
-            match dispatcher.dispatch_once(regardless).await {
+            match dispatcher.dispatch_once().await {
                 Ok(done) => {
                     failures = 0;
-                    regardless = false;
-                    if done.limit == 0 {
-                        // No room to deliver more: wait for some, but only so long; then the
-                        // events are fanned out anyway, as pending deliveries, so a replica whose
-                        // endpoints are stuck never keeps events from being recorded.
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = dispatcher.capacity_freed() => {}
-                            _ = tokio::time::sleep(FANOUT_PATIENCE) => regardless = true,
-                        }
-                        continue;
-                    }
                     if done.pending > 0 {
                         signals.deliveries_ready.notify_one();
                     }
@@ -175,7 +159,7 @@ pub async fn dispatch_loop(
                             "dispatched"
                         );
                     }
-                    if done.events < done.limit {
+                    if done.events < dispatcher.batch() {
                         break;
                     }
                 }

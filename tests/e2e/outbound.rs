@@ -384,8 +384,9 @@ async fn fan_out_goes_on_when_every_hold_waits_on_a_hanging_endpoint() {
     let _postern = Postern::start(&config).await;
     let mut client = db.client().await;
     publish_batch(&mut client, "order.created", 20, 0).await;
-    // Fan-out waits for room only about a second, then records the rest as pending. Waiting for
-    // room alone would take about 5 s here (room frees as held deliveries are handed back).
+    // Fan-out never waits on delivery: what the replica cannot hold is recorded as pending at
+    // once. Pacing fan-out by room would take about 5 s here (room frees only as held
+    // deliveries are handed back).
     wait_sql(
         &client,
         "SELECT count(*) FROM postern.deliveries",
