@@ -172,9 +172,15 @@ impl Capacity {
         }
     }
 
-    /// Takes every free hold, for a claim of that many.
+    /// Takes free holds for a claim of that many: three quarters of them, so the dispatcher's
+    /// fresh deliveries still find room while the claim is out (with every hold taken they would
+    /// go to `pending` and wait for a later claim).
     fn take_free(&self) -> Vec<OwnedSemaphorePermit> {
-        std::iter::from_fn(|| self.holds.clone().try_acquire_owned().ok()).collect()
+        let n = self.holds.available_permits();
+        let n = if n > 1 { n - n / 4 } else { n };
+        std::iter::from_fn(|| self.holds.clone().try_acquire_owned().ok())
+            .take(n)
+            .collect()
     }
 
     fn requests_in_flight(&self, concurrency: usize) -> usize {
@@ -290,17 +296,25 @@ impl Worker {
                 let slots = self.capacity.take_free();
                 if !slots.is_empty() {
                     let busy = self.capacity.held_per_endpoint();
-                    match self
-                        .store
-                        .claim(
-                            self.owner,
-                            slots.len() as i64,
-                            self.capacity.per_endpoint_held,
-                            &busy,
-                            self.settings.lease,
-                        )
-                        .await
-                    {
+                    let claim = self.store.claim(
+                        self.owner,
+                        slots.len() as i64,
+                        self.capacity.per_endpoint_held,
+                        &busy,
+                        self.settings.lease,
+                    );
+                    tokio::pin!(claim);
+                    // Fresh deliveries handed over meanwhile start now, not after the claim.
+                    let claimed = loop {
+                        tokio::select! {
+                            claimed = &mut claim => break claimed,
+                            batch = handoffs.recv(), if handoffs_open => match batch {
+                                Some(batch) => batch.into_iter().for_each(|h| attempts.start(h.delivery, h.hold)),
+                                None => handoffs_open = false,
+                            },
+                        }
+                    };
+                    match claimed {
                         Ok(batch) => {
                             claim_failures = 0;
                             // An endpoint at its limit of held deliveries may have more waiting:
@@ -778,8 +792,8 @@ mod tests {
     async fn a_claim_keeps_only_the_holds_it_used_and_requests_are_bounded() {
         let cap = capacity(1, 1);
         let taken = cap.take_free();
-        assert_eq!(taken.len(), 4);
-        assert_eq!(cap.holds.available_permits(), 0);
+        assert_eq!(taken.len(), 3, "a quarter stays free for fresh deliveries");
+        assert_eq!(cap.holds.available_permits(), 1);
         let mut taken = taken.into_iter();
         let hold = cap.hold_claimed("a", taken.next().unwrap());
         drop(taken);
