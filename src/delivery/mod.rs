@@ -70,7 +70,7 @@ pub struct Worker {
     metrics: Arc<Metrics>,
     owner: Uuid,
     capacity: Arc<Capacity>,
-    /// Rung by the dispatcher (new pending deliveries) and by settled outcomes (free slots).
+    /// Rung by the dispatcher (deliveries it inserted `pending`) and by the reaper (due again).
     wake: Arc<Notify>,
 }
 

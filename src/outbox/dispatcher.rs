@@ -195,7 +195,7 @@ impl Dispatcher {
         }
         let (owner, lease) = (self.fast.owner, self.fast.lease.as_secs_f64());
         let deliveries = new.ids.len();
-        let pending = deliveries - handoffs.len();
+        let pending = new.statuses.iter().filter(|s| **s == "pending").count();
         let mark_params: [&(dyn ToSql + Sync); 1] = [&outbox_ids];
         if deliveries > 0 {
             let insert_params: [&(dyn ToSql + Sync); 8] = [
