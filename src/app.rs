@@ -242,6 +242,10 @@ pub async fn prepare(
     Ok(())
 }
 
+/// Fan-out loops per replica: `SKIP LOCKED` keeps their passes disjoint, and while one waits on
+/// a long pass under load the other takes the next wake-up.
+const DISPATCHERS: usize = 2;
+
 /// Spawns the pipeline's tasks; each stops when `shutdown` is cancelled.
 pub fn start(
     config: &Config,
@@ -276,15 +280,17 @@ pub fn start(
         capacity: capacity.clone(),
         handoff,
     };
-    let dispatcher = Dispatcher::new(pool.clone(), schema, o.dispatch_batch, fast_path);
-    tasks.spawn(outbox::dispatch_loop(
-        dispatcher,
-        signals.clone(),
-        metrics.clone(),
-        o.poll_interval.0,
-        o.notify_throttle.0,
-        shutdown.child_token(),
-    ));
+    for _ in 0..DISPATCHERS {
+        let dispatcher = Dispatcher::new(pool.clone(), schema, o.dispatch_batch, fast_path.clone());
+        tasks.spawn(outbox::dispatch_loop(
+            dispatcher,
+            signals.clone(),
+            metrics.clone(),
+            o.poll_interval.0,
+            o.notify_throttle.0,
+            shutdown.child_token(),
+        ));
+    }
 
     let store = Arc::new(DeliveryStore::new(pool.clone(), schema));
     let client = WebhookClient::new(

@@ -161,7 +161,7 @@ pub struct DatabaseConfig {
     #[serde(default)]
     pub publisher_roles: Vec<String>,
     /// Connections in the pool for the API and start-up (the LISTEN connection, the prober's and
-    /// the pipeline's four are extra).
+    /// the pipeline's five are extra).
     #[serde(default = "defaults::pool_size")]
     pub pool_size: usize,
     /// Verify the server's TLS certificate and host name (libpq's verify-full) against the Mozilla

@@ -56,8 +56,8 @@ pub fn pool(url: &str, size: usize, tls: &tls::Tls) -> anyhow::Result<Pool> {
     build_pool(pg, size, tls)
 }
 
-/// Connections the delivery pipeline keeps (fan-out, claims, outcomes, housekeeping).
-pub const PIPELINE_CONNECTIONS: usize = 4;
+/// Connections the delivery pipeline keeps (two fan-out loops, claims, outcomes, housekeeping).
+pub const PIPELINE_CONNECTIONS: usize = 5;
 
 /// The pipeline's own pool, whose sessions commit with `synchronous_commit = off`. Everything
 /// the pipeline writes can be derived again from rows the app committed durably: if the database

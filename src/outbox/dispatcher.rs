@@ -59,6 +59,7 @@ pub struct Dispatched {
 /// The fan-out fast path: fresh deliveries to active endpoints are inserted already claimed by
 /// this replica (attempt 1, under a lease) while it has capacity, and handed to its worker in
 /// memory. The rest are inserted `pending` for whichever replica claims them.
+#[derive(Clone)]
 pub struct FastPath {
     pub owner: Uuid,
     pub lease: Duration,
