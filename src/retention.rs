@@ -42,11 +42,15 @@ impl Retention {
             prune_failed: schema.sql(&prune_deliveries("status IN ('failed', 'cancelled')")),
             // An event goes once no delivery of it is left (all pruned, or none were made).
             prune_events: schema.sql(
-                "DELETE FROM __SCHEMA__.outbox WHERE id IN (
-                    SELECT o.id FROM __SCHEMA__.outbox o
-                    WHERE o.dispatched_at < now() - make_interval(secs => $1)
-                      AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.deliveries d WHERE d.outbox_id = o.id)
-                    LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                "WITH gone AS (
+                    DELETE FROM __SCHEMA__.outbox WHERE id IN (
+                        SELECT o.id FROM __SCHEMA__.outbox o
+                        WHERE o.dispatched_at < now() - make_interval(secs => $1)
+                          AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.deliveries d WHERE d.outbox_id = o.id)
+                        LIMIT $2 FOR UPDATE SKIP LOCKED)
+                    RETURNING 1
+                 )
+                 SELECT count(*) FROM gone",
             ),
         }
     }
@@ -63,16 +67,11 @@ impl Retention {
         ];
         for (sql, age, events) in steps {
             loop {
-                let n = if events {
-                    client
-                        .execute(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
-                        .await?
-                } else {
-                    let row = client
-                        .query_one(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
-                        .await?;
-                    row.get::<_, i64>(0) as u64
-                };
+                // Each statement answers with how many rows it deleted.
+                let n = client
+                    .query_one(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
+                    .await?
+                    .get::<_, i64>(0) as u64;
                 if events {
                     pruned.events += n;
                 } else {

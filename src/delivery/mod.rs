@@ -309,7 +309,7 @@ impl Worker {
                         tokio::select! {
                             claimed = &mut claim => break claimed,
                             batch = handoffs.recv(), if handoffs_open => match batch {
-                                Some(batch) => batch.into_iter().for_each(|h| attempts.start(h.delivery, h.hold)),
+                                Some(batch) => attempts.start_handoffs(batch),
                                 None => handoffs_open = false,
                             },
                         }
@@ -356,7 +356,7 @@ impl Worker {
                 _ = slots_freed.notified(), if claim_failures == 0 && backlog => true,
                 batch = handoffs.recv(), if handoffs_open => {
                     match batch {
-                        Some(batch) => batch.into_iter().for_each(|h| attempts.start(h.delivery, h.hold)),
+                        Some(batch) => attempts.start_handoffs(batch),
                         None => handoffs_open = false,
                     }
                     false
@@ -409,6 +409,12 @@ struct Attempts {
 }
 
 impl Attempts {
+    fn start_handoffs(&self, batch: Vec<Handoff>) {
+        batch
+            .into_iter()
+            .for_each(|h| self.start(h.delivery, h.hold));
+    }
+
     fn start(&self, delivery: Claimed, hold: Hold) {
         let (context, reports, abort, stop) = (
             self.context.clone(),
