@@ -45,6 +45,10 @@ struct Args {
     /// Leave the scratch database behind after the run, for inspection.
     #[arg(long)]
     keep_database: bool,
+    /// An nginx binary: scenario 5 then also sends the same load through nginx proxying to the
+    /// same upstream (no verification), a reference for what any proxy costs on this machine.
+    #[arg(long)]
+    reference_proxy: Option<PathBuf>,
 }
 
 struct Sizes {
@@ -740,6 +744,7 @@ async fn inbound(
         ("stripe-signature".to_string(), format!("t={t},v1={sig}")),
         ("content-type".into(), "application/json".into()),
     ];
+    let own_before = cpu_seconds("self", false);
     let direct = load(
         &format!("http://127.0.0.1:{}/up", b.sink_port),
         &headers,
@@ -747,6 +752,9 @@ async fn inbound(
         b.sizes.inbound_secs,
     )
     .await?;
+    let own_cpu = cpu_seconds("self", false) - own_before;
+    let pid = running.child.id().to_string();
+    let postern_before = cpu_seconds(&pid, false);
     let proxied = load(
         &format!("http://127.0.0.1:{port}/stripe"),
         &headers,
@@ -754,6 +762,12 @@ async fn inbound(
         b.sizes.inbound_secs,
     )
     .await?;
+    let postern_cpu = cpu_seconds(&pid, false) - postern_before;
+    let requests = |r: &(f64, Vec<f64>)| r.1.len().max(1) as f64;
+    let reference = match &b.args.reference_proxy {
+        Some(nginx) => Some(through_nginx(b, nginx, &headers, &body).await?),
+        None => None,
+    };
     footprint.push(
         Figure::new(
             "peak RSS, inbound load",
@@ -809,7 +823,123 @@ async fn inbound(
         )
         .at_most(1.0),
     );
+    out.push(Figure::new(
+        "CPU per request: load generator + upstream, direct",
+        own_cpu / requests(&direct) * 1e6,
+        "us",
+    ));
+    out.push(Figure::new(
+        "CPU per request: postern",
+        postern_cpu / requests(&proxied) * 1e6,
+        "us",
+    ));
+    if let Some((nginx, nginx_cpu)) = reference {
+        out.push(Figure::new(
+            "reference: CPU per request: nginx",
+            nginx_cpu / requests(&nginx) * 1e6,
+            "us",
+        ));
+        out.push(Figure::new(
+            "reference: through nginx (no verification): requests/s",
+            nginx.0,
+            "/s",
+        ));
+        out.push(Figure::new(
+            "reference: nginx throughput ratio (nginx / direct)",
+            nginx.0 / direct.0,
+            "x",
+        ));
+        out.push(Figure::new(
+            "reference: nginx added latency p50",
+            percentile(&nginx.1, 50.0) - percentile(&direct.1, 50.0),
+            "ms",
+        ));
+    }
     Ok(())
+}
+
+/// The same load through nginx: as many workers as cores, 64 pooled upstream connections, the
+/// body read whole before forwarding (nginx's default, as Postern does), no access log.
+async fn through_nginx(
+    b: &Bench,
+    nginx: &Path,
+    headers: &[(String, String)],
+    body: &Bytes,
+) -> anyhow::Result<((f64, Vec<f64>), f64)> {
+    let port = free_port();
+    let dir = b.dir.join("nginx");
+    std::fs::create_dir_all(&dir)?;
+    let conf = format!(
+        "daemon off;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {dir}/body;\n proxy_temp_path {dir}/proxy;\n\
+          fastcgi_temp_path {dir}/fastcgi;\n uwsgi_temp_path {dir}/uwsgi;\n scgi_temp_path {dir}/scgi;\n\
+          upstream app {{ server 127.0.0.1:{sink}; keepalive 64; }}\n\
+          server {{\n  listen 127.0.0.1:{port};\n  location = /stripe {{\n   proxy_pass http://app/up;\n\
+            proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n  }}\n }}\n}}\n",
+        dir = dir.display(),
+        sink = b.sink_port,
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let mut child = Command::new(nginx)
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", nginx.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+            bail!("nginx did not start listening; its error log:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let result = load(
+        &format!("http://127.0.0.1:{port}/stripe"),
+        headers,
+        body,
+        b.sizes.inbound_secs,
+    )
+    .await;
+    // The workers' CPU reaches the master when it reaps them, and ours when we reap the master.
+    let reaped_before = cpu_seconds("self", true);
+    let _ = Command::new("kill")
+        .args(["-QUIT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    Ok((result?, cpu_seconds("self", true) - reaped_before))
+}
+
+/// User + system CPU seconds of `/proc/<pid>` (or of its reaped children), from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str, children: bool) -> f64 {
+    // USER_HZ: the unit of these fields, fixed at 100 on Linux whatever the kernel's HZ.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name, which may itself hold spaces: state is the
+    // first, so utime (field 14 of proc(5)) is the 12th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let first = if children { 13 } else { 11 };
+    let ticks: u64 = fields
+        .iter()
+        .skip(first)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / TICKS_PER_SECOND
 }
 
 async fn idle_footprint(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {

@@ -3,21 +3,26 @@
 //! buffer through pingora's upstream connector, so any body up to `max_body` reaches the app intact
 //! (pingora re-sends a consumed body only from its 64 KiB retry buffer: no such cliff here).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as Http1Session};
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error, ErrorType};
+use pingora::{Error, ErrorType, OrErr};
+use tokio::io::AsyncWriteExt;
 
 use super::providers::{Incoming, VerifyError};
 use super::{Inbound, Route};
 use crate::telemetry::{InboundLabels, Metrics};
+use prometheus_client::metrics::counter::Counter;
 
 /// Headers that describe one hop, not the message: never forwarded either way.
 const HOP_BY_HOP: &[&str] = &[
@@ -63,47 +68,96 @@ impl Refusal {
 }
 
 /// What happened to one request, for the log line and the metrics.
-pub struct Decision {
-    route: Option<String>,
-    provider: Option<String>,
-    outcome: &'static str,
+struct Decision<'r> {
+    route: Option<&'r Route>,
+    outcome: Outcome,
     error: Option<&'static str>,
     status: u16,
+}
+
+#[derive(Clone, Copy)]
+enum Outcome {
+    Forwarded,
+    Refused,
+    UpstreamError,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 3] = [Outcome::Forwarded, Outcome::Refused, Outcome::UpstreamError];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Refused => "refused",
+            Outcome::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// The request counters of one route (or of "no route"), one per outcome, resolved once so
+/// that counting a request neither allocates labels nor looks the series up.
+struct RouteCounters([Counter; 3]);
+
+impl RouteCounters {
+    fn new(metrics: &Metrics, route: &str) -> Self {
+        Self(Outcome::ALL.map(|outcome| {
+            metrics
+                .inbound_requests
+                .get_or_create(&InboundLabels {
+                    route: route.to_string(),
+                    outcome: outcome.as_str(),
+                })
+                .clone()
+        }))
+    }
+
+    fn count(&self, outcome: Outcome) {
+        self.0[outcome as usize].inc();
+    }
 }
 
 pub struct VerifyingProxy {
     inbound: Arc<Inbound>,
     connector: Connector,
+    /// Built once: the pool finds idle connections by the peer's hash.
+    peer: HttpPeer,
     metrics: Arc<Metrics>,
+    counters: HashMap<String, RouteCounters>,
+    unrouted: RouteCounters,
 }
 
 impl VerifyingProxy {
     pub fn new(inbound: Arc<Inbound>, metrics: Arc<Metrics>) -> Self {
-        Self {
-            inbound,
-            connector: Connector::new(None),
-            metrics,
-        }
-    }
-
-    fn peer(&self) -> HttpPeer {
-        let mut peer = HttpPeer::new(self.inbound.upstream, false, String::new());
+        let mut peer = HttpPeer::new(inbound.upstream, false, String::new());
         peer.options.connection_timeout = Some(
-            self.inbound
+            inbound
                 .upstream_timeout
                 .min(std::time::Duration::from_secs(5)),
         );
-        peer.options.read_timeout = Some(self.inbound.upstream_timeout);
-        peer.options.write_timeout = Some(self.inbound.upstream_timeout);
+        peer.options.read_timeout = Some(inbound.upstream_timeout);
+        peer.options.write_timeout = Some(inbound.upstream_timeout);
         peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
-        peer
+        let counters = inbound
+            .routes
+            .keys()
+            .map(|path| (path.clone(), RouteCounters::new(&metrics, path)))
+            .collect();
+        let unrouted = RouteCounters::new(&metrics, "-");
+        Self {
+            inbound,
+            connector: Connector::new(None),
+            peer,
+            metrics,
+            counters,
+            unrouted,
+        }
     }
 
     /// Everything up to a verified, buffered body; `Err` is the answer to send instead.
     async fn admit<'r>(
         &'r self,
         session: &mut Session,
-        decision: &mut Decision,
+        decision: &mut Decision<'r>,
     ) -> Result<(&'r Route, Bytes), Refusal> {
         let req = session.req_header();
         let path = req.uri.path().to_string();
@@ -114,8 +168,7 @@ impl VerifyingProxy {
                 format!("no webhook route at {path}"),
             )
         })?;
-        decision.route = Some(route.path.clone());
-        decision.provider = Some(route.provider.clone());
+        decision.route = Some(route);
         let method = req.method.as_str();
         if !route.methods.iter().any(|m| m == method) {
             return Err(Refusal::new(
@@ -204,28 +257,22 @@ impl VerifyingProxy {
         route: &Route,
         body: Bytes,
     ) -> Result<u16, Refusal> {
-        let upstream_req = self.upstream_request(session, route, body.len())?;
-        let peer = self.peer();
+        let peer = &self.peer;
         // A pooled connection the app closed meanwhile fails on first use: retry once on a new one.
         let mut attempt = 0;
-        let (mut upstream, response) = loop {
+        let (mut upstream, mut response) = loop {
             attempt += 1;
-            let (mut up, reused) = self
+            // Built per attempt (the session takes it) rather than cloned ahead for a rare retry.
+            let upstream_req = Box::new(self.upstream_request(session, route, body.len())?);
+            let (up, reused) = self
                 .connector
-                .get_http_session(&peer)
+                .get_http_session(peer)
                 .await
                 .map_err(|e| upstream_failure(&e))?;
-            let exchange = async {
-                up.write_request_header(Box::new(upstream_req.clone()))
-                    .await?;
-                up.write_request_body(body.clone(), true).await?;
-                up.finish_request_body().await?;
-                up.read_response_header().await?;
-                Ok::<_, Box<Error>>(())
-            };
+            let exchange = send_request(up, upstream_req, &body, peer);
             match tokio::time::timeout(self.inbound.upstream_timeout, exchange).await {
                 Err(_) => return Err(timeout_refusal()),
-                Ok(Ok(())) => {
+                Ok(Ok(up)) => {
                     let resp = up.response_header().cloned().ok_or_else(|| {
                         Refusal::new(
                             502,
@@ -242,14 +289,13 @@ impl VerifyingProxy {
             }
         };
         let status = response.status.as_u16();
-        let mut downstream = response.clone();
         for name in HOP_BY_HOP.iter().filter(|h| **h != "transfer-encoding") {
-            downstream.remove_header(*name);
+            response.remove_header(*name);
         }
         // From here on the sender has a status line: failures can only end the connection.
         let relay = async {
             session
-                .write_response_header(Box::new(downstream), false)
+                .write_response_header(Box::new(response), false)
                 .await?;
             loop {
                 let chunk = upstream.read_response_body().await?;
@@ -264,7 +310,7 @@ impl VerifyingProxy {
         match tokio::time::timeout(self.inbound.upstream_timeout, relay).await {
             Ok(Ok(())) => {
                 self.connector
-                    .release_http_session(upstream, &peer, peer.options.idle_timeout)
+                    .release_http_session(upstream, peer, peer.options.idle_timeout)
                     .await;
             }
             Ok(Err(e)) => {
@@ -319,6 +365,48 @@ impl VerifyingProxy {
     }
 }
 
+/// Sends the request and reads the response head. Over HTTP/1 a request with a body goes out as
+/// one vectored write of head and body: pingora's session flushes the head by itself first, which
+/// costs a second send and makes the app wake for a head without its body.
+async fn send_request(
+    up: HttpSession,
+    request: Box<RequestHeader>,
+    body: &Bytes,
+    peer: &HttpPeer,
+) -> pingora::Result<HttpSession> {
+    let mut up = match up {
+        // A response to HEAD has no body whatever its headers say; only pingora's own writer
+        // records the method that tells its reader so.
+        HttpSession::H1(h1) if !body.is_empty() && request.method != http::Method::HEAD => {
+            let head = http_req_header_to_wire(&request).ok_or_else(|| {
+                Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "the request line holds a forbidden byte",
+                )
+            })?;
+            let mut stream = h1.into_inner();
+            let mut wire = head.freeze().chain(body.clone());
+            stream
+                .write_all_buf(&mut wire)
+                .await
+                .or_err(ErrorType::WriteError, "writing the request")?;
+            stream
+                .flush()
+                .await
+                .or_err(ErrorType::WriteError, "flushing the request")?;
+            HttpSession::H1(Http1Session::new_with_options(stream, peer))
+        }
+        mut up => {
+            up.write_request_header(request).await?;
+            up.write_request_body(body.clone(), true).await?;
+            up.finish_request_body().await?;
+            up
+        }
+    };
+    up.read_response_header().await?;
+    Ok(up)
+}
+
 fn too_large(limit: usize) -> Refusal {
     Refusal::new(
         413,
@@ -348,18 +436,29 @@ fn upstream_failure(e: &Error) -> Refusal {
     }
 }
 
-/// Reads the whole body, counting as it goes (chunked bodies declare no length).
+/// Reads the whole body, counting as it goes (chunked bodies declare no length). A body that
+/// arrives in one chunk, as small webhooks do, is kept as it came, without a copy.
 async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Refusal> {
-    let mut buf = BytesMut::new();
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > limit {
+                let seen = first.as_ref().map_or(0, Bytes::len) + joined.len();
+                if seen + chunk.len() > limit {
                     return Err(too_large(limit));
                 }
-                buf.extend_from_slice(&chunk);
+                match first.take() {
+                    None if joined.is_empty() => first = Some(chunk),
+                    earlier => {
+                        if let Some(earlier) = earlier {
+                            joined.extend_from_slice(&earlier);
+                        }
+                        joined.extend_from_slice(&chunk);
+                    }
+                }
             }
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok(first.unwrap_or_else(|| joined.freeze())),
             Err(e) => {
                 return Err(Refusal::new(
                     400,
@@ -428,19 +527,18 @@ impl ProxyHttp for VerifyingProxy {
         let started = Instant::now();
         let mut decision = Decision {
             route: None,
-            provider: None,
-            outcome: "refused",
+            outcome: Outcome::Refused,
             error: None,
             status: 0,
         };
         match self.admit(session, &mut decision).await {
             Ok((route, body)) => match self.forward(session, route, body).await {
                 Ok(status) => {
-                    decision.outcome = "forwarded";
+                    decision.outcome = Outcome::Forwarded;
                     decision.status = status;
                 }
                 Err(refusal) => {
-                    decision.outcome = "upstream_error";
+                    decision.outcome = Outcome::UpstreamError;
                     decision.error = Some(refusal.code);
                     decision.status = refusal.status;
                     respond(session, &refusal, false).await?;
@@ -457,18 +555,16 @@ impl ProxyHttp for VerifyingProxy {
             }
         }
         let elapsed = started.elapsed();
-        self.metrics
-            .inbound_requests
-            .get_or_create(&InboundLabels {
-                route: decision.route.clone().unwrap_or_else(|| "-".into()),
-                outcome: decision.outcome,
-            })
-            .inc();
+        decision
+            .route
+            .and_then(|r| self.counters.get(&r.path))
+            .unwrap_or(&self.unrouted)
+            .count(decision.outcome);
         self.metrics.inbound_duration.observe(elapsed.as_secs_f64());
         tracing::info!(
-            route = decision.route.as_deref().unwrap_or("-"),
-            provider = decision.provider.as_deref().unwrap_or("-"),
-            outcome = decision.outcome,
+            route = decision.route.map_or("-", |r| r.path.as_str()),
+            provider = decision.route.map_or("-", |r| r.provider.as_str()),
+            outcome = decision.outcome.as_str(),
             error = decision.error.unwrap_or("-"),
             status = decision.status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,

@@ -610,3 +610,68 @@ async fn sigint_and_sigterm_let_in_flight_inbound_requests_finish() {
         );
     }
 }
+
+/// An app that answers each connection once and then closes it (as one with a very short
+/// keep-alive timeout does): every request still arrives whole, on a connection of its own, and is
+/// answered, whether Postern's pool notices the close or a reused connection fails and is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_closing_every_connection_still_gets_every_request_whole() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = format!("http://{}", listener.local_addr().unwrap());
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 65536];
+            // Read the head, then as many body bytes as it declares.
+            let complete = loop {
+                let n = conn.read(&mut buf).unwrap_or(0);
+                if n == 0 {
+                    break false;
+                }
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request).to_lowercase();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let declared: usize = text[..end]
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if request.len() >= end + 4 + declared {
+                        break true;
+                    }
+                }
+            };
+            if complete {
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                let _ = seen_tx.send(request);
+            }
+            // Dropping `conn` closes it, without having said so in the response.
+        }
+    });
+    let proxy = start_proxy_with(Receiver::ok().await, &app, "").await;
+    let bodies: Vec<Vec<u8>> = [10usize, 1000, 70_000, 3]
+        .iter()
+        .map(|n| (0..*n).map(|i| b'a' + (i % 26) as u8).collect())
+        .collect();
+    for body in &bodies {
+        let (headers, _) = sign("github", body, now());
+        let (status, answer) = proxy.post("/wh/github", "", &headers, body.clone()).await;
+        assert_eq!((status, answer), (200, serde_json::json!("ok")));
+    }
+    for body in &bodies {
+        let request = seen_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        assert_eq!(
+            &request[end + 4..],
+            &body[..],
+            "the body arrived byte for byte"
+        );
+        let head = String::from_utf8_lossy(&request[..end]).to_lowercase();
+        assert!(head.starts_with("post /wh/github http/1.1\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("\r\ncontent-length: {}", body.len())),
+            "{head}"
+        );
+    }
+}
