@@ -67,9 +67,10 @@ pub const PIPELINE_CONNECTIONS: usize = 5;
 /// writes (endpoints, secrets) use the ordinary pool and stay durable on return.
 pub fn pipeline_pool(url: &str, tls: &tls::Tls) -> anyhow::Result<Pool> {
     let mut pg: tokio_postgres::Config = url.parse().context("database.url")?;
+    const PIPELINE_OPTIONS: &str = "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan";
     let options = match pg.get_options() {
-        Some(existing) => format!("{existing} -c synchronous_commit=off"),
-        None => "-c synchronous_commit=off".to_string(),
+        Some(existing) => format!("{existing} {PIPELINE_OPTIONS}"),
+        None => PIPELINE_OPTIONS.to_string(),
     };
     pg.options(&options);
     if pg.get_application_name().is_none() {

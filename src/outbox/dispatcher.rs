@@ -74,7 +74,6 @@ pub struct Dispatcher {
     take: String,
     endpoints: String,
     insert: String,
-    mark: String,
 }
 
 impl Dispatcher {
@@ -83,12 +82,18 @@ impl Dispatcher {
             pool,
             batch: batch as i64,
             fast,
+            // Taking a batch marks it dispatched in the same statement (the transaction makes that
+            // one with the deliveries' insert). The rows are found again by `ctid`, which is stable
+            // while this transaction holds their locks: a TID scan has no plan to get wrong, where
+            // `id = ANY($1)` kept a sequential-scan generic plan made while the table was small.
             take: schema.sql(
-                "SELECT id, event_id, event_type, tenant, target_endpoint,
+                "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
+                 WHERE ctid = ANY(ARRAY(
+                     SELECT ctid FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL
+                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
+                 RETURNING id, event_id, event_type, tenant, target_endpoint,
                         extract(epoch FROM clock_timestamp() - created_at)::float8,
-                        payload::text, created_at, metadata
-                 FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                        payload::text, created_at, metadata",
             ),
             endpoints: schema.sql(
                 "SELECT e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
@@ -107,25 +112,25 @@ impl Dispatcher {
                  FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[])
                    AS u(id, outbox_id, event_id, event_type, endpoint_id, status)",
             ),
-            mark: schema.sql("UPDATE __SCHEMA__.outbox SET dispatched_at = now() WHERE id = ANY($1)"),
         }
     }
 
     /// Fans out one batch. Call again while it returns a full batch.
     pub async fn dispatch_once(&self) -> anyhow::Result<Dispatched> {
         let mut client = self.pool.get().await?;
-        let (take, endpoints, insert, mark) = futures_util::try_join!(
+        let (take, endpoints, insert) = futures_util::try_join!(
             client.prepare_cached(&self.take),
             client.prepare_cached(&self.endpoints),
             client.prepare_cached(&self.insert),
-            client.prepare_cached(&self.mark),
         )?;
         let tx = client.transaction().await?;
         // Pipelined: both go out before either answer is awaited. The endpoints are read inside
         // the transaction, so an endpoint created before the event committed is seen.
         let take_params: [&(dyn ToSql + Sync); 1] = [&self.batch];
-        let (rows, endpoint_rows) =
+        let (mut rows, endpoint_rows) =
             futures_util::try_join!(tx.query(&take, &take_params), tx.query(&endpoints, &[]))?;
+        // RETURNING keeps no order; fan out in commit-id order.
+        rows.sort_unstable_by_key(|r| r.get::<_, i64>(0));
         if rows.is_empty() {
             tx.commit().await?;
             return Ok(Dispatched::default());
@@ -145,7 +150,6 @@ impl Dispatcher {
             })
             .collect();
 
-        let mut outbox_ids = Vec::with_capacity(rows.len());
         let mut new = NewDeliveries::default();
         let mut handoffs = Vec::new();
         let mut lags = Vec::with_capacity(rows.len());
@@ -156,7 +160,6 @@ impl Dispatcher {
             let tenant: Option<&str> = r.get(3);
             let target: Option<&str> = r.get(4);
             lags.push(r.get::<_, f64>(5));
-            outbox_ids.push(id);
             for t in targets
                 .iter()
                 .filter(|t| t.wants(event_type, tenant, target))
@@ -197,7 +200,6 @@ impl Dispatcher {
         let (owner, lease) = (self.fast.owner, self.fast.lease.as_secs_f64());
         let deliveries = new.ids.len();
         let pending = new.statuses.iter().filter(|s| **s == "pending").count();
-        let mark_params: [&(dyn ToSql + Sync); 1] = [&outbox_ids];
         if deliveries > 0 {
             let insert_params: [&(dyn ToSql + Sync); 8] = [
                 &new.ids,
@@ -209,12 +211,7 @@ impl Dispatcher {
                 &owner,
                 &lease,
             ];
-            futures_util::try_join!(
-                tx.execute(&insert, &insert_params),
-                tx.execute(&mark, &mark_params),
-            )?;
-        } else {
-            tx.execute(&mark, &mark_params).await?;
+            tx.execute(&insert, &insert_params).await?;
         }
         tx.commit().await?;
         // Only a stopped worker drops the receiver; the leases then lapse and the reaper makes

@@ -114,6 +114,10 @@ async fn listen_once(
     result
 }
 
+/// While events are flowing, the next pass comes this soon after one that found some, rather than
+/// at the end of the throttle window (commits inside a window are not announced).
+const FLOWING_GAP: Duration = Duration::from_millis(2);
+
 /// Runs dispatcher passes on wake-ups and on the poll timer until cancelled.
 pub async fn dispatch_loop(
     dispatcher: Dispatcher,
@@ -123,20 +127,34 @@ pub async fn dispatch_loop(
     throttle: Duration,
     cancel: CancellationToken,
 ) {
-    let mut next_pass = Instant::now();
+    // Three reasons for a pass, each with its own time: the poll timer (the backstop); the end of
+    // the throttle window after a notification (commits inside it were not announced); and, while
+    // passes keep finding events, soon after the last one.
+    let mut poll_at = Instant::now();
+    let mut window_end: Option<Instant> = None;
+    let mut flowing_at: Option<Instant> = None;
     let mut failures = 0u32;
     loop {
+        let next_pass = [Some(poll_at), window_end, flowing_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(poll_at);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = signals.outbox_changed.notified() => {
-                // Commits inside a throttle window are not announced: look again once the
-                // window has passed.
-                next_pass = Instant::now() + throttle + Duration::from_millis(1);
+                window_end = Some(Instant::now() + throttle + Duration::from_millis(1));
             }
             _ = tokio::time::sleep_until(next_pass) => {
-                next_pass = Instant::now() + poll_interval;
+                let now = Instant::now();
+                window_end = window_end.filter(|t| *t > now);
+                flowing_at = flowing_at.filter(|t| *t > now);
+                if poll_at <= now {
+                    poll_at = now + poll_interval;
+                }
             }
         }
+        let mut found = false;
         while !cancel.is_cancelled() {
             let started = Instant::now();
             match dispatcher.dispatch_once().await {
@@ -159,6 +177,7 @@ pub async fn dispatch_loop(
                             "dispatched"
                         );
                     }
+                    found |= done.events > 0;
                     if done.events < dispatcher.batch() {
                         break;
                     }
@@ -167,10 +186,14 @@ pub async fn dispatch_loop(
                     failures += 1;
                     let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
                     tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "dispatch failed");
-                    next_pass = Instant::now() + backoff;
+                    poll_at = Instant::now() + backoff;
+                    (window_end, flowing_at, found) = (None, None, false);
                     break;
                 }
             }
+        }
+        if found {
+            flowing_at = Some(Instant::now() + FLOWING_GAP);
         }
     }
 }
