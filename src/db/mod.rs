@@ -65,6 +65,10 @@ pub const PIPELINE_CONNECTIONS: usize = 5;
 /// lapses and the attempt is made again (at-least-once, as after any crash), never lost. In
 /// return, its commits do not queue for the WAL flush behind the app's own commits. The API's
 /// writes (endpoints, secrets) use the ordinary pool and stay durable on return.
+///
+/// Its sessions also plan every statement for the tables as they are now: a generic plan cached
+/// while the outbox or deliveries were small (a fresh install, or an outbox retention keeps nearly
+/// empty) kept sequential scans as a backlog grew, until autovacuum's next analyze.
 pub fn pipeline_pool(url: &str, tls: &tls::Tls) -> anyhow::Result<Pool> {
     let mut pg: tokio_postgres::Config = url.parse().context("database.url")?;
     const PIPELINE_OPTIONS: &str = "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan";

@@ -17,12 +17,12 @@ use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession 
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, OrErr};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWriteExt;
 
 use super::providers::{Incoming, VerifyError};
 use super::{Inbound, Route};
 use crate::telemetry::{InboundLabels, Metrics};
-use prometheus_client::metrics::counter::Counter;
 
 /// Headers that describe one hop, not the message: never forwarded either way.
 const HOP_BY_HOP: &[&str] = &[

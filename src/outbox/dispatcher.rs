@@ -83,9 +83,9 @@ impl Dispatcher {
             batch: batch as i64,
             fast,
             // Taking a batch marks it dispatched in the same statement (the transaction makes that
-            // one with the deliveries' insert). The rows are found again by `ctid`, which is stable
-            // while this transaction holds their locks: a TID scan has no plan to get wrong, where
-            // `id = ANY($1)` kept a sequential-scan generic plan made while the table was small.
+            // one with the deliveries' insert): one statement per pass instead of two. The locked
+            // rows are found again by `ctid`, which cannot change while this transaction holds
+            // their locks.
             take: schema.sql(
                 "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
                  WHERE ctid = ANY(ARRAY(
