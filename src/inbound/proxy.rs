@@ -11,6 +11,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
 use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as Http1Session};
@@ -38,6 +39,10 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 pub const VERIFIED_HEADER: &str = "x-postern-verified";
+
+/// Idle connections to the app kept for reuse (pingora's default is 128): above that many
+/// concurrent requests, every extra connection would be opened and closed per request.
+const UPSTREAM_IDLE_CONNECTIONS: usize = 256;
 
 /// A request Postern answers itself.
 #[derive(Debug)]
@@ -145,7 +150,7 @@ impl VerifyingProxy {
         let unrouted = RouteCounters::new(&metrics, "-");
         Self {
             inbound,
-            connector: Connector::new(None),
+            connector: Connector::new(Some(ConnectorOptions::new(UPSTREAM_IDLE_CONNECTIONS))),
             peer,
             metrics,
             counters,

@@ -45,7 +45,7 @@ pub fn spawn(
         .with_context(|| format!("inbound.listen: cannot bind {}", section.listen))?;
 
     let grace = config.shutdown_grace.0;
-    let mut conf = ServerConf {
+    let conf = ServerConf {
         threads: section.threads,
         // pingora sleeps the grace period (letting in-flight requests finish), then gives its
         // runtimes the shutdown timeout: both are a fifth of Postern's budget, at least 1 s.
@@ -53,7 +53,6 @@ pub fn spawn(
         graceful_shutdown_timeout_seconds: Some(share_of(grace)),
         ..ServerConf::default()
     };
-    conf.upstream_keepalive_pool_size = 256;
     let mut server = Server::new_with_opt_and_conf(None, conf);
     let mut service = http_proxy_service_with_name(
         &server.configuration,
