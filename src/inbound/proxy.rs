@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -444,26 +444,19 @@ fn upstream_failure(e: &Error) -> Refusal {
 /// Reads the whole body, counting as it goes (chunked bodies declare no length). A body that
 /// arrives in one chunk, as small webhooks do, is kept as it came, without a copy.
 async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Refusal> {
-    let mut first: Option<Bytes> = None;
-    let mut joined = BytesMut::new();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut seen = 0;
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
-                let seen = first.as_ref().map_or(0, Bytes::len) + joined.len();
-                if seen + chunk.len() > limit {
+                seen += chunk.len();
+                if seen > limit {
                     return Err(too_large(limit));
                 }
-                match first.take() {
-                    None if joined.is_empty() => first = Some(chunk),
-                    earlier => {
-                        if let Some(earlier) = earlier {
-                            joined.extend_from_slice(&earlier);
-                        }
-                        joined.extend_from_slice(&chunk);
-                    }
-                }
+                chunks.push(chunk);
             }
-            Ok(None) => return Ok(first.unwrap_or_else(|| joined.freeze())),
+            Ok(None) if chunks.len() == 1 => return Ok(chunks.swap_remove(0)),
+            Ok(None) => return Ok(Bytes::from(chunks.concat())),
             Err(e) => {
                 return Err(Refusal::new(
                     400,
