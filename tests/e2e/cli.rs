@@ -1,8 +1,11 @@
 //! The command line: check-config, migrate, and the app-facing SQL contract it installs.
 
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::common::*;
@@ -441,4 +444,110 @@ fn inbound_config_problems_name_their_keys() {
         stderr.starts_with("inbound.routes[0].allow_ips"),
         "{stderr}"
     );
+}
+
+/// Notifications on `postern_outbox` received by a plain client, counted as they arrive.
+async fn count_notifications(url: &str) -> (tokio_postgres::Client, Arc<AtomicUsize>) {
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    client.batch_execute("LISTEN postern_outbox").await.unwrap();
+    (client, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_throttled_trigger_announces_once_per_window_and_upgrades_replace_an_old_one() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[database]\nurl = \"{}\"\n[outbound]\nnotify = \"throttled\"\nnotify_throttle = \"400ms\"\n",
+        db.url
+    );
+    let path = write_config(&dir, &config);
+    let out = postern(&["migrate", "--config", path.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = db.client().await;
+    let (_listener, notifications) = count_notifications(&db.url).await;
+    let settle = || tokio::time::sleep(Duration::from_millis(150));
+
+    // A burst of commits inside well under one window: one wake-up, two if it straddles a
+    // window's edge; never one per commit.
+    for i in 0..10 {
+        publish_one(&client, "order.created", json!({ "i": i })).await;
+    }
+    settle().await;
+    let burst = notifications.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&burst),
+        "{burst} notifications for 10 commits"
+    );
+    // A commit in a later window is announced again.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    publish_one(&client, "order.created", json!({})).await;
+    settle().await;
+    assert_eq!(notifications.load(Ordering::SeqCst), burst + 1);
+    // A clock set ahead (by hand, or a stepped system clock) cannot silence wake-ups.
+    client
+        .batch_execute("SELECT setval('postern.notify_clock', 9000000000000000)")
+        .await
+        .unwrap();
+    publish_one(&client, "order.created", json!({})).await;
+    settle().await;
+    assert_eq!(notifications.load(Ordering::SeqCst), burst + 2);
+
+    // A database whose trigger an earlier build installed for the same setting: the next start
+    // replaces it (not only `migrate`), and records the shape it installed.
+    client
+        .batch_execute(
+            "UPDATE postern.settings SET value = 'throttled:400' WHERE key = 'notify';
+             DROP TRIGGER outbox_notify ON postern.outbox;
+             CREATE TRIGGER outbox_notify AFTER INSERT ON postern.outbox
+               FOR EACH STATEMENT WHEN (false) EXECUTE FUNCTION postern.outbox_notify();",
+        )
+        .await
+        .unwrap();
+    let receiver = Receiver::ok().await;
+    let config = base_config(&db).replace(
+        "[outbound]\n",
+        "[outbound]\nnotify = \"throttled\"\nnotify_throttle = \"400ms\"\n",
+    ) + &endpoint("e", &receiver.url, &["*"], "");
+    let postern = Postern::start(&config).await;
+    postern
+        .wait_log("listening for outbox notifications", Duration::from_secs(5))
+        .await;
+    let definition: String = client
+        .query_one(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'outbox_notify'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(definition.contains("IS DISTINCT FROM"), "{definition}");
+    let setting: String = client
+        .query_one(
+            "SELECT value FROM postern.settings WHERE key = 'notify'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(setting, "throttled:400:2");
+    assert!(!postern
+        .logs()
+        .contains("differs from the trigger installed"));
 }
