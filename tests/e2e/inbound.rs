@@ -326,7 +326,13 @@ async fn every_provider_forwards_valid_requests_byte_for_byte_and_refuses_the_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_apps_answer_is_relayed_and_routing_rules_hold() {
-    let upstream = Receiver::start(|_, _| Reply::status(202).with_header("x-app", "yes")).await;
+    let upstream = Receiver::start(|_, _| {
+        Reply::status(202)
+            .with_header("x-app", "yes")
+            .with_header("proxy-authenticate", "Basic realm=app")
+            .with_header("keep-alive", "timeout=5")
+    })
+    .await;
     let proxy = start_proxy(upstream).await;
     let body = b"{\"a\":1}".to_vec();
     let (headers, _) = sign("github", &body, now());
@@ -337,6 +343,7 @@ async fn the_apps_answer_is_relayed_and_routing_rules_hold() {
         .post(format!("{}/wh/rewritten?x=1&y=2", proxy.base))
         .header("x-postern-verified", "forged")
         .header("x-postern-anything", "forged")
+        .header("proxy-authorization", "Basic c2VuZGVy")
         .header(&headers[0].0, &headers[0].1)
         .body(body.clone())
         .send()
@@ -344,6 +351,9 @@ async fn the_apps_answer_is_relayed_and_routing_rules_hold() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 202);
     assert_eq!(resp.headers().get("x-app").unwrap(), "yes");
+    // Hop-by-hop headers describe one connection: neither direction passes them on.
+    assert_eq!(resp.headers().get("proxy-authenticate"), None);
+    assert_eq!(resp.headers().get("keep-alive"), None);
     assert_eq!(resp.text().await.unwrap(), "ok");
     let got = proxy.upstream.requests().pop().unwrap();
     assert_eq!(got.uri, "/internal/github?x=1&y=2");
@@ -357,6 +367,7 @@ async fn the_apps_answer_is_relayed_and_routing_rules_hold() {
         None,
         "sender-supplied x-postern-* headers are stripped"
     );
+    assert_eq!(got.header("proxy-authorization"), None);
 
     let n = proxy.upstream.count();
     let (s, a) = proxy.post("/wh/nowhere", "", &headers, body.clone()).await;
@@ -674,4 +685,41 @@ async fn an_app_closing_every_connection_still_gets_every_request_whole() {
             "{head}"
         );
     }
+}
+
+/// An HTTP/1.0 sender: the app gets the path, query and body as sent, and the verified mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_request_reaches_the_app_whole() {
+    let proxy = start_proxy(Receiver::ok().await).await;
+    let body = b"{\"old\":true}".to_vec();
+    let (headers, _) = sign("github", &body, now());
+    let port = proxy.port;
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut head = format!(
+            "POST /wh/github?z=1 HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in &headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&body).unwrap();
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        reply
+    })
+    .await
+    .unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"),
+        "{reply}"
+    );
+    proxy.upstream.wait_count(1, Duration::from_secs(5)).await;
+    let got = proxy.upstream.requests().pop().unwrap();
+    assert_eq!(got.uri, "/wh/github?z=1");
+    assert_eq!(&got.body[..], b"{\"old\":true}");
+    assert_eq!(got.header("x-postern-verified"), Some("github"));
 }
