@@ -482,15 +482,25 @@ async fn the_throttled_trigger_announces_once_per_window_and_upgrades_replace_an
     );
     let client = db.client().await;
     let (_listener, notifications) = count_notifications(&db.url).await;
-    let settle = || tokio::time::sleep(Duration::from_millis(150));
+    // Waits for at least `n` notifications, then a little longer for any extra one.
+    let settle = |n: usize| {
+        let notifications = notifications.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while notifications.load(Ordering::SeqCst) < n && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            notifications.load(Ordering::SeqCst)
+        }
+    };
 
     // A burst of commits inside well under one window: one wake-up, two if it straddles a
     // window's edge; never one per commit.
     for i in 0..10 {
         publish_one(&client, "order.created", json!({ "i": i })).await;
     }
-    settle().await;
-    let burst = notifications.load(Ordering::SeqCst);
+    let burst = settle(1).await;
     assert!(
         (1..=2).contains(&burst),
         "{burst} notifications for 10 commits"
@@ -498,16 +508,14 @@ async fn the_throttled_trigger_announces_once_per_window_and_upgrades_replace_an
     // A commit in a later window is announced again.
     tokio::time::sleep(Duration::from_millis(900)).await;
     publish_one(&client, "order.created", json!({})).await;
-    settle().await;
-    assert_eq!(notifications.load(Ordering::SeqCst), burst + 1);
+    assert_eq!(settle(burst + 1).await, burst + 1);
     // A clock set ahead (by hand, or a stepped system clock) cannot silence wake-ups.
     client
         .batch_execute("SELECT setval('postern.notify_clock', 9000000000000000)")
         .await
         .unwrap();
     publish_one(&client, "order.created", json!({})).await;
-    settle().await;
-    assert_eq!(notifications.load(Ordering::SeqCst), burst + 2);
+    assert_eq!(settle(burst + 2).await, burst + 2);
 
     // A database whose trigger an earlier build installed for the same setting: the next start
     // replaces it (not only `migrate`), and records the shape it installed.
