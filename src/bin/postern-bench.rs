@@ -59,6 +59,7 @@ struct Sizes {
     latency_secs: f64,
     rates: Vec<u32>,
     inbound_secs: f64,
+    inbound_rounds: usize,
 }
 
 impl Sizes {
@@ -72,6 +73,7 @@ impl Sizes {
                 latency_secs: 2.0,
                 rates: vec![200],
                 inbound_secs: 2.0,
+                inbound_rounds: 1,
             }
         } else {
             Self {
@@ -82,6 +84,7 @@ impl Sizes {
                 latency_secs: 20.0,
                 rates: vec![200, 1000],
                 inbound_secs: 15.0,
+                inbound_rounds: 3,
             }
         }
     }
@@ -702,12 +705,13 @@ async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
 }
 
 /// 64 keep-alive connections posting `body` with `headers` to `url` for `secs`.
+/// 64 keep-alive connections posting `body` for `secs`; the latency of every request, in ms.
 async fn load(
     url: &str,
     headers: &[(String, String)],
     body: &Bytes,
     secs: f64,
-) -> anyhow::Result<(f64, Vec<f64>)> {
+) -> anyhow::Result<Vec<f64>> {
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(64)
@@ -751,8 +755,7 @@ async fn load(
     if errors > 0 {
         bail!("{errors} requests to {url} failed");
     }
-    all.sort_by(|a, b| a.total_cmp(b));
-    Ok((all.len() as f64 / secs, all))
+    Ok(all)
 }
 
 async fn inbound(
@@ -777,30 +780,54 @@ async fn inbound(
         ("stripe-signature".to_string(), format!("t={t},v1={sig}")),
         ("content-type".into(), "application/json".into()),
     ];
-    let own_before = cpu_seconds("self", false);
-    let direct = load(
-        &format!("http://127.0.0.1:{}/up", b.sink_port),
-        &headers,
-        &body,
-        b.sizes.inbound_secs,
-    )
-    .await?;
-    let own_cpu = cpu_seconds("self", false) - own_before;
-    let pid = running.child.id().to_string();
-    let postern_before = cpu_seconds(&pid, false);
-    let proxied = load(
-        &format!("http://127.0.0.1:{port}/stripe"),
-        &headers,
-        &body,
-        b.sizes.inbound_secs,
-    )
-    .await?;
-    let postern_cpu = cpu_seconds(&pid, false) - postern_before;
-    let requests = |r: &(f64, Vec<f64>)| r.1.len().max(1) as f64;
-    let reference = match &b.args.reference_proxy {
-        Some(nginx) => Some(through_nginx(b, nginx, &headers, &body).await?),
+    // Balanced rounds (direct, Postern, nginx; then the reverse; ...), the load time split
+    // between them: drift of a shared machine falls on every path alike. Each path is idle while
+    // another is loaded, so CPU measured over the run is CPU spent on its own requests.
+    let nginx = match &b.args.reference_proxy {
+        Some(path) => Some(Nginx::start(b, path).await?),
         None => None,
     };
+    let mut paths = vec![
+        Via::Direct(format!("http://127.0.0.1:{}/up", b.sink_port)),
+        Via::Postern(format!("http://127.0.0.1:{port}/stripe")),
+    ];
+    if let Some(nginx) = &nginx {
+        paths.push(Via::Nginx(format!(
+            "http://127.0.0.1:{}/stripe",
+            nginx.port
+        )));
+    }
+    let rounds = b.sizes.inbound_rounds;
+    let phase_secs = b.sizes.inbound_secs / rounds as f64;
+    let pid = running.child.id().to_string();
+    let (mut direct, mut proxied, mut through_nginx) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut own_cpu, mut postern_cpu) = (0.0, 0.0);
+    for round in 0..rounds {
+        let mut order: Vec<&Via> = paths.iter().collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for path in order {
+            let (url, cpu_of, latencies, cpu) = match path {
+                Via::Direct(url) => (url, "self", &mut direct, Some(&mut own_cpu)),
+                Via::Postern(url) => (url, pid.as_str(), &mut proxied, Some(&mut postern_cpu)),
+                Via::Nginx(url) => (url, "self", &mut through_nginx, None),
+            };
+            let before = cpu_seconds(cpu_of, false);
+            latencies.extend(load(url, &headers, &body, phase_secs).await?);
+            if let Some(cpu) = cpu {
+                *cpu += cpu_seconds(cpu_of, false) - before;
+            }
+        }
+    }
+    let total_secs = phase_secs * rounds as f64;
+    let summary = |mut latencies: Vec<f64>| {
+        latencies.sort_by(|a, b| a.total_cmp(b));
+        (latencies.len() as f64 / total_secs, latencies)
+    };
+    let (direct, proxied) = (summary(direct), summary(proxied));
+    let requests = |r: &(f64, Vec<f64>)| r.1.len().max(1) as f64;
+    let reference = nginx.map(|nginx| (summary(through_nginx), nginx.stop()));
     footprint.push(
         Figure::new(
             "peak RSS, inbound load",
@@ -891,68 +918,90 @@ async fn inbound(
     Ok(())
 }
 
-/// The same load through nginx: as many workers as cores, 64 pooled upstream connections, the
-/// body read whole before forwarding (nginx's default, as Postern does), no access log.
-async fn through_nginx(
-    b: &Bench,
-    nginx: &Path,
-    headers: &[(String, String)],
-    body: &Bytes,
-) -> anyhow::Result<((f64, Vec<f64>), f64)> {
-    let port = free_port();
-    let dir = b.dir.join("nginx");
-    std::fs::create_dir_all(&dir)?;
-    let conf = format!(
-        "daemon off;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
-         events {{ worker_connections 1024; }}\n\
-         http {{\n access_log off;\n client_body_temp_path {dir}/body;\n proxy_temp_path {dir}/proxy;\n\
-          fastcgi_temp_path {dir}/fastcgi;\n uwsgi_temp_path {dir}/uwsgi;\n scgi_temp_path {dir}/scgi;\n\
-          upstream app {{ server 127.0.0.1:{sink}; keepalive 64; }}\n\
-          server {{\n  listen 127.0.0.1:{port};\n  location = /stripe {{\n   proxy_pass http://app/up;\n\
-            proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n  }}\n }}\n}}\n",
-        dir = dir.display(),
-        sink = b.sink_port,
-    );
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf)?;
-    let mut child = Command::new(nginx)
-        .arg("-p")
-        .arg(&dir)
-        .arg("-c")
-        .arg(&conf_path)
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", nginx.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        if Instant::now() > deadline || child.try_wait()?.is_some() {
-            let _ = child.kill();
-            let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-            bail!("nginx did not start listening; its error log:\n{log}");
+/// One way the inbound load can go to the upstream.
+enum Via {
+    Direct(String),
+    Postern(String),
+    Nginx(String),
+}
+
+/// nginx proxying to the same upstream: as many workers as cores, 64 pooled upstream connections,
+/// the body read whole before forwarding (nginx's default, as Postern does), no access log.
+struct Nginx {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Nginx {
+    async fn start(b: &Bench, nginx: &Path) -> anyhow::Result<Self> {
+        let port = free_port();
+        let dir = b.dir.join("nginx");
+        std::fs::create_dir_all(&dir)?;
+        let conf = format!(
+            "daemon off;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {dir}/body;\n proxy_temp_path {dir}/proxy;\n\
+              fastcgi_temp_path {dir}/fastcgi;\n uwsgi_temp_path {dir}/uwsgi;\n scgi_temp_path {dir}/scgi;\n\
+              upstream app {{ server 127.0.0.1:{sink}; keepalive 64; }}\n\
+              server {{\n  listen 127.0.0.1:{port};\n  location = /stripe {{\n   proxy_pass http://app/up;\n\
+                proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n  }}\n }}\n}}\n",
+            dir = dir.display(),
+            sink = b.sink_port,
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let mut child = Command::new(nginx)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", nginx.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline || child.try_wait()?.is_some() {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+                bail!("nginx did not start listening; its error log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(Self { child, port })
     }
-    let result = load(
-        &format!("http://127.0.0.1:{port}/stripe"),
-        headers,
-        body,
-        b.sizes.inbound_secs,
-    )
-    .await;
-    // The workers' CPU reaches the master when it reaps them, and ours when we reap the master.
-    let reaped_before = cpu_seconds("self", true);
-    let _ = Command::new("kill")
-        .args(["-QUIT", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    Ok((result?, cpu_seconds("self", true) - reaped_before))
+
+    /// Stops nginx and returns the CPU seconds it spent, workers included.
+    fn stop(mut self) -> f64 {
+        // The workers' CPU reaches the master when it reaps them, and ours when we reap the
+        // master. Nothing else of ours may be reaped meanwhile.
+        let reaped_before = cpu_seconds("self", true);
+        self.quit();
+        cpu_seconds("self", true) - reaped_before
+    }
+
+    /// A graceful stop, so the master takes its workers with it.
+    fn quit(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-QUIT", &self.child.id().to_string()])
+                .status();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Nginx {
+    /// A run that fails half-way leaves no nginx behind.
+    fn drop(&mut self) {
+        self.quit();
+    }
 }
 
 /// User + system CPU seconds of `/proc/<pid>` (or of its reaped children), from `/proc/<pid>/stat`.
