@@ -273,14 +273,7 @@ async fn migrate_sets_the_notify_mode_and_a_differing_replica_warns() {
         String::from_utf8_lossy(&out.stderr)
     );
     let client = db.client().await;
-    let setting: String = client
-        .query_one(
-            "SELECT value FROM postern.settings WHERE key = 'notify'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let setting = notify_setting(&client).await;
     assert!(setting.starts_with("statement:"), "{setting}");
 
     // A replica configured for `throttled` keeps the installed mode and says so.
@@ -290,14 +283,7 @@ async fn migrate_sets_the_notify_mode_and_a_differing_replica_warns() {
     postern
         .wait_log("differs from the trigger installed", Duration::from_secs(5))
         .await;
-    let setting: String = client
-        .query_one(
-            "SELECT value FROM postern.settings WHERE key = 'notify'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let setting = notify_setting(&client).await;
     assert!(setting.starts_with("statement:"));
     publish_one(&client, "order.created", json!({})).await;
     receiver.wait_count(1, Duration::from_secs(5)).await;
@@ -446,6 +432,18 @@ fn inbound_config_problems_name_their_keys() {
     );
 }
 
+/// The notify setting `migrate` (or a starting replica) recorded.
+async fn notify_setting(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one(
+            "SELECT value FROM postern.settings WHERE key = 'notify'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Notifications on `postern_outbox` received by a plain client, counted as they arrive.
 async fn count_notifications(url: &str) -> (tokio_postgres::Client, Arc<AtomicUsize>) {
     let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -546,14 +544,7 @@ async fn the_throttled_trigger_announces_once_per_window_and_upgrades_replace_an
         .unwrap()
         .get(0);
     assert!(definition.contains("IS DISTINCT FROM"), "{definition}");
-    let setting: String = client
-        .query_one(
-            "SELECT value FROM postern.settings WHERE key = 'notify'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let setting = notify_setting(&client).await;
     assert_eq!(setting, "throttled:400:2");
     assert!(!postern
         .logs()
