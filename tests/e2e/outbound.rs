@@ -602,8 +602,8 @@ async fn a_changed_config_secret_signs_beside_the_old_one() {
     assert!(verify_independently(SECRET_2, r));
 }
 
-/// The pipeline's sessions commit asynchronously and plan each statement for the table as it is;
-/// the API's pool keeps the server's defaults (durable commits).
+/// The pipeline's sessions commit asynchronously, plan each statement for the table as it is and
+/// use no bitmap scans; the API's pool keeps the server's defaults (durable commits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_sessions_carry_their_settings_and_the_api_pool_does_not() {
     let db = TestDb::create().await;
@@ -622,11 +622,13 @@ async fn pipeline_sessions_carry_their_settings_and_the_api_pool_does_not() {
         setting(pipeline.clone(), "plan_cache_mode").await,
         "force_custom_plan"
     );
+    assert_eq!(setting(pipeline.clone(), "enable_bitmapscan").await, "off");
     assert_eq!(
         setting(pipeline, "application_name").await,
         "postern-pipeline"
     );
     let api = postern::db::pool(&db.url, 2, &tls).unwrap();
     assert_eq!(setting(api.clone(), "synchronous_commit").await, "on");
-    assert_eq!(setting(api, "plan_cache_mode").await, "auto");
+    assert_eq!(setting(api.clone(), "plan_cache_mode").await, "auto");
+    assert_eq!(setting(api, "enable_bitmapscan").await, "on");
 }
