@@ -259,18 +259,12 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
 async fn migrate_sets_the_notify_mode_and_a_differing_replica_warns() {
     let db = TestDb::create().await;
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
+    migrate(
         &dir,
         &format!(
             "[database]\nurl = \"{}\"\n[outbound]\nnotify = \"statement\"\n",
             db.url
         ),
-    );
-    let out = postern(&["migrate", "--config", path.to_str().unwrap()], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let client = db.client().await;
     let setting = notify_setting(&client).await;
@@ -432,6 +426,17 @@ fn inbound_config_problems_name_their_keys() {
     );
 }
 
+/// Writes `config` and runs `postern migrate` with it, which must succeed.
+fn migrate(dir: &tempfile::TempDir, config: &str) {
+    let path = write_config(dir, config);
+    let out = postern(&["migrate", "--config", path.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The notify setting `migrate` (or a starting replica) recorded.
 async fn notify_setting(client: &tokio_postgres::Client) -> String {
     client
@@ -471,13 +476,7 @@ async fn the_throttled_trigger_announces_once_per_window_and_upgrades_replace_an
         "[database]\nurl = \"{}\"\n[outbound]\nnotify = \"throttled\"\nnotify_throttle = \"400ms\"\n",
         db.url
     );
-    let path = write_config(&dir, &config);
-    let out = postern(&["migrate", "--config", path.to_str().unwrap()], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    migrate(&dir, &config);
     let client = db.client().await;
     let (_listener, notifications) = count_notifications(&db.url).await;
     // Waits for at least `n` notifications, then a little longer for any extra one.
