@@ -319,6 +319,7 @@ pub fn start(
     tasks.spawn(retention::housekeeping_loop(
         store,
         retention,
+        o.max_lease_lapses,
         o.poll_interval.0,
         config.retention.interval.0,
         signals.deliveries_ready.clone(),

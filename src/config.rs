@@ -283,6 +283,10 @@ pub struct OutboundConfig {
     /// Outbox rows fanned out per dispatcher transaction.
     #[serde(default = "defaults::dispatch_batch")]
     pub dispatch_batch: usize,
+    /// A delivery whose lease lapses this many times in a row without an outcome (it kills or
+    /// stalls whoever makes it) is failed instead of being sent again.
+    #[serde(default = "defaults::max_lease_lapses")]
+    pub max_lease_lapses: u32,
     #[serde(default)]
     pub retry: RetryConfig,
 }
@@ -300,6 +304,7 @@ impl Default for OutboundConfig {
             allow_private_networks: Vec::new(),
             lease: None,
             dispatch_batch: defaults::dispatch_batch(),
+            max_lease_lapses: defaults::max_lease_lapses(),
             retry: RetryConfig::default(),
         }
     }
@@ -697,6 +702,9 @@ mod defaults {
     pub fn per_endpoint_concurrency() -> usize {
         16
     }
+    pub fn max_lease_lapses() -> u32 {
+        3
+    }
     pub fn dispatch_batch() -> usize {
         500
     }
@@ -887,6 +895,9 @@ impl Config {
         }
         if o.per_endpoint_concurrency == 0 || o.per_endpoint_concurrency > o.concurrency {
             p.push("outbound.per_endpoint_concurrency: must be 1 to outbound.concurrency".into());
+        }
+        if o.max_lease_lapses == 0 || o.max_lease_lapses > 1000 {
+            p.push("outbound.max_lease_lapses: must be 1 to 1000".into());
         }
         if o.dispatch_batch == 0 || o.dispatch_batch > 10_000 {
             p.push("outbound.dispatch_batch: must be 1 to 10000".into());

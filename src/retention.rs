@@ -107,6 +107,7 @@ fn prune_deliveries(finished: &str) -> String {
 pub async fn housekeeping_loop(
     store: Arc<DeliveryStore>,
     retention: Retention,
+    max_lease_lapses: u32,
     reap_every: Duration,
     prune_every: Duration,
     wake_worker: Arc<tokio::sync::Notify>,
@@ -119,7 +120,7 @@ pub async fn housekeeping_loop(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = reap.tick() => match store.reap(500).await {
+            _ = reap.tick() => match store.reap(500, max_lease_lapses as i32).await {
                 Ok(0) => {}
                 Ok(n) => {
                     tracing::warn!(reaped = n, "deliveries whose lease lapsed are due again");

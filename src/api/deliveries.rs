@@ -76,8 +76,11 @@ struct Attempt {
     started_at: DateTime<Utc>,
     duration_ms: i32,
     status_code: Option<i32>,
-    /// The first 4 KiB of the response body.
+    /// The first 4 KiB of the response body as text (invalid UTF-8 shown as U+FFFD).
     response_body: Option<String>,
+    /// The same bytes exactly as received, base64-encoded, when they are not valid UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_body_base64: Option<String>,
     error: Option<String>,
 }
 
@@ -220,20 +223,29 @@ async fn get_delivery(
     let attempts = client
         .query(
             &state.schema.sql(
-                "SELECT attempt, started_at, duration_ms, status_code, response_body, error
+                "SELECT attempt, started_at, duration_ms, status_code,
+                        COALESCE(response_excerpt, convert_to(response_body, 'UTF8')), error
                  FROM __SCHEMA__.attempts WHERE delivery_id = $1 ORDER BY attempt",
             ),
             &[&uuid],
         )
         .await?
         .iter()
-        .map(|r| Attempt {
-            attempt: r.get(0),
-            started_at: r.get(1),
-            duration_ms: r.get(2),
-            status_code: r.get(3),
-            response_body: r.get(4),
-            error: r.get(5),
+        .map(|r| {
+            let excerpt: Option<Vec<u8>> = r.get(4);
+            let base64 = excerpt
+                .as_deref()
+                .filter(|b| std::str::from_utf8(b).is_err())
+                .map(|b| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b));
+            Attempt {
+                attempt: r.get(0),
+                started_at: r.get(1),
+                duration_ms: r.get(2),
+                status_code: r.get(3),
+                response_body: excerpt.map(|b| String::from_utf8_lossy(&b).into_owned()),
+                response_body_base64: base64,
+                error: r.get(5),
+            }
         })
         .collect();
     Ok(Json(DeliveryWithAttempts {

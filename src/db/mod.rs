@@ -20,6 +20,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "no_row_triggers_on_hot_path",
         include_str!("migrations/0002_no_row_triggers_on_hot_path.sql"),
     ),
+    (
+        3,
+        "hardening",
+        include_str!("migrations/0003_hardening.sql"),
+    ),
 ];
 
 /// The schema version this binary needs.

@@ -28,7 +28,8 @@ pub struct WebhookClient {
 pub struct Response {
     pub status: u16,
     pub headers: HeaderMap,
-    pub body: String,
+    /// The first bytes of the body exactly as received: a receiver's bytes are never decoded.
+    pub body: Bytes,
 }
 
 /// Why an attempt got no HTTP response. The variants exist so the worker and the record can say
@@ -82,20 +83,24 @@ impl WebhookClient {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let mut kept = Vec::new();
-        // A receiver that streams a huge body must not cost memory or time: keep the head only.
+        // A receiver that streams a huge or endless body must not cost memory or time: keep the
+        // head only, and stop reading there (the connection is then closed, not pooled). The
+        // client's timeout bounds a body that trickles.
         while kept.len() < RESPONSE_BODY_LIMIT {
             match resp.chunk().await {
-                Ok(Some(chunk)) => kept.extend_from_slice(&chunk),
+                Ok(Some(chunk)) => {
+                    let room = RESPONSE_BODY_LIMIT - kept.len();
+                    kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
                 Ok(None) => break,
                 // The status already arrived; a broken body does not change the outcome.
                 Err(_) => break,
             }
         }
-        kept.truncate(RESPONSE_BODY_LIMIT);
         Ok(Response {
             status,
             headers,
-            body: String::from_utf8_lossy(&kept).into_owned(),
+            body: Bytes::from(kept),
         })
     }
 }

@@ -473,36 +473,12 @@ async fn settle_loop(
                 Report::HandBack(id, attempt) => back.push((*id, *attempt)),
             }
         }
-        let mut delay = Duration::from_millis(100);
-        // Outcomes are retried until written; if the database stays away longer than the lease,
-        // the reaper makes the deliveries due again (at-least-once, never lost).
         let started = Instant::now();
-        for attempt in 1.. {
-            let result = async {
-                store.settle(owner, &acks).await?;
-                let n = store.hand_back(owner, &back).await?;
-                if n > 0 {
-                    tracing::info!(handed_back = n, "deliveries handed back for other replicas");
-                }
-                anyhow::Ok(())
-            }
-            .await;
-            match result {
-                Ok(()) => break,
-                Err(e) if attempt < 50 => {
-                    tracing::warn!(error = %format!("{e:#}"), batch = acks.len(), "recording outcomes failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), batch = acks.len(),
-                        "recording outcomes failed for good; their leases will lapse and they will be retried");
-                    break;
-                }
-            }
-        }
+        let outcomes = acks.len();
+        write_outcomes(&store, owner, acks).await;
+        hand_back_all(&store, owner, &back).await;
         tracing::debug!(
-            outcomes = acks.len(),
+            outcomes,
             handed_back = back.len(),
             took_ms = started.elapsed().as_secs_f64() * 1000.0,
             "outcomes written"
@@ -510,6 +486,82 @@ async fn settle_loop(
         // Dropping the holds frees the slots.
         buf.clear();
         slots_freed.notify_one();
+    }
+}
+
+/// How many times a batch is retried when the database is away before the outcomes are left to
+/// their leases (the reaper then makes the deliveries due again: at-least-once, never lost).
+const WRITE_TRIES: u32 = 50;
+
+/// Writes a batch of outcomes. A batch the database refuses as a statement (bad data in one row)
+/// is written row by row, so one row can never hold back the others; a row still refused is
+/// written without what the receiver sent, with the reason. A batch that fails for want of a
+/// database is retried whole, with backoff.
+async fn write_outcomes(store: &DeliveryStore, owner: Uuid, mut acks: Vec<Ack>) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=WRITE_TRIES {
+        if acks.is_empty() {
+            return;
+        }
+        let e = match store.settle(owner, &acks).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        if store::is_statement_error(&e) {
+            tracing::warn!(error = %format!("{e:#}"), batch = acks.len(), "a batch of outcomes was refused; writing them one by one");
+            let mut unwritten = Vec::new();
+            for ack in acks {
+                match store.settle(owner, std::slice::from_ref(&ack)).await {
+                    Ok(()) => {}
+                    Err(e) if store::is_statement_error(&e) => {
+                        let reason = format!("{e:#}");
+                        tracing::error!(delivery.id = %ack.id, error = %reason, "an outcome was refused; recording it without the response");
+                        let stripped = ack.without_receiver_data(&reason);
+                        if let Err(e) = store.settle(owner, std::slice::from_ref(&stripped)).await {
+                            if store::is_statement_error(&e) {
+                                tracing::error!(delivery.id = %ack.id, error = %format!("{e:#}"),
+                                    "an outcome cannot be recorded at all; its lease will lapse");
+                            } else {
+                                unwritten.push(stripped);
+                            }
+                        }
+                    }
+                    Err(_) => unwritten.push(ack),
+                }
+            }
+            acks = unwritten;
+            continue;
+        }
+        if attempt == WRITE_TRIES {
+            tracing::error!(error = %format!("{e:#}"), batch = acks.len(),
+                "recording outcomes failed for good; their leases will lapse and they will be retried");
+            return;
+        }
+        tracing::warn!(error = %format!("{e:#}"), batch = acks.len(), "recording outcomes failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Hands back unfinished deliveries, retrying while the database is away.
+async fn hand_back_all(store: &DeliveryStore, owner: Uuid, back: &[(Uuid, i32)]) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=WRITE_TRIES {
+        match store.hand_back(owner, back).await {
+            Ok(0) => return,
+            Ok(n) => {
+                tracing::info!(handed_back = n, "deliveries handed back for other replicas");
+                return;
+            }
+            Err(e) if attempt < WRITE_TRIES => {
+                tracing::warn!(error = %format!("{e:#}"), "handing back deliveries failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "handing back deliveries failed for good; their leases will lapse")
+            }
+        }
     }
 }
 
@@ -550,7 +602,7 @@ impl AttemptContext {
 
         let finish = |settle: Settle,
                       code: Option<u16>,
-                      response_body: Option<String>,
+                      response_body: Option<Bytes>,
                       error: Option<String>| Ack {
             id: d.id,
             attempt: d.attempt,

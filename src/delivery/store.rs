@@ -52,7 +52,8 @@ pub struct AttemptRecord {
     pub started_at: DateTime<Utc>,
     pub duration_ms: i32,
     pub status_code: Option<i32>,
-    pub response_body: Option<String>,
+    /// The head of the response body, the receiver's exact bytes (stored as `bytea`).
+    pub response_body: Option<bytes::Bytes>,
     pub error: Option<String>,
 }
 
@@ -65,6 +66,39 @@ pub struct Ack {
     pub record: AttemptRecord,
 }
 
+impl Ack {
+    /// The same outcome without anything the receiver sent, and with the reason its full record
+    /// could not be written: what is kept when the database refused the row as it was.
+    pub fn without_receiver_data(&self, reason: &str) -> Ack {
+        let mut ack = self.clone();
+        ack.record.response_body = None;
+        ack.record.error = Some(match &self.record.error {
+            Some(e) => format!("{e}; the response could not be recorded: {reason}"),
+            None => format!("the response could not be recorded: {reason}"),
+        });
+        ack
+    }
+}
+
+/// Postgres `text` cannot hold NUL: an error text (which may quote what a receiver or resolver
+/// said) is stored with each NUL replaced, never refused.
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+/// Whether an error came from the database judging the statement (a data or constraint error):
+/// retrying the same rows cannot help, writing them one by one finds the bad one. Anything else
+/// (a lost connection, a pool timeout) is worth retrying as it is.
+pub fn is_statement_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<tokio_postgres::Error>()
+            .is_some_and(|pg| pg.as_db_error().is_some())
+    })
+}
 /// Prepared SQL texts for one schema.
 pub struct DeliveryStore {
     pool: Pool,
@@ -112,8 +146,8 @@ impl DeliveryStore {
             ack: schema.sql(
                 "WITH u AS (
                     SELECT * FROM unnest($2::uuid[], $3::int[], $4::text[], $5::timestamptz[], $6::int[],
-                                         $7::text[], $8::timestamptz[], $9::int[], $10::text[])
-                      AS u(id, attempt, status, next_at, status_code, error, started_at, duration_ms, response_body)
+                                         $7::text[], $8::timestamptz[], $9::int[], $10::bytea[])
+                      AS u(id, attempt, status, next_at, status_code, error, started_at, duration_ms, response_excerpt)
                  ), upd AS (
                     UPDATE __SCHEMA__.deliveries d
                     SET status = CASE
@@ -121,7 +155,7 @@ impl DeliveryStore {
                             WHEN u.status = 'pending' AND NOT e.active THEN 'paused'
                             ELSE u.status END,
                         next_attempt_at = COALESCE(u.next_at, d.next_attempt_at),
-                        lease_owner = NULL, lease_expires_at = NULL,
+                        lease_owner = NULL, lease_expires_at = NULL, lease_lapses = 0,
                         last_status_code = u.status_code, last_error = u.error, updated_at = now(),
                         delivered_at = CASE WHEN u.status = 'delivered' THEN now() ELSE d.delivered_at END
                     FROM u, __SCHEMA__.endpoints e
@@ -130,8 +164,8 @@ impl DeliveryStore {
                     RETURNING d.id
                  )
                  INSERT INTO __SCHEMA__.attempts
-                    (delivery_id, attempt, started_at, duration_ms, status_code, response_body, error)
-                 SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.status_code, u.response_body, u.error
+                    (delivery_id, attempt, started_at, duration_ms, status_code, response_excerpt, error)
+                 SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.status_code, u.response_excerpt, u.error
                  FROM u JOIN upd ON upd.id = u.id",
             ),
             disable_gone: schema.sql(
@@ -152,6 +186,8 @@ impl DeliveryStore {
             ),
             // A lapsed lease means the replica died (or stalled) mid-attempt: whether the request
             // went out is unknown, so the attempt is recorded as such and the delivery is due again.
+            // A delivery whose leases lapse `$2` times in a row is a poison pill (it kills or stalls
+            // whoever makes it): it is failed, with the reason, instead of being sent forever.
             reap: schema.sql(
                 "WITH lapsed AS MATERIALIZED (
                     SELECT id FROM __SCHEMA__.deliveries
@@ -160,9 +196,14 @@ impl DeliveryStore {
                  ), upd AS (
                     UPDATE __SCHEMA__.deliveries d
                     SET status = CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                                      WHEN d.lease_lapses + 1 >= $2 THEN 'failed'
                                       WHEN e.active THEN 'pending' ELSE 'paused' END,
+                        lease_lapses = d.lease_lapses + 1,
                         lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = now(),
-                        last_error = 'lease expired: the replica making this attempt stopped or stalled',
+                        last_error = CASE WHEN d.lease_lapses + 1 >= $2 AND e.deleted_at IS NULL
+                            THEN 'given up: the lease lapsed ' || (d.lease_lapses + 1)
+                                 || ' times in a row without an outcome being recorded (outbound.max_lease_lapses)'
+                            ELSE 'lease expired: the replica making this attempt stopped or stalled' END,
                         updated_at = now()
                     FROM lapsed, __SCHEMA__.endpoints e
                     WHERE d.id = lapsed.id AND e.id = d.endpoint_id
@@ -256,7 +297,7 @@ impl DeliveryStore {
             statuses.push(status);
             next_at.push(at);
             codes.push(a.record.status_code);
-            errors.push(a.record.error.as_deref());
+            errors.push(a.record.error.as_deref().map(storable));
             started.push(a.record.started_at);
             durations.push(a.record.duration_ms);
             bodies.push(a.record.response_body.as_deref());
@@ -301,9 +342,10 @@ impl DeliveryStore {
             .await?)
     }
 
-    /// Makes deliveries whose lease lapsed due again; returns how many.
-    pub async fn reap(&self, batch: i64) -> anyhow::Result<u64> {
+    /// Makes deliveries whose lease lapsed due again (or failed, after `max_lapses` in a row);
+    /// returns how many.
+    pub async fn reap(&self, batch: i64, max_lapses: i32) -> anyhow::Result<u64> {
         let client = self.pool.get().await?;
-        Ok(client.execute(&self.reap, &[&batch]).await?)
+        Ok(client.execute(&self.reap, &[&batch, &max_lapses]).await?)
     }
 }

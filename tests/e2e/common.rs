@@ -127,6 +127,7 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub delay: Duration,
+    pub body: Vec<u8>,
 }
 
 impl Reply {
@@ -135,7 +136,13 @@ impl Reply {
             status,
             headers: Vec::new(),
             delay: Duration::ZERO,
+            body: b"ok".to_vec(),
         }
+    }
+    /// Answers with these exact bytes (any bytes: NUL, invalid UTF-8).
+    pub fn with_body(mut self, body: &[u8]) -> Self {
+        self.body = body.to_vec();
+        self
     }
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.into(), value.into()));
@@ -183,7 +190,7 @@ async fn handle(State(state): State<Arc<ReceiverState>>, req: Request) -> Respon
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
-    let mut resp = (StatusCode::from_u16(reply.status).unwrap(), "ok").into_response();
+    let mut resp = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
     for (k, v) in reply.headers {
         resp.headers_mut().insert(
             axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),

@@ -6,6 +6,7 @@ mod api;
 mod cli;
 mod common;
 mod deploy;
+mod hardening;
 mod inbound;
 mod outbound;
 mod resilience;

@@ -1,0 +1,309 @@
+//! Issue 11: no receiver, operator mistake or rolling update may stall, duplicate or lose
+//! deliveries. Each test reproduces a defect against the real binary, Postgres and HTTP.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::*;
+
+/// What a gzip or binary error page looks like: NUL bytes and invalid UTF-8.
+const BINARY_BODY: &[u8] = b"\x1f\x8b\x08\x00\x00\x00binary\x00junk";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receivers_binary_body_cannot_stall_anyone_elses_outcomes() {
+    let db = TestDb::create().await;
+    let bad = Receiver::start(|_, _| Reply::status(500).with_body(BINARY_BODY)).await;
+    let good = Receiver::ok().await;
+    let config = base_config(&db)
+        + &endpoint("bad", &bad.url, &["bad.*"], "")
+        + &endpoint("good", &good.url, &["*"], "");
+    let postern = Postern::start(&config).await;
+    let mut client = db.client().await;
+    publish_batch(&mut client, "bad.event", 5, 0).await;
+    publish_batch(&mut client, "good.event", 200, 5).await;
+
+    // Every delivery reaches a final or retry-scheduled status within seconds: none is left
+    // `delivering` to be re-sent when its lease lapses (the lease is 4 s).
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'good' AND status = 'delivered'",
+        205,
+        Duration::from_secs(15),
+    )
+    .await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'bad' AND status = 'failed'",
+        5,
+        Duration::from_secs(15),
+    )
+    .await;
+    // Past the lease: nothing is sent again.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let by_event = good.by_event();
+    assert_eq!(
+        by_event.len(),
+        205,
+        "each event reached the healthy endpoint"
+    );
+    let twice: HashMap<_, _> = by_event.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "duplicates at the healthy endpoint: {twice:?}"
+    );
+    assert_eq!(bad.count(), 15, "5 deliveries x 3 attempts, none repeated");
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.deliveries WHERE status = 'delivering'"
+        )
+        .await,
+        0
+    );
+    // The excerpt is stored faithfully, NUL bytes and all, and served by the attempt log.
+    let stored: Vec<Vec<u8>> = client
+        .query(
+            "SELECT a.response_excerpt FROM postern.attempts a
+             JOIN postern.deliveries d ON d.id = a.delivery_id WHERE d.endpoint_id = 'bad'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored.len(), 15);
+    assert!(stored.iter().all(|b| b == BINARY_BODY), "{stored:?}");
+    assert!(!postern.logs().contains("recording outcomes failed"));
+}
+
+/// A rolling update: replica A runs the new config (endpoints X and Y, generation 2), replica B
+/// the old one (X only, generation 1). B restarting must not delete Y nor cancel its deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_config_on_a_restarting_replica_cancels_nothing() {
+    let db = TestDb::create().await;
+    let x = Receiver::ok().await;
+    let y = Receiver::ok().await;
+    let new = base_config(&db).replace("shutdown_grace", "config_generation = 2\nshutdown_grace")
+        + &endpoint("x", &x.url, &["*"], "")
+        + &endpoint("y", &y.url, &["*"], "");
+    let old = base_config(&db).replace("shutdown_grace", "config_generation = 1\nshutdown_grace")
+        + &endpoint("x", &x.url, &["*"], "");
+    let _a = Postern::start(&new).await;
+    let mut client = db.client().await;
+    publish_batch(&mut client, "order.created", 20, 0).await;
+    let b = Postern::start(&old).await;
+    b.wait_log("older than the database's", Duration::from_secs(5))
+        .await;
+    publish_batch(&mut client, "order.created", 20, 20).await;
+    drop(b);
+    let _b = Postern::start(&old).await;
+    publish_batch(&mut client, "order.created", 20, 40).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
+        120,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(x.by_event().len(), 60);
+    assert_eq!(y.by_event().len(), 60);
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.deliveries WHERE status NOT IN ('delivered')"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.endpoints WHERE deleted_at IS NULL AND active"
+        )
+        .await,
+        2
+    );
+}
+
+/// Removing an endpoint from the file (in a newer generation) retires it: inactive, its
+/// deliveries paused, nothing cancelled; `postern endpoints prune` deletes it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_removed_from_the_file_is_retired_then_pruned_on_request() {
+    let db = TestDb::create().await;
+    let x = Receiver::ok().await;
+    let dead = format!("http://127.0.0.1:{}/hook", dead_port().await);
+    let both = base_config(&db).replace("shutdown_grace", "config_generation = 1\nshutdown_grace")
+        + &endpoint("x", &x.url, &["*"], "")
+        + &endpoint("y", &dead, &["*"], "retry = { schedule = [\"1h\"] }");
+    let only_x = base_config(&db)
+        .replace("shutdown_grace", "config_generation = 2\nshutdown_grace")
+        + &endpoint("x", &x.url, &["*"], "");
+    let p = Postern::start(&both).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'y' AND status = 'pending' AND attempts = 1",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    drop(p);
+    let p = Postern::start(&only_x).await;
+    p.wait_log("retired", Duration::from_secs(5)).await;
+    let row = client
+        .query_one(
+            "SELECT active, disabled_reason, deleted_at IS NULL FROM postern.endpoints WHERE id = 'y'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0));
+    assert!(row
+        .get::<_, String>(1)
+        .contains("removed from the config file"));
+    assert!(row.get::<_, bool>(2), "retired, not deleted");
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'y' AND status = 'paused'"
+        )
+        .await,
+        1
+    );
+    drop(p);
+    // Prune is explicit, and only then are the retired endpoint's deliveries cancelled.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("postern.toml");
+    std::fs::write(&path, &only_x).unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["endpoints", "prune", "--config"])
+        .arg(&path)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("y"));
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'y' AND status = 'cancelled'").await,
+        1
+    );
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.endpoints WHERE id = 'y' AND deleted_at IS NOT NULL"
+        )
+        .await,
+        1
+    );
+}
+
+/// A batch of outcomes the database refuses is written row by row: the refused row is recorded
+/// without the receiver's bytes and with the reason, and nobody else's outcome waits. The
+/// database is made to refuse one response body with a CHECK constraint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_outcome_is_written_alone_without_the_response() {
+    let db = TestDb::create().await;
+    let bad = Receiver::start(|_, _| Reply::status(500).with_body(b"poison")).await;
+    let good = Receiver::ok().await;
+    let config = base_config(&db)
+        + &endpoint("bad", &bad.url, &["bad.*"], "")
+        + &endpoint("good", &good.url, &["*"], "");
+    let postern = Postern::start(&config).await;
+    let mut client = db.client().await;
+    client
+        .batch_execute(
+            "ALTER TABLE postern.attempts ADD CONSTRAINT no_poison
+             CHECK (response_excerpt IS DISTINCT FROM 'poison'::bytea)",
+        )
+        .await
+        .unwrap();
+    publish_batch(&mut client, "bad.event", 3, 0).await;
+    publish_batch(&mut client, "good.event", 100, 3).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status IN ('delivered', 'failed')",
+        103 + 3,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(good.by_event().len(), 103);
+    assert!(good.by_event().values().all(|n| *n == 1));
+    assert_eq!(bad.count(), 9, "3 deliveries x 3 attempts: no lease lapsed");
+    let errors: Vec<String> = client
+        .query(
+            "SELECT a.error FROM postern.attempts a JOIN postern.deliveries d ON d.id = a.delivery_id
+             WHERE d.endpoint_id = 'bad'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(errors.len(), 9);
+    assert!(
+        errors.iter().all(
+            |e| e.starts_with("HTTP 500; the response could not be recorded:")
+                && e.contains("no_poison")
+        ),
+        "{errors:?}"
+    );
+    assert!(postern.logs().contains("writing them one by one"));
+}
+
+/// A delivery whose lease lapsed `max_lease_lapses` times in a row is failed with the reason
+/// instead of being sent again; one that lapsed fewer times is due again and the count resets
+/// when an outcome is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_pill_is_failed_after_its_lease_lapses_three_times() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
+    let _postern = Postern::start(&config).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Two deliveries another replica claimed and then stopped answering for.
+    client
+        .batch_execute(
+            "INSERT INTO postern.deliveries
+                (outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner,
+                 lease_expires_at, lease_lapses)
+             SELECT o.id, o.event_id, o.event_type, 'e', 'delivering', 3, gen_random_uuid(),
+                    now() - interval '1 second', l
+             FROM postern.outbox o, (VALUES (2), (0)) AS v(l)",
+        )
+        .await
+        .unwrap();
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries
+         WHERE status = 'failed' AND lease_lapses = 3
+           AND last_error LIKE 'given up: the lease lapsed 3 times in a row%'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered' AND lease_lapses = 0",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(receiver.count(), 2, "the poison pill was not sent again");
+}
