@@ -236,9 +236,26 @@ pub async fn prepare(
             "outbound.notify differs from the trigger installed in the database; keeping the installed one (run `postern migrate` to change it)"
         );
     }
-    endpoints::sync_config_endpoints(pool, schema, vault, &config.endpoints)
-        .await
-        .context("syncing the config file's endpoints")?;
+    let generation = config.config_generation;
+    let reconciled =
+        endpoints::sync_config_endpoints(pool, schema, vault, &config.endpoints, generation)
+            .await
+            .context("syncing the config file's endpoints")?;
+    if let Some(stored) = reconciled.stale {
+        tracing::warn!(
+            config_generation = generation,
+            database_generation = stored,
+            "this config is older than the database's (config_generation {generation} < {stored}): running with the stored endpoint set and changing none"
+        );
+    }
+    if !reconciled.retired.is_empty() {
+        tracing::warn!(endpoints = ?reconciled.retired, config_generation = generation,
+            "config endpoints removed from the file were retired: inactive, their deliveries paused (`postern endpoints prune` deletes them)");
+    }
+    if !reconciled.kept.is_empty() {
+        tracing::warn!(endpoints = ?reconciled.kept, config_generation = generation,
+            "config endpoints missing from this file keep running: this config_generation is not newer than the database's (raise it to retire them)");
+    }
     Ok(())
 }
 
@@ -355,4 +372,12 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
     let applied = db::migrate(&pool, &schema, &config.database.publisher_roles).await?;
     db::install_notify(&pool, &schema, &NotifySetting::from_config(config), true).await?;
     Ok(applied)
+}
+
+/// `postern endpoints prune`: deletes the config endpoints retired because they left the file.
+pub async fn prune_endpoints(config: &Config) -> anyhow::Result<Vec<String>> {
+    let schema = Schema::new(&config.database.schema)?;
+    let tls = db::tls::from_config(&config.database)?;
+    let pool = db::pool(config.database.url(), config.database.pool_size, &tls)?;
+    endpoints::prune_retired(&pool, &schema).await
 }

@@ -48,6 +48,11 @@ pub struct Config {
     pub retention: RetentionConfig,
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// Raise it whenever `[[endpoints]]` change. Only a config at least as new as the one the
+    /// database last reconciled may change endpoints, and only a newer one retires endpoints it no
+    /// longer lists, so an older pod restarting during a rolling update changes nothing.
+    #[serde(default)]
+    pub config_generation: u64,
     /// Probes and metrics (no token); absent = that listener is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminConfig>,

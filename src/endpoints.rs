@@ -15,14 +15,36 @@ use crate::db::Schema;
 /// How long a config endpoint's previous secret keeps signing after the config changes it.
 pub const CONFIG_SECRET_GRACE: Duration = Duration::from_secs(24 * 3600);
 
-/// Upserts the config file's endpoints; config endpoints no longer in the file are soft-deleted
-/// (their unfinished deliveries become `cancelled`, still listed).
+/// Why a config endpoint is inactive after it left the file; also how a later config that lists
+/// it again recognises it and brings it back.
+const RETIRED: &str = "removed from the config file";
+
+/// What reconciling the config file's endpoints did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// The config was older than the one the database last reconciled: nothing was changed.
+    pub stale: Option<u64>,
+    /// Config endpoints no longer in the file that were retired (inactive, deliveries paused).
+    pub retired: Vec<String>,
+    /// Config endpoints no longer in the file left running, because this config is not newer
+    /// than the database's.
+    pub kept: Vec<String>,
+}
+
+/// Reconciles the config file's endpoints with the database, under `config_generation`:
+/// - older than the generation the database last reconciled: nothing is changed (an older pod
+///   restarting during a rolling update runs with the stored endpoint set);
+/// - the same or newer: the file's endpoints are upserted (the config wins for every field but
+///   the runtime state `active` / `disabled_reason`);
+/// - newer only: config endpoints no longer in the file are retired: inactive, their pending
+///   deliveries paused, nothing cancelled (`postern endpoints prune` deletes them).
 pub async fn sync_config_endpoints(
     pool: &Pool,
     schema: &Schema,
     vault: &SecretBox,
     endpoints: &[EndpointConfig],
-) -> anyhow::Result<()> {
+    generation: u64,
+) -> anyhow::Result<Reconciled> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     tx.execute(
@@ -30,7 +52,32 @@ pub async fn sync_config_endpoints(
         &[&format!("postern.endpoints.{}", schema.name())],
     )
     .await?;
-    let upsert = schema.sql(
+    let stored: Option<u64> = tx
+        .query_opt(
+            &schema.sql("SELECT value FROM __SCHEMA__.settings WHERE key = 'config_generation'"),
+            &[],
+        )
+        .await?
+        .and_then(|r| r.get::<_, String>(0).parse().ok());
+    let mut outcome = Reconciled::default();
+    if let Some(stored) = stored.filter(|s| *s > generation) {
+        outcome.stale = Some(stored);
+        tx.commit().await?;
+        return Ok(outcome);
+    }
+    let retired_before: Vec<String> = tx
+        .query(
+            &schema.sql(&format!(
+                "SELECT id FROM __SCHEMA__.endpoints WHERE source = 'config' AND deleted_at IS NULL
+                   AND NOT active AND disabled_reason LIKE '{RETIRED}%'"
+            )),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let upsert = schema.sql(&format!(
         "INSERT INTO __SCHEMA__.endpoints
             (id, url, events, tenant, description, headers, retry, signature, active, source)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'config')
@@ -38,8 +85,12 @@ pub async fn sync_config_endpoints(
             url = excluded.url, events = excluded.events, tenant = excluded.tenant,
             description = excluded.description, headers = excluded.headers, retry = excluded.retry,
             signature = excluded.signature, source = 'config', deleted_at = NULL,
-            updated_at = now()",
-    );
+            active = CASE WHEN endpoints.disabled_reason LIKE '{RETIRED}%' THEN excluded.active
+                          ELSE endpoints.active END,
+            disabled_reason = CASE WHEN endpoints.disabled_reason LIKE '{RETIRED}%' THEN NULL
+                                   ELSE endpoints.disabled_reason END,
+            updated_at = now()"
+    ));
     let current_secrets = schema.sql(
         "SELECT secret FROM __SCHEMA__.endpoint_secrets WHERE endpoint_id = $1 AND expires_at IS NULL",
     );
@@ -74,6 +125,17 @@ pub async fn sync_config_endpoints(
         )
         .await
         .with_context(|| format!("upserting endpoint {}", e.id))?;
+        if e.active && retired_before.contains(&e.id) {
+            // Back in the file: what was paused when it left goes out now.
+            tx.execute(
+                &schema.sql(
+                    "UPDATE __SCHEMA__.deliveries SET status = 'pending', next_attempt_at = now(), updated_at = now()
+                     WHERE endpoint_id = $1 AND status = 'paused'",
+                ),
+                &[&e.id],
+            )
+            .await?;
+        }
         // Sealed values carry a random nonce, so compare after opening them.
         let mut present = false;
         for row in tx.query(&current_secrets, &[&e.id]).await? {
@@ -98,24 +160,76 @@ pub async fn sync_config_endpoints(
         }
     }
     let ids: Vec<&str> = endpoints.iter().map(|e| e.id.as_str()).collect();
-    let removed: Vec<String> = tx
+    let missing: Vec<String> = tx
         .query(
-            &schema.sql(
-                "UPDATE __SCHEMA__.endpoints SET deleted_at = now(), updated_at = now()
-                 WHERE source = 'config' AND deleted_at IS NULL AND id <> ALL($1) RETURNING id",
-            ),
+            &schema.sql(&format!(
+                "SELECT id FROM __SCHEMA__.endpoints
+                 WHERE source = 'config' AND deleted_at IS NULL AND id <> ALL($1)
+                   AND (active OR disabled_reason IS NULL OR disabled_reason NOT LIKE '{RETIRED}%')
+                 ORDER BY id"
+            )),
             &[&ids],
         )
         .await?
         .iter()
         .map(|r| r.get(0))
         .collect();
-    if !removed.is_empty() {
-        cancel_unfinished(&tx, schema, &removed).await?;
-        tracing::warn!(endpoints = ?removed, "config endpoints removed from the file were deleted; their unfinished deliveries are cancelled");
+    if stored.is_some_and(|s| s == generation) {
+        outcome.kept = missing;
+    } else if !missing.is_empty() {
+        let reason = format!("{RETIRED} (config_generation {generation})");
+        tx.execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.endpoints SET active = false, disabled_reason = $2, updated_at = now()
+                 WHERE id = ANY($1)",
+            ),
+            &[&missing, &reason],
+        )
+        .await?;
+        tx.execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries SET status = 'paused', updated_at = now()
+                 WHERE endpoint_id = ANY($1) AND status = 'pending'",
+            ),
+            &[&missing],
+        )
+        .await?;
+        outcome.retired = missing;
     }
+    tx.execute(
+        &schema.sql(
+            "INSERT INTO __SCHEMA__.settings (key, value) VALUES ('config_generation', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        ),
+        &[&generation.to_string()],
+    )
+    .await?;
     tx.commit().await?;
-    Ok(())
+    Ok(outcome)
+}
+
+/// `postern endpoints prune`: deletes the config endpoints retired because they left the file,
+/// cancelling their unfinished deliveries (still listed). Returns their ids.
+pub async fn prune_retired(pool: &Pool, schema: &Schema) -> anyhow::Result<Vec<String>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let ids: Vec<String> = tx
+        .query(
+            &schema.sql(&format!(
+                "UPDATE __SCHEMA__.endpoints SET deleted_at = now(), updated_at = now()
+                 WHERE source = 'config' AND deleted_at IS NULL AND NOT active
+                   AND disabled_reason LIKE '{RETIRED}%'
+                 RETURNING id"
+            )),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    cancel_unfinished(&tx, schema, &ids).await?;
+    tx.commit().await?;
+    Ok(ids)
 }
 
 /// Marks a deleted endpoint's unfinished deliveries `cancelled` (in-flight ones settle as

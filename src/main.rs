@@ -42,6 +42,16 @@ enum Command {
     CheckConfig(ConfigArg),
     /// A self-contained first run: publish events and watch them arrive, signed, at a local receiver.
     Demo(postern::demo::DemoArgs),
+    /// Manage endpoints from the command line.
+    #[command(subcommand)]
+    Endpoints(EndpointsCommand),
+}
+
+#[derive(Subcommand)]
+enum EndpointsCommand {
+    /// Delete the config endpoints retired because they left the config file (their unfinished
+    /// deliveries become `cancelled`); prints their ids.
+    Prune(ConfigArg),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +70,7 @@ fn main() -> ExitCode {
         Command::CheckConfig(arg) => check_config(arg),
         Command::Run(arg) => runtime.block_on(run(arg)),
         Command::Migrate(arg) => runtime.block_on(migrate(arg)),
+        Command::Endpoints(EndpointsCommand::Prune(arg)) => runtime.block_on(prune(arg)),
         Command::Demo(args) => runtime.block_on(async {
             match postern::demo::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -184,6 +195,31 @@ async fn migrate(arg: ConfigArg) -> ExitCode {
             println!(
                 "schema {} migrated: applied {:?}",
                 config.database.schema, applied
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn prune(arg: ConfigArg) -> ExitCode {
+    let Some(config) = load(&arg) else {
+        return ExitCode::from(2);
+    };
+    postern::telemetry::init(&config.log);
+    match postern::app::prune_endpoints(&config).await {
+        Ok(ids) if ids.is_empty() => {
+            println!("no retired config endpoints to prune");
+            ExitCode::SUCCESS
+        }
+        Ok(ids) => {
+            println!(
+                "pruned {} retired config endpoint(s): {}",
+                ids.len(),
+                ids.join(", ")
             );
             ExitCode::SUCCESS
         }
