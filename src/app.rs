@@ -73,6 +73,13 @@ pub async fn run(
         metrics.clone(),
         shutdown.child_token(),
     ));
+    tasks.spawn(gauge_loop(
+        tls.clone(),
+        config.database.url().to_string(),
+        schema.clone(),
+        metrics.clone(),
+        shutdown.child_token(),
+    ));
 
     let result = async {
         if db::wait_until_reachable(&pool, &shutdown).await.is_none() {
@@ -125,8 +132,10 @@ pub async fn run(
     result
 }
 
-/// Keeps `Health` and the database-derived gauges current, on a connection of its own so a
-/// saturated pool never makes the process look dead.
+/// Keeps `Health` current, on a connection of its own so a saturated pool never makes the process
+/// look dead. Readiness asks only what the pod needs (the database answers, the schema is new
+/// enough); the backlog gauges are counted by [`gauge_loop`] on another connection, so a slow count
+/// can never flip readiness.
 async fn probe_loop(
     tls: db::tls::Tls,
     url: String,
@@ -140,13 +149,6 @@ async fn probe_loop(
     let mut client: Option<tokio_postgres::Client> = None;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let gauges = schema.sql(
-        "SELECT (SELECT count(*) FROM __SCHEMA__.deliveries WHERE status = 'pending' AND next_attempt_at <= now()),
-                (SELECT COALESCE(extract(epoch FROM now() - min(next_attempt_at)), 0)::float8
-                   FROM __SCHEMA__.deliveries WHERE status = 'pending' AND next_attempt_at <= now()),
-                (SELECT count(*) FROM __SCHEMA__.endpoints WHERE NOT active AND deleted_at IS NULL),
-                (SELECT count(*) FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL)",
-    );
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -157,33 +159,23 @@ async fn probe_loop(
             .db_pool_in_use
             .set((status.size - status.available.min(status.size)) as i64);
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = connect_probe(&url, &tls).await;
+            client = connect_probe(&url, &tls, "postern-probe").await;
         }
         let Some(c) = &client else {
             health.database.store(false, Relaxed);
             continue;
         };
-        let probe = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-            let version = db::schema_version(c, &schema).await?;
-            let values = match version {
-                Some(_) => Some(c.query_one(&gauges, &[]).await?),
-                None => None,
-            };
-            anyhow::Ok((version, values))
-        })
+        let probe = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            db::schema_version(c, &schema),
+        )
         .await;
         match probe {
-            Ok(Ok((version, values))) => {
+            Ok(Ok(version)) => {
                 health.database.store(true, Relaxed);
                 health
                     .schema
                     .store(version.is_some_and(|v| v >= db::SCHEMA_VERSION), Relaxed);
-                if let Some(row) = values {
-                    metrics.deliveries_due.set(row.get(0));
-                    metrics.oldest_due_seconds.set(row.get(1));
-                    metrics.endpoints_inactive.set(row.get(2));
-                    metrics.outbox_undispatched.set(row.get(3));
-                }
             }
             _ => {
                 health.database.store(false, Relaxed);
@@ -193,10 +185,75 @@ async fn probe_loop(
     }
 }
 
-async fn connect_probe(url: &str, tls: &db::tls::Tls) -> Option<tokio_postgres::Client> {
+/// Counting stops here: past it the gauges read this many (a backlog this deep is an alert
+/// already, and counting further would cost the database more with every row).
+const GAUGE_COUNT_CAP: i64 = 100_000;
+
+/// Keeps the backlog gauges current every few seconds on a connection of its own, each query under
+/// a `statement_timeout`: the counts walk partial indexes and stop at [`GAUGE_COUNT_CAP`], and the
+/// oldest due delivery is one index probe per endpoint. A failure leaves the gauges as they were.
+async fn gauge_loop(
+    tls: db::tls::Tls,
+    url: String,
+    schema: Schema,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let gauges = schema.sql(&format!(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.deliveries
+                  WHERE status = 'pending' AND next_attempt_at <= now() LIMIT {GAUGE_COUNT_CAP}) d),
+                (SELECT COALESCE(extract(epoch FROM now() - min(first.at)), 0)::float8
+                   FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
+                     SELECT d.next_attempt_at AS at FROM __SCHEMA__.deliveries d
+                     WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now()
+                     ORDER BY d.next_attempt_at LIMIT 1) first),
+                (SELECT count(*) FROM __SCHEMA__.endpoints WHERE NOT active AND deleted_at IS NULL),
+                (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.outbox
+                  WHERE dispatched_at IS NULL LIMIT {GAUGE_COUNT_CAP}) o)"
+    ));
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = connect_probe(&url, &tls, "postern-gauges").await;
+            if let Some(c) = &client {
+                if c.batch_execute("SET statement_timeout = '2s'")
+                    .await
+                    .is_err()
+                {
+                    client = None;
+                }
+            }
+        }
+        let Some(c) = &client else { continue };
+        match c.query_one(&gauges, &[]).await {
+            Ok(row) => {
+                metrics.deliveries_due.set(row.get(0));
+                metrics.oldest_due_seconds.set(row.get(1));
+                metrics.endpoints_inactive.set(row.get(2));
+                metrics.outbox_undispatched.set(row.get(3));
+            }
+            // Before the schema exists, or a count that ran out of time: try again next tick.
+            Err(e) => {
+                tracing::debug!(error = %crate::telemetry::error_chain(&e), "gauges not updated")
+            }
+        }
+    }
+}
+
+async fn connect_probe(
+    url: &str,
+    tls: &db::tls::Tls,
+    name: &str,
+) -> Option<tokio_postgres::Client> {
     let mut config: tokio_postgres::Config = url.parse().ok()?;
     config
-        .application_name("postern-probe")
+        .application_name(name)
         .connect_timeout(std::time::Duration::from_secs(2));
     let (client, connection) = config.connect(tls.clone()).await.ok()?;
     tokio::spawn(async move {

@@ -22,6 +22,9 @@ pub struct Health {
     pub schema: AtomicBool,
     pub pipeline: AtomicBool,
     pub stopping: AtomicBool,
+    /// A fault of this replica (a secret it cannot decrypt, a pipeline task that stopped): the
+    /// first reason reported stays until the process restarts.
+    fault: std::sync::Mutex<Option<String>>,
     /// Where the inbound proxy listens, when configured.
     pub inbound: Option<SocketAddr>,
 }
@@ -34,10 +37,25 @@ impl Health {
         }
     }
 
+    /// Marks the replica unready for `reason` (the first fault reported is kept).
+    pub fn set_fault(&self, reason: impl Into<String>) {
+        let mut fault = self.fault.lock().expect("health fault");
+        if fault.is_none() {
+            *fault = Some(reason.into());
+        }
+    }
+
+    pub fn fault(&self) -> Option<String> {
+        self.fault.lock().expect("health fault").clone()
+    }
+
     /// `Err(reason)` while not ready.
     fn readiness(&self) -> Result<(), String> {
         if self.stopping.load(Ordering::Relaxed) {
             return Err("shutting down".into());
+        }
+        if let Some(fault) = self.fault() {
+            return Err(fault);
         }
         if !self.database.load(Ordering::Relaxed) {
             return Err("database unreachable".into());
