@@ -91,6 +91,7 @@ pub async fn run(
             &schema,
             shutdown.clone(),
             metrics.clone(),
+            health.clone(),
             vault.clone(),
             tls.clone(),
         )?;
@@ -313,6 +314,15 @@ pub async fn prepare(
         tracing::warn!(endpoints = ?reconciled.kept, config_generation = generation,
             "config endpoints missing from this file keep running: this config_generation is not newer than the database's (raise it to retire them)");
     }
+    let resealed = endpoints::reseal(pool, schema, vault).await?;
+    if resealed > 0 {
+        tracing::info!(
+            values = resealed,
+            key = vault.current_key_id(),
+            "stored secrets sealed again with the current key"
+        );
+    }
+    endpoints::check_sealed(pool, schema, vault).await?;
     Ok(())
 }
 
@@ -326,6 +336,7 @@ pub fn start(
     schema: &Schema,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     vault: SecretBox,
     tls: db::tls::Tls,
 ) -> anyhow::Result<JoinSet<()>> {
@@ -378,6 +389,7 @@ pub fn start(
         settings,
         vault,
         metrics,
+        health,
         owner,
         capacity,
         signals.deliveries_ready.clone(),
@@ -428,6 +440,15 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
         .context("interrupted while waiting for the database")?;
     let applied = db::migrate(&pool, &schema, &config.database.publisher_roles).await?;
     db::install_notify(&pool, &schema, &NotifySetting::from_config(config), true).await?;
+    let vault = SecretBox::from_config(config)?;
+    let resealed = endpoints::reseal(&pool, &schema, &vault).await?;
+    if resealed > 0 {
+        tracing::info!(
+            values = resealed,
+            key = vault.current_key_id(),
+            "stored secrets sealed again with the current key"
+        );
+    }
     Ok(applied)
 }
 

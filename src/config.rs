@@ -180,6 +180,10 @@ pub struct DatabaseConfig {
     /// 32 bytes, base64: endpoint secrets and custom header values are encrypted at rest with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption_key: Option<Secret>,
+    /// Earlier keys, still used to open what they sealed while a key rotation is under way
+    /// (`postern migrate` re-seals everything with `encryption_key`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encryption_keys: Vec<Secret>,
 }
 
 impl Default for DatabaseConfig {
@@ -194,6 +198,7 @@ impl Default for DatabaseConfig {
             tls_verify: false,
             ca_file: None,
             encryption_key: None,
+            encryption_keys: Vec::new(),
         }
     }
 }
@@ -977,6 +982,14 @@ impl Config {
             if let Err(e) = crate::crypto::SecretBox::from_base64(key.expose()) {
                 p.push(format!("database.encryption_key: {e}"));
             }
+        }
+        for (i, key) in self.database.encryption_keys.iter().enumerate() {
+            if let Err(e) = crate::crypto::SecretBox::from_base64(key.expose()) {
+                p.push(format!("database.encryption_keys[{i}]: {e}"));
+            }
+        }
+        if !self.database.encryption_keys.is_empty() && self.database.encryption_key.is_none() {
+            p.push("database.encryption_keys: older keys need database.encryption_key (the key that seals new values)".into());
         }
         if let Some(admin) = &self.admin {
             if admin.listen.parse::<std::net::SocketAddr>().is_err() {

@@ -207,6 +207,7 @@ async fn demo_body(
         schema,
         shutdown.clone(),
         metrics,
+        std::sync::Arc::new(crate::telemetry::Health::new(None)),
         vault,
         db::tls::unverified(),
     )?;

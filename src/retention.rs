@@ -21,6 +21,7 @@ const PASS_BUDGET: Duration = Duration::from_secs(5);
 pub struct Pruned {
     pub deliveries: u64,
     pub events: u64,
+    pub secrets: u64,
 }
 
 pub struct Retention {
@@ -30,6 +31,7 @@ pub struct Retention {
     prune_delivered: String,
     prune_failed: String,
     prune_events: String,
+    prune_secrets: String,
 }
 
 impl Retention {
@@ -41,6 +43,16 @@ impl Retention {
             prune_delivered: schema.sql(&prune_deliveries("status = 'delivered'")),
             prune_failed: schema.sql(&prune_deliveries("status IN ('failed', 'cancelled')")),
             // An event goes once no delivery of it is left (all pruned, or none were made).
+            // A secret past its expiry never signs again: keep no copy of it.
+            prune_secrets: schema.sql(
+                "WITH gone AS (
+                    DELETE FROM __SCHEMA__.endpoint_secrets WHERE id IN (
+                        SELECT id FROM __SCHEMA__.endpoint_secrets
+                        WHERE expires_at < now() - make_interval(secs => $1) LIMIT $2)
+                    RETURNING 1
+                 )
+                 SELECT count(*) FROM gone",
+            ),
             prune_events: schema.sql(
                 "WITH gone AS (
                     DELETE FROM __SCHEMA__.outbox WHERE id IN (
@@ -61,21 +73,22 @@ impl Retention {
         let client = self.pool.get().await?;
         let mut pruned = Pruned::default();
         let steps = [
-            (&self.prune_delivered, self.delivered, false),
-            (&self.prune_failed, self.failed, false),
-            (&self.prune_events, self.delivered, true),
+            (&self.prune_delivered, self.delivered, Kind::Deliveries),
+            (&self.prune_failed, self.failed, Kind::Deliveries),
+            (&self.prune_events, self.delivered, Kind::Events),
+            (&self.prune_secrets, Duration::ZERO, Kind::Secrets),
         ];
-        for (sql, age, events) in steps {
+        for (sql, age, kind) in steps {
             loop {
                 // Each statement answers with how many rows it deleted.
                 let n = client
                     .query_one(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
                     .await?
                     .get::<_, i64>(0) as u64;
-                if events {
-                    pruned.events += n;
-                } else {
-                    pruned.deliveries += n;
+                match kind {
+                    Kind::Deliveries => pruned.deliveries += n,
+                    Kind::Events => pruned.events += n,
+                    Kind::Secrets => pruned.secrets += n,
                 }
                 if n < BATCH as u64 || started.elapsed() > PASS_BUDGET {
                     break;
@@ -84,6 +97,12 @@ impl Retention {
         }
         Ok(pruned)
     }
+}
+
+enum Kind {
+    Deliveries,
+    Events,
+    Secrets,
 }
 
 /// Deletes a batch of finished deliveries matching `finished` and, in the same statement, their
@@ -130,7 +149,7 @@ pub async fn housekeeping_loop(
             },
             _ = prune.tick() => match retention.prune().await {
                 Ok(p) if p == Pruned::default() => {}
-                Ok(p) => tracing::info!(deliveries = p.deliveries, events = p.events, "retention pruned old rows"),
+                Ok(p) => tracing::info!(deliveries = p.deliveries, events = p.events, expired_secrets = p.secrets, "retention pruned old rows"),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "retention pass failed"),
             },
         }

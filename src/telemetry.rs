@@ -1,5 +1,10 @@
 //! Logging: one tracing subscriber (text or JSON, to stderr) for the whole process. Invariant: log
-//! fields are structured (`delivery.id`, `endpoint.id`, `attempt`) and never carry a secret.
+//! fields are structured (`delivery.id`, `endpoint.id`, `attempt`) and never carry a secret. Also
+//! the replica's health, which the pipeline reports to and the admin listener reads.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
@@ -186,5 +191,82 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// What readiness is made of: written by the prober and the pipeline (which report a replica's
+/// faults here), read by `/readyz`.
+#[derive(Default)]
+pub struct Health {
+    pub database: AtomicBool,
+    pub schema: AtomicBool,
+    pub pipeline: AtomicBool,
+    pub stopping: AtomicBool,
+    /// A fault of this replica (a secret it cannot decrypt, a pipeline task that stopped): the
+    /// first reason reported stays until the process restarts.
+    fault: std::sync::Mutex<Option<String>>,
+    /// Where the inbound proxy listens, when configured.
+    pub inbound: Option<SocketAddr>,
+}
+
+impl Health {
+    pub fn new(inbound: Option<SocketAddr>) -> Self {
+        Self {
+            inbound,
+            ..Self::default()
+        }
+    }
+
+    /// Marks the replica unready for `reason` (the first fault reported is kept).
+    pub fn set_fault(&self, reason: impl Into<String>) {
+        let mut fault = self.fault.lock().expect("health fault");
+        if fault.is_none() {
+            *fault = Some(reason.into());
+        }
+    }
+
+    pub fn fault(&self) -> Option<String> {
+        self.fault.lock().expect("health fault").clone()
+    }
+
+    /// `Err(reason)` while not ready.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
+        if let Some(fault) = self.fault() {
+            return Err(fault);
+        }
+        if !self.database.load(Ordering::Relaxed) {
+            return Err("database unreachable".into());
+        }
+        if !self.schema.load(Ordering::Relaxed) {
+            return Err(format!(
+                "schema older than this binary needs (version {})",
+                crate::db::SCHEMA_VERSION
+            ));
+        }
+        if !self.pipeline.load(Ordering::Relaxed) {
+            return Err("outbound pipeline not running".into());
+        }
+        if let Some(addr) = self.inbound {
+            // A connect to our own listener: cheap, local, and true to what a sender sees.
+            let target = if addr.ip().is_unspecified() {
+                SocketAddr::new(
+                    if addr.is_ipv4() {
+                        [127, 0, 0, 1].into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    },
+                    addr.port(),
+                )
+            } else {
+                addr
+            };
+            if std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_err() {
+                return Err(format!("inbound listener {addr} not accepting"));
+            }
+        }
+        Ok(())
     }
 }

@@ -185,6 +185,7 @@ fn check_tenant(tenant: Option<&str>) -> Result<(), ApiError> {
 
 fn check_headers(
     state: &ApiState,
+    endpoint: &str,
     headers: &BTreeMap<String, String>,
 ) -> Result<serde_json::Value, ApiError> {
     let mut sealed = serde_json::Map::new();
@@ -197,10 +198,13 @@ fn check_headers(
                 format!("headers.{name}: not a valid header value"),
             ));
         }
-        sealed.insert(
-            name.to_ascii_lowercase(),
-            serde_json::Value::String(state.vault.seal(value)),
-        );
+        let name = name.to_ascii_lowercase();
+        let field = crate::crypto::Field::Header {
+            endpoint,
+            name: &name,
+        };
+        let value = serde_json::Value::String(state.vault.seal(value, field));
+        sealed.insert(name, value);
     }
     Ok(serde_json::Value::Object(sealed))
 }
@@ -246,9 +250,9 @@ async fn create_endpoint(
     check_url(&state, &body.url)?;
     check_events(&body.events)?;
     check_tenant(body.tenant.as_deref())?;
-    let headers = check_headers(&state, &body.headers.unwrap_or_default())?;
-    let retry = check_retry(body.retry.as_ref())?;
     let id = format!("ep_{}", uuid::Uuid::new_v4().simple());
+    let headers = check_headers(&state, &id, &body.headers.unwrap_or_default())?;
+    let retry = check_retry(body.retry.as_ref())?;
     let secret = crate::signing::generate_secret();
     let signature = body.signature.unwrap_or_default();
     let mut client = state.pool.get().await?;
@@ -401,7 +405,7 @@ async fn patch_endpoint(
     let headers = body
         .headers
         .as_ref()
-        .map(|h| check_headers(&state, h))
+        .map(|h| check_headers(&state, &id, h))
         .transpose()?;
     let retry = match &body.retry {
         Some(r) => Some(check_retry(r.as_ref())?),

@@ -22,9 +22,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::config::{Config, RetryConfig, SignatureScheme};
-use crate::crypto::SecretBox;
+use crate::crypto::{Field, SecretBox};
 use crate::signing;
-use crate::telemetry::{Metrics, OutcomeLabel};
+use crate::telemetry::{Health, Metrics, OutcomeLabel};
 use client::{SendError, WebhookClient};
 use retry::RetryPolicy;
 use store::{Ack, AttemptRecord, Claimed, DeliveryStore, Settle};
@@ -68,6 +68,7 @@ pub struct Worker {
     settings: WorkerSettings,
     secrets: SecretBox,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     owner: Uuid,
     capacity: Arc<Capacity>,
     /// Rung by the dispatcher (deliveries it inserted `pending`) and by the reaper (due again).
@@ -226,7 +227,22 @@ enum Report {
     Settled(Ack),
     /// Not finished before the shutdown deadline: back to `pending` at once.
     HandBack(Uuid, i32),
+    /// Not attempted, for a fault of this replica (a secret it cannot open): back to `pending`,
+    /// due again after [`DEFER_DELAY`], with the reason. Never `failed`: the event is fine.
+    Defer(Deferral),
 }
+
+/// A delivery this replica could not prepare, through no fault of the event.
+#[derive(Debug, Clone)]
+pub struct Deferral {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub reason: String,
+}
+
+/// How long a deferred delivery waits before any replica tries it again (one with the right key
+/// may take it meanwhile... after this delay; the operator has been told through `/readyz`).
+const DEFER_DELAY: Duration = Duration::from_secs(30);
 
 impl Worker {
     #[allow(clippy::too_many_arguments)]
@@ -236,6 +252,7 @@ impl Worker {
         settings: WorkerSettings,
         secrets: SecretBox,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
         owner: Uuid,
         capacity: Arc<Capacity>,
         wake: Arc<Notify>,
@@ -246,6 +263,7 @@ impl Worker {
             settings,
             secrets,
             metrics,
+            health,
             owner,
             capacity,
             wake,
@@ -274,6 +292,7 @@ impl Worker {
                 settings: self.settings.clone(),
                 secrets: self.secrets.clone(),
                 metrics: self.metrics.clone(),
+                health: self.health.clone(),
             }),
             tracker: TaskTracker::new(),
             reports: report_tx.clone(),
@@ -443,7 +462,10 @@ impl Attempts {
             let report = match request {
                 None => Report::HandBack(id, attempt),
                 Some(_request) => tokio::select! {
-                    ack = context.attempt(delivery) => Report::Settled(ack),
+                    outcome = context.attempt(delivery) => match outcome {
+                        Ok(ack) => Report::Settled(ack),
+                        Err(deferral) => Report::Defer(deferral),
+                    },
                     _ = abort.cancelled() => Report::HandBack(id, attempt),
                 },
             };
@@ -467,16 +489,23 @@ async fn settle_loop(
     while rx.recv_many(&mut buf, 512).await > 0 {
         let mut acks = Vec::with_capacity(buf.len());
         let mut back = Vec::new();
+        let mut deferred = Vec::new();
         for done in &buf {
             match &done.report {
                 Report::Settled(a) => acks.push(a.clone()),
                 Report::HandBack(id, attempt) => back.push((*id, *attempt)),
+                Report::Defer(d) => deferred.push(d.clone()),
             }
         }
         let started = Instant::now();
         let outcomes = acks.len();
         write_outcomes(&store, owner, acks).await;
         hand_back_all(&store, owner, &back).await;
+        if !deferred.is_empty() {
+            if let Err(e) = store.defer(owner, &deferred, DEFER_DELAY).await {
+                tracing::error!(error = %format!("{e:#}"), "deferring deliveries failed; their leases will lapse");
+            }
+        }
         tracing::debug!(
             outcomes,
             handed_back = back.len(),
@@ -570,13 +599,15 @@ struct AttemptContext {
     settings: WorkerSettings,
     secrets: SecretBox,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl AttemptContext {
-    /// Makes one attempt and decides how it settles. Never fails: every path returns an `Ack`.
-    async fn attempt(&self, d: Claimed) -> Ack {
+    /// Makes one attempt and decides how it settles: every path returns an `Ack`, except a
+    /// delivery this replica cannot prepare (its fault, not the event's), which is deferred.
+    async fn attempt(&self, d: Claimed) -> Result<Ack, Deferral> {
         let span = tracing::info_span!("attempt", delivery.id = %d.id, endpoint.id = %d.endpoint_id, attempt = d.attempt);
-        let ack = self.attempt_in_span(d).instrument(span).await;
+        let ack = self.attempt_in_span(d).instrument(span).await?;
         let outcome = match ack.settle {
             Settle::Delivered => "delivered",
             Settle::Retry { .. } => "retry",
@@ -590,10 +621,10 @@ impl AttemptContext {
         self.metrics
             .attempt_duration
             .observe(f64::from(ack.record.duration_ms.max(0)) / 1000.0);
-        ack
+        Ok(ack)
     }
 
-    async fn attempt_in_span(&self, d: Claimed) -> Ack {
+    async fn attempt_in_span(&self, d: Claimed) -> Result<Ack, Deferral> {
         let started_at = Utc::now();
         let clock = Instant::now();
         let policy = endpoint_policy(d.retry.as_ref())
@@ -624,22 +655,34 @@ impl AttemptContext {
                 self.settings.max_payload
             );
             tracing::warn!(error = %error, "delivery failed");
-            return finish(Settle::Failed, None, None, Some(error));
+            return Ok(finish(Settle::Failed, None, None, Some(error)));
         }
         let url = match reqwest::Url::parse(&d.url) {
             Ok(u) => u,
             Err(e) => {
-                return finish(
+                return Ok(finish(
                     Settle::Failed,
                     None,
                     None,
                     Some(format!("invalid endpoint URL: {e}")),
-                )
+                ))
             }
         };
         let headers = match build_headers(&d, &body, &self.secrets) {
             Ok(h) => h,
-            Err(e) => return finish(Settle::Failed, None, None, Some(e)),
+            Err(e) => {
+                let reason = format!(
+                    "this replica cannot prepare deliveries to endpoint {}: {e}",
+                    d.endpoint_id
+                );
+                tracing::error!(error = %reason, "delivery deferred; the replica is marked unready");
+                self.health.set_fault(reason.clone());
+                return Err(Deferral {
+                    id: d.id,
+                    attempt: d.attempt,
+                    reason,
+                });
+            }
         };
 
         let retry_at = |retry_after: Option<Duration>| {
@@ -652,7 +695,7 @@ impl AttemptContext {
                 .unwrap_or(Settle::Failed)
         };
 
-        match self
+        let ack = match self
             .client
             .post(&url, headers, body, self.settings.request_timeout)
             .await
@@ -702,7 +745,8 @@ impl AttemptContext {
                 tracing::info!(error = %e, kind, final_attempt = settle == Settle::Failed, "attempt failed");
                 finish(settle, None, None, Some(e.to_string()))
             }
-        }
+        };
+        Ok(ack)
     }
 }
 
@@ -730,13 +774,14 @@ pub fn envelope(d: &Claimed) -> Bytes {
 /// Content type, the endpoint's custom headers, then the signature headers (last, so a custom
 /// header can never replace them).
 fn build_headers(d: &Claimed, body: &[u8], vault: &SecretBox) -> Result<HeaderMap, String> {
+    let endpoint = d.endpoint_id.as_str();
     let mut h = HeaderMap::new();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(custom) = d.headers.as_object() {
         for (name, value) in custom {
             let opened = value.as_str().map(|v| {
                 vault
-                    .open(v)
+                    .open(v, Field::Header { endpoint, name })
                     .map_err(|e| format!("custom header {name:?}: {e}"))
             });
             let value = match opened {
@@ -770,7 +815,7 @@ fn build_headers(d: &Claimed, body: &[u8], vault: &SecretBox) -> Result<HeaderMa
     let secrets: Vec<String> = d
         .secrets
         .iter()
-        .map(|s| vault.open(s))
+        .map(|s| vault.open(s, Field::Secret { endpoint }))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     let ts = HeaderValue::from(now);

@@ -107,6 +107,7 @@ pub struct DeliveryStore {
     disable_gone: String,
     pause_gone: String,
     hand_back: String,
+    defer: String,
     reap: String,
 }
 
@@ -183,6 +184,20 @@ impl DeliveryStore {
                      lease_expires_at = NULL, next_attempt_at = now(), updated_at = now()
                  FROM unnest($2::uuid[], $3::int[]) AS u(id, attempt)
                  WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering' AND d.lease_owner = $1",
+            ),
+            // Not attempted (no request went out), so the claim's attempt count is undone; due
+            // again after a delay, with the reason, in the state its endpoint calls for.
+            defer: schema.sql(
+                "UPDATE __SCHEMA__.deliveries d
+                 SET status = CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                                   WHEN e.active THEN 'pending' ELSE 'paused' END,
+                     attempts = d.attempts - 1, lease_owner = NULL, lease_expires_at = NULL,
+                     next_attempt_at = now() + make_interval(secs => $5), last_error = u.reason,
+                     updated_at = now()
+                 FROM unnest($2::uuid[], $3::int[], $4::text[]) AS u(id, attempt, reason),
+                      __SCHEMA__.endpoints e
+                 WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
+                   AND d.lease_owner = $1 AND e.id = d.endpoint_id",
             ),
             // A lapsed lease means the replica died (or stalled) mid-attempt: whether the request
             // went out is unknown, so the attempt is recorded as such and the delivery is due again.
@@ -339,6 +354,26 @@ impl DeliveryStore {
         let attempts: Vec<i32> = items.iter().map(|(_, a)| *a).collect();
         Ok(client
             .execute(&self.hand_back, &[&owner, &ids, &attempts])
+            .await?)
+    }
+
+    /// Returns deliveries this replica could not prepare, due again after `delay`.
+    pub async fn defer(
+        &self,
+        owner: Uuid,
+        items: &[super::Deferral],
+        delay: Duration,
+    ) -> anyhow::Result<u64> {
+        let client = self.pool.get().await?;
+        let ids: Vec<Uuid> = items.iter().map(|d| d.id).collect();
+        let attempts: Vec<i32> = items.iter().map(|d| d.attempt).collect();
+        let reasons: Vec<std::borrow::Cow<'_, str>> =
+            items.iter().map(|d| storable(&d.reason)).collect();
+        Ok(client
+            .execute(
+                &self.defer,
+                &[&owner, &ids, &attempts, &reasons, &delay.as_secs_f64()],
+            )
             .await?)
     }
 
