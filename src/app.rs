@@ -111,13 +111,32 @@ pub async fn run(
             .pipeline
             .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("postern running");
-        shutdown.cancelled().await;
+        let mut pipeline = pipeline;
+        // A pipeline task that ends before shutdown (a panic, a bug) leaves the replica unable
+        // to do its work: it says so on /readyz, and after a short grace (so probes and logs
+        // see why) exits non-zero for Kubernetes to restart it.
+        let failed = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            ended = pipeline.next_ended() => Some(ended),
+        };
+        if let Some(reason) = &failed {
+            tracing::error!(reason = %reason, grace_s = TASK_FAILURE_GRACE.as_secs(), "a pipeline task stopped; this replica is unready and exits after the grace");
+            health.set_fault(reason.clone());
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(TASK_FAILURE_GRACE) => {}
+            }
+        }
         health
             .stopping
             .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("shutting down: no new claims; draining in-flight deliveries");
-        join_all(pipeline).await;
-        anyhow::Ok(())
+        shutdown.cancel();
+        join_all(pipeline.tasks).await;
+        match failed {
+            Some(reason) => Err(anyhow::anyhow!(reason)),
+            None => anyhow::Ok(()),
+        }
     }
     .await;
     health
@@ -256,6 +275,7 @@ async fn connect_probe(
     config
         .application_name(name)
         .connect_timeout(std::time::Duration::from_secs(2));
+    db::bound_session(&mut config, db::SESSION_OPTIONS);
     let (client, connection) = config.connect(tls.clone()).await.ok()?;
     tokio::spawn(async move {
         let _ = connection.await;
@@ -330,6 +350,67 @@ pub async fn prepare(
 /// a long pass under load the other takes the next wake-up.
 const DISPATCHERS: usize = 2;
 
+/// How long a replica whose pipeline task stopped stays up (unready) before exiting.
+const TASK_FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// For tests only: `POSTERN_TEST_FAIL_TASK=<task>` makes that pipeline task panic a moment after
+/// it starts, to show what a dead task does to the replica. Never set it in production.
+const FAIL_TASK_VAR: &str = "POSTERN_TEST_FAIL_TASK";
+
+/// The pipeline's tasks, by name.
+pub struct Pipeline {
+    pub tasks: JoinSet<()>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Pipeline {
+    fn new() -> Self {
+        Self {
+            tasks: JoinSet::new(),
+            names: Default::default(),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let fail = std::env::var(FAIL_TASK_VAR).is_ok_and(|v| v == name);
+        let handle = if fail {
+            self.tasks.spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                panic!("{FAIL_TASK_VAR}={name}: injected failure");
+            })
+        } else {
+            self.tasks.spawn(task)
+        };
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Waits for the first task to end and says which and how (pending forever when none runs).
+    async fn next_ended(&mut self) -> String {
+        let Some(ended) = self.tasks.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let (id, how) = match ended {
+            Ok((id, ())) => (id, "returned".to_string()),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let message = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                return format!("a pipeline task panicked: {message}");
+            }
+            Err(e) => (e.id(), format!("failed: {e}")),
+        };
+        let name = self.names.get(&id).copied().unwrap_or("unknown");
+        format!("the pipeline task {name} {how}")
+    }
+}
+
 /// Spawns the pipeline's tasks; each stops when `shutdown` is cancelled.
 pub fn start(
     config: &Config,
@@ -339,25 +420,32 @@ pub fn start(
     health: Arc<Health>,
     vault: SecretBox,
     tls: db::tls::Tls,
-) -> anyhow::Result<JoinSet<()>> {
+) -> anyhow::Result<Pipeline> {
     let o = &config.outbound;
     let pool = db::pipeline_pool(config.database.url(), &tls)?;
     let signals = Arc::new(Signals::default());
-    let mut tasks = JoinSet::new();
+    let mut tasks = Pipeline::new();
     let owner = Uuid::new_v4();
 
-    if db::listens(o.notify) {
-        tasks.spawn(outbox::listen(
-            config.database.listen_url().to_string(),
-            tls,
-            schema.channel(),
-            signals.clone(),
-            metrics.clone(),
-            shutdown.child_token(),
-        ));
-    }
     let settings = WorkerSettings::from_config(config);
     let capacity = Capacity::new(&settings);
+    if db::listens(o.notify) {
+        tasks.spawn(
+            "listener",
+            outbox::listen(
+                config.database.listen_url().to_string(),
+                tls,
+                outbox::Channels {
+                    outbox: schema.channel(),
+                    endpoints: schema.endpoints_channel(),
+                },
+                signals.clone(),
+                capacity.clone(),
+                metrics.clone(),
+                shutdown.child_token(),
+            ),
+        );
+    }
     let (handoff, handoffs) = tokio::sync::mpsc::unbounded_channel();
     let fast_path = FastPath {
         owner,
@@ -367,14 +455,17 @@ pub fn start(
     };
     for _ in 0..DISPATCHERS {
         let dispatcher = Dispatcher::new(pool.clone(), schema, o.dispatch_batch, fast_path.clone());
-        tasks.spawn(outbox::dispatch_loop(
-            dispatcher,
-            signals.clone(),
-            metrics.clone(),
-            o.poll_interval.0,
-            o.notify_throttle.0,
-            shutdown.child_token(),
-        ));
+        tasks.spawn(
+            "dispatcher",
+            outbox::dispatch_loop(
+                dispatcher,
+                signals.clone(),
+                metrics.clone(),
+                o.poll_interval.0,
+                o.notify_throttle.0,
+                shutdown.child_token(),
+            ),
+        );
     }
 
     let store = Arc::new(DeliveryStore::new(pool.clone(), schema));
@@ -391,10 +482,11 @@ pub fn start(
         metrics,
         health,
         owner,
-        capacity,
+        capacity.clone(),
         signals.deliveries_ready.clone(),
+        signals.sweep_now.clone(),
     );
-    tasks.spawn(worker.run(handoffs, shutdown.child_token()));
+    tasks.spawn("worker", worker.run(handoffs, shutdown.child_token()));
 
     let retention = Retention::new(
         pool,
@@ -402,15 +494,19 @@ pub fn start(
         config.retention.delivered.0,
         config.retention.failed.0,
     );
-    tasks.spawn(retention::housekeeping_loop(
-        store,
-        retention,
-        o.max_lease_lapses,
-        o.poll_interval.0,
-        config.retention.interval.0,
-        signals.deliveries_ready.clone(),
-        shutdown.child_token(),
-    ));
+    tasks.spawn(
+        "housekeeping",
+        retention::housekeeping_loop(
+            store,
+            retention,
+            o.max_lease_lapses,
+            o.poll_interval.0,
+            config.retention.interval.0,
+            signals.deliveries_ready.clone(),
+            signals.sweep_now.clone(),
+            shutdown.child_token(),
+        ),
+    );
     tracing::info!(replica = %owner, notify = o.notify.as_str(), "pipeline started");
     Ok(tasks)
 }

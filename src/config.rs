@@ -340,6 +340,10 @@ pub struct RetryConfig {
     pub max_delay: Option<Dur>,
 }
 
+/// No retry waits longer than this: a delay past it is a typo, and unbounded delays overflow
+/// date arithmetic.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+
 impl RetryConfig {
     /// The policy this describes, or the problems with it (each a `key: message` relative to
     /// the retry table).
@@ -372,6 +376,11 @@ impl RetryConfig {
                 if schedule.len() > 100 {
                     problems.push("schedule: at most 100 delays".into());
                 }
+                for (i, d) in schedule.iter().enumerate() {
+                    if d.0 > MAX_RETRY_DELAY {
+                        problems.push(format!("schedule[{i}]: {d} is longer than 30d"));
+                    }
+                }
                 Some(RetryPolicy::Schedule {
                     delays: schedule.iter().map(|d| d.0).collect(),
                     jitter,
@@ -402,6 +411,12 @@ impl RetryConfig {
                 }
                 if max_delay < initial {
                     problems.push("max_delay: must not be below initial_delay".into());
+                }
+                if initial > MAX_RETRY_DELAY {
+                    problems.push("initial_delay: must be at most 30d".into());
+                }
+                if max_delay > MAX_RETRY_DELAY {
+                    problems.push("max_delay: must be at most 30d".into());
                 }
                 Some(RetryPolicy::Exponential {
                     max_attempts,

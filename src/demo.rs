@@ -255,7 +255,7 @@ async fn demo_body(
     }
     shutdown.cancel();
     let mut tasks = tasks;
-    while tasks.join_next().await.is_some() {}
+    while tasks.tasks.join_next().await.is_some() {}
 
     let seen = receiver.seen.lock().expect("demo lock").clone();
     let rejected = *receiver.rejected.lock().expect("demo lock");

@@ -52,6 +52,7 @@ pub async fn sync_config_endpoints(
         &[&format!("postern.endpoints.{}", schema.name())],
     )
     .await?;
+    exclude_fan_out(&tx, schema).await?;
     let stored: Option<u64> = tx
         .query_opt(
             &schema.sql("SELECT value FROM __SCHEMA__.settings WHERE key = 'config_generation'"),
@@ -199,6 +200,7 @@ pub async fn sync_config_endpoints(
             &[&missing],
         )
         .await?;
+        announce(&tx, schema, &missing, Announce::Stop).await?;
         outcome.retired = missing;
     }
     tx.execute(
@@ -218,6 +220,7 @@ pub async fn sync_config_endpoints(
 pub async fn prune_retired(pool: &Pool, schema: &Schema) -> anyhow::Result<Vec<String>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    exclude_fan_out(&tx, schema).await?;
     let ids: Vec<String> = tx
         .query(
             &schema.sql(&format!(
@@ -233,6 +236,7 @@ pub async fn prune_retired(pool: &Pool, schema: &Schema) -> anyhow::Result<Vec<S
         .map(|r| r.get(0))
         .collect();
     cancel_unfinished(&tx, schema, &ids).await?;
+    announce(&tx, schema, &ids, Announce::Stop).await?;
     tx.commit().await?;
     Ok(ids)
 }
@@ -255,6 +259,32 @@ pub async fn cancel_unfinished(
         .await?)
 }
 
+/// After an endpoint's tenant changed: cancels its unfinished deliveries (those held by a replica
+/// too: their outcome is then fenced off) of events the tenant rules no longer give it. Targeted
+/// events (a test event) stay. Returns how many.
+pub async fn cancel_ineligible(
+    tx: &deadpool_postgres::Transaction<'_>,
+    schema: &Schema,
+    endpoint_id: &str,
+) -> anyhow::Result<u64> {
+    Ok(tx
+        .execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries d
+                 SET status = 'cancelled', lease_owner = NULL, lease_expires_at = NULL,
+                     last_error = 'cancelled: the endpoint''s tenant changed and this event is not for it',
+                     updated_at = now()
+                 FROM __SCHEMA__.endpoints e, __SCHEMA__.outbox o
+                 WHERE e.id = $1 AND d.endpoint_id = e.id AND o.id = d.outbox_id
+                   AND d.status IN ('pending', 'paused', 'delivering')
+                   AND o.target_endpoint IS DISTINCT FROM e.id
+                   AND e.tenant IS DISTINCT FROM '*' AND e.tenant IS DISTINCT FROM o.tenant",
+            ),
+            &[&endpoint_id],
+        )
+        .await?)
+}
+
 /// Pauses or resumes an endpoint: inactive, its `pending` deliveries become `paused`; active
 /// again, its `paused` deliveries become `pending`, due at once, so nothing is lost either way.
 /// Returns false when no such (undeleted) endpoint exists.
@@ -267,6 +297,7 @@ pub async fn set_active(
 ) -> anyhow::Result<bool> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    exclude_fan_out(&tx, schema).await?;
     let found = tx
         .execute(
             &schema.sql(
@@ -292,6 +323,12 @@ pub async fn set_active(
             &[&id, &from, &to],
         )
         .await?;
+        let what = if active {
+            Announce::Resume
+        } else {
+            Announce::Stop
+        };
+        announce(&tx, schema, &[id.to_string()], what).await?;
     }
     tx.commit().await?;
     Ok(found)
@@ -470,3 +507,76 @@ pub async fn reseal(pool: &Pool, schema: &Schema, vault: &SecretBox) -> anyhow::
 /// The constraint that keeps plain text out once a key is in use; its name is the message a
 /// replica without the key gets.
 pub const SEALED_ONLY: &str = "sealed_only_database_encryption_key_in_use";
+
+/// Fan-out passes hold this lock shared; a change that stops an endpoint taking some deliveries
+/// (delete, pause, a new tenant) holds it exclusively. So a pass that read the endpoint as it was
+/// before the change has committed before the change does, and the change's own statements then
+/// see (and pause or cancel) what that pass inserted: no race leaves a delivery behind.
+pub fn fan_out_lock_key(schema: &Schema) -> String {
+    format!("postern.fanout.{}", schema.name())
+}
+
+/// Takes the fan-out lock exclusively, until the transaction ends.
+pub async fn exclude_fan_out(
+    tx: &deadpool_postgres::Transaction<'_>,
+    schema: &Schema,
+) -> anyhow::Result<()> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&fan_out_lock_key(schema)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// What every replica is told about an endpoint when the transaction commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    /// Send nothing more to it (deleted, paused): held deliveries go back.
+    Stop,
+    /// It takes deliveries again.
+    Resume,
+    /// What is held for it was decided under rules that changed: held deliveries go back.
+    Revoke,
+}
+
+impl Announce {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Announce::Stop => "stop",
+            Announce::Resume => "resume",
+            Announce::Revoke => "revoke",
+        }
+    }
+
+    /// Parses a notification payload `<what>:<endpoint id>`.
+    pub fn parse(payload: &str) -> Option<(Self, &str)> {
+        let (what, id) = payload.split_once(':')?;
+        let what = match what {
+            "stop" => Announce::Stop,
+            "resume" => Announce::Resume,
+            "revoke" => Announce::Revoke,
+            _ => return None,
+        };
+        Some((what, id))
+    }
+}
+
+pub async fn announce(
+    tx: &deadpool_postgres::Transaction<'_>,
+    schema: &Schema,
+    endpoint_ids: &[String],
+    what: Announce,
+) -> anyhow::Result<()> {
+    for id in endpoint_ids {
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[
+                &schema.endpoints_channel(),
+                &format!("{}:{id}", what.as_str()),
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -122,7 +122,35 @@ fn prune_deliveries(finished: &str) -> String {
     )
 }
 
-/// Reaps lapsed leases every `reap_every` and prunes every `prune_every`, until cancelled.
+/// Sweeps in batches until nothing is left or the pass budget is spent (the next tick goes on).
+async fn sweep(store: &DeliveryStore) {
+    let started = tokio::time::Instant::now();
+    let mut moved = 0;
+    loop {
+        match store.sweep(BATCH).await {
+            Ok(n) => {
+                moved += n;
+                if n < BATCH as u64 || started.elapsed() > PASS_BUDGET {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "sweeping deliveries of inactive endpoints failed");
+                break;
+            }
+        }
+    }
+    if moved > 0 {
+        tracing::info!(
+            deliveries = moved,
+            "deliveries of inactive or deleted endpoints paused or cancelled"
+        );
+    }
+}
+
+/// Reaps lapsed leases and sweeps every `reap_every` (and sweeps at once when `sweep_now` rings),
+/// prunes every `prune_every`, until cancelled.
+#[allow(clippy::too_many_arguments)]
 pub async fn housekeeping_loop(
     store: Arc<DeliveryStore>,
     retention: Retention,
@@ -130,6 +158,7 @@ pub async fn housekeeping_loop(
     reap_every: Duration,
     prune_every: Duration,
     wake_worker: Arc<tokio::sync::Notify>,
+    sweep_now: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
 ) {
     let mut reap = tokio::time::interval(reap_every);
@@ -139,14 +168,18 @@ pub async fn housekeeping_loop(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = reap.tick() => match store.reap(500, max_lease_lapses as i32).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::warn!(reaped = n, "deliveries whose lease lapsed are due again");
-                    wake_worker.notify_one();
+            _ = sweep_now.notified() => sweep(&store).await,
+            _ = reap.tick() => {
+                match store.reap(500, max_lease_lapses as i32).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::warn!(reaped = n, "deliveries whose lease lapsed are due again");
+                        wake_worker.notify_one();
+                    }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "reaping lapsed leases failed"),
                 }
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "reaping lapsed leases failed"),
-            },
+                sweep(&store).await;
+            }
             _ = prune.tick() => match retention.prune().await {
                 Ok(p) if p == Pruned::default() => {}
                 Ok(p) => tracing::info!(deliveries = p.deliveries, events = p.events, expired_secrets = p.secrets, "retention pruned old rows"),

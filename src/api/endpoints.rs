@@ -412,11 +412,17 @@ async fn patch_endpoint(
         None => None,
     };
     if changes_fields {
-        let client = state.pool.get().await?;
-        client
-            .execute(
-                &state.schema.sql(
-                    "UPDATE __SCHEMA__.endpoints SET
+        let mut client = state.pool.get().await?;
+        let tx = client.transaction().await?;
+        // A new tenant voids deliveries of events the endpoint may no longer see: no fan-out pass
+        // may straddle the change, and those not yet delivered are cancelled.
+        let retenanted = body.tenant.is_some();
+        if retenanted {
+            crate::endpoints::exclude_fan_out(&tx, &state.schema).await?;
+        }
+        tx.execute(
+            &state.schema.sql(
+                "UPDATE __SCHEMA__.endpoints SET
                         url = COALESCE($2, url),
                         events = COALESCE($3, events),
                         tenant = CASE WHEN $4 THEN $5 ELSE tenant END,
@@ -426,22 +432,36 @@ async fn patch_endpoint(
                         signature = COALESCE($11, signature),
                         updated_at = now()
                      WHERE id = $1 AND deleted_at IS NULL",
-                ),
-                &[
-                    &id,
-                    &body.url,
-                    &body.events,
-                    &body.tenant.is_some(),
-                    &body.tenant.clone().flatten(),
-                    &body.description.is_some(),
-                    &body.description.clone().flatten(),
-                    &headers,
-                    &retry.is_some(),
-                    &retry.clone().flatten(),
-                    &body.signature.map(|s| s.as_str()),
-                ],
+            ),
+            &[
+                &id,
+                &body.url,
+                &body.events,
+                &body.tenant.is_some(),
+                &body.tenant.clone().flatten(),
+                &body.description.is_some(),
+                &body.description.clone().flatten(),
+                &headers,
+                &retry.is_some(),
+                &retry.clone().flatten(),
+                &body.signature.map(|s| s.as_str()),
+            ],
+        )
+        .await?;
+        if retenanted {
+            let cancelled = crate::endpoints::cancel_ineligible(&tx, &state.schema, &id).await?;
+            crate::endpoints::announce(
+                &tx,
+                &state.schema,
+                std::slice::from_ref(&id),
+                crate::endpoints::Announce::Revoke,
             )
             .await?;
+            if cancelled > 0 {
+                tracing::info!(endpoint.id = %id, cancelled, "endpoint re-tenanted; deliveries of events it may no longer see were cancelled");
+            }
+        }
+        tx.commit().await?;
     }
     if let Some(active) = body.active {
         if active != current.active {
@@ -474,6 +494,7 @@ async fn delete_endpoint(
     }
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
+    crate::endpoints::exclude_fan_out(&tx, &state.schema).await?;
     tx.execute(
         &state
             .schema
@@ -481,8 +502,9 @@ async fn delete_endpoint(
         &[&id],
     )
     .await?;
-    let cancelled =
-        crate::endpoints::cancel_unfinished(&tx, &state.schema, std::slice::from_ref(&id)).await?;
+    let ids = std::slice::from_ref(&id);
+    let cancelled = crate::endpoints::cancel_unfinished(&tx, &state.schema, ids).await?;
+    crate::endpoints::announce(&tx, &state.schema, ids, crate::endpoints::Announce::Stop).await?;
     tx.commit().await?;
     tracing::info!(endpoint.id = %id, cancelled, "endpoint deleted");
     Ok(StatusCode::NO_CONTENT)

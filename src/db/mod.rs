@@ -49,15 +49,43 @@ impl Schema {
         format!("{}_outbox", self.0)
     }
 
+    /// The channel endpoint changes are announced on (`stop:<id>`, `resume:<id>`, `revoke:<id>`),
+    /// so every replica stops sending at once, not after its held deliveries are spent.
+    pub fn endpoints_channel(&self) -> String {
+        format!("{}_endpoints", self.0)
+    }
+
     /// Replaces `__SCHEMA__` in a SQL text.
     pub fn sql(&self, text: &str) -> String {
         text.replace("__SCHEMA__", &self.0)
     }
 }
 
+/// Bounds on every Postern session, so a frozen or partitioned replica cannot hold row locks or
+/// advisory locks for long: a transaction left idle is ended by the server, a statement runs at
+/// most this long (migrations lift it for their own transaction), and a dead peer is noticed by
+/// TCP keepalives and the user timeout within about a minute rather than the kernel's two hours.
+pub const SESSION_OPTIONS: &str =
+    "-c idle_in_transaction_session_timeout=60s -c statement_timeout=30s";
+
+/// Adds `options` to a connection config's startup options, and the TCP keepalives.
+pub fn bound_session(pg: &mut tokio_postgres::Config, options: &str) {
+    let options = match pg.get_options() {
+        Some(existing) => format!("{existing} {options}"),
+        None => options.to_string(),
+    };
+    pg.options(&options)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(60));
+}
+
 /// Builds the pool. Connections are made lazily, so this does not touch the network.
 pub fn pool(url: &str, size: usize, tls: &tls::Tls) -> anyhow::Result<Pool> {
-    let pg: tokio_postgres::Config = url.parse().context("database.url")?;
+    let mut pg: tokio_postgres::Config = url.parse().context("database.url")?;
+    bound_session(&mut pg, SESSION_OPTIONS);
     build_pool(pg, size, tls)
 }
 
@@ -82,11 +110,7 @@ pub fn pipeline_pool(url: &str, tls: &tls::Tls) -> anyhow::Result<Pool> {
     let mut pg: tokio_postgres::Config = url.parse().context("database.url")?;
     const PIPELINE_OPTIONS: &str =
         "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan -c enable_bitmapscan=off";
-    let options = match pg.get_options() {
-        Some(existing) => format!("{existing} {PIPELINE_OPTIONS}"),
-        None => PIPELINE_OPTIONS.to_string(),
-    };
-    pg.options(&options);
+    bound_session(&mut pg, &format!("{SESSION_OPTIONS} {PIPELINE_OPTIONS}"));
     if pg.get_application_name().is_none() {
         pg.application_name("postern-pipeline");
     }
@@ -149,6 +173,8 @@ pub async fn migrate(
 ) -> anyhow::Result<Vec<i32>> {
     let mut client = pool.get().await.context("connecting for migration")?;
     let tx = client.transaction().await?;
+    // A migration may take longer than the sessions' statement bound.
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     // Replicas starting together take turns here; the lock ends with the transaction.
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext($1))",

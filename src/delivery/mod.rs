@@ -73,6 +73,8 @@ pub struct Worker {
     capacity: Arc<Capacity>,
     /// Rung by the dispatcher (deliveries it inserted `pending`) and by the reaper (due again).
     wake: Arc<Notify>,
+    /// Rung when an endpoint answered 410, so its backlog is paused now.
+    sweep_now: Arc<Notify>,
 }
 
 /// How many deliveries a replica holds (claimed or handed over, not yet settled) per request it
@@ -100,6 +102,14 @@ pub struct Capacity {
     per_endpoint_held: i32,
     /// Held deliveries per endpoint and the endpoint's request semaphore (present while any are held).
     per_endpoint: Mutex<HashMap<String, (i32, Arc<Semaphore>)>>,
+    /// Endpoints this replica must not send to (an answer of 410, or paused or deleted through the
+    /// API), until when: held deliveries to them go back instead of out, claims and the fast path
+    /// skip them. After `stop_for` the database's state (inactive, deleted) is what counts.
+    stopped: Mutex<HashMap<String, std::time::Instant>>,
+    /// When each endpoint last changed in a way that voids what replicas hold for it (its tenant,
+    /// say): holds taken before then are handed back, not sent.
+    revoked: Mutex<HashMap<String, std::time::Instant>>,
+    stop_for: Duration,
 }
 
 /// One delivery's hold on its replica's capacity; dropping it gives the hold back. It lives until
@@ -107,6 +117,7 @@ pub struct Capacity {
 pub struct Hold {
     _hold: OwnedSemaphorePermit,
     endpoint: String,
+    taken: std::time::Instant,
     endpoint_requests: Arc<Semaphore>,
     capacity: Arc<Capacity>,
 }
@@ -132,12 +143,68 @@ impl Capacity {
             per_endpoint_held: (settings.per_endpoint_concurrency * HOLDS_PER_ENDPOINT_REQUEST)
                 as i32,
             per_endpoint: Mutex::default(),
+            stopped: Mutex::default(),
+            revoked: Mutex::default(),
+            stop_for: settings.lease,
         })
+    }
+
+    /// Stops sending to `endpoint` at once: what this replica holds for it is handed back as its
+    /// attempts reach their turn (requests already in flight finish).
+    pub fn stop(&self, endpoint: &str) {
+        let until = std::time::Instant::now() + self.stop_for;
+        self.stopped
+            .lock()
+            .expect("stopped endpoints")
+            .insert(endpoint.to_string(), until);
+        self.revoke(endpoint);
+    }
+
+    /// Voids the holds taken for `endpoint` until now: they are handed back (the database then
+    /// decides again what becomes of them) instead of being sent.
+    pub fn revoke(&self, endpoint: &str) {
+        let now = std::time::Instant::now();
+        let mut revoked = self.revoked.lock().expect("revoked endpoints");
+        // Holds never outlive a lease, so older revocations void nothing any more.
+        revoked.retain(|_, at| now.duration_since(*at) < self.stop_for);
+        revoked.insert(endpoint.to_string(), now);
+    }
+
+    fn is_revoked(&self, hold: &Hold) -> bool {
+        self.revoked
+            .lock()
+            .expect("revoked endpoints")
+            .get(&hold.endpoint)
+            .is_some_and(|at| *at >= hold.taken)
+    }
+
+    /// Lifts a stop (the endpoint was resumed).
+    /// Held deliveries stay revoked: they went back to the database, which decides again.
+    pub fn resume(&self, endpoint: &str) {
+        self.stopped
+            .lock()
+            .expect("stopped endpoints")
+            .remove(endpoint);
+    }
+
+    pub fn is_stopped(&self, endpoint: &str) -> bool {
+        let mut stopped = self.stopped.lock().expect("stopped endpoints");
+        match stopped.get(endpoint) {
+            Some(until) if *until > std::time::Instant::now() => true,
+            Some(_) => {
+                stopped.remove(endpoint);
+                false
+            }
+            None => false,
+        }
     }
 
     /// A hold for a fresh delivery to `endpoint`, if one is free and the endpoint is under its
     /// limit of held deliveries.
     pub fn try_hold(self: &Arc<Self>, endpoint: &str) -> Option<Hold> {
+        if self.is_stopped(endpoint) {
+            return None;
+        }
         let mut map = self.per_endpoint.lock().expect("capacity map");
         if map
             .get(endpoint)
@@ -168,6 +235,7 @@ impl Capacity {
         Hold {
             _hold: permit,
             endpoint: endpoint.to_string(),
+            taken: std::time::Instant::now(),
             endpoint_requests: entry.1.clone(),
             capacity: self.clone(),
         }
@@ -188,13 +256,22 @@ impl Capacity {
         concurrency - self.requests.available_permits()
     }
 
+    /// Held deliveries per endpoint, for the claim to subtract; a stopped endpoint counts as full.
     fn held_per_endpoint(&self) -> Vec<(String, i32)> {
-        self.per_endpoint
+        let mut held: HashMap<String, i32> = self
+            .per_endpoint
             .lock()
             .expect("capacity map")
             .iter()
             .map(|(k, v)| (k.clone(), v.0))
-            .collect()
+            .collect();
+        let now = std::time::Instant::now();
+        for (endpoint, until) in self.stopped.lock().expect("stopped endpoints").iter() {
+            if *until > now {
+                held.insert(endpoint.clone(), self.per_endpoint_held);
+            }
+        }
+        held.into_iter().collect()
     }
 
     /// Waits for a request slot of the hold's endpoint, then one of the replica's.
@@ -256,6 +333,7 @@ impl Worker {
         owner: Uuid,
         capacity: Arc<Capacity>,
         wake: Arc<Notify>,
+        sweep_now: Arc<Notify>,
     ) -> Self {
         Self {
             store,
@@ -267,6 +345,7 @@ impl Worker {
             owner,
             capacity,
             wake,
+            sweep_now,
         }
     }
 
@@ -285,6 +364,7 @@ impl Worker {
             self.owner,
             report_rx,
             slots_freed.clone(),
+            self.sweep_now.clone(),
         ));
         let attempts = Attempts {
             context: Arc::new(AttemptContext {
@@ -459,11 +539,21 @@ impl Attempts {
                 .saturating_sub(timeout + LEASE_MARGIN)
                 .max(Duration::from_millis(250));
             let request = request.filter(|_| claimed_at.elapsed() <= wait_budget);
+            // An endpoint stopped while this delivery waited (410, paused, deleted): not sent.
+            let request = request
+                .filter(|_| !capacity.is_stopped(&hold.endpoint) && !capacity.is_revoked(&hold));
             let report = match request {
                 None => Report::HandBack(id, attempt),
                 Some(_request) => tokio::select! {
                     outcome = context.attempt(delivery) => match outcome {
-                        Ok(ack) => Report::Settled(ack),
+                        Ok(ack) => {
+                            // Stopped before this request's slot is freed, so no delivery held
+                            // here starts after the first 410.
+                            if ack.settle == Settle::EndpointGone {
+                                capacity.stop(&hold.endpoint);
+                            }
+                            Report::Settled(ack)
+                        }
                         Err(deferral) => Report::Defer(deferral),
                     },
                     _ = abort.cancelled() => Report::HandBack(id, attempt),
@@ -484,6 +574,7 @@ async fn settle_loop(
     owner: Uuid,
     mut rx: mpsc::UnboundedReceiver<Done>,
     slots_freed: Arc<Notify>,
+    sweep_now: Arc<Notify>,
 ) {
     let mut buf: Vec<Done> = Vec::with_capacity(512);
     while rx.recv_many(&mut buf, 512).await > 0 {
@@ -499,7 +590,11 @@ async fn settle_loop(
         }
         let started = Instant::now();
         let outcomes = acks.len();
+        let gone = acks.iter().any(|a| a.settle == Settle::EndpointGone);
         write_outcomes(&store, owner, acks).await;
+        if gone {
+            sweep_now.notify_one();
+        }
         hand_back_all(&store, owner, &back).await;
         if !deferred.is_empty() {
             if let Err(e) = store.defer(owner, &deferred, DEFER_DELAY).await {
@@ -689,8 +784,11 @@ impl AttemptContext {
             policy
                 .next_delay(d.attempt as u32, retry_after)
                 .map(|delay| Settle::Retry {
+                    // Validated policies stay under 30 days; the bound also holds for anything
+                    // else (a policy stored by an older build, a jitter rounding up).
                     at: Utc::now()
-                        + chrono::Duration::from_std(delay).unwrap_or(chrono::TimeDelta::MAX),
+                        + chrono::Duration::from_std(delay.min(crate::config::MAX_RETRY_DELAY))
+                            .expect("30 days fits"),
                 })
                 .unwrap_or(Settle::Failed)
         };

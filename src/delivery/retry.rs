@@ -134,6 +134,52 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_of_any_size_never_panics() {
+        let p = s(&[5, 60], 0.2);
+        let now = std::time::SystemTime::now();
+        for v in [
+            "18446744073709551615",
+            "99999999999999999999999",
+            "-1",
+            "1e99",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+            "Thu, 01 Jan 1970 00:00:00 GMT",
+            "",
+            "\u{0}",
+        ] {
+            let ra = parse_retry_after(v, now);
+            let d = p.next_delay(1, ra).unwrap();
+            assert!(d <= Duration::from_secs(72), "{v}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn delays_over_thirty_days_are_refused_at_validation() {
+        use crate::config::{Dur, RetryConfig};
+        let long = Dur(crate::config::MAX_RETRY_DELAY + Duration::from_secs(1));
+        let schedule = RetryConfig {
+            schedule: Some(vec![Dur(Duration::from_secs(1)), long]),
+            ..RetryConfig::default()
+        };
+        let errs = schedule.policy().unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with("schedule[1]:")),
+            "{errs:?}"
+        );
+        let exponential = RetryConfig {
+            max_delay: Some(long),
+            ..RetryConfig::default()
+        };
+        let errs = exponential.policy().unwrap_err();
+        assert!(errs.iter().any(|e| e.starts_with("max_delay:")), "{errs:?}");
+        let ok = RetryConfig {
+            max_delay: Some(Dur(crate::config::MAX_RETRY_DELAY)),
+            ..RetryConfig::default()
+        };
+        assert!(ok.policy().is_ok());
+    }
+
+    #[test]
     fn jitter_stays_in_band() {
         let p = s(&[100], 0.2);
         for _ in 0..1000 {

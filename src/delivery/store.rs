@@ -105,8 +105,8 @@ pub struct DeliveryStore {
     claim: String,
     ack: String,
     disable_gone: String,
-    pause_gone: String,
     hand_back: String,
+    sweep: String,
     defer: String,
     reap: String,
 }
@@ -174,16 +174,40 @@ impl DeliveryStore {
                  SET active = false, disabled_reason = 'the endpoint answered 410 Gone', updated_at = now()
                  WHERE id = ANY($1) AND active",
             ),
-            pause_gone: schema.sql(
-                "UPDATE __SCHEMA__.deliveries SET status = 'paused', updated_at = now()
-                 WHERE endpoint_id = ANY($1) AND status = 'pending'",
-            ),
+            // In the state its endpoint calls for: a delivery handed back because its endpoint was
+            // stopped must not become claimable again.
             hand_back: schema.sql(
                 "UPDATE __SCHEMA__.deliveries d
-                 SET status = 'pending', attempts = d.attempts - 1, lease_owner = NULL,
+                 SET status = CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                                   WHEN e.active THEN 'pending' ELSE 'paused' END,
+                     attempts = d.attempts - 1, lease_owner = NULL,
                      lease_expires_at = NULL, next_attempt_at = now(), updated_at = now()
-                 FROM unnest($2::uuid[], $3::int[]) AS u(id, attempt)
-                 WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering' AND d.lease_owner = $1",
+                 FROM unnest($2::uuid[], $3::int[]) AS u(id, attempt), __SCHEMA__.endpoints e
+                 WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
+                   AND d.lease_owner = $1 AND e.id = d.endpoint_id",
+            ),
+            // The sweeper: waiting deliveries whose endpoint no longer takes them (inactive:
+            // paused; deleted: cancelled), a batch at a time. It closes the races between fan-out
+            // and an endpoint's change, and pauses a 410'd endpoint's backlog outside the settle
+            // transaction. One index probe per inactive or deleted endpoint.
+            sweep: schema.sql(
+                "WITH s AS MATERIALIZED (
+                    SELECT x.id, x.next FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
+                        SELECT d.id, CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled' ELSE 'paused' END AS next
+                        FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id AND d.status = 'pending'
+                        LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
+                    WHERE NOT e.active OR e.deleted_at IS NOT NULL
+                    UNION ALL
+                    SELECT x.id, 'cancelled' FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
+                        SELECT d.id FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id AND d.status = 'paused'
+                        LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
+                    WHERE e.deleted_at IS NOT NULL
+                    LIMIT $1
+                 )
+                 UPDATE __SCHEMA__.deliveries d SET status = s.next, updated_at = now()
+                 FROM s WHERE d.id = s.id",
             ),
             // Not attempted (no request went out), so the claim's attempt count is undone; due
             // again after a delay, with the reason, in the state its endpoint calls for.
@@ -279,7 +303,8 @@ impl DeliveryStore {
     }
 
     /// Writes a batch of outcomes in one transaction: attempts recorded, deliveries settled,
-    /// endpoints that answered 410 disabled. Acks whose fence fails are dropped by the database.
+    /// endpoints that answered 410 disabled (their waiting deliveries are paused by [`Self::sweep`],
+    /// outside this transaction). Acks whose fence fails are dropped by the database.
     pub async fn settle(&self, owner: Uuid, acks: &[Ack]) -> anyhow::Result<()> {
         if acks.is_empty() {
             return Ok(());
@@ -336,7 +361,6 @@ impl DeliveryStore {
         gone.dedup();
         let tx = client.transaction().await?;
         tx.execute(&self.disable_gone, &[&gone]).await?;
-        tx.execute(&self.pause_gone, &[&gone]).await?;
         let stmt = tx.prepare_cached(&self.ack).await?;
         tx.execute(&stmt, &params).await?;
         tx.commit().await?;
@@ -375,6 +399,12 @@ impl DeliveryStore {
                 &[&owner, &ids, &attempts, &reasons, &delay.as_secs_f64()],
             )
             .await?)
+    }
+
+    /// One sweeper batch (see the statement); returns how many deliveries it moved.
+    pub async fn sweep(&self, batch: i64) -> anyhow::Result<u64> {
+        let client = self.pool.get().await?;
+        Ok(client.execute(&self.sweep, &[&batch]).await?)
     }
 
     /// Makes deliveries whose lease lapsed due again (or failed, after `max_lapses` in a row);

@@ -74,6 +74,7 @@ pub struct Dispatcher {
     take: String,
     endpoints: String,
     insert: String,
+    lock_key: String,
 }
 
 impl Dispatcher {
@@ -102,6 +103,7 @@ impl Dispatcher {
                               ORDER BY s.id DESC)
                  FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL",
             ),
+            lock_key: crate::endpoints::fan_out_lock_key(schema),
             insert: schema.sql(
                 "INSERT INTO __SCHEMA__.deliveries
                     (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at)
@@ -118,17 +120,25 @@ impl Dispatcher {
     /// Fans out one batch. Call again while it returns a full batch.
     pub async fn dispatch_once(&self) -> anyhow::Result<Dispatched> {
         let mut client = self.pool.get().await?;
-        let (take, endpoints, insert) = futures_util::try_join!(
+        let (lock, take, endpoints, insert) = futures_util::try_join!(
+            client.prepare_cached("SELECT pg_advisory_xact_lock_shared(hashtext($1))"),
             client.prepare_cached(&self.take),
             client.prepare_cached(&self.endpoints),
             client.prepare_cached(&self.insert),
         )?;
         let tx = client.transaction().await?;
-        // Pipelined: both go out before either answer is awaited. The endpoints are read inside
-        // the transaction, so an endpoint created before the event committed is seen.
+        // Pipelined: all three go out before any answer is awaited, and run in order. The lock
+        // (shared; an endpoint change takes it exclusively, see `endpoints::fan_out_lock_key`)
+        // comes first, so the endpoints read next are not about to change under this pass. They
+        // are read inside the transaction, so an endpoint created before the event committed is
+        // seen.
         let take_params: [&(dyn ToSql + Sync); 1] = [&self.batch];
-        let (mut rows, endpoint_rows) =
-            futures_util::try_join!(tx.query(&take, &take_params), tx.query(&endpoints, &[]))?;
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&self.lock_key];
+        let (_, mut rows, endpoint_rows) = futures_util::try_join!(
+            tx.execute(&lock, &lock_params),
+            tx.query(&take, &take_params),
+            tx.query(&endpoints, &[])
+        )?;
         // RETURNING keeps no order; fan out in commit-id order.
         rows.sort_unstable_by_key(|r| r.get::<_, i64>(0));
         if rows.is_empty() {

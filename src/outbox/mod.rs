@@ -17,6 +17,8 @@ use tokio_postgres::AsyncMessage;
 use crate::db::tls::Tls;
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::Capacity;
+use crate::endpoints::Announce;
 use crate::telemetry::Metrics;
 use dispatcher::Dispatcher;
 
@@ -27,21 +29,29 @@ pub struct Signals {
     pub outbox_changed: Notify,
     /// Rung by the dispatcher: new deliveries wait in the table to be claimed.
     pub deliveries_ready: Arc<Notify>,
+    /// Rung by the worker when an endpoint answered 410: the housekeeper pauses its backlog now.
+    pub sweep_now: Arc<Notify>,
 }
 
 /// Keeps one LISTEN connection up, reconnecting with backoff, and rings `outbox_changed` for every
 /// notification and after every (re)connect.
+/// Endpoint changes announced on `channels.endpoints` reach `capacity` (stop, resume, revoke).
 pub async fn listen(
     url: String,
     tls: Tls,
-    channel: String,
+    channels: Channels,
     signals: Arc<Signals>,
+    capacity: Arc<Capacity>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(100);
     while !cancel.is_cancelled() {
-        match listen_once(&url, &tls, &channel, &signals, &metrics, &cancel).await {
+        match listen_once(
+            &url, &tls, &channels, &signals, &capacity, &metrics, &cancel,
+        )
+        .await
+        {
             Ok(()) => delay = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "outbox listener disconnected");
@@ -56,21 +66,30 @@ pub async fn listen(
     }
 }
 
+/// The channels a replica listens on.
+#[derive(Debug, Clone)]
+pub struct Channels {
+    /// The outbox trigger's wake-ups.
+    pub outbox: String,
+    /// Endpoint changes (`endpoints::Announce`).
+    pub endpoints: String,
+}
+
 /// One connection's life: returns when it ends (error) or on cancellation (Ok).
 async fn listen_once(
     url: &str,
     tls: &Tls,
-    channel: &str,
+    channels: &Channels,
     signals: &Signals,
+    capacity: &Capacity,
     metrics: &Metrics,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut config: tokio_postgres::Config = url.parse()?;
     config
         .application_name("postern-listener")
-        .connect_timeout(Duration::from_secs(5))
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(30));
+        .connect_timeout(Duration::from_secs(5));
+    crate::db::bound_session(&mut config, crate::db::SESSION_OPTIONS);
     let (client, mut connection) = config.connect(tls.clone()).await?;
     // The connection's plain Future drops notifications; poll_message hands them to us.
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -78,8 +97,8 @@ async fn listen_once(
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
-                Ok(AsyncMessage::Notification(_)) => {
-                    if tx.send(()).is_err() {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if tx.send(n).is_err() {
                         break;
                     }
                 }
@@ -90,9 +109,14 @@ async fn listen_once(
         Ok(())
     });
     let result = async {
-        client.batch_execute(&format!("LISTEN {channel}")).await?;
+        client
+            .batch_execute(&format!(
+                "LISTEN {}; LISTEN {}",
+                channels.outbox, channels.endpoints
+            ))
+            .await?;
         metrics.listener_connected.set(1);
-        tracing::info!(channel, "listening for outbox notifications");
+        tracing::info!(channel = %channels.outbox, "listening for outbox notifications");
         // Notifications sent while we were away are lost: scan once now.
         signals.outbox_changed.notify_one();
         let mut health = tokio::time::interval(Duration::from_secs(15));
@@ -101,7 +125,8 @@ async fn listen_once(
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 message = rx.recv() => match message {
-                    Some(()) => signals.outbox_changed.notify_one(),
+                    Some(n) if n.channel() == channels.endpoints => endpoint_changed(capacity, n.payload()),
+                    Some(_) => signals.outbox_changed.notify_one(),
                     None => anyhow::bail!("listener connection closed"),
                 },
                 // A silently dead connection would never deliver another notification.
@@ -112,6 +137,26 @@ async fn listen_once(
     .await;
     driver.abort();
     result
+}
+
+fn endpoint_changed(capacity: &Capacity, payload: &str) {
+    let Some((what, endpoint)) = Announce::parse(payload) else {
+        tracing::warn!(
+            payload,
+            "ignoring an endpoint notification this build does not know"
+        );
+        return;
+    };
+    tracing::info!(
+        endpoint.id = endpoint,
+        change = what.as_str(),
+        "endpoint changed"
+    );
+    match what {
+        Announce::Stop => capacity.stop(endpoint),
+        Announce::Resume => capacity.resume(endpoint),
+        Announce::Revoke => capacity.revoke(endpoint),
+    }
 }
 
 /// While events are flowing, the next pass comes this soon after one that found some, rather than

@@ -188,7 +188,7 @@ async fn an_endpoints_life_pause_resume_delete_and_its_secret_shown_once() {
         .unwrap()
         .get(0);
     assert!(
-        stored.starts_with("enc:v1:") && !stored.contains(&secret[6..]),
+        stored.starts_with("enc:v2:") && !stored.contains(&secret[6..]),
         "stored in the clear: {stored}"
     );
     let headers: Value = client

@@ -9,4 +9,5 @@ mod deploy;
 mod hardening;
 mod inbound;
 mod outbound;
+mod races;
 mod resilience;

@@ -627,6 +627,17 @@ async fn pipeline_sessions_carry_their_settings_and_the_api_pool_does_not() {
         setting(pipeline, "application_name").await,
         "postern-pipeline"
     );
+    // Every session is bounded, so a frozen replica cannot hold locks for long.
+    for pool in [
+        postern::db::pipeline_pool(&db.url, &tls).unwrap(),
+        postern::db::pool(&db.url, 2, &tls).unwrap(),
+    ] {
+        assert_eq!(setting(pool.clone(), "statement_timeout").await, "30s");
+        assert_eq!(
+            setting(pool, "idle_in_transaction_session_timeout").await,
+            "1min"
+        );
+    }
     let api = postern::db::pool(&db.url, 2, &tls).unwrap();
     assert_eq!(setting(api.clone(), "synchronous_commit").await, "on");
     assert_eq!(setting(api.clone(), "plan_cache_mode").await, "auto");

@@ -8,3 +8,6 @@ ALTER TABLE __SCHEMA__.attempts ADD COLUMN IF NOT EXISTS response_excerpt bytea;
 -- Leases that lapsed in a row without an outcome being recorded: a delivery that keeps killing or
 -- stalling the replica making it is failed after `outbound.max_lease_lapses`, not re-sent forever.
 ALTER TABLE __SCHEMA__.deliveries ADD COLUMN IF NOT EXISTS lease_lapses integer NOT NULL DEFAULT 0;
+
+-- The sweeper finds paused deliveries of deleted endpoints without reading their history.
+CREATE INDEX IF NOT EXISTS deliveries_paused ON __SCHEMA__.deliveries (endpoint_id) WHERE status = 'paused';

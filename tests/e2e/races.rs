@@ -1,0 +1,307 @@
+//! Issue 11, item 4: races and stuck rows. An endpoint that answers 410, or is paused, deleted or
+//! re-tenanted while a replica holds its deliveries or fans events out, gets nothing more and
+//! leaves nothing stuck; a dead pipeline task restarts the replica.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::*;
+
+/// The first 410 stops the replica at once: only requests already in flight follow it (at most
+/// `per_endpoint_concurrency`), and everything it held goes back as `paused`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_first_410_only_requests_in_flight_follow() {
+    let db = TestDb::create().await;
+    let gone = Receiver::start(|_, _| Reply::status(410).after(Duration::from_millis(20))).await;
+    let config = base_config(&db).replace(
+        "allow_private_networks",
+        "per_endpoint_concurrency = 4\nallow_private_networks",
+    ) + &endpoint("gone", &gone.url, &["*"], "");
+    let _postern = Postern::start(&config).await;
+    let mut client = db.client().await;
+    publish_batch(&mut client, "order.created", 300, 0).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'paused'",
+        300,
+        Duration::from_secs(15),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        gone.count() <= 4,
+        "{} requests reached the endpoint after it answered 410",
+        gone.count()
+    );
+}
+
+/// A 410 on an endpoint with 50,000 waiting deliveries pauses them in batches, outside the
+/// transaction that records outcomes: another endpoint's deliveries keep settling meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_with_a_huge_backlog_does_not_hold_up_other_outcomes() {
+    let db = TestDb::create().await;
+    let gone = Receiver::start(|_, _| Reply::status(410)).await;
+    let healthy = Receiver::ok().await;
+    let config = base_config(&db)
+        + &endpoint("gone", &gone.url, &["gone.*"], "")
+        + &endpoint("healthy", &healthy.url, &["healthy.*"], "");
+    let _postern = Postern::start(&config).await;
+    let mut client = db.client().await;
+    // The backlog: waiting, not yet due.
+    client
+        .batch_execute(
+            "INSERT INTO postern.deliveries (outbox_id, event_id, event_type, endpoint_id, status, next_attempt_at)
+             SELECT 0, gen_random_uuid(), 'gone.x', 'gone', 'pending', now() + interval '1 hour'
+             FROM generate_series(1, 50000)",
+        )
+        .await
+        .unwrap();
+    publish_batch(&mut client, "gone.x", 1, 0).await;
+    gone.wait_count(1, Duration::from_secs(10)).await;
+    publish_batch(&mut client, "healthy.x", 200, 0).await;
+    healthy.wait_count(200, Duration::from_secs(10)).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'healthy' AND status = 'delivered'",
+        200,
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'gone' AND status = 'paused'",
+        50001,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(gone.count(), 1);
+}
+
+async fn api_call(
+    http: &reqwest::Client,
+    method: &str,
+    url: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = http.request(method.parse().unwrap(), url);
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Endpoints created and deleted through the API while events stream: no delivery is left
+/// waiting for a deleted endpoint, and none reaches it after its deletion committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_deleted_during_a_stream_leave_nothing_waiting() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let api_port = dead_port().await;
+    let config = base_config(&db)
+        + &endpoint("steady", &receiver.url, &["*"], "")
+        + &format!("\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n");
+    let postern = Postern::start(&config).await;
+    postern
+        .wait_log("management API listening", Duration::from_secs(10))
+        .await;
+    let api = format!("http://127.0.0.1:{api_port}/api/v1");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let writer = {
+        let url = db.url.clone();
+        tokio::spawn(async move {
+            let client = connect(&url).await;
+            for i in 0..400 {
+                publish_one(&client, "order.created", json!({ "i": i })).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut deleted = Vec::new();
+    while !writer.is_finished() {
+        let (s, created) = api_call(
+            &http,
+            "POST",
+            &format!("{api}/endpoints"),
+            Some(json!({"url": receiver.url, "events": ["*"]})),
+        )
+        .await;
+        assert_eq!(s, 201, "{created}");
+        let id = created["id"].as_str().unwrap().to_string();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let (s, _) = api_call(&http, "DELETE", &format!("{api}/endpoints/{id}"), None).await;
+        assert_eq!(s, 204);
+        deleted.push(id);
+    }
+    writer.await.unwrap();
+    assert!(deleted.len() > 5);
+    let client = db.client().await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'steady' AND status = 'delivered'",
+        400,
+        Duration::from_secs(20),
+    )
+    .await;
+    // Within a sweep or two, nothing is left waiting for a deleted endpoint.
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries d JOIN postern.endpoints e ON e.id = d.endpoint_id
+         WHERE e.deleted_at IS NOT NULL AND d.status IN ('pending', 'paused', 'delivering')",
+        0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.attempts a
+             JOIN postern.deliveries d ON d.id = a.delivery_id
+             JOIN postern.endpoints e ON e.id = d.endpoint_id
+             WHERE e.deleted_at IS NOT NULL AND a.started_at > e.deleted_at + interval '100 milliseconds'"
+        )
+        .await,
+        0,
+        "an attempt started after its endpoint was deleted"
+    );
+}
+
+/// Paused through the API while the replica holds its deliveries: at most the requests in flight
+/// follow, the rest go back `paused`; re-tenanted: deliveries of events it may no longer see are
+/// cancelled, not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_or_retenanting_through_the_api_stops_held_deliveries() {
+    let db = TestDb::create().await;
+    let slow = Receiver::start(|_, _| Reply::status(200).after(Duration::from_millis(300))).await;
+    let api_port = dead_port().await;
+    let config = base_config(&db).replace(
+        "allow_private_networks",
+        "per_endpoint_concurrency = 2\nallow_private_networks",
+    ) + &format!("\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n");
+    let postern = Postern::start(&config).await;
+    postern
+        .wait_log("management API listening", Duration::from_secs(10))
+        .await;
+    let api = format!("http://127.0.0.1:{api_port}/api/v1");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (_, created) = api_call(
+        &http,
+        "POST",
+        &format!("{api}/endpoints"),
+        Some(json!({"url": slow.url, "events": ["*"], "tenant": "acme"})),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let client = db.client().await;
+    for i in 0..30 {
+        client
+            .execute(
+                "INSERT INTO postern.outbox (event_type, payload, tenant) VALUES ('order.created', $1, 'acme')",
+                &[&json!({ "i": i })],
+            )
+            .await
+            .unwrap();
+    }
+    slow.wait_count(1, Duration::from_secs(10)).await;
+    let (s, _) = api_call(
+        &http,
+        "PATCH",
+        &format!("{api}/endpoints/{id}"),
+        Some(json!({"active": false})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let at_pause = slow.count();
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status IN ('paused', 'delivered')",
+        30,
+        Duration::from_secs(10),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        slow.count() <= at_pause + 2,
+        "{} requests after the pause (in flight: at most 2)",
+        slow.count() - at_pause
+    );
+    let paused = scalar(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'paused'",
+    )
+    .await;
+    assert!(paused >= 20, "{paused}");
+
+    // Re-tenanted and resumed: the paused deliveries of acme's events are cancelled, not sent.
+    let before = slow.count();
+    let (s, _) = api_call(
+        &http,
+        "PATCH",
+        &format!("{api}/endpoints/{id}"),
+        Some(json!({"tenant": "globex"})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = api_call(
+        &http,
+        "PATCH",
+        &format!("{api}/endpoints/{id}"),
+        Some(json!({"active": true})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'cancelled' AND last_error LIKE '%tenant changed%'",
+        paused,
+        Duration::from_secs(10),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(slow.count(), before, "nothing went out for the old tenant");
+}
+
+/// A pipeline task that dies (here by an injected panic) makes the replica unready, and after a
+/// short grace it exits non-zero so Kubernetes restarts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pipeline_task_makes_the_replica_unready_then_exit() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let admin_port = dead_port().await;
+    let config = base_config(&db)
+        + &endpoint("e", &receiver.url, &["*"], "")
+        + &format!("\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n");
+    let mut postern =
+        Postern::start_with_env(&config, &[("POSTERN_TEST_FAIL_TASK", "dispatcher")]).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let body = loop {
+        let resp = http
+            .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap();
+        if status == 503 && body.contains("pipeline task") {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never unready for the task: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.contains("injected failure"), "{body}");
+    let status = postern.wait_exit(Duration::from_secs(15)).await;
+    assert!(!status.success(), "{status:?}");
+    assert!(postern.logs().contains("a pipeline task stopped"));
+}
