@@ -314,6 +314,10 @@ pub async fn prepare(
             "outbound.notify differs from the trigger installed in the database; keeping the installed one (run `postern migrate` to change it)"
         );
     }
+    let max_payload = config.outbound.max_payload.0;
+    if let Some(replaced) = db::install_payload_limit(pool, schema, max_payload).await? {
+        tracing::warn!(replaced = %replaced, max_payload, "the outbox's payload limit now follows this config's outbound.max_payload");
+    }
     let generation = config.config_generation;
     let reconciled =
         endpoints::sync_config_endpoints(pool, schema, vault, &config.endpoints, generation)
@@ -454,7 +458,15 @@ pub fn start(
         handoff,
     };
     for _ in 0..DISPATCHERS {
-        let dispatcher = Dispatcher::new(pool.clone(), schema, o.dispatch_batch, fast_path.clone());
+        // Each loop's pass brings at most a sixteenth of the memory budget's worth of payloads
+        // into memory (with the copies made from it, an eighth; two loops, a quarter).
+        let dispatcher = Dispatcher::new(
+            pool.clone(),
+            schema,
+            o.dispatch_batch,
+            o.memory_budget.0 / 16,
+            fast_path.clone(),
+        );
         tasks.spawn(
             "dispatcher",
             outbox::dispatch_loop(
@@ -536,6 +548,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
         .context("interrupted while waiting for the database")?;
     let applied = db::migrate(&pool, &schema, &config.database.publisher_roles).await?;
     db::install_notify(&pool, &schema, &NotifySetting::from_config(config), true).await?;
+    db::install_payload_limit(&pool, &schema, config.outbound.max_payload.0).await?;
     let vault = SecretBox::from_config(config)?;
     let resealed = endpoints::reseal(&pool, &schema, &vault).await?;
     if resealed > 0 {

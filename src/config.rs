@@ -280,6 +280,10 @@ pub struct OutboundConfig {
     pub request_timeout: Dur,
     #[serde(default = "defaults::max_payload")]
     pub max_payload: ByteSize,
+    /// Memory for deliveries held in the replica (claimed or handed over, not yet settled): each
+    /// is charged twice its payload (the payload and the request body built from it).
+    #[serde(default = "defaults::memory_budget")]
+    pub memory_budget: ByteSize,
     #[serde(default = "defaults::concurrency")]
     pub concurrency: usize,
     #[serde(default = "defaults::per_endpoint_concurrency")]
@@ -309,6 +313,7 @@ impl Default for OutboundConfig {
             poll_interval: defaults::poll_interval(),
             request_timeout: defaults::request_timeout(),
             max_payload: defaults::max_payload(),
+            memory_budget: defaults::memory_budget(),
             concurrency: defaults::concurrency(),
             per_endpoint_concurrency: defaults::per_endpoint_concurrency(),
             allow_private_networks: Vec::new(),
@@ -727,6 +732,10 @@ mod defaults {
     pub fn per_endpoint_concurrency() -> usize {
         16
     }
+    /// Sized for the 256 MiB memory limit in deploy/kubernetes, beside the inbound budget.
+    pub fn memory_budget() -> ByteSize {
+        ByteSize(64 << 20)
+    }
     pub fn max_lease_lapses() -> u32 {
         3
     }
@@ -914,6 +923,12 @@ impl Config {
         }
         if o.max_payload.0 == 0 {
             p.push("outbound.max_payload: must be above zero".into());
+        }
+        if o.memory_budget.0 < 16 * o.max_payload.0 {
+            p.push(format!(
+                "outbound.memory_budget: {} is too small for outbound.max_payload ({}); it needs at least 16 times that",
+                o.memory_budget, o.max_payload
+            ));
         }
         if o.concurrency == 0 || o.concurrency > 10_000 {
             p.push("outbound.concurrency: must be 1 to 10000".into());

@@ -390,3 +390,62 @@ pub async fn install_notify(
 pub fn listens(mode: NotifyMode) -> bool {
     mode != NotifyMode::None
 }
+
+/// The outbox's payload limit, named so the app's error says what it broke: an INSERT over it
+/// fails inside the app's transaction with `violates check constraint
+/// "payload_exceeds_outbound_max_payload_of_<N>_bytes"`. The limit is the payload's JSON text,
+/// which is what receivers get inside the envelope.
+fn payload_constraint(max_payload: u64) -> String {
+    format!("payload_exceeds_outbound_max_payload_of_{max_payload}_bytes")
+}
+
+/// Puts `outbound.max_payload` into the outbox table (a CHECK constraint, NOT VALID so existing
+/// rows are not scanned), replacing a different limit. Returns the limit it replaced, if any.
+/// It checks rows not yet dispatched only: a CHECK applies to every new row version, and the
+/// fan-out's own UPDATE of an older row over a lowered limit must not fail (that row fails at
+/// delivery instead, with the reason).
+/// The ALTER waits at most 2 s for its lock, so the app's inserts never queue behind it for
+/// long; a limit that could not be installed is retried at the next start.
+pub async fn install_payload_limit(
+    pool: &Pool,
+    schema: &Schema,
+    max_payload: u64,
+) -> anyhow::Result<Option<String>> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL lock_timeout = '2s'").await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&format!("postern.migrate.{}", schema.name())],
+    )
+    .await?;
+    let wanted = payload_constraint(max_payload);
+    let existing: Vec<String> = tx
+        .query(
+            "SELECT conname::text FROM pg_constraint
+             WHERE conrelid = to_regclass($1) AND conname LIKE 'payload\\_exceeds\\_%'",
+            &[&format!("{}.outbox", schema.name())],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if existing.len() == 1 && existing[0] == wanted {
+        return Ok(None);
+    }
+    let mut alter: Vec<String> = existing
+        .iter()
+        .map(|c| format!("DROP CONSTRAINT {c}"))
+        .collect();
+    alter.push(format!(
+        "ADD CONSTRAINT {wanted} CHECK (dispatched_at IS NOT NULL OR octet_length(payload::text) <= {max_payload}) NOT VALID"
+    ));
+    tx.batch_execute(&schema.sql(&format!(
+        "ALTER TABLE __SCHEMA__.outbox {}",
+        alter.join(", ")
+    )))
+    .await
+    .context("installing outbound.max_payload in the outbox table")?;
+    tx.commit().await?;
+    Ok(existing.into_iter().next())
+}

@@ -38,6 +38,8 @@ pub struct WorkerSettings {
     pub lease: Duration,
     pub poll_interval: Duration,
     pub max_payload: u64,
+    /// Bytes of payload the replica may hold in memory (claimed or handed over, not settled).
+    pub memory_budget: u64,
     pub default_retry: RetryPolicy,
     /// How long in-flight requests may run after shutdown starts before being handed back.
     pub drain: Duration,
@@ -54,6 +56,7 @@ impl WorkerSettings {
             lease: config.lease(),
             poll_interval: o.poll_interval.0,
             max_payload: o.max_payload.0,
+            memory_budget: o.memory_budget.0,
             default_retry: o.retry.policy().expect("validated"),
             // Leave time after the drain to settle outcomes and hand back the rest.
             drain: grace.saturating_sub(Duration::from_secs(2).min(grace / 4)),
@@ -89,6 +92,13 @@ const HOLDS_PER_ENDPOINT_REQUEST: usize = 16;
 /// payload in memory, so this also bounds memory: 1,024 held deliveries with the defaults.
 const HOLDS_PER_REQUEST: usize = 4;
 
+/// What holding a delivery costs the memory budget, in KiB: its payload twice (the shared
+/// payload, and the request body built from it while the attempt is in flight) plus a KiB for
+/// the rest, so the budget bounds what the replica really keeps.
+fn charge_kib(payload_len: usize) -> u32 {
+    u32::try_from(payload_len.saturating_mul(2) / 1024 + 1).unwrap_or(u32::MAX >> 4)
+}
+
 /// Time kept free at the end of a lease for recording the outcome.
 const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
@@ -97,6 +107,14 @@ const LEASE_MARGIN: Duration = Duration::from_secs(1);
 /// fan-out) to written outcome; requests are bounded separately, globally and per endpoint.
 pub struct Capacity {
     holds: Arc<Semaphore>,
+    /// The memory budget in KiB: each held delivery takes its charge (see [`charge_kib`]).
+    bytes: Arc<Semaphore>,
+    /// The charge of the largest payload allowed: a claim waits until this much is free.
+    max_charge: u32,
+    memory_budget: u64,
+    /// The largest payload seen lately (decaying): a claim asks for no more rows than the
+    /// budget's room holds at that size, so the database does not size rows it cannot keep.
+    recent_payload: std::sync::atomic::AtomicUsize,
     requests: Arc<Semaphore>,
     per_endpoint_requests: usize,
     per_endpoint_held: i32,
@@ -116,6 +134,7 @@ pub struct Capacity {
 /// the delivery's outcome is written, so claims and fan-outs never outrun settling.
 pub struct Hold {
     _hold: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
     endpoint: String,
     taken: std::time::Instant,
     endpoint_requests: Arc<Semaphore>,
@@ -136,8 +155,15 @@ impl Drop for Hold {
 
 impl Capacity {
     pub fn new(settings: &WorkerSettings) -> Arc<Self> {
+        // Half the budget for held deliveries; the other half covers what claims and fan-out
+        // passes bring into memory transiently (see `payload_room` and `app::start`).
+        let budget_kib = (settings.memory_budget / 2 / 1024).clamp(1, u64::from(u32::MAX >> 4));
         Arc::new(Self {
             holds: Arc::new(Semaphore::new(settings.concurrency * HOLDS_PER_REQUEST)),
+            bytes: Arc::new(Semaphore::new(budget_kib as usize)),
+            max_charge: charge_kib(settings.max_payload as usize).min(budget_kib as u32),
+            memory_budget: settings.memory_budget,
+            recent_payload: std::sync::atomic::AtomicUsize::new(0),
             requests: Arc::new(Semaphore::new(settings.concurrency)),
             per_endpoint_requests: settings.per_endpoint_concurrency,
             per_endpoint_held: (settings.per_endpoint_concurrency * HOLDS_PER_ENDPOINT_REQUEST)
@@ -201,7 +227,7 @@ impl Capacity {
 
     /// A hold for a fresh delivery to `endpoint`, if one is free and the endpoint is under its
     /// limit of held deliveries.
-    pub fn try_hold(self: &Arc<Self>, endpoint: &str) -> Option<Hold> {
+    pub fn try_hold(self: &Arc<Self>, endpoint: &str, payload_len: usize) -> Option<Hold> {
         if self.is_stopped(endpoint) {
             return None;
         }
@@ -212,14 +238,55 @@ impl Capacity {
         {
             return None;
         }
+        let bytes = self.take_bytes(payload_len)?;
         let permit = self.holds.clone().try_acquire_owned().ok()?;
-        Some(self.count(&mut map, endpoint, permit))
+        Some(self.count(&mut map, endpoint, permit, bytes))
     }
 
-    /// Counts a delivery the worker claimed with `permit` (the claim query applied the limit).
-    fn hold_claimed(self: &Arc<Self>, endpoint: &str, permit: OwnedSemaphorePermit) -> Hold {
+    /// Counts a delivery the worker claimed with `permit` (the claim query applied the limit), if
+    /// its payload fits the memory budget; `None` means hand it back.
+    fn hold_claimed(
+        self: &Arc<Self>,
+        endpoint: &str,
+        permit: OwnedSemaphorePermit,
+        payload_len: usize,
+    ) -> Option<Hold> {
+        let bytes = self.take_bytes(payload_len)?;
         let mut map = self.per_endpoint.lock().expect("capacity map");
-        self.count(&mut map, endpoint, permit)
+        Some(self.count(&mut map, endpoint, permit, bytes))
+    }
+
+    fn take_bytes(&self, payload_len: usize) -> Option<OwnedSemaphorePermit> {
+        let _ = self.recent_payload.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |seen| Some((seen - seen / 64).max(payload_len)),
+        );
+        let charge = charge_kib(payload_len).min(self.max_charge.max(1));
+        self.bytes.clone().try_acquire_many_owned(charge).ok()
+    }
+
+    /// Payload bytes a claim may bring into memory now: what the held deliveries' share has room
+    /// for, and at most an eighth of the budget (the query's result and the copies made from it
+    /// exist together for a moment: a quarter).
+    fn payload_room(&self) -> i64 {
+        let room = self.bytes.available_permits() as i64 * 1024 / 2;
+        room.min(self.memory_budget as i64 / 8)
+    }
+
+    /// How many rows a claim should ask for at most, given the room and the payloads seen lately.
+    fn rows_for_room(&self) -> usize {
+        let seen = self
+            .recent_payload
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(512);
+        (self.payload_room() as usize / seen).max(1)
+    }
+
+    /// Whether the largest allowed payload would fit now: claims wait for that much room, so what
+    /// they take can be held.
+    fn has_room_for_a_claim(&self) -> bool {
+        self.bytes.available_permits() >= self.max_charge as usize
     }
 
     fn count(
@@ -227,6 +294,7 @@ impl Capacity {
         map: &mut HashMap<String, (i32, Arc<Semaphore>)>,
         endpoint: &str,
         permit: OwnedSemaphorePermit,
+        bytes: OwnedSemaphorePermit,
     ) -> Hold {
         let entry = map
             .entry(endpoint.to_string())
@@ -234,6 +302,7 @@ impl Capacity {
         entry.0 += 1;
         Hold {
             _hold: permit,
+            _bytes: bytes,
             endpoint: endpoint.to_string(),
             taken: std::time::Instant::now(),
             endpoint_requests: entry.1.clone(),
@@ -293,10 +362,10 @@ pub struct Handoff {
 }
 
 /// A finished (or handed back) delivery on its way to the database, with the hold it releases
-/// once its outcome is written.
+/// once its outcome is written (none for one handed back before it was held).
 struct Done {
     report: Report,
-    _hold: Hold,
+    _hold: Option<Hold>,
 }
 
 /// What an attempt task reports.
@@ -392,15 +461,20 @@ impl Worker {
         let mut next_poll = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             if claim_now {
-                let slots = self.capacity.take_free();
+                let slots = if self.capacity.has_room_for_a_claim() {
+                    self.capacity.take_free()
+                } else {
+                    Vec::new()
+                };
                 if !slots.is_empty() {
                     let busy = self.capacity.held_per_endpoint();
                     let claim = self.store.claim(
                         self.owner,
-                        slots.len() as i64,
+                        slots.len().min(self.capacity.rows_for_room()) as i64,
                         self.capacity.per_endpoint_held,
                         &busy,
                         self.settings.lease,
+                        self.capacity.payload_room(),
                     );
                     tokio::pin!(claim);
                     // Fresh deliveries handed over meanwhile start now, not after the claim.
@@ -422,11 +496,16 @@ impl Worker {
                                 .iter()
                                 .any(|(_, n)| *n >= self.capacity.per_endpoint_held);
                             backlog = !batch.is_empty() || limited;
-                            let full = batch.len() == slots.len();
+                            let full = batch.len() == slots.len()
+                                || batch.len() == self.capacity.rows_for_room();
                             let mut slots = slots.into_iter();
                             for (delivery, slot) in batch.into_iter().zip(&mut slots) {
-                                let hold = self.capacity.hold_claimed(&delivery.endpoint_id, slot);
-                                attempts.start(delivery, hold);
+                                let len = delivery.payload.len();
+                                match self.capacity.hold_claimed(&delivery.endpoint_id, slot, len) {
+                                    Some(hold) => attempts.start(delivery, hold),
+                                    // Over the memory budget: back for later (or another replica).
+                                    None => attempts.hand_back(&delivery),
+                                }
                             }
                             // Holds the claim did not use go back as `slots` is dropped.
                             if full {
@@ -474,7 +553,7 @@ impl Worker {
                     let report = Report::HandBack(h.delivery.id, h.delivery.attempt);
                     let _ = report_tx.send(Done {
                         report,
-                        _hold: h.hold,
+                        _hold: Some(h.hold),
                     });
                 }
             }
@@ -561,8 +640,16 @@ impl Attempts {
             };
             let _ = reports.send(Done {
                 report,
-                _hold: hold,
+                _hold: Some(hold),
             });
+        });
+    }
+
+    /// Returns a claimed delivery this replica cannot hold.
+    fn hand_back(&self, delivery: &Claimed) {
+        let _ = self.reports.send(Done {
+            report: Report::HandBack(delivery.id, delivery.attempt),
+            _hold: None,
         });
     }
 }
@@ -743,10 +830,11 @@ impl AttemptContext {
             },
         };
 
-        if body.len() as u64 > self.settings.max_payload {
+        // The outbox refuses such payloads at insert; this catches rows from before the limit.
+        if d.payload.len() as u64 > self.settings.max_payload {
             let error = format!(
                 "payload of {} bytes exceeds outbound.max_payload ({} bytes); not retried",
-                body.len(),
+                d.payload.len(),
                 self.settings.max_payload
             );
             tracing::warn!(error = %error, "delivery failed");
@@ -974,19 +1062,44 @@ mod tests {
     fn holds_are_bounded_per_endpoint_and_per_replica_and_given_back_on_drop() {
         // 2 requests -> 8 holds per replica; 1 request per endpoint -> 16 holds per endpoint.
         let cap = capacity(2, 1);
-        let a: Vec<Hold> = std::iter::from_fn(|| cap.try_hold("a")).collect();
+        let a: Vec<Hold> = std::iter::from_fn(|| cap.try_hold("a", 10)).collect();
         assert_eq!(a.len(), 8, "the replica-wide bound applies first");
-        assert!(cap.try_hold("b").is_none());
+        assert!(cap.try_hold("b", 10).is_none());
         drop(a);
         assert_eq!(cap.holds.available_permits(), 8);
         assert!(cap.held_per_endpoint().is_empty());
 
         // 8 requests -> 32 holds per replica; 1 per endpoint -> 16 holds per endpoint.
         let cap = capacity(8, 1);
-        let a: Vec<Hold> = std::iter::from_fn(|| cap.try_hold("a")).collect();
+        let a: Vec<Hold> = std::iter::from_fn(|| cap.try_hold("a", 10)).collect();
         assert_eq!(a.len(), 16, "one endpoint cannot take every hold");
-        assert!(cap.try_hold("b").is_some());
+        assert!(cap.try_hold("b", 10).is_some());
         assert_eq!(cap.held_per_endpoint(), vec![("a".to_string(), 16)]);
+    }
+
+    #[test]
+    fn holds_are_bounded_by_the_memory_budget() {
+        let config = Config::from_toml_str(
+            "[database]\nurl = \"postgres://127.0.0.1/app\"\n[outbound]\n\
+             max_payload = \"256KiB\"\nmemory_budget = \"8MiB\"\n",
+        )
+        .expect("valid config");
+        let cap = Capacity::new(&WorkerSettings::from_config(&config));
+        // Holds get half of 8 MiB; each 256 KiB payload is charged 513 KiB: seven fit.
+        let held: Vec<Hold> = std::iter::from_fn(|| cap.try_hold("a", 256 << 10))
+            .take(20)
+            .collect();
+        assert_eq!(held.len(), 7);
+        assert!(!cap.has_room_for_a_claim());
+        // Small payloads still fit in what is left.
+        assert!(cap.try_hold("b", 100).is_some());
+        drop(held);
+        assert!(cap.has_room_for_a_claim());
+        assert!(Config::from_toml_str(
+            "[database]\nurl = \"postgres://127.0.0.1/app\"\n[outbound]\n\
+             max_payload = \"1MiB\"\nmemory_budget = \"1MiB\"\n",
+        )
+        .is_err());
     }
 
     #[tokio::test]
@@ -996,13 +1109,13 @@ mod tests {
         assert_eq!(taken.len(), 3, "a quarter stays free for fresh deliveries");
         assert_eq!(cap.holds.available_permits(), 1);
         let mut taken = taken.into_iter();
-        let hold = cap.hold_claimed("a", taken.next().unwrap());
+        let hold = cap.hold_claimed("a", taken.next().unwrap(), 10).unwrap();
         drop(taken);
         assert_eq!(cap.holds.available_permits(), 3);
         // A request slot of the endpoint and of the replica, then none until it is returned.
         let slot = cap.request_slot(&hold).await.expect("a request slot");
         assert_eq!(cap.requests_in_flight(1), 1);
-        let second = cap.try_hold("a").unwrap();
+        let second = cap.try_hold("a", 10).unwrap();
         assert!(
             tokio::time::timeout(Duration::from_millis(50), cap.request_slot(&second))
                 .await

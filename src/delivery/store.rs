@@ -20,8 +20,8 @@ pub struct Claimed {
     pub endpoint_id: String,
     pub event_id: Uuid,
     pub event_type: String,
-    /// The event payload as JSON text (jsonb's normal form).
-    pub payload: String,
+    /// The event payload as JSON text (jsonb's normal form), shared by the fan-out's copies.
+    pub payload: std::sync::Arc<str>,
     pub created_at: DateTime<Utc>,
     pub url: String,
     pub headers: serde_json::Value,
@@ -117,14 +117,17 @@ impl DeliveryStore {
             pool,
             // Fair across endpoints: endpoints in random order, each contributing at most its
             // free per-endpoint slots, so one endpoint's backlog cannot fill a batch. The
-            // MATERIALIZED fence stops the planner from re-running the LIMIT subquery.
+            // MATERIALIZED fence stops the planner from re-running the LIMIT subquery. `fit`
+            // keeps the payloads within `$7` bytes (the first row always), so a claim never
+            // brings more into memory than the budget has room for; rows it leaves are unlocked
+            // at commit, untouched.
             claim: schema.sql(
                 "WITH c AS MATERIALIZED (
-                    SELECT due.id
+                    SELECT due.id, due.outbox_id, row_number() OVER () AS n
                     FROM (SELECT id FROM __SCHEMA__.endpoints
                           WHERE active AND deleted_at IS NULL ORDER BY random()) e
                     CROSS JOIN LATERAL (
-                        SELECT d.id FROM __SCHEMA__.deliveries d
+                        SELECT d.id, d.outbox_id FROM __SCHEMA__.deliveries d
                         WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now()
                         ORDER BY d.next_attempt_at
                         LIMIT GREATEST(0, $3::int - COALESCE(
@@ -132,12 +135,18 @@ impl DeliveryStore {
                         FOR UPDATE OF d SKIP LOCKED
                     ) due
                     LIMIT $2
+                 ), fit AS MATERIALIZED (
+                    SELECT id FROM (
+                        SELECT c.id, sum(octet_length(o.payload::text)) OVER (ORDER BY c.n)
+                                     - octet_length(o.payload::text) AS before
+                        FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) s
+                    WHERE before < $7
                  )
                  UPDATE __SCHEMA__.deliveries d
                  SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
                      lease_expires_at = now() + make_interval(secs => $6), updated_at = now()
-                 FROM c, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
-                 WHERE d.id = c.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
+                 FROM fit, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
+                 WHERE d.id = fit.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
                  RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
                            o.created_at, e.url, e.headers, e.signature, e.retry, o.metadata,
                            ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
@@ -257,6 +266,7 @@ impl DeliveryStore {
 
     /// Claims up to `limit` due deliveries for `owner`, at most `per_endpoint` per endpoint minus
     /// what this replica already has in flight there (`busy`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn claim(
         &self,
         owner: Uuid,
@@ -264,6 +274,7 @@ impl DeliveryStore {
         per_endpoint: i32,
         busy: &[(String, i32)],
         lease: Duration,
+        max_bytes: i64,
     ) -> anyhow::Result<Vec<Claimed>> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(&self.claim).await?;
@@ -279,6 +290,7 @@ impl DeliveryStore {
                     &busy_ids,
                     &busy_n,
                     &lease.as_secs_f64(),
+                    &max_bytes,
                 ],
             )
             .await?;
@@ -290,7 +302,7 @@ impl DeliveryStore {
                 endpoint_id: r.get(2),
                 event_id: r.get(3),
                 event_type: r.get(4),
-                payload: r.get(5),
+                payload: r.get::<_, String>(5).into(),
                 created_at: r.get(6),
                 url: r.get(7),
                 headers: r.get(8),

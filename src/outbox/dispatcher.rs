@@ -70,6 +70,8 @@ pub struct FastPath {
 pub struct Dispatcher {
     pool: Pool,
     batch: i64,
+    /// Payload bytes one pass may take into memory.
+    batch_bytes: i64,
     fast: FastPath,
     take: String,
     endpoints: String,
@@ -78,20 +80,34 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(pool: Pool, schema: &Schema, batch: usize, fast: FastPath) -> Self {
+    pub fn new(
+        pool: Pool,
+        schema: &Schema,
+        batch: usize,
+        batch_bytes: u64,
+        fast: FastPath,
+    ) -> Self {
         Self {
             pool,
             batch: batch as i64,
+            batch_bytes: batch_bytes.min(i64::MAX as u64) as i64,
             fast,
             // Taking a batch marks it dispatched in the same statement (the transaction makes that
             // one with the deliveries' insert): one statement per pass instead of two. The locked
             // rows are found again by `ctid`, which cannot change while this transaction holds
             // their locks.
+            // The batch stops at `$2` bytes of payload (the first row always), so one pass never
+            // brings more into memory than that; rows past it stay locked until this
+            // transaction ends and go in the next pass.
             take: schema.sql(
                 "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
                  WHERE ctid = ANY(ARRAY(
-                     SELECT ctid FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL
-                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
+                     SELECT ctid FROM (
+                         SELECT ctid, sum(octet_length(payload::text)) OVER (ORDER BY id)
+                                      - octet_length(payload::text) AS before
+                         FROM (SELECT ctid, id, payload FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL
+                               ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) batch) s
+                     WHERE before < $2))
                  RETURNING id, event_id, event_type, tenant, target_endpoint,
                         extract(epoch FROM clock_timestamp() - created_at)::float8,
                         payload::text, created_at, metadata",
@@ -132,7 +148,7 @@ impl Dispatcher {
         // comes first, so the endpoints read next are not about to change under this pass. They
         // are read inside the transaction, so an endpoint created before the event committed is
         // seen.
-        let take_params: [&(dyn ToSql + Sync); 1] = [&self.batch];
+        let take_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
         let lock_params: [&(dyn ToSql + Sync); 1] = [&self.lock_key];
         let (_, mut rows, endpoint_rows) = futures_util::try_join!(
             tx.execute(&lock, &lock_params),
@@ -170,14 +186,19 @@ impl Dispatcher {
             let tenant: Option<&str> = r.get(3);
             let target: Option<&str> = r.get(4);
             lags.push(r.get::<_, f64>(5));
+            // One copy of the payload however many endpoints get it.
+            let mut payload: Option<std::sync::Arc<str>> = None;
             for t in targets
                 .iter()
                 .filter(|t| t.wants(event_type, tenant, target))
             {
                 let delivery_id = Uuid::now_v7();
+                let payload = payload
+                    .get_or_insert_with(|| r.get::<_, String>(6).into())
+                    .clone();
                 let hold = t
                     .active
-                    .then(|| self.fast.capacity.try_hold(&t.id))
+                    .then(|| self.fast.capacity.try_hold(&t.id, payload.len()))
                     .flatten();
                 // Inactive endpoints still get their deliveries, paused, so re-activating one
                 // loses nothing.
@@ -194,7 +215,7 @@ impl Dispatcher {
                         endpoint_id: t.id.clone(),
                         event_id,
                         event_type: event_type.to_string(),
-                        payload: r.get(6),
+                        payload,
                         created_at: r.get(7),
                         url: t.url.clone(),
                         headers: t.headers.clone(),

@@ -512,14 +512,51 @@ async fn the_ssrf_guard_refuses_loopback_unless_allowed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_payload_fails_at_once_with_a_clear_error() {
+async fn an_oversized_payload_is_refused_at_insert_and_the_limit_follows_the_config() {
     let db = TestDb::create().await;
     let receiver = Receiver::ok().await;
-    let config = base_config(&db).replace("[outbound]\n", "[outbound]\nmax_payload = \"1KiB\"\n")
-        + &endpoint("e", &receiver.url, &["*"], "");
-    let _postern = Postern::start(&config).await;
+    let config = |limit: &str| {
+        base_config(&db).replace(
+            "[outbound]\n",
+            &format!("[outbound]\nmax_payload = \"{limit}\"\n"),
+        ) + &endpoint("e", &receiver.url, &["*"], "")
+    };
+    let postern = Postern::start(&config("4KiB")).await;
     let client = db.client().await;
-    publish_one(&client, "big.event", json!({"blob": "x".repeat(2000)})).await;
+    // Refused inside the app's transaction, with the limit in the message.
+    let big = json!({"blob": "x".repeat(3000)});
+    let err = client
+        .execute(
+            "INSERT INTO postern.outbox (event_type, payload) VALUES ('big.event', $1)",
+            &[&json!({"blob": "x".repeat(5000)})],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("payload_exceeds_outbound_max_payload_of_4096_bytes"),
+        "{err:?}"
+    );
+    publish_one(&client, "fits.event", big.clone()).await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    drop(postern);
+
+    // A smaller limit follows the config at the next start; a row already in the outbox over
+    // the new limit fails at once, not retried, with an error saying so.
+    client
+        .execute(
+            "INSERT INTO postern.outbox (event_type, payload) VALUES ('big.event', $1)",
+            &[&big],
+        )
+        .await
+        .unwrap();
+    let _postern = Postern::start(&config("1KiB")).await;
+    assert!(client
+        .execute(
+            "INSERT INTO postern.outbox (event_type, payload) VALUES ('big.event', $1)",
+            &[&json!({"blob": "x".repeat(2000)})],
+        )
+        .await
+        .is_err());
     publish_one(&client, "small.event", json!({"blob": "x"})).await;
     wait_sql(
         &client,
@@ -537,8 +574,8 @@ async fn an_oversized_payload_fails_at_once_with_a_clear_error() {
         .unwrap()
         .get(0);
     assert!(error.contains("max_payload"), "{error}");
-    receiver.wait_count(1, Duration::from_secs(10)).await;
-    assert_eq!(receiver.requests()[0].json()["type"], "small.event");
+    receiver.wait_count(2, Duration::from_secs(10)).await;
+    assert_eq!(receiver.requests()[1].json()["type"], "small.event");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
