@@ -91,6 +91,10 @@ pub struct InboundConfig {
     pub upstream: String,
     #[serde(default = "defaults::inbound_max_body")]
     pub max_body: ByteSize,
+    /// Request bodies buffered at once, over every connection: past it, senders get `503` with
+    /// `Retry-After` (their providers retry) instead of the process growing without bound.
+    #[serde(default = "defaults::inbound_max_buffered")]
+    pub max_buffered: ByteSize,
     /// Slow senders are cut off: the whole request body must arrive within this.
     #[serde(default = "defaults::inbound_read_timeout")]
     pub read_timeout: Dur,
@@ -771,6 +775,10 @@ mod defaults {
     }
     pub fn inbound_max_body() -> ByteSize {
         ByteSize(5 << 20)
+    }
+    /// Sized for the 256 MiB memory limit in deploy/kubernetes, beside outbound.memory_budget.
+    pub fn inbound_max_buffered() -> ByteSize {
+        ByteSize(32 << 20)
     }
     pub fn inbound_read_timeout() -> Dur {
         Dur(Duration::from_secs(10))

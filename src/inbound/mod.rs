@@ -31,6 +31,8 @@ pub struct Inbound {
     pub routes: HashMap<String, Route>,
     pub upstream: SocketAddr,
     pub max_body: usize,
+    /// The budget of buffered body bytes, in KiB, shared by every request.
+    pub buffered: std::sync::Arc<tokio::sync::Semaphore>,
     pub read_timeout: std::time::Duration,
     pub upstream_timeout: std::time::Duration,
     pub trust_forwarded_for: Vec<IpNet>,
@@ -50,6 +52,12 @@ pub fn validate(config: &InboundConfig) -> Vec<String> {
     }
     if config.max_body.0 == 0 || config.max_body.0 > 1 << 30 {
         p.push("inbound.max_body: must be above zero and at most 1GiB".into());
+    }
+    if config.max_buffered.0 < config.max_body.0 || config.max_buffered.0 > 16 << 30 {
+        p.push(format!(
+            "inbound.max_buffered: {} must be at least inbound.max_body ({}) and at most 16GiB",
+            config.max_buffered, config.max_body
+        ));
     }
     if config.read_timeout.0.is_zero() {
         p.push("inbound.read_timeout: must be above zero".into());
@@ -132,6 +140,9 @@ impl Inbound {
             routes,
             upstream: upstream_addr(&config.upstream).map_err(anyhow::Error::msg)?,
             max_body: config.max_body.0 as usize,
+            buffered: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                (config.max_buffered.0 / 1024) as usize,
+            )),
             read_timeout: config.read_timeout.0,
             upstream_timeout: config.upstream_timeout.0,
             trust_forwarded_for: config.trust_forwarded_for.clone(),
@@ -182,6 +193,7 @@ mod tests {
             routes: HashMap::new(),
             upstream: "127.0.0.1:1".parse().unwrap(),
             max_body: 1,
+            buffered: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
             read_timeout: std::time::Duration::from_secs(1),
             upstream_timeout: std::time::Duration::from_secs(1),
             trust_forwarded_for: trust.iter().map(|n| n.parse().unwrap()).collect(),

@@ -50,6 +50,8 @@ pub struct Refusal {
     pub status: u16,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u32>,
 }
 
 impl Refusal {
@@ -58,6 +60,19 @@ impl Refusal {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The buffered-body budget is spent: the sender should come back shortly.
+    fn overloaded() -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                503,
+                "overloaded",
+                "too many request bodies are being buffered (inbound.max_buffered); retry shortly",
+            )
         }
     }
 
@@ -158,12 +173,13 @@ impl VerifyingProxy {
         }
     }
 
-    /// Everything up to a verified, buffered body; `Err` is the answer to send instead.
+    /// Everything up to a verified, buffered body (and its share of the buffered-body budget,
+    /// held until the request is done); `Err` is the answer to send instead.
     async fn admit<'r>(
         &'r self,
         session: &mut Session,
         decision: &mut Decision<'r>,
-    ) -> Result<(&'r Route, Bytes), Refusal> {
+    ) -> Result<(&'r Route, Bytes, BodyBudget), Refusal> {
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let route = self.inbound.routes.get(&path).ok_or_else(|| {
@@ -218,6 +234,12 @@ impl VerifyingProxy {
         if declared.is_some_and(|n| n > self.inbound.max_body as u64) {
             return Err(too_large(self.inbound.max_body));
         }
+        // A declared length is reserved whole before anything is read; a chunked body takes its
+        // share as it arrives.
+        let mut budget = BodyBudget::new(&self.inbound.buffered);
+        if let Some(n) = declared {
+            budget.grow(n as usize)?;
+        }
         let expects_continue = req
             .headers
             .get(http::header::EXPECT)
@@ -231,7 +253,7 @@ impl VerifyingProxy {
         }
         let body = tokio::time::timeout(
             self.inbound.read_timeout,
-            read_body(session, self.inbound.max_body),
+            read_body(session, self.inbound.max_body, &mut budget),
         )
         .await
         .map_err(|_| {
@@ -252,7 +274,7 @@ impl VerifyingProxy {
             .verifier
             .verify(&incoming)
             .map_err(Refusal::from_verify)?;
-        Ok((route, body))
+        Ok((route, body, budget))
     }
 
     /// Sends the verified request to the app and relays the answer. Returns the status relayed.
@@ -454,7 +476,48 @@ fn upstream_failure(e: &Error) -> Refusal {
 
 /// Reads the whole body, counting as it goes (chunked bodies declare no length). A body that
 /// arrives in one chunk, as small webhooks do, is kept as it came, without a copy.
-async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Refusal> {
+/// A request's share of the buffered-body budget, in KiB; given back when dropped.
+struct BodyBudget {
+    pool: Arc<tokio::sync::Semaphore>,
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
+    bytes: usize,
+}
+
+impl BodyBudget {
+    fn new(pool: &Arc<tokio::sync::Semaphore>) -> Self {
+        Self {
+            pool: pool.clone(),
+            held: None,
+            bytes: 0,
+        }
+    }
+
+    /// Covers `total` bytes, taking more of the budget when needed; never waits.
+    fn grow(&mut self, total: usize) -> Result<(), Refusal> {
+        let have = self.bytes.div_ceil(1024);
+        let want = total.div_ceil(1024);
+        if want > have {
+            let more = u32::try_from(want - have).map_err(|_| Refusal::overloaded())?;
+            let permit = self
+                .pool
+                .clone()
+                .try_acquire_many_owned(more)
+                .map_err(|_| Refusal::overloaded())?;
+            match &mut self.held {
+                Some(held) => held.merge(permit),
+                None => self.held = Some(permit),
+            }
+        }
+        self.bytes = self.bytes.max(total);
+        Ok(())
+    }
+}
+
+async fn read_body(
+    session: &mut Session,
+    limit: usize,
+    budget: &mut BodyBudget,
+) -> Result<Bytes, Refusal> {
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut seen = 0;
     loop {
@@ -464,6 +527,7 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Refusal
                 if seen > limit {
                     return Err(too_large(limit));
                 }
+                budget.grow(seen)?;
                 chunks.push(chunk);
             }
             Ok(None) if chunks.len() == 1 => return Ok(chunks.swap_remove(0)),
@@ -501,6 +565,9 @@ async fn respond(session: &mut Session, refusal: &Refusal, close: bool) -> pingo
     let mut header = ResponseHeader::build(refusal.status, Some(3))?;
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    if let Some(seconds) = refusal.retry_after {
+        header.insert_header(http::header::RETRY_AFTER, seconds.to_string())?;
+    }
     if close {
         // The body may be unread: this connection cannot carry another request.
         header.insert_header(http::header::CONNECTION, "close")?;
@@ -541,7 +608,7 @@ impl ProxyHttp for VerifyingProxy {
             status: 0,
         };
         match self.admit(session, &mut decision).await {
-            Ok((route, body)) => match self.forward(session, route, body).await {
+            Ok((route, body, _budget)) => match self.forward(session, route, body).await {
                 Ok(status) => {
                     decision.outcome = Outcome::Forwarded;
                     decision.status = status;

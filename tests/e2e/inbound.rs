@@ -723,3 +723,69 @@ async fn an_http_1_0_request_reaches_the_app_whole() {
     assert_eq!(&got.body[..], b"{\"old\":true}");
     assert_eq!(got.header("x-postern-verified"), Some("github"));
 }
+
+/// Slow 5 MiB uploads cannot take the process's memory: past `inbound.max_buffered` (16 MiB
+/// here) senders get `503` with `Retry-After` at once, and outbound delivery goes on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_uploads_past_the_buffered_budget_get_503_and_outbound_goes_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let receiver = Receiver::ok().await;
+    let extra = String::from("max_body = \"8MiB\"\nmax_buffered = \"16MiB\"\n")
+        + &endpoint("e", &receiver.url, &["*"], "");
+    let app = Receiver::ok().await;
+    let url = app.url.trim_end_matches("/hook").to_string();
+    let proxy = start_proxy_with(app, &url, &extra).await;
+    let path = path_of("github");
+    let mut connections = Vec::new();
+    for _ in 0..8 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            5 << 20
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // The first MiB now; the rest never comes in time.
+        let _ = s.write_all(&vec![b'x'; 1 << 20]).await;
+        connections.push(s);
+    }
+    let mut refused = 0;
+    let mut held = 0;
+    for s in &mut connections {
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(Duration::from_millis(700), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+                assert!(
+                    text.to_ascii_lowercase().contains("retry-after: 1"),
+                    "{text}"
+                );
+                assert!(text.contains("\"error\":\"overloaded\""), "{text}");
+                refused += 1;
+            }
+            _ => held += 1,
+        }
+    }
+    assert_eq!((held, refused), (3, 5), "16 MiB holds three 5 MiB bodies");
+    // Outbound delivery is not held up by the uploads.
+    let client = proxy._db.client().await;
+    for i in 0..20 {
+        publish_one(&client, "order.created", serde_json::json!({ "i": i })).await;
+    }
+    receiver.wait_count(20, Duration::from_secs(5)).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.postern.pid())).unwrap();
+    let peak_kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        peak_kib / 1024.0 < 100.0,
+        "peak RSS {:.1} MiB",
+        peak_kib / 1024.0
+    );
+    drop(connections);
+}
