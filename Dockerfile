@@ -12,6 +12,8 @@ COPY src ./src
 # Cargo validates every target the manifest declares, so the test and example sources come along.
 COPY tests ./tests
 COPY examples ./examples
+# The workspace's other member (the benchmark harness) must be present for the manifest to load.
+COPY bench ./bench
 RUN cargo build --release --locked --bin postern
 
 FROM debian:bookworm-slim
