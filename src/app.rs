@@ -17,7 +17,7 @@ use crate::crypto::SecretBox;
 use crate::db::{self, NotifySetting, Schema};
 use crate::delivery::client::WebhookClient;
 use crate::delivery::ssrf::Guard;
-use crate::delivery::store::DeliveryStore;
+use crate::delivery::state::DeliveryStore;
 use crate::delivery::{Capacity, Worker, WorkerSettings};
 use crate::endpoints;
 use crate::outbox::dispatcher::{Dispatcher, FastPath};

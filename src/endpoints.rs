@@ -11,6 +11,7 @@ use deadpool_postgres::Pool;
 use crate::config::EndpointConfig;
 use crate::crypto::{Field, SecretBox};
 use crate::db::Schema;
+use crate::delivery::state;
 
 /// How long a config endpoint's previous secret keeps signing after the config changes it.
 pub const CONFIG_SECRET_GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -134,14 +135,7 @@ pub async fn sync_config_endpoints(
         .with_context(|| format!("upserting endpoint {}", e.id))?;
         if e.active && retired_before.contains(&e.id) {
             // Back in the file: what was paused when it left goes out now.
-            tx.execute(
-                &schema.sql(
-                    "UPDATE __SCHEMA__.deliveries SET status = 'pending', next_attempt_at = now(), updated_at = now()
-                     WHERE endpoint_id = $1 AND status = 'paused'",
-                ),
-                &[&e.id],
-            )
-            .await?;
+            state::resume_paused(&tx, schema, std::slice::from_ref(&e.id)).await?;
         }
         // Sealed values carry a random nonce, so compare after opening them.
         let mut present = false;
@@ -192,14 +186,7 @@ pub async fn sync_config_endpoints(
             &[&missing, &reason],
         )
         .await?;
-        tx.execute(
-            &schema.sql(
-                "UPDATE __SCHEMA__.deliveries SET status = 'paused', updated_at = now()
-                 WHERE endpoint_id = ANY($1) AND status = 'pending'",
-            ),
-            &[&missing],
-        )
-        .await?;
+        state::pause_waiting(&tx, schema, &missing).await?;
         announce(&tx, schema, &missing, Announce::Stop).await?;
         outcome.retired = missing;
     }
@@ -235,54 +222,10 @@ pub async fn prune_retired(pool: &Pool, schema: &Schema) -> anyhow::Result<Vec<S
         .iter()
         .map(|r| r.get(0))
         .collect();
-    cancel_unfinished(&tx, schema, &ids).await?;
+    state::cancel_unfinished(&tx, schema, &ids).await?;
     announce(&tx, schema, &ids, Announce::Stop).await?;
     tx.commit().await?;
     Ok(ids)
-}
-
-/// Marks a deleted endpoint's unfinished deliveries `cancelled` (in-flight ones settle as
-/// cancelled when their attempt ends).
-pub async fn cancel_unfinished(
-    tx: &deadpool_postgres::Transaction<'_>,
-    schema: &Schema,
-    endpoint_ids: &[String],
-) -> anyhow::Result<u64> {
-    Ok(tx
-        .execute(
-            &schema.sql(
-                "UPDATE __SCHEMA__.deliveries SET status = 'cancelled', updated_at = now()
-                 WHERE endpoint_id = ANY($1) AND status IN ('pending', 'paused')",
-            ),
-            &[&endpoint_ids],
-        )
-        .await?)
-}
-
-/// After an endpoint's tenant changed: cancels its unfinished deliveries (those held by a replica
-/// too: their outcome is then fenced off) of events the tenant rules no longer give it. Targeted
-/// events (a test event) stay. Returns how many.
-pub async fn cancel_ineligible(
-    tx: &deadpool_postgres::Transaction<'_>,
-    schema: &Schema,
-    endpoint_id: &str,
-) -> anyhow::Result<u64> {
-    Ok(tx
-        .execute(
-            &schema.sql(
-                "UPDATE __SCHEMA__.deliveries d
-                 SET status = 'cancelled', lease_owner = NULL, lease_expires_at = NULL,
-                     last_error = 'cancelled: the endpoint''s tenant changed and this event is not for it',
-                     updated_at = now()
-                 FROM __SCHEMA__.endpoints e, __SCHEMA__.outbox o
-                 WHERE e.id = $1 AND d.endpoint_id = e.id AND o.id = d.outbox_id
-                   AND d.status IN ('pending', 'paused', 'delivering')
-                   AND o.target_endpoint IS DISTINCT FROM e.id
-                   AND e.tenant IS DISTINCT FROM '*' AND e.tenant IS DISTINCT FROM o.tenant",
-            ),
-            &[&endpoint_id],
-        )
-        .await?)
 }
 
 /// Pauses or resumes an endpoint: inactive, its `pending` deliveries become `paused`; active
@@ -310,19 +253,12 @@ pub async fn set_active(
         .await?
         > 0;
     if found {
-        let (from, to) = if active {
-            ("paused", "pending")
+        let ids = [id.to_string()];
+        if active {
+            state::resume_paused(&tx, schema, &ids).await?;
         } else {
-            ("pending", "paused")
-        };
-        tx.execute(
-            &schema.sql(
-                "UPDATE __SCHEMA__.deliveries SET status = $3, next_attempt_at = now(), updated_at = now()
-                 WHERE endpoint_id = $1 AND status = $2",
-            ),
-            &[&id, &from, &to],
-        )
-        .await?;
+            state::pause_waiting(&tx, schema, &ids).await?;
+        }
         let what = if active {
             Announce::Resume
         } else {

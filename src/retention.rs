@@ -9,7 +9,7 @@ use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Schema;
-use crate::delivery::store::DeliveryStore;
+use crate::delivery::state::DeliveryStore;
 
 const BATCH: i64 = 1000;
 /// A pruning pass yields after this long, so a huge backlog of old rows is worked off over

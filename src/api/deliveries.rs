@@ -12,6 +12,7 @@ use utoipa_axum::routes;
 use super::endpoints::{decode_cursor, encode_cursor, page_limit};
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::ApiState;
+use crate::delivery::state::{self, DeliveryStatus};
 
 pub fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
@@ -21,15 +22,6 @@ pub fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(replay))
         .routes(routes!(stats))
 }
-
-const STATUSES: &[&str] = &[
-    "pending",
-    "delivering",
-    "delivered",
-    "failed",
-    "paused",
-    "cancelled",
-];
 
 #[derive(Serialize, ToSchema)]
 pub struct Delivery {
@@ -137,10 +129,11 @@ async fn list_deliveries(
 ) -> Result<Json<DeliveryList>, ApiError> {
     let limit = page_limit(q.limit)?;
     if let Some(s) = &q.status {
-        if !STATUSES.contains(&s.as_str()) {
+        if s.parse::<DeliveryStatus>().is_err() {
+            let all: Vec<&str> = DeliveryStatus::ALL.iter().map(|s| s.as_str()).collect();
             return Err(ApiError::bad_request(format!(
                 "status: must be one of {}",
-                STATUSES.join(", ")
+                all.join(", ")
             )));
         }
     }
@@ -258,55 +251,60 @@ async fn get_delivery(
 #[utoipa::path(post, path = "/deliveries/{id}/retry", tag = "deliveries",
     responses((status = 202, body = Delivery), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn retry_delivery(
-    State(state): State<ApiState>,
+    State(app): State<ApiState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<(StatusCode, Json<Delivery>), ApiError> {
     let uuid = parse_id(&id)?;
-    let client = state.pool.get().await?;
+    let client = app.pool.get().await?;
     let row = client
         .query_opt(
-            &state.schema.sql(
-                "SELECT d.status, e.deleted_at IS NOT NULL, e.active
+            &app.schema.sql(
+                "SELECT d.status, e.deleted_at IS NOT NULL
                  FROM __SCHEMA__.deliveries d JOIN __SCHEMA__.endpoints e ON e.id = d.endpoint_id WHERE d.id = $1",
             ),
             &[&uuid],
         )
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no delivery {id}")))?;
-    let (status, deleted, active): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    let (status, deleted): (DeliveryStatus, bool) = (row.get(0), row.get(1));
     if deleted {
         return Err(ApiError::conflict(
             "endpoint_deleted",
             "the delivery's endpoint was deleted",
         ));
     }
-    match status.as_str() {
-        "failed" | "cancelled" | "pending" => {}
-        "delivered" => {
+    match status {
+        DeliveryStatus::Failed | DeliveryStatus::Cancelled | DeliveryStatus::Pending => {}
+        DeliveryStatus::Delivered => {
             return Err(ApiError::conflict(
                 "already_delivered",
                 "the delivery was delivered",
             ))
         }
-        "delivering" => return Err(ApiError::conflict("in_flight", "an attempt is in flight")),
-        _ => {
+        DeliveryStatus::Delivering => {
+            return Err(ApiError::conflict("in_flight", "an attempt is in flight"))
+        }
+        DeliveryStatus::Paused => {
             return Err(ApiError::conflict(
                 "endpoint_inactive",
                 "the endpoint is inactive; activate it to resume",
             ))
         }
     }
-    let new_status = if active { "pending" } else { "paused" };
+    if !state::retry_now(&client, &app.schema, uuid, status).await? {
+        return Err(ApiError::conflict(
+            "changed",
+            "the delivery changed meanwhile; look again",
+        ));
+    }
     let row = client
-        .query_opt(
-            &state.schema.sql(&format!(
-                "UPDATE __SCHEMA__.deliveries SET status = $3, next_attempt_at = now(), updated_at = now()
-                 WHERE id = $1 AND status = $2 RETURNING {COLUMNS}"
+        .query_one(
+            &app.schema.sql(&format!(
+                "SELECT {COLUMNS} FROM __SCHEMA__.deliveries WHERE id = $1"
             )),
-            &[&uuid, &status, &new_status],
+            &[&uuid],
         )
-        .await?
-        .ok_or_else(|| ApiError::conflict("changed", "the delivery changed meanwhile; look again"))?;
+        .await?;
     tracing::info!(delivery.id = %id, "delivery retried through the API");
     Ok((StatusCode::ACCEPTED, Json(from_row(&row))))
 }
@@ -329,7 +327,7 @@ struct Requeued {
 #[utoipa::path(post, path = "/endpoints/{id}/replay", tag = "deliveries", request_body = Replay,
     responses((status = 202, body = Requeued), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn replay(
-    State(state): State<ApiState>,
+    State(app): State<ApiState>,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<Replay>,
 ) -> Result<(StatusCode, Json<Requeued>), ApiError> {
@@ -339,22 +337,11 @@ async fn replay(
             "until must be after since",
         ));
     }
-    if !endpoint_exists(&state, &id, false).await? {
+    if !endpoint_exists(&app, &id, false).await? {
         return Err(ApiError::not_found(format!("no endpoint {id}")));
     }
-    let client = state.pool.get().await?;
-    let requeued = client
-        .execute(
-            &state.schema.sql(
-                "UPDATE __SCHEMA__.deliveries d
-                 SET status = CASE WHEN e.active THEN 'pending' ELSE 'paused' END, next_attempt_at = now(), updated_at = now()
-                 FROM __SCHEMA__.endpoints e
-                 WHERE e.id = d.endpoint_id AND d.endpoint_id = $1 AND d.status = 'failed'
-                   AND d.created_at >= $2 AND ($3::timestamptz IS NULL OR d.created_at < $3)",
-            ),
-            &[&id, &body.since, &body.until],
-        )
-        .await?;
+    let client = app.pool.get().await?;
+    let requeued = state::replay_failed(&client, &app.schema, &id, body.since, body.until).await?;
     tracing::info!(endpoint.id = %id, requeued, "failed deliveries replayed");
     Ok((StatusCode::ACCEPTED, Json(Requeued { requeued })))
 }

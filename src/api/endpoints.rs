@@ -449,7 +449,8 @@ async fn patch_endpoint(
         )
         .await?;
         if retenanted {
-            let cancelled = crate::endpoints::cancel_ineligible(&tx, &state.schema, &id).await?;
+            let cancelled =
+                crate::delivery::state::cancel_ineligible(&tx, &state.schema, &id).await?;
             crate::endpoints::announce(
                 &tx,
                 &state.schema,
@@ -503,7 +504,7 @@ async fn delete_endpoint(
     )
     .await?;
     let ids = std::slice::from_ref(&id);
-    let cancelled = crate::endpoints::cancel_unfinished(&tx, &state.schema, ids).await?;
+    let cancelled = crate::delivery::state::cancel_unfinished(&tx, &state.schema, ids).await?;
     crate::endpoints::announce(&tx, &state.schema, ids, crate::endpoints::Announce::Stop).await?;
     tx.commit().await?;
     tracing::info!(endpoint.id = %id, cancelled, "endpoint deleted");

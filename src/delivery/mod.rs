@@ -6,7 +6,7 @@
 pub mod client;
 pub mod retry;
 pub mod ssrf;
-pub mod store;
+pub mod state;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +27,7 @@ use crate::signing;
 use crate::telemetry::{Health, Metrics, OutcomeLabel};
 use client::{SendError, WebhookClient};
 use retry::RetryPolicy;
-use store::{Ack, AttemptRecord, Claimed, DeliveryStore, Settle};
+use state::{Ack, AttemptRecord, Claimed, DeliveryStore, Settle};
 
 /// What the worker needs from the configuration.
 #[derive(Debug, Clone)]
@@ -718,18 +718,18 @@ async fn write_outcomes(store: &DeliveryStore, owner: Uuid, mut acks: Vec<Ack>) 
             Ok(()) => return,
             Err(e) => e,
         };
-        if store::is_statement_error(&e) {
+        if state::is_statement_error(&e) {
             tracing::warn!(error = %format!("{e:#}"), batch = acks.len(), "a batch of outcomes was refused; writing them one by one");
             let mut unwritten = Vec::new();
             for ack in acks {
                 match store.settle(owner, std::slice::from_ref(&ack)).await {
                     Ok(()) => {}
-                    Err(e) if store::is_statement_error(&e) => {
+                    Err(e) if state::is_statement_error(&e) => {
                         let reason = format!("{e:#}");
                         tracing::error!(delivery.id = %ack.id, error = %reason, "an outcome was refused; recording it without the response");
                         let stripped = ack.without_receiver_data(&reason);
                         if let Err(e) = store.settle(owner, std::slice::from_ref(&stripped)).await {
-                            if store::is_statement_error(&e) {
+                            if state::is_statement_error(&e) {
                                 tracing::error!(delivery.id = %ack.id, error = %format!("{e:#}"),
                                     "an outcome cannot be recorded at all; its lease will lapse");
                             } else {

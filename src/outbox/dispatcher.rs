@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::glob::Subscription;
 use crate::db::Schema;
-use crate::delivery::store::Claimed;
+use crate::delivery::state::{Claimed, DeliveryStatus};
 use crate::delivery::{Capacity, Handoff};
 
 /// An endpoint as the matcher sees it, with what a fast-path delivery to it needs.
@@ -203,9 +203,9 @@ impl Dispatcher {
                 // Inactive endpoints still get their deliveries, paused, so re-activating one
                 // loses nothing.
                 let status = match (&hold, t.active) {
-                    (Some(_), _) => "delivering",
-                    (None, true) => "pending",
-                    (None, false) => "paused",
+                    (Some(_), _) => DeliveryStatus::Delivering,
+                    (None, true) => DeliveryStatus::Pending,
+                    (None, false) => DeliveryStatus::Paused,
                 };
                 new.push(delivery_id, id, event_id, event_type, &t.id, status);
                 if let Some(hold) = hold {
@@ -230,7 +230,11 @@ impl Dispatcher {
         }
         let (owner, lease) = (self.fast.owner, self.fast.lease.as_secs_f64());
         let deliveries = new.ids.len();
-        let pending = new.statuses.iter().filter(|s| **s == "pending").count();
+        let pending = new
+            .statuses
+            .iter()
+            .filter(|s| **s == DeliveryStatus::Pending)
+            .count();
         if deliveries > 0 {
             let insert_params: [&(dyn ToSql + Sync); 8] = [
                 &new.ids,
@@ -273,7 +277,7 @@ struct NewDeliveries<'a> {
     event_ids: Vec<Uuid>,
     event_types: Vec<&'a str>,
     endpoints: Vec<&'a str>,
-    statuses: Vec<&'static str>,
+    statuses: Vec<DeliveryStatus>,
 }
 
 impl<'a> NewDeliveries<'a> {
@@ -284,7 +288,7 @@ impl<'a> NewDeliveries<'a> {
         event_id: Uuid,
         event_type: &'a str,
         endpoint: &'a str,
-        status: &'static str,
+        status: DeliveryStatus,
     ) {
         self.ids.push(id);
         self.outbox_ids.push(outbox_id);

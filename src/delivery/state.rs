@@ -1,15 +1,118 @@
-//! The delivery table's state machine in SQL: claim under a lease, settle, hand back, reap.
+//! The delivery state machine: the [`DeliveryStatus`] type and every transition between statuses,
+//! each a named statement here (other modules call these, none writes `status` itself).
 //! Invariant: every write on a claimed row is fenced by (owner, attempt, `delivering`), so a
-//! replica whose lease lapsed can never overwrite a newer claim; no transaction spans an HTTP call.
+//! replica whose lease lapsed can never overwrite a newer claim; no transaction spans an HTTP call;
+//! nothing waits forever for an endpoint that no longer takes it (the sweeper).
+//!
+//! ```text
+//!            fan-out ─┬─> pending ──claim──> delivering ──2xx──────────> delivered
+//!                     │     ^  │                │ ├──failure, retries left──> pending (due later)
+//!   (fast path) ──────┼─────┼──┼─> delivering   │ ├──failure, none left────> failed
+//!                     │     │  │                │ ├──410────────────────────> paused (endpoint off)
+//!                     │     │  │                │ ├──hand back / defer──────> pending | paused | cancelled
+//!                     │     │  │                │ └──lease lapsed───────────> pending (or failed after
+//!                     │     │  │                                              max_lease_lapses)
+//!                     └─> paused <──pause / sweep──┘  ──resume──> pending
+//!   pending | paused ──delete / sweep / re-tenant──> cancelled;  failed | cancelled ──retry──> pending
+//! ```
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
-use tokio_postgres::types::ToSql;
+use deadpool_postgres::{Pool, Transaction};
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 use uuid::Uuid;
 
 use crate::db::Schema;
+
+/// `postern.deliveries.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeliveryStatus {
+    /// Waiting for its next attempt (due at `next_attempt_at`).
+    Pending,
+    /// Claimed by a replica under a lease, for one attempt.
+    Delivering,
+    /// A receiver answered 2xx.
+    Delivered,
+    /// Attempts exhausted, or a failure no retry can fix: the dead letter, kept and visible.
+    Failed,
+    /// Its endpoint is inactive; back to `Pending` when it is active again.
+    Paused,
+    /// Its endpoint was deleted, or no longer may see the event.
+    Cancelled,
+}
+
+impl DeliveryStatus {
+    pub const ALL: [DeliveryStatus; 6] = [
+        DeliveryStatus::Pending,
+        DeliveryStatus::Delivering,
+        DeliveryStatus::Delivered,
+        DeliveryStatus::Failed,
+        DeliveryStatus::Paused,
+        DeliveryStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivering => "delivering",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Paused => "paused",
+            DeliveryStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Waiting for its endpoint in one way or another: not finished.
+    pub fn is_unfinished(self) -> bool {
+        matches!(
+            self,
+            DeliveryStatus::Pending | DeliveryStatus::Delivering | DeliveryStatus::Paused
+        )
+    }
+}
+
+impl std::fmt::Display for DeliveryStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DeliveryStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| format!("unknown delivery status {s:?}"))
+    }
+}
+
+impl ToSql for DeliveryStatus {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.as_str().to_sql(ty, out)
+    }
+    fn accepts(ty: &Type) -> bool {
+        <&str as ToSql>::accepts(ty)
+    }
+    tokio_postgres::types::to_sql_checked!();
+}
+
+impl<'a> FromSql<'a> for DeliveryStatus {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(<&str as FromSql>::from_sql(ty, raw)?.parse()?)
+    }
+    fn accepts(ty: &Type) -> bool {
+        <&str as FromSql>::accepts(ty)
+    }
+}
 
 /// One delivery claimed for one attempt, with everything needed to make it.
 #[derive(Debug, Clone)]
@@ -340,11 +443,11 @@ impl DeliveryStore {
             ids.push(a.id);
             attempts.push(a.attempt);
             let (status, at) = match a.settle {
-                Settle::Delivered => ("delivered", None),
-                Settle::Retry { at } => ("pending", Some(at)),
-                Settle::Failed => ("failed", None),
+                Settle::Delivered => (DeliveryStatus::Delivered, None),
+                Settle::Retry { at } => (DeliveryStatus::Pending, Some(at)),
+                Settle::Failed => (DeliveryStatus::Failed, None),
                 // Paused by the CASE in the statement, since the endpoint is now inactive.
-                Settle::EndpointGone => ("pending", Some(Utc::now())),
+                Settle::EndpointGone => (DeliveryStatus::Pending, Some(Utc::now())),
             };
             statuses.push(status);
             next_at.push(at);
@@ -424,5 +527,162 @@ impl DeliveryStore {
     pub async fn reap(&self, batch: i64, max_lapses: i32) -> anyhow::Result<u64> {
         let client = self.pool.get().await?;
         Ok(client.execute(&self.reap, &[&batch, &max_lapses]).await?)
+    }
+}
+
+// Transitions an endpoint's change makes. Each takes the caller's transaction, which holds the
+// fan-out lock (`endpoints::exclude_fan_out`), so no fan-out pass straddles it.
+
+/// Pending -> paused: the endpoint became inactive.
+pub async fn pause_waiting(
+    tx: &Transaction<'_>,
+    schema: &Schema,
+    endpoint_ids: &[String],
+) -> anyhow::Result<u64> {
+    Ok(tx
+        .execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries SET status = 'paused', updated_at = now()
+                 WHERE endpoint_id = ANY($1) AND status = 'pending'",
+            ),
+            &[&endpoint_ids],
+        )
+        .await?)
+}
+
+/// Paused -> pending, due at once: the endpoint is active again.
+pub async fn resume_paused(
+    tx: &Transaction<'_>,
+    schema: &Schema,
+    endpoint_ids: &[String],
+) -> anyhow::Result<u64> {
+    Ok(tx
+        .execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries SET status = 'pending', next_attempt_at = now(), updated_at = now()
+                 WHERE endpoint_id = ANY($1) AND status = 'paused'",
+            ),
+            &[&endpoint_ids],
+        )
+        .await?)
+}
+
+/// Pending | paused -> cancelled: the endpoint was deleted (in-flight ones settle as cancelled
+/// when their attempt ends).
+pub async fn cancel_unfinished(
+    tx: &Transaction<'_>,
+    schema: &Schema,
+    endpoint_ids: &[String],
+) -> anyhow::Result<u64> {
+    Ok(tx
+        .execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries SET status = 'cancelled', updated_at = now()
+                 WHERE endpoint_id = ANY($1) AND status IN ('pending', 'paused')",
+            ),
+            &[&endpoint_ids],
+        )
+        .await?)
+}
+
+/// Pending | paused | delivering -> cancelled, after an endpoint's tenant changed, for events the
+/// tenant rules no longer give it (a replica holding one finds its outcome fenced off). Targeted
+/// events (a test event) stay.
+pub async fn cancel_ineligible(
+    tx: &Transaction<'_>,
+    schema: &Schema,
+    endpoint_id: &str,
+) -> anyhow::Result<u64> {
+    Ok(tx
+        .execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries d
+                 SET status = 'cancelled', lease_owner = NULL, lease_expires_at = NULL,
+                     last_error = 'cancelled: the endpoint''s tenant changed and this event is not for it',
+                     updated_at = now()
+                 FROM __SCHEMA__.endpoints e, __SCHEMA__.outbox o
+                 WHERE e.id = $1 AND d.endpoint_id = e.id AND o.id = d.outbox_id
+                   AND d.status IN ('pending', 'paused', 'delivering')
+                   AND o.target_endpoint IS DISTINCT FROM e.id
+                   AND e.tenant IS DISTINCT FROM '*' AND e.tenant IS DISTINCT FROM o.tenant",
+            ),
+            &[&endpoint_id],
+        )
+        .await?)
+}
+
+// Transitions an operator asks for through the API.
+
+/// Failed | cancelled | pending -> pending (or paused, for an inactive endpoint), due now: one
+/// more attempt. Only from `from`, so a delivery that changed meanwhile is left alone; returns
+/// whether it moved.
+pub async fn retry_now(
+    client: &deadpool_postgres::Client,
+    schema: &Schema,
+    id: Uuid,
+    from: DeliveryStatus,
+) -> anyhow::Result<bool> {
+    Ok(client
+        .execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries d
+                 SET status = CASE WHEN e.active THEN 'pending' ELSE 'paused' END,
+                     next_attempt_at = now(), updated_at = now()
+                 FROM __SCHEMA__.endpoints e
+                 WHERE d.id = $1 AND d.status = $2 AND e.id = d.endpoint_id",
+            ),
+            &[&id, &from],
+        )
+        .await?
+        > 0)
+}
+
+/// Failed -> pending (or paused) for every delivery of the endpoint created in the window.
+pub async fn replay_failed(
+    client: &deadpool_postgres::Client,
+    schema: &Schema,
+    endpoint_id: &str,
+    since: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
+) -> anyhow::Result<u64> {
+    Ok(client
+        .execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries d
+                 SET status = CASE WHEN e.active THEN 'pending' ELSE 'paused' END, next_attempt_at = now(), updated_at = now()
+                 FROM __SCHEMA__.endpoints e
+                 WHERE e.id = d.endpoint_id AND d.endpoint_id = $1 AND d.status = 'failed'
+                   AND d.created_at >= $2 AND ($3::timestamptz IS NULL OR d.created_at < $3)",
+            ),
+            &[&endpoint_id, &since, &until],
+        )
+        .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_round_trip_and_match_the_column_check() {
+        // The CHECK in migration 1 lists exactly these.
+        let check = include_str!("../db/migrations/0001_init.sql");
+        for s in DeliveryStatus::ALL {
+            assert_eq!(s.as_str().parse::<DeliveryStatus>(), Ok(s));
+            assert!(check.contains(&format!("'{s}'")), "{s}");
+        }
+        assert!("sent".parse::<DeliveryStatus>().is_err());
+        let unfinished: Vec<_> = DeliveryStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_unfinished())
+            .collect();
+        assert_eq!(
+            unfinished,
+            [
+                DeliveryStatus::Pending,
+                DeliveryStatus::Delivering,
+                DeliveryStatus::Paused
+            ]
+        );
     }
 }
