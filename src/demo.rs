@@ -145,7 +145,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         url = toml::Value::String(url.clone()),
         schema = schema.name(),
     );
-    let config = Config::from_toml_str(&toml).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+    let config =
+        crate::checks::from_toml_str(&toml).map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
     crate::telemetry::init(&config.log);
 
     println!(

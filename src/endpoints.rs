@@ -16,6 +16,48 @@ use crate::delivery::state;
 /// How long a config endpoint's previous secret keeps signing after the config changes it.
 pub const CONFIG_SECRET_GRACE: Duration = Duration::from_secs(24 * 3600);
 
+/// An endpoint URL must be absolute http(s) with a host. (Whether its address is allowed is
+/// decided at connect time by the SSRF guard, which sees the address actually used.)
+pub fn validate_endpoint_url(url: &str) -> Result<reqwest::Url, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a valid URL ({e})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme must be http or https, not {:?}",
+            parsed.scheme()
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("must include a host".into());
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("must not carry credentials; use headers instead".into());
+    }
+    Ok(parsed)
+}
+
+/// Custom headers may not override what Postern itself sets (signature, identity, framing).
+pub fn validate_custom_header(name: &str) -> Result<(), String> {
+    let lower = name.to_ascii_lowercase();
+    if reqwest::header::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+        return Err("not a valid header name".into());
+    }
+    const RESERVED: &[&str] = &[
+        "content-type",
+        "content-length",
+        "host",
+        "user-agent",
+        "transfer-encoding",
+        "connection",
+    ];
+    if RESERVED.contains(&lower.as_str())
+        || lower.starts_with("webhook-")
+        || lower.starts_with("x-webhook-")
+    {
+        return Err("is set by Postern and cannot be overridden".into());
+    }
+    Ok(())
+}
+
 /// Why a config endpoint is inactive after it left the file; also how a later config that lists
 /// it again recognises it and brings it back.
 const RETIRED: &str = "removed from the config file";

@@ -3,7 +3,8 @@
 
 pub mod api; // management REST API, probes, metrics endpoint
 pub mod app; // the process: startup, the task tree, graceful shutdown
-pub mod config; // figment layers validated into typed values; secrets resolved and redacted
+pub mod checks; // a parsed config validated as a whole, each module checking its own section
+pub mod config; // figment layers parsed into typed values, one file per section; secrets resolved and redacted
 pub mod crypto; // secrets at rest (ChaCha20-Poly1305)
 pub mod db; // pool, embedded migrations, the notify trigger
 pub mod delivery; // claim under a lease, sign, POST, settle; retry policy; SSRF guard

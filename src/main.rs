@@ -85,7 +85,7 @@ fn main() -> ExitCode {
 
 /// Loads the config or prints one line per problem; `None` means exit 2.
 fn load(arg: &ConfigArg) -> Option<Config> {
-    match Config::load(arg.config.as_deref()) {
+    match postern::checks::load(arg.config.as_deref()) {
         Ok(c) => Some(c),
         Err(e) => {
             for p in &e.problems {

@@ -16,9 +16,7 @@ use utoipa_axum::routes;
 
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::ApiState;
-use crate::config::{
-    validate_custom_header, validate_endpoint_url, Dur, RetryConfig, SignatureScheme, REDACTED,
-};
+use crate::config::{Dur, RetryConfig, SignatureScheme, REDACTED};
 use crate::outbox::glob::EventPattern;
 
 pub fn routes() -> OpenApiRouter<ApiState> {
@@ -133,7 +131,7 @@ pub struct PatchEndpoint {
 }
 
 fn check_url(state: &ApiState, url: &str) -> Result<(), ApiError> {
-    let parsed = validate_endpoint_url(url)
+    let parsed = crate::endpoints::validate_endpoint_url(url)
         .map_err(|m| ApiError::invalid("invalid_url", format!("url: {m}")))?;
     // The connect-time guard is the authority; refusing the obvious cases here gives the caller
     // an answer now instead of a failed delivery later.
@@ -190,7 +188,7 @@ fn check_headers(
 ) -> Result<serde_json::Value, ApiError> {
     let mut sealed = serde_json::Map::new();
     for (name, value) in headers {
-        validate_custom_header(name)
+        crate::endpoints::validate_custom_header(name)
             .map_err(|m| ApiError::invalid("invalid_headers", format!("headers.{name}: {m}")))?;
         if http::HeaderValue::from_str(value).is_err() {
             return Err(ApiError::invalid(
@@ -211,7 +209,7 @@ fn check_headers(
 
 fn check_retry(retry: Option<&RetryConfig>) -> Result<Option<serde_json::Value>, ApiError> {
     let Some(r) = retry else { return Ok(None) };
-    r.policy().map_err(|errs| {
+    crate::delivery::retry::RetryPolicy::from_config(r).map_err(|errs| {
         ApiError::invalid(
             "invalid_retry",
             errs.iter()

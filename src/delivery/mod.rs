@@ -57,7 +57,7 @@ impl WorkerSettings {
             poll_interval: o.poll_interval.0,
             max_payload: o.max_payload.0,
             memory_budget: o.memory_budget.0,
-            default_retry: o.retry.policy().expect("validated"),
+            default_retry: RetryPolicy::from_config(&o.retry).expect("validated"),
             // Leave time after the drain to settle outcomes and hand back the rest.
             drain: grace.saturating_sub(Duration::from_secs(2).min(grace / 4)),
         }
@@ -875,7 +875,7 @@ impl AttemptContext {
                     // Validated policies stay under 30 days; the bound also holds for anything
                     // else (a policy stored by an older build, a jitter rounding up).
                     at: Utc::now()
-                        + chrono::Duration::from_std(delay.min(crate::config::MAX_RETRY_DELAY))
+                        + chrono::Duration::from_std(delay.min(retry::MAX_RETRY_DELAY))
                             .expect("30 days fits"),
                 })
                 .unwrap_or(Settle::Failed)
@@ -943,7 +943,7 @@ fn endpoint_policy(retry: Option<&serde_json::Value>) -> Option<RetryPolicy> {
         return None;
     }
     let config: RetryConfig = serde_json::from_value(value.clone()).ok()?;
-    config.policy().ok()
+    RetryPolicy::from_config(&config).ok()
 }
 
 /// The body receivers get: `{"id", "type", "timestamp", "data"}` (the seed's envelope). The

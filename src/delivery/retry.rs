@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use crate::config::RetryConfig;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum RetryPolicy {
     /// N delays mean N + 1 attempts.
@@ -85,6 +87,101 @@ impl RetryPolicy {
     }
 }
 
+/// No retry waits longer than this: a delay past it is a typo, and unbounded delays overflow
+/// date arithmetic.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl RetryPolicy {
+    /// The policy a retry table describes, or the problems with it (each a `key: message`
+    /// relative to the retry table).
+    pub fn from_config(table: &RetryConfig) -> Result<RetryPolicy, Vec<String>> {
+        let this = table;
+        let exponential_keys = [
+            ("max_attempts", this.max_attempts.is_some()),
+            ("initial_delay", this.initial_delay.is_some()),
+            ("multiplier", this.multiplier.is_some()),
+            ("max_delay", this.max_delay.is_some()),
+        ];
+        let exponential: Vec<&str> = exponential_keys
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(k, _)| *k)
+            .collect();
+        let jitter = this.jitter.unwrap_or(crate::config::defaults::JITTER);
+        let mut problems = Vec::new();
+        if !(0.0..=1.0).contains(&jitter) {
+            problems.push(format!("jitter: must be between 0 and 1, got {jitter}"));
+        }
+        let policy = match (&this.schedule, exponential.is_empty()) {
+            (Some(_), false) => {
+                problems.push(format!(
+                    "schedule: excludes the exponential keys ({}); use one form",
+                    exponential.join(", ")
+                ));
+                None
+            }
+            (Some(schedule), true) => {
+                if schedule.len() > 100 {
+                    problems.push("schedule: at most 100 delays".into());
+                }
+                for (i, d) in schedule.iter().enumerate() {
+                    if d.0 > MAX_RETRY_DELAY {
+                        problems.push(format!("schedule[{i}]: {d} is longer than 30d"));
+                    }
+                }
+                Some(RetryPolicy::Schedule {
+                    delays: schedule.iter().map(|d| d.0).collect(),
+                    jitter,
+                })
+            }
+            (None, true) => Some(RetryPolicy::Schedule {
+                delays: crate::config::defaults::retry_schedule(),
+                jitter,
+            }),
+            (None, false) => {
+                let max_attempts = this.max_attempts.unwrap_or(6);
+                let multiplier = this.multiplier.unwrap_or(2.0);
+                let initial = this
+                    .initial_delay
+                    .map(|d| d.0)
+                    .unwrap_or(Duration::from_secs(1));
+                let max_delay = this
+                    .max_delay
+                    .map(|d| d.0)
+                    .unwrap_or(Duration::from_secs(3600));
+                if max_attempts == 0 || max_attempts > 100 {
+                    problems.push(format!(
+                        "max_attempts: must be 1 to 100 (it counts the first attempt), got {max_attempts}"
+                    ));
+                }
+                if !(1.0..=100.0).contains(&multiplier) {
+                    problems.push(format!("multiplier: must be 1 to 100, got {multiplier}"));
+                }
+                if max_delay < initial {
+                    problems.push("max_delay: must not be below initial_delay".into());
+                }
+                if initial > MAX_RETRY_DELAY {
+                    problems.push("initial_delay: must be at most 30d".into());
+                }
+                if max_delay > MAX_RETRY_DELAY {
+                    problems.push("max_delay: must be at most 30d".into());
+                }
+                Some(RetryPolicy::Exponential {
+                    max_attempts,
+                    initial,
+                    multiplier,
+                    max_delay,
+                    jitter,
+                })
+            }
+        };
+        match policy {
+            Some(p) if problems.is_empty() => Ok(p),
+            _ => Err(problems),
+        }
+    }
+}
+
 /// Parses a `Retry-After` value: delay-seconds or an HTTP date.
 pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     let v = value.trim();
@@ -156,12 +253,12 @@ mod tests {
     #[test]
     fn delays_over_thirty_days_are_refused_at_validation() {
         use crate::config::{Dur, RetryConfig};
-        let long = Dur(crate::config::MAX_RETRY_DELAY + Duration::from_secs(1));
+        let long = Dur(MAX_RETRY_DELAY + Duration::from_secs(1));
         let schedule = RetryConfig {
             schedule: Some(vec![Dur(Duration::from_secs(1)), long]),
             ..RetryConfig::default()
         };
-        let errs = schedule.policy().unwrap_err();
+        let errs = RetryPolicy::from_config(&schedule).unwrap_err();
         assert!(
             errs.iter().any(|e| e.starts_with("schedule[1]:")),
             "{errs:?}"
@@ -170,13 +267,13 @@ mod tests {
             max_delay: Some(long),
             ..RetryConfig::default()
         };
-        let errs = exponential.policy().unwrap_err();
+        let errs = RetryPolicy::from_config(&exponential).unwrap_err();
         assert!(errs.iter().any(|e| e.starts_with("max_delay:")), "{errs:?}");
         let ok = RetryConfig {
-            max_delay: Some(Dur(crate::config::MAX_RETRY_DELAY)),
+            max_delay: Some(Dur(MAX_RETRY_DELAY)),
             ..RetryConfig::default()
         };
-        assert!(ok.policy().is_ok());
+        assert!(RetryPolicy::from_config(&ok).is_ok());
     }
 
     #[test]

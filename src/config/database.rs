@@ -1,0 +1,74 @@
+//! The `[database]` section: where Postgres is, the schema, TLS and the keys secrets are sealed
+//! with. Values only; `crypto` and `db::tls` check what they use.
+
+use serde::{Deserialize, Serialize};
+
+use super::{defaults, Secret};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Falls back to `DATABASE_URL` when unset.
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// A separate URL for LISTEN (transaction-pooling pgbouncer cannot LISTEN). Empty = `url`.
+    #[serde(default)]
+    pub listen_url: Option<Secret>,
+    #[serde(default = "defaults::schema")]
+    pub schema: String,
+    #[serde(default = "defaults::yes")]
+    pub migrate_on_start: bool,
+    #[serde(default)]
+    pub publisher_roles: Vec<String>,
+    /// Connections in the pool for the API and start-up (the LISTEN connection, the prober's and
+    /// the pipeline's five are extra).
+    #[serde(default = "defaults::pool_size")]
+    pub pool_size: usize,
+    /// Verify the server's TLS certificate and host name (libpq's verify-full) against the Mozilla
+    /// roots. Whether to use TLS at all is the URL's `sslmode` (disable / prefer / require).
+    #[serde(default)]
+    pub tls_verify: bool,
+    /// PEM CA certificates to verify the server against (implies `tls_verify`), e.g. a cloud
+    /// provider's CA bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// 32 bytes, base64: endpoint secrets and custom header values are encrypted at rest with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<Secret>,
+    /// Earlier keys, still used to open what they sealed while a key rotation is under way
+    /// (`postern migrate` re-seals everything with `encryption_key`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encryption_keys: Vec<Secret>,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            listen_url: None,
+            schema: defaults::schema(),
+            migrate_on_start: true,
+            publisher_roles: Vec::new(),
+            pool_size: defaults::pool_size(),
+            tls_verify: false,
+            ca_file: None,
+            encryption_key: None,
+            encryption_keys: Vec::new(),
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// The URL Postern's pool connects to (validated to exist).
+    pub fn url(&self) -> &str {
+        self.url.as_ref().map(Secret::expose).unwrap_or_default()
+    }
+
+    /// The URL the LISTEN connection uses.
+    pub fn listen_url(&self) -> &str {
+        match &self.listen_url {
+            Some(s) if !s.expose().is_empty() => s.expose(),
+            _ => self.url(),
+        }
+    }
+}
