@@ -315,8 +315,16 @@ pub async fn prepare(
         );
     }
     let max_payload = config.outbound.max_payload.0;
-    if let Some(replaced) = db::install_payload_limit(pool, schema, max_payload).await? {
-        tracing::warn!(replaced = %replaced, max_payload, "the outbox's payload limit now follows this config's outbound.max_payload");
+    // The newest start wins; a limit that cannot be installed now (the outbox busy past the lock
+    // timeout) is tried again at the next start, and the table keeps the one it has.
+    match db::install_payload_limit(pool, schema, max_payload).await {
+        Ok(Some(replaced)) => {
+            tracing::warn!(replaced = %replaced, max_payload, "the outbox's payload limit now follows this config's outbound.max_payload")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), max_payload, "the outbox's payload limit could not be installed now; keeping the one it has")
+        }
     }
     let generation = config.config_generation;
     let reconciled =

@@ -435,8 +435,10 @@ pub async fn reseal(pool: &Pool, schema: &Schema, vault: &SecretBox) -> anyhow::
         match (secret_id, &header) {
             (Some(id), _) => {
                 tx.execute(
-                    &schema.sql("UPDATE __SCHEMA__.endpoint_secrets SET secret = $2 WHERE id = $1"),
-                    &[&id, &sealed],
+                    &schema.sql(
+                        "UPDATE __SCHEMA__.endpoint_secrets SET secret = $2 WHERE id = $1 AND secret = $3",
+                    ),
+                    &[&id, &sealed, &stored],
                 )
                 .await?;
             }
@@ -444,9 +446,10 @@ pub async fn reseal(pool: &Pool, schema: &Schema, vault: &SecretBox) -> anyhow::
                 tx.execute(
                     &schema.sql(
                         "UPDATE __SCHEMA__.endpoints SET headers = jsonb_set(headers, ARRAY[$2], to_jsonb($3::text))
-                         WHERE id = $1",
+                         WHERE id = $1 AND headers->>$2 = $4",
                     ),
-                    &[&endpoint, name, &sealed],
+                    // Only if the value is still the one opened: an API change made meanwhile wins.
+                    &[&endpoint, name, &sealed, &stored],
                 )
                 .await?;
             }
@@ -456,10 +459,12 @@ pub async fn reseal(pool: &Pool, schema: &Schema, vault: &SecretBox) -> anyhow::
     }
     // NOT VALID: rows written before (expired secrets, deleted endpoints) are left as they are.
     let constraints = [
-        ("endpoint_secrets", "secret LIKE 'enc:%'"),
+        // This build's format only: a value sealed without a key id or row binding (enc:v1)
+        // copied into a row is refused too.
+        ("endpoint_secrets", "secret LIKE 'enc:v2:%'"),
         (
             "endpoints",
-            r#"NOT jsonb_path_exists(headers, '$.* ? (!(@ starts with "enc:"))')"#,
+            r#"NOT jsonb_path_exists(headers, '$.* ? (!(@ starts with "enc:v2:"))')"#,
         ),
     ];
     for (table, check) in constraints {
@@ -490,18 +495,14 @@ pub const SEALED_ONLY: &str = "sealed_only_database_encryption_key_in_use";
 /// (delete, pause, a new tenant) holds it exclusively. So a pass that read the endpoint as it was
 /// before the change has committed before the change does, and the change's own statements then
 /// see (and pause or cancel) what that pass inserted: no race leaves a delivery behind.
-pub fn fan_out_lock_key(schema: &Schema) -> String {
-    format!("postern.fanout.{}", schema.name())
-}
-
-/// Takes the fan-out lock exclusively, until the transaction ends.
+/// This takes it exclusively, until the transaction ends.
 pub async fn exclude_fan_out(
     tx: &deadpool_postgres::Transaction<'_>,
     schema: &Schema,
 ) -> anyhow::Result<()> {
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&fan_out_lock_key(schema)],
+        &[&schema.fan_out_lock_key()],
     )
     .await?;
     Ok(())

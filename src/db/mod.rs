@@ -55,6 +55,12 @@ impl Schema {
         format!("{}_endpoints", self.0)
     }
 
+    /// The advisory lock fan-out passes and the sweeper hold shared and endpoint changes hold
+    /// exclusively (see `endpoints::exclude_fan_out`).
+    pub fn fan_out_lock_key(&self) -> String {
+        format!("postern.fanout.{}", self.0)
+    }
+
     /// Replaces `__SCHEMA__` in a SQL text.
     pub fn sql(&self, text: &str) -> String {
         text.replace("__SCHEMA__", &self.0)

@@ -127,6 +127,7 @@ pub struct Capacity {
     /// When each endpoint last changed in a way that voids what replicas hold for it (its tenant,
     /// say): holds taken before then are handed back, not sent.
     revoked: Mutex<HashMap<String, std::time::Instant>>,
+    revoked_all: Mutex<Option<std::time::Instant>>,
     stop_for: Duration,
 }
 
@@ -171,6 +172,7 @@ impl Capacity {
             per_endpoint: Mutex::default(),
             stopped: Mutex::default(),
             revoked: Mutex::default(),
+            revoked_all: Mutex::default(),
             stop_for: settings.lease,
         })
     }
@@ -196,7 +198,21 @@ impl Capacity {
         revoked.insert(endpoint.to_string(), now);
     }
 
+    /// Voids every hold taken until now (the listener reconnected: announcements made while it
+    /// was away are lost, so nothing held may be trusted).
+    pub fn revoke_all(&self) {
+        *self.revoked_all.lock().expect("revoked all") = Some(std::time::Instant::now());
+    }
+
     fn is_revoked(&self, hold: &Hold) -> bool {
+        if self
+            .revoked_all
+            .lock()
+            .expect("revoked all")
+            .is_some_and(|at| at >= hold.taken)
+        {
+            return true;
+        }
         self.revoked
             .lock()
             .expect("revoked endpoints")
@@ -245,15 +261,19 @@ impl Capacity {
 
     /// Counts a delivery the worker claimed with `permit` (the claim query applied the limit), if
     /// its payload fits the memory budget; `None` means hand it back.
+    /// `claimed_at` is when the claim was sent: a revocation announced after it voids the hold.
     fn hold_claimed(
         self: &Arc<Self>,
         endpoint: &str,
         permit: OwnedSemaphorePermit,
         payload_len: usize,
+        claimed_at: std::time::Instant,
     ) -> Option<Hold> {
         let bytes = self.take_bytes(payload_len)?;
         let mut map = self.per_endpoint.lock().expect("capacity map");
-        Some(self.count(&mut map, endpoint, permit, bytes))
+        let mut hold = self.count(&mut map, endpoint, permit, bytes);
+        hold.taken = claimed_at;
+        Some(hold)
     }
 
     fn take_bytes(&self, payload_len: usize) -> Option<OwnedSemaphorePermit> {
@@ -467,6 +487,7 @@ impl Worker {
                     Vec::new()
                 };
                 if !slots.is_empty() {
+                    let claimed_at = std::time::Instant::now();
                     let busy = self.capacity.held_per_endpoint();
                     let claim = self.store.claim(
                         self.owner,
@@ -501,7 +522,12 @@ impl Worker {
                             let mut slots = slots.into_iter();
                             for (delivery, slot) in batch.into_iter().zip(&mut slots) {
                                 let len = delivery.payload.len();
-                                match self.capacity.hold_claimed(&delivery.endpoint_id, slot, len) {
+                                match self.capacity.hold_claimed(
+                                    &delivery.endpoint_id,
+                                    slot,
+                                    len,
+                                    claimed_at,
+                                ) {
                                     Some(hold) => attempts.start(delivery, hold),
                                     // Over the memory budget: back for later (or another replica).
                                     None => attempts.hand_back(&delivery),
@@ -635,7 +661,9 @@ impl Attempts {
                         }
                         Err(deferral) => Report::Defer(deferral),
                     },
-                    _ = abort.cancelled() => Report::HandBack(id, attempt),
+                    // The request may have reached the receiver: the attempt counts, with its outcome
+                    // unknown (as when a lease lapses), and the delivery is due again at once.
+                    _ = abort.cancelled() => Report::Settled(cut_short(id, attempt, &hold.endpoint)),
                 },
             };
             let _ = reports.send(Done {
@@ -651,6 +679,25 @@ impl Attempts {
             report: Report::HandBack(delivery.id, delivery.attempt),
             _hold: None,
         });
+    }
+}
+
+/// The outcome of an attempt the drain deadline cut short.
+fn cut_short(id: Uuid, attempt: i32, endpoint: &str) -> Ack {
+    Ack {
+        id,
+        attempt,
+        endpoint_id: endpoint.to_string(),
+        settle: Settle::Retry { at: Utc::now() },
+        record: AttemptRecord {
+            started_at: Utc::now(),
+            duration_ms: 0,
+            status_code: None,
+            response_body: None,
+            error: Some(
+                "cut short at shutdown (the drain deadline passed): outcome unknown".into(),
+            ),
+        },
     }
 }
 
@@ -830,16 +877,6 @@ impl AttemptContext {
             },
         };
 
-        // The outbox refuses such payloads at insert; this catches rows from before the limit.
-        if d.payload.len() as u64 > self.settings.max_payload {
-            let error = format!(
-                "payload of {} bytes exceeds outbound.max_payload ({} bytes); not retried",
-                d.payload.len(),
-                self.settings.max_payload
-            );
-            tracing::warn!(error = %error, "delivery failed");
-            return Ok(finish(Settle::Failed, None, None, Some(error)));
-        }
         let url = match reqwest::Url::parse(&d.url) {
             Ok(u) => u,
             Err(e) => {
@@ -1078,6 +1115,29 @@ mod tests {
     }
 
     #[test]
+    fn a_revocation_voids_holds_claimed_before_it_even_if_counted_after() {
+        let cap = capacity(8, 4);
+        let claim_sent = std::time::Instant::now();
+        cap.revoke("a");
+        // The claim's result is handled after the revocation arrived: still void.
+        let slot = cap.take_free().into_iter().next().unwrap();
+        let late = cap.hold_claimed("a", slot, 10, claim_sent).unwrap();
+        assert!(cap.is_revoked(&late));
+        let fresh = cap.try_hold("a", 10).unwrap();
+        assert!(!cap.is_revoked(&fresh), "taken after the revocation");
+        let other = cap.try_hold("b", 10).unwrap();
+        assert!(!cap.is_revoked(&other));
+        cap.revoke_all();
+        assert!(cap.is_revoked(&fresh) && cap.is_revoked(&other));
+        assert!(!cap.is_revoked(&cap.try_hold("b", 10).unwrap()));
+        // A stop also refuses new holds until it is lifted.
+        cap.stop("c");
+        assert!(cap.try_hold("c", 10).is_none());
+        cap.resume("c");
+        assert!(cap.try_hold("c", 10).is_some());
+    }
+
+    #[test]
     fn holds_are_bounded_by_the_memory_budget() {
         let config = Config::from_toml_str(
             "[database]\nurl = \"postgres://127.0.0.1/app\"\n[outbound]\n\
@@ -1109,7 +1169,9 @@ mod tests {
         assert_eq!(taken.len(), 3, "a quarter stays free for fresh deliveries");
         assert_eq!(cap.holds.available_permits(), 1);
         let mut taken = taken.into_iter();
-        let hold = cap.hold_claimed("a", taken.next().unwrap(), 10).unwrap();
+        let hold = cap
+            .hold_claimed("a", taken.next().unwrap(), 10, std::time::Instant::now())
+            .unwrap();
         drop(taken);
         assert_eq!(cap.holds.available_permits(), 3);
         // A request slot of the endpoint and of the replica, then none until it is returned.

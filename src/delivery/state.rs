@@ -193,15 +193,18 @@ fn storable(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Whether an error came from the database judging the statement (a data or constraint error):
-/// retrying the same rows cannot help, writing them one by one finds the bad one. Anything else
-/// (a lost connection, a pool timeout) is worth retrying as it is.
+/// Whether the database refused the rows themselves (a data exception, class 22, or an integrity
+/// violation, class 23): retrying the same rows cannot help, writing them one by one finds the
+/// bad one. Anything else (a statement timeout or cancel, a deadlock, a lock timeout, a shutdown,
+/// a lost connection) says nothing about the rows and is worth retrying as it is.
 pub fn is_statement_error(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<tokio_postgres::Error>()
-            .is_some_and(|pg| pg.as_db_error().is_some())
+            .and_then(|pg| pg.code())
+            .is_some_and(|code| matches!(&code.code()[..2], "22" | "23"))
     })
 }
+
 /// Prepared SQL texts for one schema.
 pub struct DeliveryStore {
     pool: Pool,
@@ -210,6 +213,8 @@ pub struct DeliveryStore {
     disable_gone: String,
     hand_back: String,
     sweep: String,
+    fan_out_lock: String,
+    announce_gone: String,
     defer: String,
     reap: String,
 }
@@ -298,27 +303,40 @@ impl DeliveryStore {
                  WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
                    AND d.lease_owner = $1 AND e.id = d.endpoint_id",
             ),
-            // The sweeper: waiting deliveries whose endpoint no longer takes them (inactive:
-            // paused; deleted: cancelled), a batch at a time. It closes the races between fan-out
-            // and an endpoint's change, and pauses a 410'd endpoint's backlog outside the settle
-            // transaction. One index probe per inactive or deleted endpoint.
+            // The sweeper: waiting deliveries whose status does not match their endpoint's state
+            // (inactive: paused; active again: pending; deleted: cancelled), a batch at a time. It
+            // closes the races between fan-out, outcomes and an endpoint's change, finishes what an
+            // endpoint change left to it (large backlogs), and pauses a 410'd endpoint's backlog
+            // outside the settle transaction. It runs under the fan-out lock held shared, so an
+            // endpoint change (holding it exclusively) never interleaves with a batch. Only
+            // endpoints changed within the hour are looked at: one index probe each.
+            fan_out_lock: schema.fan_out_lock_key(),
+            // Every replica stops sending to an endpoint that answered 410 (held deliveries back).
+            announce_gone: format!(
+                "SELECT pg_notify('{}', 'stop:' || id) FROM unnest($1::text[]) AS g(id)",
+                schema.endpoints_channel()
+            ),
             sweep: schema.sql(
                 "WITH s AS MATERIALIZED (
                     SELECT x.id, x.next FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
-                        SELECT d.id, CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled' ELSE 'paused' END AS next
+                        SELECT d.id, CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                                          WHEN e.active THEN 'pending' ELSE 'paused' END AS next
                         FROM __SCHEMA__.deliveries d
-                        WHERE d.endpoint_id = e.id AND d.status = 'pending'
+                        WHERE d.endpoint_id = e.id
+                          AND d.status = CASE WHEN e.active AND e.deleted_at IS NULL THEN 'paused' ELSE 'pending' END
                         LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
-                    WHERE NOT e.active OR e.deleted_at IS NOT NULL
+                    WHERE e.updated_at > now() - interval '1 hour'
                     UNION ALL
                     SELECT x.id, 'cancelled' FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
                         SELECT d.id FROM __SCHEMA__.deliveries d
                         WHERE d.endpoint_id = e.id AND d.status = 'paused'
                         LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
-                    WHERE e.deleted_at IS NOT NULL
+                    WHERE e.deleted_at IS NOT NULL AND e.updated_at > now() - interval '1 hour'
                     LIMIT $1
                  )
-                 UPDATE __SCHEMA__.deliveries d SET status = s.next, updated_at = now()
+                 UPDATE __SCHEMA__.deliveries d
+                 SET status = s.next, next_attempt_at = CASE WHEN s.next = 'pending' THEN now() ELSE d.next_attempt_at END,
+                     updated_at = now()
                  FROM s WHERE d.id = s.id",
             ),
             // Not attempted (no request went out), so the claim's attempt count is undone; due
@@ -476,6 +494,7 @@ impl DeliveryStore {
         gone.dedup();
         let tx = client.transaction().await?;
         tx.execute(&self.disable_gone, &[&gone]).await?;
+        tx.execute(&self.announce_gone, &[&gone]).await?;
         let stmt = tx.prepare_cached(&self.ack).await?;
         tx.execute(&stmt, &params).await?;
         tx.commit().await?;
@@ -518,8 +537,16 @@ impl DeliveryStore {
 
     /// One sweeper batch (see the statement); returns how many deliveries it moved.
     pub async fn sweep(&self, batch: i64) -> anyhow::Result<u64> {
-        let client = self.pool.get().await?;
-        Ok(client.execute(&self.sweep, &[&batch]).await?)
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock_shared(hashtext($1))",
+            &[&self.fan_out_lock],
+        )
+        .await?;
+        let n = tx.execute(&self.sweep, &[&batch]).await?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     /// Makes deliveries whose lease lapsed due again (or failed, after `max_lapses` in a row);
@@ -531,7 +558,9 @@ impl DeliveryStore {
 }
 
 // Transitions an endpoint's change makes. Each takes the caller's transaction, which holds the
-// fan-out lock (`endpoints::exclude_fan_out`), so no fan-out pass straddles it.
+// fan-out lock (`endpoints::exclude_fan_out`), so no fan-out pass straddles it. Each moves at most
+// 10,000 deliveries, so the change commits quickly however large the backlog; the sweeper moves
+// the rest within moments (the change's announcement rings it).
 
 /// Pending -> paused: the endpoint became inactive.
 pub async fn pause_waiting(
@@ -543,7 +572,8 @@ pub async fn pause_waiting(
         .execute(
             &schema.sql(
                 "UPDATE __SCHEMA__.deliveries SET status = 'paused', updated_at = now()
-                 WHERE endpoint_id = ANY($1) AND status = 'pending'",
+                 WHERE id IN (SELECT id FROM __SCHEMA__.deliveries
+                              WHERE endpoint_id = ANY($1) AND status = 'pending' LIMIT 10000)",
             ),
             &[&endpoint_ids],
         )
@@ -560,7 +590,8 @@ pub async fn resume_paused(
         .execute(
             &schema.sql(
                 "UPDATE __SCHEMA__.deliveries SET status = 'pending', next_attempt_at = now(), updated_at = now()
-                 WHERE endpoint_id = ANY($1) AND status = 'paused'",
+                 WHERE id IN (SELECT id FROM __SCHEMA__.deliveries
+                              WHERE endpoint_id = ANY($1) AND status = 'paused' LIMIT 10000)",
             ),
             &[&endpoint_ids],
         )
@@ -578,7 +609,8 @@ pub async fn cancel_unfinished(
         .execute(
             &schema.sql(
                 "UPDATE __SCHEMA__.deliveries SET status = 'cancelled', updated_at = now()
-                 WHERE endpoint_id = ANY($1) AND status IN ('pending', 'paused')",
+                 WHERE id IN (SELECT id FROM __SCHEMA__.deliveries
+                              WHERE endpoint_id = ANY($1) AND status IN ('pending', 'paused') LIMIT 10000)",
             ),
             &[&endpoint_ids],
         )

@@ -234,12 +234,9 @@ impl VerifyingProxy {
         if declared.is_some_and(|n| n > self.inbound.max_body as u64) {
             return Err(too_large(self.inbound.max_body));
         }
-        // A declared length is reserved whole before anything is read; a chunked body takes its
-        // share as it arrives.
+        // Bytes are charged as they arrive, not as declared: a sender that declares 5 MiB and
+        // sends nothing holds nothing.
         let mut budget = BodyBudget::new(&self.inbound.buffered);
-        if let Some(n) = declared {
-            budget.grow(n as usize)?;
-        }
         let expects_continue = req
             .headers
             .get(http::header::EXPECT)

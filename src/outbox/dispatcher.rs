@@ -119,7 +119,7 @@ impl Dispatcher {
                               ORDER BY s.id DESC)
                  FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL",
             ),
-            lock_key: crate::endpoints::fan_out_lock_key(schema),
+            lock_key: schema.fan_out_lock_key(),
             insert: schema.sql(
                 "INSERT INTO __SCHEMA__.deliveries
                     (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at)
@@ -144,7 +144,7 @@ impl Dispatcher {
         )?;
         let tx = client.transaction().await?;
         // Pipelined: all three go out before any answer is awaited, and run in order. The lock
-        // (shared; an endpoint change takes it exclusively, see `endpoints::fan_out_lock_key`)
+        // (shared; an endpoint change takes it exclusively, see `endpoints::exclude_fan_out`)
         // comes first, so the endpoints read next are not about to change under this pass. They
         // are read inside the transaction, so an endpoint created before the event committed is
         // seen.

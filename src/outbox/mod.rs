@@ -117,15 +117,17 @@ async fn listen_once(
             .await?;
         metrics.listener_connected.set(1);
         tracing::info!(channel = %channels.outbox, "listening for outbox notifications");
-        // Notifications sent while we were away are lost: scan once now.
+        // Notifications sent while we were away are lost: scan once now, and distrust what is
+        // held (an endpoint may have been paused or re-tenanted meanwhile).
         signals.outbox_changed.notify_one();
+        capacity.revoke_all();
         let mut health = tokio::time::interval(Duration::from_secs(15));
         health.tick().await;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 message = rx.recv() => match message {
-                    Some(n) if n.channel() == channels.endpoints => endpoint_changed(capacity, n.payload()),
+                    Some(n) if n.channel() == channels.endpoints => endpoint_changed(capacity, &signals.sweep_now, n.payload()),
                     Some(_) => signals.outbox_changed.notify_one(),
                     None => anyhow::bail!("listener connection closed"),
                 },
@@ -139,7 +141,7 @@ async fn listen_once(
     result
 }
 
-fn endpoint_changed(capacity: &Capacity, payload: &str) {
+fn endpoint_changed(capacity: &Capacity, sweep_now: &Notify, payload: &str) {
     let Some((what, endpoint)) = Announce::parse(payload) else {
         tracing::warn!(
             payload,
@@ -157,6 +159,8 @@ fn endpoint_changed(capacity: &Capacity, payload: &str) {
         Announce::Resume => capacity.resume(endpoint),
         Announce::Revoke => capacity.revoke(endpoint),
     }
+    // What the change left to the sweeper (a large backlog) is moved now, not at the next tick.
+    sweep_now.notify_one();
 }
 
 /// While events are flowing, the next pass comes this soon after one that found some, rather than

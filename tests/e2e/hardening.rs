@@ -537,6 +537,17 @@ async fn the_encryption_key_rotates_and_plain_text_is_refused_once_a_key_is_in_u
         format!("{err:?}").contains("sealed_only_database_encryption_key_in_use"),
         "{err:?}"
     );
+    // Nor a value in the earlier format, which carries no key id and no binding to its row.
+    let err = client
+        .batch_execute(
+            "INSERT INTO postern.endpoint_secrets (endpoint_id, secret) VALUES ('e', 'enc:v1:AAAA')",
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("sealed_only_database_encryption_key_in_use"),
+        "{err:?}"
+    );
 }
 
 /// Retention purges secrets past their expiry.
@@ -623,4 +634,61 @@ async fn held_deliveries_stay_within_the_memory_budget() {
     let peak = peak_rss_mib(postern.pid());
     eprintln!("peak RSS with memory_budget {budget}: {peak:.1} MiB");
     assert!(peak < 64.0 + 64.0, "peak RSS {peak:.1} MiB");
+}
+
+/// The sweeper keeps every waiting delivery's status in line with its endpoint: one left `paused`
+/// on an active endpoint (a resume that raced an outcome or a sweep) becomes due and is delivered;
+/// one left `pending` on a paused endpoint is paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_mends_deliveries_whose_status_disagrees_with_their_endpoint() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let config = base_config(&db)
+        + &endpoint("on", &receiver.url, &["*"], "")
+        + &endpoint("off", &receiver.url, &["none.*"], "active = false");
+    let _postern = Postern::start(&config).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    client
+        .batch_execute(
+            "INSERT INTO postern.deliveries (outbox_id, event_id, event_type, endpoint_id, status, next_attempt_at)
+             SELECT o.id, o.event_id, o.event_type, v.e, v.s, now() + interval '1 hour'
+             FROM postern.outbox o, (VALUES ('on', 'paused'), ('off', 'pending')) AS v(e, s)",
+        )
+        .await
+        .unwrap();
+    receiver.wait_count(2, Duration::from_secs(10)).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'off' AND status = 'paused'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'on' AND status = 'delivered'").await,
+        2
+    );
+}
+
+/// Only a refusal of the rows themselves (a data or integrity error) sends a batch of outcomes
+/// row by row; a timeout, a cancel or a deadlock says nothing about the rows and is retried whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_data_and_integrity_errors_count_as_a_refused_row() {
+    let db = TestDb::create().await;
+    let client = db.client().await;
+    let error_of = |sql: &'static str| {
+        let client = &client;
+        async move { anyhow::Error::from(client.batch_execute(sql).await.unwrap_err()) }
+    };
+    let data = error_of("SELECT 'x'::int").await;
+    assert!(postern::delivery::state::is_statement_error(&data));
+    let integrity = error_of(
+        "CREATE TEMP TABLE t (k int PRIMARY KEY); INSERT INTO t VALUES (1); INSERT INTO t VALUES (1)",
+    )
+    .await;
+    assert!(postern::delivery::state::is_statement_error(&integrity));
+    let timeout = error_of("SET statement_timeout = '10ms'; SELECT pg_sleep(1)").await;
+    assert!(!postern::delivery::state::is_statement_error(&timeout));
 }

@@ -724,13 +724,14 @@ async fn an_http_1_0_request_reaches_the_app_whole() {
     assert_eq!(got.header("x-postern-verified"), Some("github"));
 }
 
-/// Slow 5 MiB uploads cannot take the process's memory: past `inbound.max_buffered` (16 MiB
-/// here) senders get `503` with `Retry-After` at once, and outbound delivery goes on meanwhile.
+/// Slow uploads cannot take the process's memory: bytes are charged as they arrive, and past
+/// `inbound.max_buffered` (8 MiB here) senders get `503` with `Retry-After` at once, while
+/// outbound delivery goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_uploads_past_the_buffered_budget_get_503_and_outbound_goes_on() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let receiver = Receiver::ok().await;
-    let extra = String::from("max_body = \"8MiB\"\nmax_buffered = \"16MiB\"\n")
+    let extra = String::from("max_body = \"4MiB\"\nmax_buffered = \"8MiB\"\n")
         + &endpoint("e", &receiver.url, &["*"], "");
     let app = Receiver::ok().await;
     let url = app.url.trim_end_matches("/hook").to_string();
@@ -743,20 +744,26 @@ async fn slow_uploads_past_the_buffered_budget_get_503_and_outbound_goes_on() {
             .unwrap();
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            5 << 20
+            4 << 20
         );
         s.write_all(head.as_bytes()).await.unwrap();
-        // The first MiB now; the rest never comes in time.
-        let _ = s.write_all(&vec![b'x'; 1 << 20]).await;
+        // Half the body now; the rest never comes in time.
+        let _ = s.write_all(&vec![b'x'; 2 << 20]).await;
         connections.push(s);
     }
+    let answers = futures_util::future::join_all(connections.iter_mut().map(|s| async move {
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => Some(String::from_utf8_lossy(&buf[..n]).to_string()),
+            _ => None,
+        }
+    }))
+    .await;
     let mut refused = 0;
     let mut held = 0;
-    for s in &mut connections {
-        let mut buf = vec![0u8; 4096];
-        match tokio::time::timeout(Duration::from_millis(700), s.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => {
-                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    for answer in answers {
+        match answer {
+            Some(text) => {
                 assert!(text.starts_with("HTTP/1.1 503"), "{text}");
                 assert!(
                     text.to_ascii_lowercase().contains("retry-after: 1"),
@@ -765,10 +772,13 @@ async fn slow_uploads_past_the_buffered_budget_get_503_and_outbound_goes_on() {
                 assert!(text.contains("\"error\":\"overloaded\""), "{text}");
                 refused += 1;
             }
-            _ => held += 1,
+            None => held += 1,
         }
     }
-    assert_eq!((held, refused), (3, 5), "16 MiB holds three 5 MiB bodies");
+    // 8 MiB holds at most four bodies of which 2 MiB arrived (which four depends on the order
+    // the proxy reads them in); the rest are refused, none hangs.
+    assert_eq!(held + refused, 8);
+    assert!((1..=4).contains(&held), "{held} held, {refused} refused");
     // Outbound delivery is not held up by the uploads.
     let client = proxy._db.client().await;
     for i in 0..20 {

@@ -305,3 +305,33 @@ async fn a_dead_pipeline_task_makes_the_replica_unready_then_exit() {
     assert!(!status.success(), "{status:?}");
     assert!(postern.logs().contains("a pipeline task stopped"));
 }
+
+/// An attempt still in flight at the drain deadline may have reached its receiver: it is recorded
+/// as an attempt with an unknown outcome and the delivery is due again, never handed back as if
+/// no request had gone out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_cut_short_at_shutdown_counts_with_an_unknown_outcome() {
+    let db = TestDb::create().await;
+    let hanging = Receiver::start(|_, _| Reply::status(200).after(Duration::from_secs(10))).await;
+    let config = base_config(&db)
+        .replace("shutdown_grace = \"8s\"", "shutdown_grace = \"3s\"")
+        .replace("request_timeout = \"2s\"", "request_timeout = \"2500ms\"")
+        + &endpoint("e", &hanging.url, &["*"], "");
+    let mut postern = Postern::start(&config).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    hanging.wait_count(1, Duration::from_secs(10)).await;
+    postern.signal("TERM");
+    postern.wait_exit(Duration::from_secs(10)).await;
+    let row = client
+        .query_one(
+            "SELECT d.status, d.attempts, a.error FROM postern.deliveries d
+             JOIN postern.attempts a ON a.delivery_id = d.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "pending");
+    assert_eq!(row.get::<_, i32>(1), 1);
+    assert!(row.get::<_, String>(2).contains("outcome unknown"));
+}
