@@ -27,6 +27,11 @@ ensure_build_tools() {
   command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 }
 
+# What the tests run beside Postern: pgbouncer (the test that runs Postern behind it).
+ensure_test_tools() {
+  PATH="$PATH:/usr/sbin" need_packages pgbouncer:pgbouncer
+}
+
 # Whether a Postgres answers at $DATABASE_URL.
 pg_answers() {
   if command -v pg_isready >/dev/null 2>&1; then

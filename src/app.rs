@@ -33,7 +33,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let schema = Schema::new(&config.database.schema)?;
     let tls = db::tls::from_config(&config.database)?;
-    let pool = db::pool(config.database.url(), config.database.pool_size, &tls)?;
+    let mode = db::SessionMode::from_config(&config.database);
+    let pool = db::pool_with(config.database.url(), config.database.pool_size, &tls, mode)?;
     let vault = SecretBox::from_config(&config)?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -66,6 +67,7 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     tasks.spawn(probe_loop(
         tls.clone(),
+        mode,
         config.database.url().to_string(),
         schema.clone(),
         pool.clone(),
@@ -75,6 +77,7 @@ pub async fn run(
     ));
     tasks.spawn(gauge_loop(
         tls.clone(),
+        mode,
         config.database.url().to_string(),
         schema.clone(),
         metrics.clone(),
@@ -156,8 +159,10 @@ pub async fn run(
 /// look dead. Readiness asks only what the pod needs (the database answers, the schema is new
 /// enough); the backlog gauges are counted by [`gauge_loop`] on another connection, so a slow count
 /// can never flip readiness.
+#[allow(clippy::too_many_arguments)]
 async fn probe_loop(
     tls: db::tls::Tls,
+    mode: db::SessionMode,
     url: String,
     schema: Schema,
     pool: Pool,
@@ -179,7 +184,7 @@ async fn probe_loop(
             .db_pool_in_use
             .set((status.size - status.available.min(status.size)) as i64);
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = connect_probe(&url, &tls, "postern-probe").await;
+            client = connect_probe(&url, &tls, mode, "postern-probe").await;
         }
         let Some(c) = &client else {
             health.database.store(false, Relaxed);
@@ -214,6 +219,7 @@ const GAUGE_COUNT_CAP: i64 = 100_000;
 /// oldest due delivery is one index probe per endpoint. A failure leaves the gauges as they were.
 async fn gauge_loop(
     tls: db::tls::Tls,
+    mode: db::SessionMode,
     url: String,
     schema: Schema,
     metrics: Arc<Metrics>,
@@ -240,7 +246,7 @@ async fn gauge_loop(
             _ = tick.tick() => {}
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = connect_probe(&url, &tls, "postern-gauges").await;
+            client = connect_probe(&url, &tls, mode, "postern-gauges").await;
             if let Some(c) = &client {
                 if c.batch_execute("SET statement_timeout = '2s'")
                     .await
@@ -269,17 +275,21 @@ async fn gauge_loop(
 async fn connect_probe(
     url: &str,
     tls: &db::tls::Tls,
+    mode: db::SessionMode,
     name: &str,
 ) -> Option<tokio_postgres::Client> {
     let mut config: tokio_postgres::Config = url.parse().ok()?;
     config
         .application_name(name)
         .connect_timeout(std::time::Duration::from_secs(2));
-    db::bound_session(&mut config, db::SESSION_OPTIONS);
+    let set = db::bound_session(&mut config, db::SESSION_SETTINGS, mode);
     let (client, connection) = config.connect(tls.clone()).await.ok()?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
+    if !set.is_empty() {
+        client.batch_execute(&set).await.ok()?;
+    }
     Some(client)
 }
 
@@ -434,7 +444,8 @@ pub fn start(
     tls: db::tls::Tls,
 ) -> anyhow::Result<Pipeline> {
     let o = &config.outbound;
-    let pool = db::pipeline_pool(config.database.url(), &tls)?;
+    let mode = db::SessionMode::from_config(&config.database);
+    let pool = db::pipeline_pool_with(config.database.url(), &tls, mode)?;
     let signals = Arc::new(Signals::default());
     let mut tasks = Pipeline::new();
     let owner = Uuid::new_v4();
@@ -447,6 +458,7 @@ pub fn start(
             outbox::listen(
                 config.database.listen_url().to_string(),
                 tls,
+                mode,
                 outbox::Channels {
                     outbox: schema.channel(),
                     endpoints: schema.endpoints_channel(),
@@ -544,7 +556,8 @@ async fn join_all(mut tasks: JoinSet<()>) {
 pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
     let schema = Schema::new(&config.database.schema)?;
     let tls = db::tls::from_config(&config.database)?;
-    let pool = db::pool(config.database.url(), config.database.pool_size, &tls)?;
+    let mode = db::SessionMode::from_config(&config.database);
+    let pool = db::pool_with(config.database.url(), config.database.pool_size, &tls, mode)?;
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {
@@ -573,6 +586,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
 pub async fn prune_endpoints(config: &Config) -> anyhow::Result<Vec<String>> {
     let schema = Schema::new(&config.database.schema)?;
     let tls = db::tls::from_config(&config.database)?;
-    let pool = db::pool(config.database.url(), config.database.pool_size, &tls)?;
+    let mode = db::SessionMode::from_config(&config.database);
+    let pool = db::pool_with(config.database.url(), config.database.pool_size, &tls, mode)?;
     endpoints::prune_retired(&pool, &schema).await
 }

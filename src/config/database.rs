@@ -39,6 +39,10 @@ pub struct DatabaseConfig {
     /// (`postern migrate` re-seals everything with `encryption_key`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub encryption_keys: Vec<Secret>,
+    /// `database.url` reaches Postgres through pgbouncer, which refuses startup options: the
+    /// session settings are applied with `SET` after connecting instead.
+    #[serde(default)]
+    pub pgbouncer: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -54,6 +58,7 @@ impl Default for DatabaseConfig {
             ca_file: None,
             encryption_key: None,
             encryption_keys: Vec::new(),
+            pgbouncer: false,
         }
     }
 }

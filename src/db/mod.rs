@@ -71,28 +71,79 @@ impl Schema {
 /// advisory locks for long: a transaction left idle is ended by the server, a statement runs at
 /// most this long (migrations lift it for their own transaction), and a dead peer is noticed by
 /// TCP keepalives and the user timeout within about a minute rather than the kernel's two hours.
-pub const SESSION_OPTIONS: &str =
-    "-c idle_in_transaction_session_timeout=60s -c statement_timeout=30s";
+pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("idle_in_transaction_session_timeout", "60s"),
+    ("statement_timeout", "30s"),
+];
 
-/// Adds `options` to a connection config's startup options, and the TCP keepalives.
-pub fn bound_session(pg: &mut tokio_postgres::Config, options: &str) {
-    let options = match pg.get_options() {
-        Some(existing) => format!("{existing} {options}"),
-        None => options.to_string(),
-    };
-    pg.options(&options)
-        .keepalives(true)
+/// How session settings reach the server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SessionMode {
+    /// As startup options (`-c name=value`): applied before the first statement, no round trip.
+    #[default]
+    Startup,
+    /// With `SET` after connecting, for a pooler that refuses startup options (pgbouncer).
+    Set,
+}
+
+impl SessionMode {
+    pub fn from_config(db: &crate::config::DatabaseConfig) -> Self {
+        if db.pgbouncer {
+            SessionMode::Set
+        } else {
+            SessionMode::Startup
+        }
+    }
+}
+
+/// Prepares a connection config: the TCP keepalives, and `settings` as startup options (in
+/// `Startup` mode). Returns the `SET` statements to run after connecting (in `Set` mode).
+pub fn bound_session(
+    pg: &mut tokio_postgres::Config,
+    settings: &[(&str, &str)],
+    mode: SessionMode,
+) -> String {
+    pg.keepalives(true)
         .keepalives_idle(Duration::from_secs(30))
         .keepalives_interval(Duration::from_secs(10))
         .keepalives_retries(3)
         .tcp_user_timeout(Duration::from_secs(60));
+    match mode {
+        SessionMode::Startup => {
+            let ours: Vec<String> = settings
+                .iter()
+                .map(|(k, v)| format!("-c {k}={v}"))
+                .collect();
+            let options = match pg.get_options() {
+                Some(existing) => format!("{existing} {}", ours.join(" ")),
+                None => ours.join(" "),
+            };
+            pg.options(&options);
+            String::new()
+        }
+        SessionMode::Set => settings
+            .iter()
+            .map(|(k, v)| format!("SET {k} = '{v}';"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
 }
 
 /// Builds the pool. Connections are made lazily, so this does not touch the network.
 pub fn pool(url: &str, size: usize, tls: &tls::Tls) -> anyhow::Result<Pool> {
+    pool_with(url, size, tls, SessionMode::Startup)
+}
+
+/// [`pool`], with the session settings applied as `mode` says.
+pub fn pool_with(
+    url: &str,
+    size: usize,
+    tls: &tls::Tls,
+    mode: SessionMode,
+) -> anyhow::Result<Pool> {
     let mut pg: tokio_postgres::Config = url.parse().context("database.url")?;
-    bound_session(&mut pg, SESSION_OPTIONS);
-    build_pool(pg, size, tls)
+    let set = bound_session(&mut pg, SESSION_SETTINGS, mode);
+    build_pool(pg, size, tls, set)
 }
 
 /// Connections the delivery pipeline keeps (two fan-out loops, claims, outcomes, housekeeping).
@@ -113,17 +164,35 @@ pub const PIPELINE_CONNECTIONS: usize = 5;
 /// index (the undispatched events, the leased deliveries), dead ones included, and, unlike an index
 /// scan, never mark dead entries so that the next scan skips them.
 pub fn pipeline_pool(url: &str, tls: &tls::Tls) -> anyhow::Result<Pool> {
+    pipeline_pool_with(url, tls, SessionMode::Startup)
+}
+
+/// [`pipeline_pool`], with the session settings applied as `mode` says.
+pub fn pipeline_pool_with(url: &str, tls: &tls::Tls, mode: SessionMode) -> anyhow::Result<Pool> {
     let mut pg: tokio_postgres::Config = url.parse().context("database.url")?;
-    const PIPELINE_OPTIONS: &str =
-        "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan -c enable_bitmapscan=off";
-    bound_session(&mut pg, &format!("{SESSION_OPTIONS} {PIPELINE_OPTIONS}"));
+    let settings: Vec<(&str, &str)> = SESSION_SETTINGS
+        .iter()
+        .copied()
+        .chain([
+            ("synchronous_commit", "off"),
+            ("plan_cache_mode", "force_custom_plan"),
+            ("enable_bitmapscan", "off"),
+        ])
+        .collect();
+    let set = bound_session(&mut pg, &settings, mode);
     if pg.get_application_name().is_none() {
         pg.application_name("postern-pipeline");
     }
-    build_pool(pg, PIPELINE_CONNECTIONS, tls)
+    build_pool(pg, PIPELINE_CONNECTIONS, tls, set)
 }
 
-fn build_pool(pg: tokio_postgres::Config, size: usize, tls: &tls::Tls) -> anyhow::Result<Pool> {
+/// `set`: statements each new connection runs first (the session settings in `Set` mode).
+fn build_pool(
+    pg: tokio_postgres::Config,
+    size: usize,
+    tls: &tls::Tls,
+    set: String,
+) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
         pg,
         tls.clone(),
@@ -133,13 +202,24 @@ fn build_pool(pg: tokio_postgres::Config, size: usize, tls: &tls::Tls) -> anyhow
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Pool::builder(manager)
+    let mut builder = Pool::builder(manager)
         .max_size(size)
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .wait_timeout(Some(Duration::from_secs(10)))
-        .create_timeout(Some(Duration::from_secs(5)))
-        .build()
-        .context("building the connection pool")
+        .create_timeout(Some(Duration::from_secs(5)));
+    if !set.is_empty() {
+        let set = std::sync::Arc::new(set);
+        builder = builder.post_create(deadpool_postgres::Hook::async_fn(move |client, _| {
+            let set = set.clone();
+            Box::pin(async move {
+                client
+                    .batch_execute(&set)
+                    .await
+                    .map_err(deadpool_postgres::HookError::Backend)
+            })
+        }));
+    }
+    builder.build().context("building the connection pool")
 }
 
 /// Waits until the database answers, retrying with capped exponential backoff, logging each

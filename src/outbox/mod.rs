@@ -36,9 +36,11 @@ pub struct Signals {
 /// Keeps one LISTEN connection up, reconnecting with backoff, and rings `outbox_changed` for every
 /// notification and after every (re)connect.
 /// Endpoint changes announced on `channels.endpoints` reach `capacity` (stop, resume, revoke).
+#[allow(clippy::too_many_arguments)]
 pub async fn listen(
     url: String,
     tls: Tls,
+    mode: crate::db::SessionMode,
     channels: Channels,
     signals: Arc<Signals>,
     capacity: Arc<Capacity>,
@@ -48,7 +50,7 @@ pub async fn listen(
     let mut delay = Duration::from_millis(100);
     while !cancel.is_cancelled() {
         match listen_once(
-            &url, &tls, &channels, &signals, &capacity, &metrics, &cancel,
+            &url, &tls, mode, &channels, &signals, &capacity, &metrics, &cancel,
         )
         .await
         {
@@ -76,9 +78,11 @@ pub struct Channels {
 }
 
 /// One connection's life: returns when it ends (error) or on cancellation (Ok).
+#[allow(clippy::too_many_arguments)]
 async fn listen_once(
     url: &str,
     tls: &Tls,
+    mode: crate::db::SessionMode,
     channels: &Channels,
     signals: &Signals,
     capacity: &Capacity,
@@ -89,7 +93,7 @@ async fn listen_once(
     config
         .application_name("postern-listener")
         .connect_timeout(Duration::from_secs(5));
-    crate::db::bound_session(&mut config, crate::db::SESSION_OPTIONS);
+    let set = crate::db::bound_session(&mut config, crate::db::SESSION_SETTINGS, mode);
     let (client, mut connection) = config.connect(tls.clone()).await?;
     // The connection's plain Future drops notifications; poll_message hands them to us.
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -111,7 +115,7 @@ async fn listen_once(
     let result = async {
         client
             .batch_execute(&format!(
-                "LISTEN {}; LISTEN {}",
+                "{set} LISTEN {}; LISTEN {}",
                 channels.outbox, channels.endpoints
             ))
             .await?;

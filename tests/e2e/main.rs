@@ -9,5 +9,6 @@ mod deploy;
 mod hardening;
 mod inbound;
 mod outbound;
+mod pgbouncer;
 mod races;
 mod resilience;
