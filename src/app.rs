@@ -119,8 +119,10 @@ pub async fn run(
         // to do its work: it says so on /readyz, and after a short grace (so probes and logs
         // see why) exits non-zero for Kubernetes to restart it.
         let failed = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => None,
-            ended = pipeline.next_ended() => Some(ended),
+            // Tasks end on their own when shutdown begins: only an end before it is a failure.
+            ended = pipeline.next_ended() => (!shutdown.is_cancelled()).then_some(ended),
         };
         if let Some(reason) = &failed {
             tracing::error!(reason = %reason, grace_s = TASK_FAILURE_GRACE.as_secs(), "a pipeline task stopped; this replica is unready and exits after the grace");

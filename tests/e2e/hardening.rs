@@ -666,10 +666,13 @@ async fn the_sweeper_mends_deliveries_whose_status_disagrees_with_their_endpoint
         Duration::from_secs(10),
     )
     .await;
-    assert_eq!(
-        scalar(&client, "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'on' AND status = 'delivered'").await,
-        2
-    );
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'on' AND status = 'delivered'",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
 }
 
 /// Only a refusal of the rows themselves (a data or integrity error) sends a batch of outcomes
@@ -691,4 +694,112 @@ async fn only_data_and_integrity_errors_count_as_a_refused_row() {
     assert!(postern::delivery::state::is_statement_error(&integrity));
     let timeout = error_of("SET statement_timeout = '10ms'; SELECT pg_sleep(1)").await;
     assert!(!postern::delivery::state::is_statement_error(&timeout));
+}
+
+/// A raw HTTP receiver on 127.0.0.1 that answers every request with `head` and then streams `chunk`
+/// forever (or until `limit` bytes), until the client goes away.
+async fn streaming_receiver(head: &'static str, chunked: bool, limit: Option<usize>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut seen = Vec::new();
+                // Read the request head and its declared body, then answer.
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    seen.extend_from_slice(&buf[..n]);
+                    if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head_text = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                        let len: usize = head_text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if seen.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let piece = vec![0u8; 4096];
+                let mut sent = 0;
+                loop {
+                    let frame = if chunked {
+                        [b"1000\r\n".as_slice(), &piece, b"\r\n"].concat()
+                    } else {
+                        piece.clone()
+                    };
+                    if s.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                    sent += piece.len();
+                    if limit.is_some_and(|l| sent >= l) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}/hook")
+}
+
+/// A never-ending chunked body and a 100 MB body cost a replica 4 KiB each: the head is kept,
+/// the rest is not read, and the outcome is recorded at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_and_huge_response_bodies_are_cut_at_the_excerpt() {
+    let db = TestDb::create().await;
+    let endless = streaming_receiver(
+        "HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\n\r\n",
+        true,
+        None,
+    )
+    .await;
+    let huge = streaming_receiver(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 104857600\r\n\r\n",
+        false,
+        Some(100 << 20),
+    )
+    .await;
+    let config = base_config(&db)
+        + &endpoint("endless", &endless, &["*"], "")
+        + &endpoint("huge", &huge, &["*"], "");
+    let postern = Postern::start(&config).await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'failed' AND attempts = 3",
+        2,
+        Duration::from_secs(15),
+    )
+    .await;
+    let rows = client
+        .query(
+            "SELECT d.endpoint_id, a.status_code, octet_length(a.response_excerpt), a.duration_ms
+             FROM postern.attempts a JOIN postern.deliveries d ON d.id = a.delivery_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 6);
+    for r in rows {
+        let (endpoint, status, kept, ms): (String, Option<i32>, Option<i32>, i32) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let want = if endpoint == "endless" { 500 } else { 503 };
+        assert_eq!(status, Some(want), "{endpoint}");
+        assert_eq!(kept, Some(4096), "{endpoint}");
+        assert!(
+            ms < 1000,
+            "{endpoint}: {ms} ms: the rest of the body was not waited for"
+        );
+    }
+    assert!(peak_rss_mib(postern.pid()) < 100.0);
 }
