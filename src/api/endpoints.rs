@@ -410,57 +410,17 @@ async fn patch_endpoint(
         None => None,
     };
     if changes_fields {
-        let mut client = state.pool.get().await?;
-        let tx = client.transaction().await?;
-        // A new tenant voids deliveries of events the endpoint may no longer see: no fan-out pass
-        // may straddle the change, and those not yet delivered are cancelled.
-        let retenanted = body.tenant.is_some();
-        if retenanted {
-            crate::endpoints::exclude_fan_out(&tx, &state.schema).await?;
-        }
-        tx.execute(
-            &state.schema.sql(
-                "UPDATE __SCHEMA__.endpoints SET
-                        url = COALESCE($2, url),
-                        events = COALESCE($3, events),
-                        tenant = CASE WHEN $4 THEN $5 ELSE tenant END,
-                        description = CASE WHEN $6 THEN $7 ELSE description END,
-                        headers = COALESCE($8, headers),
-                        retry = CASE WHEN $9 THEN $10 ELSE retry END,
-                        signature = COALESCE($11, signature),
-                        updated_at = now()
-                     WHERE id = $1 AND deleted_at IS NULL",
-            ),
-            &[
-                &id,
-                &body.url,
-                &body.events,
-                &body.tenant.is_some(),
-                &body.tenant.clone().flatten(),
-                &body.description.is_some(),
-                &body.description.clone().flatten(),
-                &headers,
-                &retry.is_some(),
-                &retry.clone().flatten(),
-                &body.signature.map(|s| s.as_str()),
-            ],
-        )
-        .await?;
-        if retenanted {
-            let cancelled =
-                crate::delivery::state::cancel_ineligible(&tx, &state.schema, &id).await?;
-            crate::endpoints::announce(
-                &tx,
-                &state.schema,
-                std::slice::from_ref(&id),
-                crate::endpoints::Announce::Revoke,
-            )
-            .await?;
-            if cancelled > 0 {
-                tracing::info!(endpoint.id = %id, cancelled, "endpoint re-tenanted; deliveries of events it may no longer see were cancelled");
+        // A re-tenant cancels rows a replica may be settling at that moment: should Postgres
+        // choose this transaction as a deadlock's victim, it is simply run again.
+        for attempt in 1.. {
+            match apply_patch(&state, &id, &body, headers.as_ref(), retry.as_ref()).await {
+                Ok(()) => break,
+                Err(e) if attempt < 3 && is_transient(&e) => {
+                    tracing::info!(endpoint.id = %id, error = %format!("{e:#}"), "endpoint change retried");
+                }
+                Err(e) => return Err(e.into()),
             }
         }
-        tx.commit().await?;
     }
     if let Some(active) = body.active {
         if active != current.active {
@@ -475,6 +435,81 @@ async fn patch_endpoint(
         }
     }
     load(&state, &id).await.map(Json)
+}
+
+/// Whether a transaction failed only for its timing (a deadlock or a serialization failure), so
+/// running it again is right.
+fn is_transient(e: &anyhow::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.chain().any(|c| {
+        c.downcast_ref::<tokio_postgres::Error>()
+            .and_then(|pg| pg.code())
+            .is_some_and(|code| {
+                *code == SqlState::T_R_DEADLOCK_DETECTED
+                    || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            })
+    })
+}
+
+/// The field changes of a PATCH, in one transaction.
+async fn apply_patch(
+    state: &ApiState,
+    id: &str,
+    body: &PatchEndpoint,
+    headers: Option<&serde_json::Value>,
+    retry: Option<&Option<serde_json::Value>>,
+) -> anyhow::Result<()> {
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    // A new tenant voids deliveries of events the endpoint may no longer see: no fan-out pass
+    // may straddle the change, and those not yet delivered are cancelled.
+    let retenanted = body.tenant.is_some();
+    if retenanted {
+        crate::endpoints::exclude_fan_out(&tx, &state.schema).await?;
+    }
+    tx.execute(
+        &state.schema.sql(
+            "UPDATE __SCHEMA__.endpoints SET
+                    url = COALESCE($2, url),
+                    events = COALESCE($3, events),
+                    tenant = CASE WHEN $4 THEN $5 ELSE tenant END,
+                    description = CASE WHEN $6 THEN $7 ELSE description END,
+                    headers = COALESCE($8, headers),
+                    retry = CASE WHEN $9 THEN $10 ELSE retry END,
+                    signature = COALESCE($11, signature),
+                    updated_at = now()
+                 WHERE id = $1 AND deleted_at IS NULL",
+        ),
+        &[
+            &id,
+            &body.url,
+            &body.events,
+            &body.tenant.is_some(),
+            &body.tenant.clone().flatten(),
+            &body.description.is_some(),
+            &body.description.clone().flatten(),
+            &headers,
+            &retry.is_some(),
+            &retry.cloned().flatten(),
+            &body.signature.map(|s| s.as_str()),
+        ],
+    )
+    .await?;
+    if retenanted {
+        let cancelled = crate::delivery::state::cancel_ineligible(&tx, &state.schema, id).await?;
+        crate::endpoints::announce(
+            &tx,
+            &state.schema,
+            &[id.to_string()],
+            crate::endpoints::Announce::Revoke,
+        )
+        .await?;
+        if cancelled > 0 {
+            tracing::info!(endpoint.id = %id, cancelled, "endpoint re-tenanted; deliveries of events it may no longer see were cancelled");
+        }
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Delete an endpoint (soft): its unfinished deliveries become `cancelled`, still listed.
