@@ -799,3 +799,38 @@ async fn slow_uploads_past_the_buffered_budget_get_503_and_outbound_goes_on() {
     );
     drop(connections);
 }
+
+/// Issue 12: a Twilio signature over the URL alone (what an empty-bodied request carries) must
+/// not carry a body no signature covers: JSON, plain text or no content type, it is refused and
+/// never reaches the app; the empty body it was made for still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twilio_signature_over_the_url_alone_covers_no_body() {
+    let proxy = start_proxy(Receiver::ok().await).await;
+    let url = format!("{TWILIO_URL}?pn=1");
+    let sig = base64::engine::general_purpose::STANDARD.encode(signing::hmac_with(
+        HmacAlgorithm::Sha1,
+        PLAIN_SECRET.as_bytes(),
+        &[url.as_bytes()],
+    ));
+    let forged = br#"{"admin":true,"amount":1000000}"#.to_vec();
+    for content_type in [Some("application/json"), Some("text/plain"), None] {
+        let mut headers = vec![("x-twilio-signature".to_string(), sig.clone())];
+        if let Some(ct) = content_type {
+            headers.push(("content-type".into(), ct.into()));
+        }
+        let (status, body) = proxy
+            .post("/wh/twilio", "pn=1", &headers, forged.clone())
+            .await;
+        assert_eq!(status, 401, "{content_type:?}: {body}");
+        assert_eq!(body["error"], "signature_mismatch", "{content_type:?}");
+    }
+    assert_eq!(
+        proxy.upstream.count(),
+        0,
+        "nothing unsigned reached the app"
+    );
+    let headers = vec![("x-twilio-signature".to_string(), sig)];
+    let (status, _) = proxy.post("/wh/twilio", "pn=1", &headers, Vec::new()).await;
+    assert_eq!(status, 200);
+    assert_eq!(proxy.upstream.count(), 1);
+}

@@ -2,6 +2,8 @@
 //! form parameters sorted by name (`name` + `value` each), or of that URL alone when it carries
 //! `bodySHA256` (JSON bodies), whose value must then be the hex SHA-256 of the body. Route key
 //! `public_url` is that URL without its query; the query received is appended to it.
+//! Invariant: every body byte let through is covered: a form body is part of the signed string,
+//! any other body needs `bodySHA256`; a signature over the URL alone passes only an empty body.
 
 use sha2::{Digest, Sha256};
 
@@ -64,6 +66,10 @@ impl Verifier for Twilio {
                         signed.extend_from_slice(k.as_bytes());
                         signed.extend_from_slice(v.as_bytes());
                     }
+                } else if !r.body.is_empty() {
+                    // Neither a form (part of the signed string) nor covered by `bodySHA256`: the
+                    // signature says nothing about these bytes, so they are not let through.
+                    return Err(VerifyError::SignatureMismatch);
                 }
             }
         }
@@ -125,6 +131,31 @@ mod tests {
                 Ok(())
             );
         }
+    }
+
+    #[test]
+    fn a_body_no_signature_covers_is_refused() {
+        let t = Twilio::new(&["k"], Some("https://x/in/twilio")).unwrap();
+        let url = "https://x/in/twilio?pn=1";
+        let sig = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            signing::hmac_with(HmacAlgorithm::Sha1, b"k", &[url.as_bytes()]),
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-twilio-signature", sig.parse().unwrap());
+        let check = |body: &[u8]| {
+            t.verify(&Incoming {
+                headers: &headers,
+                body,
+                query: Some("pn=1"),
+                now: 0,
+            })
+        };
+        assert_eq!(check(b""), Ok(()));
+        assert_eq!(
+            check(br#"{"admin":true}"#),
+            Err(VerifyError::SignatureMismatch)
+        );
     }
 
     #[test]
