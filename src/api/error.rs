@@ -73,8 +73,35 @@ impl From<anyhow::Error> for ApiError {
 
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
+        // A data exception (class 22) is the caller's value, not our fault: the extractors refuse
+        // NUL up front, and this catches whatever else Postgres cannot store.
+        if e.code().is_some_and(|c| c.code().starts_with("22")) {
+            let detail = e.as_db_error().map(|d| d.message().to_string());
+            return Self::bad_request(format!(
+                "a value cannot be stored: {}",
+                detail.unwrap_or_else(|| "invalid input".into())
+            ));
+        }
         anyhow::Error::from(e).into()
     }
+}
+
+/// How long a request body may take to arrive, as the inbound proxy's `read_timeout`.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Postgres text cannot hold NUL. Refused where it enters, with the place named, rather than
+/// met as a database error later.
+fn nul_refused(place: &str) -> ApiError {
+    ApiError::bad_request(format!("{place} must not contain NUL (\\u0000 or %00)"))
+}
+
+/// Whether JSON text escapes a NUL (`\u0000` not itself escaped): the only way a NUL can be in a
+/// JSON string, since a raw one is a syntax error.
+fn json_escapes_nul(body: &[u8]) -> bool {
+    body.windows(6).enumerate().any(|(i, w)| {
+        w.eq_ignore_ascii_case(b"\\u0000")
+            && body[..i].iter().rev().take_while(|b| **b == b'\\').count() % 2 == 0
+    })
 }
 
 impl From<deadpool_postgres::PoolError> for ApiError {
@@ -96,7 +123,34 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
+        let json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("application/json")
+            });
+        if !json {
+            return Err(ApiError::bad_request(
+                "expected Content-Type: application/json",
+            ));
+        }
+        let bytes = tokio::time::timeout(BODY_TIMEOUT, axum::body::Bytes::from_request(req, state))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request body did not arrive in time",
+                )
+            })?
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        if json_escapes_nul(&bytes) {
+            return Err(nul_refused("a JSON string"));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(Self(v)),
             Err(JsonRejection::JsonDataError(e)) => {
                 Err(ApiError::invalid("invalid_body", e.body_text()))
@@ -116,6 +170,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        if has_encoded_nul(parts.uri.query().unwrap_or("")) {
+            return Err(nul_refused("a query parameter"));
+        }
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| Self(q.0))
@@ -130,9 +187,40 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        if has_encoded_nul(parts.uri.path()) {
+            return Err(nul_refused("a path segment"));
+        }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| Self(p.0))
             .map_err(|e: PathRejection| ApiError::bad_request(e.body_text()))
+    }
+}
+
+/// A percent-encoded NUL in a path or query.
+fn has_encoded_nul(s: &str) -> bool {
+    s.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_is_found_where_it_can_hide() {
+        assert!(json_escapes_nul(br#"{"a":"x\u0000y"}"#));
+        assert!(
+            json_escapes_nul(br#"{"a":"\\\u0000"}"#),
+            "an escaped backslash, then NUL"
+        );
+        assert!(
+            !json_escapes_nul(br#"{"a":"\\u0000"}"#),
+            "a backslash and the text u0000"
+        );
+        assert!(!json_escapes_nul(br#"{"a":"\u0001"}"#));
+        assert!(has_encoded_nul("/endpoints/a%00b"));
+        assert!(!has_encoded_nul("/endpoints/a%20b"));
     }
 }

@@ -895,3 +895,104 @@ async fn delivery_pages_stay_stable_while_new_deliveries_arrive() {
         "the first deliveries appear once each, newest first"
     );
 }
+
+/// Issue 12: NUL anywhere an API caller can put it (path ids, query filters, JSON strings of an
+/// endpoint or an event) is a 4xx in the error shape, never a 500; a body declared and never sent
+/// times out instead of holding the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_bytes_anywhere_get_a_4xx_and_unsent_bodies_time_out() {
+    let receiver = Receiver::ok().await;
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let created = ops.create(&receiver.url, json!({})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let nul = "a\u{0}b";
+    let cases: Vec<(&str, String, Option<Value>)> = vec![
+        ("GET", "/endpoints/ep%00x".into(), None),
+        (
+            "GET",
+            format!("/endpoints/{id}/deliveries?event_type=a%00b"),
+            None,
+        ),
+        (
+            "GET",
+            "/deliveries/00000000-0000-0000-0000-00000000000%00".into(),
+            None,
+        ),
+        (
+            "POST",
+            "/endpoints".into(),
+            Some(json!({"url": receiver.url, "events": ["*"], "description": nul})),
+        ),
+        (
+            "POST",
+            "/endpoints".into(),
+            Some(json!({"url": receiver.url, "events": ["*"], "tenant": nul})),
+        ),
+        (
+            "POST",
+            "/endpoints".into(),
+            Some(json!({"url": format!("{}?q={nul}", receiver.url), "events": ["*"]})),
+        ),
+        (
+            "PATCH",
+            format!("/endpoints/{id}"),
+            Some(json!({"description": nul})),
+        ),
+        (
+            "POST",
+            "/events".into(),
+            Some(json!({"type": "order.created", "data": {"note": nul}})),
+        ),
+        (
+            "POST",
+            "/events".into(),
+            Some(json!({"type": "order.created", "data": {}, "ordering_key": nul})),
+        ),
+        (
+            "POST",
+            "/events".into(),
+            Some(json!({"type": "order.created", "data": {}, "tenant": nul})),
+        ),
+        (
+            "POST",
+            "/events".into(),
+            Some(json!({"type": nul, "data": {}})),
+        ),
+    ];
+    for (method, path, body) in cases {
+        let (status, v) = ops.call(method, &path, body.clone()).await;
+        assert!(
+            [400, 404, 422].contains(&status),
+            "{method} {path} {body:?}: {status} {v}"
+        );
+        assert!(v["error"].is_string(), "{method} {path}: {v}");
+    }
+    assert!(!ops.postern.logs().contains("management API request failed"));
+
+    // Content-Length: 100 and nothing more: answered within the body read timeout, not never.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = ops
+        .api
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /api/v1/endpoints HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+        .await
+        .expect("the API answered a body that never came")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+}
