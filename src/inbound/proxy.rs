@@ -207,12 +207,19 @@ impl VerifyingProxy {
                 .and_then(|a| a.as_inet())
                 .map(|a| a.ip())
                 .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-            let xff = session
+            // Several lines are one list, in order (RFC 9110 5.3): a proxy may add its own line
+            // after the sender's instead of extending it. A line that is not text ends the trust.
+            let lines: Option<Vec<&str>> = session
                 .req_header()
                 .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok());
-            let client = self.inbound.client_ip(peer, xff);
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.to_str().ok())
+                .collect();
+            let xff = lines.map(|l| l.join(","));
+            let client = self
+                .inbound
+                .client_ip(peer, xff.as_deref().filter(|x| !x.is_empty()));
             if !route.allow_ips.iter().any(|n| n.contains(&client)) {
                 return Err(Refusal::new(
                     403,

@@ -422,6 +422,19 @@ async fn forwarded_for_is_honoured_from_trusted_proxies() {
         (403, Some("ip_not_allowed")),
         "the believed sender is not 127.0.0.1"
     );
+    // Issue 12: a sender's forged line first, the proxy's own line (the real client) second: the
+    // lines are one list in order, so the real client decides, not the forgery.
+    let (mut headers, _) = sign("github", &body, now());
+    headers.push(("x-forwarded-for".into(), "203.0.113.7".into()));
+    headers.push(("x-forwarded-for".into(), "198.51.100.9".into()));
+    let (s, a) = proxy
+        .post("/wh/elsewhere-only", "", &headers, body.clone())
+        .await;
+    assert_eq!(
+        (s, a["error"].as_str()),
+        (403, Some("ip_not_allowed")),
+        "the forged first line was believed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
