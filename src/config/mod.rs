@@ -607,5 +607,28 @@ mod tests {
             mask_url_password("host=h password=p user=u"),
             "host=h password=<redacted> user=u"
         );
+        // Issue 12: the query parameter, spaces around `=`, quoted values with escapes.
+        assert_eq!(
+            mask_url_password("postgres://u@h/db?sslmode=require&password=s3cret&x=1"),
+            "postgres://u@h/db?sslmode=require&password=<redacted>&x=1"
+        );
+        assert_eq!(
+            mask_url_password("postgres://u:p@h/db?PASSWORD=q"),
+            "postgres://u:<redacted>@h/db?PASSWORD=<redacted>"
+        );
+        assert_eq!(
+            mask_url_password(r"host=h password = 'a b\' c' user=u"),
+            "host=h password = <redacted> user=u"
+        );
+        assert_eq!(
+            mask_url_password("passwordless=1 password=x"),
+            "passwordless=1 password=<redacted>"
+        );
+        for shown in [
+            mask_url_password(r"password='top secret'"),
+            mask_url_password("postgres://h/db?password=top-secret"),
+        ] {
+            assert!(!shown.contains("secret"), "{shown}");
+        }
     }
 }

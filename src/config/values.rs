@@ -196,27 +196,79 @@ pub fn mask_url_password(url: &str) -> String {
         let rest = &url[scheme_end + 3..];
         let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
         let authority = &rest[..authority_end];
-        if let Some(at) = authority.rfind('@') {
-            let userinfo = &authority[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!(
+        let mut masked = match authority.rfind('@') {
+            Some(at) => match authority[..at].find(':') {
+                Some(colon) => format!(
                     "{}{}:{REDACTED}{}",
                     &url[..scheme_end + 3],
-                    &userinfo[..colon],
+                    &authority[..colon],
                     &rest[at..]
-                );
+                ),
+                None => url.to_string(),
+            },
+            None => url.to_string(),
+        };
+        // libpq also takes the password as a query parameter.
+        if let Some(q) = masked.find('?') {
+            let query = masked[q + 1..]
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => {
+                        format!("{k}={REDACTED}")
+                    }
+                    _ => pair.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("&");
+            masked.truncate(q + 1);
+            masked.push_str(&query);
+        }
+        return masked;
+    }
+    mask_key_value_password(url)
+}
+
+/// `host=h password = 'a b\' c' user=u` -> `host=h password = <redacted> user=u`: libpq's
+/// key-value form, spaces around `=` and quoted values (with `\'` and `\\` escapes) included.
+fn mask_key_value_password(conninfo: &str) -> String {
+    let b = conninfo.as_bytes();
+    let mut out = String::with_capacity(conninfo.len());
+    let mut i = 0;
+    while i < b.len() {
+        // A keyword starts at the beginning or after whitespace.
+        let at_word = i == 0 || b[i - 1].is_ascii_whitespace();
+        let rest = &conninfo[i..];
+        if at_word && rest.len() >= 8 && rest[..8].eq_ignore_ascii_case("password") {
+            let mut j = i + 8;
+            while j < b.len() && b[j].is_ascii_whitespace() {
+                j += 1;
+            }
+            if j < b.len() && b[j] == b'=' {
+                j += 1;
+                while j < b.len() && b[j].is_ascii_whitespace() {
+                    j += 1;
+                }
+                out.push_str(&conninfo[i..j]);
+                // Skip the value: quoted (escapes honoured) or up to whitespace.
+                if j < b.len() && b[j] == b'\'' {
+                    j += 1;
+                    while j < b.len() && b[j] != b'\'' {
+                        j += if b[j] == b'\\' { 2 } else { 1 };
+                    }
+                    j = (j + 1).min(b.len());
+                } else {
+                    while j < b.len() && !b[j].is_ascii_whitespace() {
+                        j += 1;
+                    }
+                }
+                out.push_str(REDACTED);
+                i = j;
+                continue;
             }
         }
-        return url.to_string();
+        let ch = rest.chars().next().expect("in bounds");
+        out.push(ch);
+        i += ch.len_utf8();
     }
-    url.split_whitespace()
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                format!("password={REDACTED}")
-            } else {
-                kv.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    out
 }
