@@ -847,3 +847,35 @@ async fn a_twilio_signature_over_the_url_alone_covers_no_body() {
     assert_eq!(status, 200);
     assert_eq!(proxy.upstream.count(), 1);
 }
+
+/// Issue 12: a signature-relevant header sent twice is refused: never verify one value and
+/// forward both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signature_header_sent_twice_is_refused() {
+    let proxy = start_proxy(Receiver::ok().await).await;
+    let body = br#"{"type":"x"}"#.to_vec();
+    for (provider, header) in [
+        ("standard-webhooks", "webhook-id"),
+        ("standard-webhooks", "webhook-signature"),
+        ("stripe", "stripe-signature"),
+        ("github", "x-hub-signature-256"),
+        ("slack", "x-slack-request-timestamp"),
+    ] {
+        let (mut headers, query) = sign(provider, &body, now());
+        let value = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(header))
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{provider} signs with {header}"));
+        headers.push((header.to_string(), value));
+        let (status, v) = proxy
+            .post(&path_of(provider), &query, &headers, body.clone())
+            .await;
+        assert_eq!(
+            (status, v["error"].as_str()),
+            (401, Some("malformed_header")),
+            "{provider}: {header} twice"
+        );
+    }
+    assert_eq!(proxy.upstream.count(), 0);
+}

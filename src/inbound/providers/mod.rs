@@ -30,11 +30,15 @@ pub struct Incoming<'a> {
 }
 
 impl Incoming<'_> {
-    /// A header as text; a present but non-UTF-8 value counts as malformed, not missing.
+    /// A header as text; a present but non-UTF-8 value counts as malformed, not missing, and so
+    /// does a header sent more than once: a verifier must never check one value while the app
+    /// receives another beside it.
     pub fn header(&self, name: &str) -> Result<Option<&str>, VerifyError> {
-        match self.headers.get(name) {
-            None => Ok(None),
-            Some(v) => v
+        let mut values = self.headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Ok(None),
+            (Some(_), Some(_)) => Err(VerifyError::MalformedHeader),
+            (Some(v), None) => v
                 .to_str()
                 .map(Some)
                 .map_err(|_| VerifyError::MalformedHeader),
