@@ -53,57 +53,94 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Whether an address is globally routable unicast: everything else (loopback, private,
-/// link-local with cloud metadata, shared, documentation, multicast, reserved) is refused.
+/// Networks that are not globally reachable unicast, with the RFC that sets each aside (IANA's
+/// special-purpose registries). Deliveries to them are refused unless allowed.
+const NOT_PUBLIC_V4: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "RFC 791: this network"),
+    ("10.0.0.0/8", "RFC 1918: private"),
+    (
+        "100.64.0.0/10",
+        "RFC 6598: shared address space (carrier-grade NAT)",
+    ),
+    ("127.0.0.0/8", "RFC 1122: loopback"),
+    (
+        "169.254.0.0/16",
+        "RFC 3927: link-local (cloud metadata at 169.254.169.254)",
+    ),
+    ("172.16.0.0/12", "RFC 1918: private"),
+    ("192.0.0.0/24", "RFC 6890: IETF protocol assignments"),
+    ("192.0.2.0/24", "RFC 5737: documentation (TEST-NET-1)"),
+    ("192.88.99.0/24", "RFC 7526: 6to4 relay anycast"),
+    ("192.168.0.0/16", "RFC 1918: private"),
+    ("198.18.0.0/15", "RFC 2544: benchmarking"),
+    ("198.51.100.0/24", "RFC 5737: documentation (TEST-NET-2)"),
+    ("203.0.113.0/24", "RFC 5737: documentation (TEST-NET-3)"),
+    ("224.0.0.0/4", "RFC 5771: multicast"),
+    (
+        "240.0.0.0/4",
+        "RFC 1112: reserved (and RFC 919's limited broadcast)",
+    ),
+];
+
+/// The same for IPv6. Prefixes that embed an IPv4 address are judged by that address instead
+/// (see [`embedded_v4`]).
+const NOT_PUBLIC_V6: &[(&str, &str)] = &[
+    ("::/128", "RFC 4291: unspecified"),
+    ("::1/128", "RFC 4291: loopback"),
+    (
+        "64:ff9b:1::/48",
+        "RFC 8215: local-use IPv4/IPv6 translation",
+    ),
+    ("100::/64", "RFC 6666: discard-only"),
+    (
+        "2001::/23",
+        "RFC 2928: IETF protocol assignments (Teredo, benchmarking, ORCHID)",
+    ),
+    ("2001:db8::/32", "RFC 3849: documentation"),
+    ("3fff::/20", "RFC 9637: documentation"),
+    ("5f00::/16", "RFC 9602: segment routing SIDs"),
+    ("fc00::/7", "RFC 4193: unique local"),
+    ("fe80::/10", "RFC 4291: link-local"),
+    ("fec0::/10", "RFC 3879: site-local (deprecated)"),
+    ("ff00::/8", "RFC 4291: multicast"),
+];
+
+/// The IPv4 address an IPv6 address carries, for the forms that carry one: IPv4-compatible
+/// (`::a.b.c.d`, RFC 4291), IPv4-mapped (`::ffff:a.b.c.d`, RFC 4291), IPv4-translated
+/// (`::ffff:0:a.b.c.d`, RFC 2765), NAT64 (`64:ff9b::a.b.c.d`, RFC 6052) and 6to4
+/// (`2002:aabb:ccdd::`, RFC 3056).
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let low = || Ipv4Addr::from(((s[6] as u32) << 16) | s[7] as u32);
+    match s {
+        [0, 0, 0, 0, 0, 0, _, _] if !(s[6] == 0 && s[7] <= 1) => Some(low()),
+        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(low()),
+        [0, 0, 0, 0, 0xffff, 0, _, _] => Some(low()),
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(low()),
+        [0x2002, hi, lo, ..] => Some(Ipv4Addr::from(((hi as u32) << 16) | lo as u32)),
+        _ => None,
+    }
+}
+
+fn listed(ip: IpAddr, table: &[(&str, &str)]) -> bool {
+    table.iter().any(|(net, _)| {
+        net.parse::<IpNet>()
+            .expect("the tables hold valid networks")
+            .contains(&ip)
+    })
+}
+
+/// Whether an address is globally routable unicast: everything in the tables above (loopback,
+/// private, link-local with cloud metadata, shared, documentation, multicast, reserved) is refused,
+/// and an IPv6 address that carries an IPv4 one is judged as that.
 pub fn is_public(ip: IpAddr) -> bool {
     match canonical(ip) {
-        IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => is_public_v6(v6),
+        IpAddr::V4(v4) => !listed(IpAddr::V4(v4), NOT_PUBLIC_V4),
+        IpAddr::V6(v6) => match embedded_v4(v6) {
+            Some(v4) => is_public(IpAddr::V4(v4)),
+            None => !listed(IpAddr::V6(v6), NOT_PUBLIC_V6),
+        },
     }
-}
-
-fn is_public_v4(ip: Ipv4Addr) -> bool {
-    let o = ip.octets();
-    !(ip.is_unspecified()
-        || o[0] == 0 // "this network"
-        || ip.is_loopback()
-        || ip.is_private()
-        || ip.is_link_local() // 169.254.0.0/16, cloud metadata included
-        || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10 carrier-grade NAT
-        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0.0/24 IETF assignments
-        || (o[0] == 192 && o[1] == 0 && o[2] == 2) // TEST-NET-1
-        || (o[0] == 198 && o[1] == 51 && o[2] == 100) // TEST-NET-2
-        || (o[0] == 203 && o[1] == 0 && o[2] == 113) // TEST-NET-3
-        || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15 benchmarking
-        || (o[0] == 192 && o[1] == 88 && o[2] == 99) // 6to4 relay anycast
-        || ip.is_multicast()
-        || o[0] >= 240) // reserved and broadcast
-}
-
-fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let s = ip.segments();
-    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
-        return false;
-    }
-    // Addresses that embed an IPv4 address are judged by it.
-    if s[0..6] == [0, 0, 0, 0, 0, 0] {
-        // IPv4-compatible (deprecated)
-        return is_public_v4(Ipv4Addr::from(((s[6] as u32) << 16) | s[7] as u32));
-    }
-    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
-        // NAT64 well-known prefix
-        return is_public_v4(Ipv4Addr::from(((s[6] as u32) << 16) | s[7] as u32));
-    }
-    if s[0] == 0x2002 {
-        // 6to4
-        return is_public_v4(Ipv4Addr::from(((s[1] as u32) << 16) | s[2] as u32));
-    }
-    !((s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
-        || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
-        || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
-        || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-        || (s[0] == 0x2001 && s[1] == 0) // Teredo
-        || (s[0] == 0x0100 && s[1..4] == [0, 0, 0])) // discard-only 100::/64
 }
 
 /// A DNS resolver for reqwest that drops refused addresses, so a hostname that resolves to a
@@ -196,6 +233,37 @@ mod tests {
         ] {
             assert!(!is_public(ip(a)), "{a} judged public");
             assert!(Guard::default().check(ip(a)).is_err(), "{a} allowed");
+        }
+    }
+
+    /// Every network in the tables, by its first, last and a middle address, with the RFC that
+    /// reserves it; and each form that embeds an IPv4 address, carrying a private one.
+    #[test]
+    fn every_reserved_range_is_refused_with_its_rfc() {
+        for (net, rfc) in NOT_PUBLIC_V4.iter().chain(NOT_PUBLIC_V6) {
+            let net: IpNet = net.parse().unwrap();
+            for a in [net.network(), net.broadcast()] {
+                assert!(!is_public(a), "{a} ({rfc}) judged public");
+            }
+            assert!(rfc.starts_with("RFC "), "{net}: {rfc}");
+        }
+        for (a, why) in [
+            ("64:ff9b:1::1", "RFC 8215 local-use NAT64"),
+            ("64:ff9b:1:ffff::a00:1", "RFC 8215 local-use NAT64"),
+            ("::ffff:0:7f00:1", "IPv4-translated 127.0.0.1 (RFC 2765)"),
+            ("::ffff:0:a9fe:a9fe", "IPv4-translated 169.254.169.254"),
+            ("::ffff:0:a00:1", "IPv4-translated 10.0.0.1"),
+            ("64:ff9b::a00:1", "NAT64 of 10.0.0.1"),
+            ("::a00:1", "IPv4-compatible 10.0.0.1"),
+            ("2002:a9fe:a9fe::", "6to4 of 169.254.169.254"),
+            ("2001:2::1", "RFC 5180 benchmarking"),
+            ("3fff::1", "RFC 9637 documentation"),
+        ] {
+            assert!(!is_public(ip(a)), "{a} ({why}) judged public");
+        }
+        // The embedded forms of a public address pass.
+        for a in ["::ffff:0:101:101", "64:ff9b::101:101", "2002:101:101::"] {
+            assert!(is_public(ip(a)), "{a} (1.1.1.1) judged non-public");
         }
     }
 
