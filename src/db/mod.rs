@@ -305,7 +305,9 @@ pub async fn migrate(
         // Role names were validated as plain identifiers; quote them anyway.
         let grant = schema.sql(&format!(
             "GRANT USAGE ON SCHEMA __SCHEMA__ TO \"{role}\";
-             GRANT INSERT ON __SCHEMA__.outbox TO \"{role}\";
+             REVOKE INSERT ON __SCHEMA__.outbox FROM \"{role}\";
+             GRANT INSERT (event_id, event_type, payload, tenant, ordering_key, target_endpoint, metadata)
+                 ON __SCHEMA__.outbox TO \"{role}\";
              GRANT SELECT (event_id) ON __SCHEMA__.outbox TO \"{role}\";
              GRANT EXECUTE ON FUNCTION __SCHEMA__.publish(text, jsonb, text, text, text, jsonb) TO \"{role}\";
              GRANT USAGE, SELECT, UPDATE ON SEQUENCE __SCHEMA__.notify_clock TO \"{role}\";"

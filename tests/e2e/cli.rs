@@ -224,6 +224,24 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
         )
         .await
         .unwrap();
+    // Issue 12: the trigger (installed by migrate) ran for this role; and it can set only the
+    // columns an event is made of, not the ones Postern keeps.
+    for sql in [
+        "INSERT INTO postern.outbox (event_type, payload, dispatched_at) VALUES ('x.y', '{}', now())",
+        "INSERT INTO postern.outbox (event_type, payload, created_at) VALUES ('x.y', '{}', now() - interval '1 day')",
+        "INSERT INTO postern.outbox (id, event_type, payload) OVERRIDING SYSTEM VALUE VALUES (1, 'x.y', '{}')",
+    ] {
+        let err = client.execute(sql, &[]).await.unwrap_err();
+        assert!(format!("{err:?}").contains("permission denied"), "{sql}: {err:?}");
+    }
+    client
+        .execute(
+            "INSERT INTO postern.outbox (event_id, event_type, payload, metadata, target_endpoint)
+             VALUES (gen_random_uuid(), 'x.y', '{}', '{\"traceparent\": \"00-1-2-01\"}', 'e')",
+            &[],
+        )
+        .await
+        .unwrap();
     assert!(client
         .query("SELECT * FROM postern.deliveries", &[])
         .await
