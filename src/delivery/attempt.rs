@@ -260,8 +260,10 @@ fn build_headers(d: &Claimed, body: &[u8], vault: &SecretBox) -> Result<HeaderMa
             );
         }
         SignatureScheme::Legacy => {
+            // One signature only, so during a rotation the older secret (the one the receiver
+            // has until it switches) signs until its grace ends; secrets come newest first.
             let secret = secrets
-                .first()
+                .last()
                 .ok_or("endpoint has no unexpired secret to sign with")?;
             let sig = signing::legacy_signature(secret, now, body);
             h.insert(

@@ -996,3 +996,49 @@ async fn nul_bytes_anywhere_get_a_4xx_and_unsent_bodies_time_out() {
     let text = String::from_utf8_lossy(&buf[..n]);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
 }
+
+/// Issue 12: a legacy receiver verifies one signature, so during a rotation's grace Postern keeps
+/// signing with the older secret (the one the receiver has), then with the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_rotation_signs_with_the_older_secret_until_its_grace_ends() {
+    let receiver = Receiver::ok().await;
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let created = ops
+        .create(&receiver.url, json!({"signature": "legacy"}))
+        .await;
+    let id = created["id"].as_str().unwrap();
+    let old = created["secret"].as_str().unwrap().to_string();
+    let (s, rotated) = ops
+        .call(
+            "POST",
+            &format!("/endpoints/{id}/rotate-secret"),
+            Some(json!({"grace": "3s"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{rotated}");
+    let new = rotated["secret"].as_str().unwrap().to_string();
+    let rotated_at = Instant::now();
+    let legacy_ok = |secret: &str, r: &Received| {
+        let ts: i64 = r.header("x-webhook-timestamp").unwrap().parse().unwrap();
+        r.header("x-webhook-signature")
+            == Some(postern::signing::legacy_signature(secret, ts, &r.body).as_str())
+    };
+    ops.call("POST", &format!("/endpoints/{id}/test"), None)
+        .await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    assert!(
+        legacy_ok(&old, &receiver.requests()[0]),
+        "during the grace: the older secret"
+    );
+    tokio::time::sleep(
+        Duration::from_secs(3).saturating_sub(rotated_at.elapsed()) + Duration::from_millis(300),
+    )
+    .await;
+    ops.call("POST", &format!("/endpoints/{id}/test"), None)
+        .await;
+    receiver.wait_count(2, Duration::from_secs(10)).await;
+    assert!(
+        legacy_ok(&new, &receiver.requests()[1]),
+        "after the grace: the new secret"
+    );
+}
