@@ -2,6 +2,9 @@
 //! form parameters sorted by name (`name` + `value` each), or of that URL alone when it carries
 //! `bodySHA256` (JSON bodies), whose value must then be the hex SHA-256 of the body. Route key
 //! `public_url` is that URL without its query; the query received is appended to it.
+//! A `X-Twilio-Webhooks-Signature-Settings` header naming `HMAC_SHA256` switches the hash (a
+//! Webhooks Rule's SharedKey signs; list it in `secrets`); the URL is tried with and without its
+//! default port, and repeated parameters count each distinct value once, as Twilio's libraries do.
 //! Invariant: every body byte let through is covered: a form body is part of the signed string,
 //! any other body needs `bodySHA256`; a signature over the URL alone passes only an empty body.
 
@@ -28,20 +31,75 @@ impl Twilio {
     }
 }
 
+impl Twilio {
+    /// The URL Twilio requested, as configured and with the default port added or removed:
+    /// Twilio signs whichever form it used, and its own libraries try both.
+    fn url_variants(&self, query: &str) -> Vec<String> {
+        let with_query = |base: &str| {
+            if query.is_empty() {
+                base.to_string()
+            } else {
+                format!("{base}?{query}")
+            }
+        };
+        let mut urls = vec![with_query(&self.public_url)];
+        if let Some(other) = other_port_form(&self.public_url) {
+            urls.push(with_query(&other));
+        }
+        urls
+    }
+}
+
+/// `https://h/p` <-> `https://h:443/p` (and `:80` for http); `None` for another port or scheme.
+fn other_port_form(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let default = match scheme.to_ascii_lowercase().as_str() {
+        "https" => ":443",
+        "http" => ":80",
+        _ => return None,
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    // A port is what follows the last ':' outside an IPv6 literal's brackets.
+    let port_at = authority
+        .rfind(':')
+        .filter(|i| !authority[*i..].contains(']'));
+    let host = match port_at {
+        Some(i) if &authority[i..] == default => &authority[..i],
+        Some(_) => return None,
+        None => return Some(format!("{scheme}://{authority}{default}{path}")),
+    };
+    Some(format!("{scheme}://{host}{path}"))
+}
+
+/// The hash announced by `X-Twilio-Webhooks-Signature-Settings` (`key=...,algorithm=...`): none
+/// or `HMAC_SHA1` is the Auth Token's SHA-1; `HMAC_SHA256` a Webhooks Rule's SharedKey. An
+/// algorithm this build does not know is refused, never guessed.
+fn algorithm(settings: Option<&str>) -> Result<HmacAlgorithm, VerifyError> {
+    let named = settings
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|part| part.split_once('='))
+        .find(|(k, _)| k.trim() == "algorithm")
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty());
+    match named.map(str::to_ascii_uppercase).as_deref() {
+        None | Some("HMAC_SHA1") => Ok(HmacAlgorithm::Sha1),
+        Some("HMAC_SHA256") => Ok(HmacAlgorithm::Sha256),
+        Some(_) => Err(VerifyError::MalformedHeader),
+    }
+}
+
 impl Verifier for Twilio {
     fn verify(&self, r: &Incoming<'_>) -> Result<(), VerifyError> {
         let sig = super::decode_b64(r.required("x-twilio-signature")?)
             .ok_or(VerifyError::MalformedHeader)?;
+        let algorithm = algorithm(r.header("x-twilio-webhooks-signature-settings")?)?;
         let query = r.query.unwrap_or("");
-        let url = if query.is_empty() {
-            self.public_url.clone()
-        } else {
-            format!("{}?{query}", self.public_url)
-        };
         let body_hash = form_urlencoded::parse(query.as_bytes())
             .find(|(k, _)| k == "bodySHA256")
             .map(|(_, v)| v.into_owned());
-        let mut signed = url.into_bytes();
+        let mut params = Vec::new();
         match body_hash {
             Some(claimed) => {
                 let actual = hex::encode(Sha256::digest(r.body));
@@ -58,13 +116,23 @@ impl Verifier for Twilio {
                         .starts_with("application/x-www-form-urlencoded")
                 });
                 if is_form {
-                    let mut params: Vec<(String, String)> = form_urlencoded::parse(r.body)
-                        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                        .collect();
-                    params.sort();
-                    for (k, v) in params {
-                        signed.extend_from_slice(k.as_bytes());
-                        signed.extend_from_slice(v.as_bytes());
+                    // As Twilio's libraries sign: names sorted, and under each name its distinct
+                    // values sorted (a parameter repeated with one value counts once).
+                    let mut by_name: std::collections::BTreeMap<
+                        String,
+                        std::collections::BTreeSet<String>,
+                    > = Default::default();
+                    for (k, v) in form_urlencoded::parse(r.body) {
+                        by_name
+                            .entry(k.into_owned())
+                            .or_default()
+                            .insert(v.into_owned());
+                    }
+                    for (k, values) in by_name {
+                        for v in values {
+                            params.extend_from_slice(k.as_bytes());
+                            params.extend_from_slice(v.as_bytes());
+                        }
                     }
                 } else if !r.body.is_empty() {
                     // Neither a form (part of the signed string) nor covered by `bodySHA256`: the
@@ -74,9 +142,14 @@ impl Verifier for Twilio {
             }
         }
         let expected: Vec<Vec<u8>> = self
-            .secrets
+            .url_variants(query)
             .iter()
-            .map(|k| signing::hmac_with(HmacAlgorithm::Sha1, k, &[&signed]))
+            .flat_map(|url| {
+                self.secrets
+                    .iter()
+                    .map(|k| signing::hmac_with(algorithm, k, &[url.as_bytes(), &params]))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         super::any_match(&expected, &[sig])
     }
@@ -155,6 +228,36 @@ mod tests {
         assert_eq!(
             check(br#"{"admin":true}"#),
             Err(VerifyError::SignatureMismatch)
+        );
+    }
+
+    #[test]
+    fn the_default_port_form_is_the_other_one() {
+        assert_eq!(
+            other_port_form("https://h.test/in").as_deref(),
+            Some("https://h.test:443/in")
+        );
+        assert_eq!(
+            other_port_form("https://h.test:443/in").as_deref(),
+            Some("https://h.test/in")
+        );
+        assert_eq!(
+            other_port_form("http://h.test").as_deref(),
+            Some("http://h.test:80")
+        );
+        assert_eq!(other_port_form("https://h.test:8443/in"), None);
+        assert_eq!(
+            other_port_form("https://[::1]/in").as_deref(),
+            Some("https://[::1]:443/in")
+        );
+        assert_eq!(algorithm(None), Ok(HmacAlgorithm::Sha1));
+        assert_eq!(
+            algorithm(Some("key=k1,algorithm=HMAC_SHA256")),
+            Ok(HmacAlgorithm::Sha256)
+        );
+        assert_eq!(
+            algorithm(Some("key=k1,algorithm=HMAC_MD5")),
+            Err(VerifyError::MalformedHeader)
         );
     }
 
