@@ -1,7 +1,10 @@
-//! The pingora service: route, screen, read the whole (bounded) body, verify, forward.
-//! Invariant: the body is read once, in `request_filter`, and forwarded by Postern itself from that
-//! buffer through pingora's upstream connector, so any body up to `max_body` reaches the app intact
-//! (pingora re-sends a consumed body only from its 64 KiB retry buffer: no such cliff here).
+//! The pingora service: read the request head, route, screen, read the whole (bounded) body,
+//! verify, forward. Postern is pingora's HTTP application itself (not a `ProxyHttp` behind pingora's
+//! proxy), so every request is answered in Postern's contract, malformed framing included, which
+//! pingora's proxy refused with a bare 400 before any callback ran.
+//! Invariant: every request gets a decision that is answered, logged once and counted; the body is
+//! read once and forwarded by Postern itself from that buffer through pingora's upstream
+//! connector, so any body up to `max_body` reaches the app intact.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -10,12 +13,14 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::{Buf, Bytes};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as Http1Session};
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::protocols::http::ServerSession as Session;
+use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, OrErr};
 use prometheus_client::metrics::counter::Counter;
@@ -181,6 +186,21 @@ impl VerifyingProxy {
         decision: &mut Decision<'r>,
     ) -> Result<(&'r Route, Bytes, BodyBudget), Refusal> {
         let req = session.req_header();
+        // pingora accepts any coding list that ends in `chunked` and de-chunks it; the app would
+        // get, say, gzip bytes without a Content-Encoding. Only plain `chunked` is taken.
+        let mut codings = req.headers.get_all(http::header::TRANSFER_ENCODING).iter();
+        if let Some(first) = codings.next() {
+            let plain = first
+                .to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+            if !plain || codings.next().is_some() {
+                return Err(Refusal::new(
+                    400,
+                    "bad_request",
+                    "Transfer-Encoding other than chunked",
+                ));
+            }
+        }
         let path = req.uri.path().to_string();
         let route = self.inbound.routes.get(&path).ok_or_else(|| {
             Refusal::new(
@@ -332,13 +352,13 @@ impl VerifyingProxy {
         }
         // From here on the sender has a status line: failures can only end the connection.
         let relay = async {
-            session
-                .write_response_header(Box::new(response), false)
-                .await?;
+            session.write_response_header(Box::new(response)).await?;
             loop {
                 let chunk = upstream.read_response_body().await?;
                 let done = chunk.is_none() || upstream.response_done();
-                session.write_response_body(chunk, done).await?;
+                session
+                    .write_response_body(chunk.unwrap_or_default(), done)
+                    .await?;
                 if done {
                     break;
                 }
@@ -577,33 +597,14 @@ async fn respond(session: &mut Session, refusal: &Refusal, close: bool) -> pingo
         header.insert_header(http::header::CONNECTION, "close")?;
         session.set_keepalive(None);
     }
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session
-        .write_response_body(Some(Bytes::from(body)), true)
-        .await
+    session.write_response_header(Box::new(header)).await?;
+    session.write_response_body(Bytes::from(body), true).await
 }
 
-#[async_trait]
-impl ProxyHttp for VerifyingProxy {
-    type CTX = ();
-
-    fn new_ctx(&self) {}
-
-    /// Never reached: `request_filter` answers every request itself.
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut (),
-    ) -> pingora::Result<Box<HttpPeer>> {
-        Error::e_explain(
-            ErrorType::InternalError,
-            "the inbound proxy forwards from request_filter",
-        )
-    }
-
-    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
+impl VerifyingProxy {
+    /// One request whose head pingora read: admitted and forwarded, or refused; either way
+    /// answered, logged and counted.
+    async fn handle(&self, session: &mut Session) -> pingora::Result<()> {
         let started = Instant::now();
         let mut decision = Decision {
             route: None,
@@ -611,29 +612,54 @@ impl ProxyHttp for VerifyingProxy {
             error: None,
             status: 0,
         };
-        match self.admit(session, &mut decision).await {
+        let result = match self.admit(session, &mut decision).await {
             Ok((route, body, _budget)) => match self.forward(session, route, body).await {
                 Ok(status) => {
                     decision.outcome = Outcome::Forwarded;
                     decision.status = status;
+                    Ok(())
                 }
                 Err(refusal) => {
                     decision.outcome = Outcome::UpstreamError;
                     decision.error = Some(refusal.code);
                     decision.status = refusal.status;
-                    respond(session, &refusal, false).await?;
+                    respond(session, &refusal, false).await
                 }
             },
             Err(refusal) => {
                 decision.error = Some(refusal.code);
                 decision.status = refusal.status;
                 let body_unread = !session.is_body_done();
-                respond(session, &refusal, body_unread).await?;
+                let sent = respond(session, &refusal, body_unread).await;
                 if body_unread {
                     linger(session).await;
                 }
+                sent
             }
-        }
+        };
+        self.record(&decision, started);
+        result
+    }
+
+    /// A request refused before it could be routed (malformed framing, CONNECT): answered in the
+    /// contract and the connection closed, since what follows on it cannot be trusted.
+    async fn refuse_unread(&self, session: &mut Session, refusal: Refusal) {
+        let started = Instant::now();
+        session.set_keepalive(None);
+        let _ = respond(session, &refusal, true).await;
+        self.record(
+            &Decision {
+                route: None,
+                outcome: Outcome::Refused,
+                error: Some(refusal.code),
+                status: refusal.status,
+            },
+            started,
+        );
+    }
+
+    /// The decision's log line and counters.
+    fn record(&self, decision: &Decision<'_>, started: Instant) {
         let elapsed = started.elapsed();
         decision
             .route
@@ -650,6 +676,71 @@ impl ProxyHttp for VerifyingProxy {
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             "inbound request"
         );
-        Ok(true)
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for VerifyingProxy {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: Session,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let mut stop = shutdown.clone();
+        let read = tokio::select! {
+            biased;
+            read = session.read_request() => read,
+            // Shutting down while a kept-alive connection waits for its next request.
+            _ = stop.wait_for(|down| *down) => return None,
+        };
+        match read {
+            Ok(true) => {}
+            // The sender closed the connection between requests.
+            Ok(false) => return None,
+            Err(e) if e.etype == ErrorType::InvalidHTTPHeader => {
+                // The head could not be parsed or broke the framing rules (pingora's checks): no
+                // header is stored, and the error's context holds raw request bytes, so neither is
+                // echoed.
+                tracing::debug!(error = %e.etype.as_str(), "malformed request head");
+                self.refuse_unread(
+                    &mut session,
+                    Refusal::new(
+                        400,
+                        "bad_request",
+                        "malformed request framing (request line or headers)",
+                    ),
+                )
+                .await;
+                session.shutdown().await;
+                return None;
+            }
+            // A timeout or a connection lost mid-head: nobody left to answer.
+            Err(e) => {
+                tracing::debug!(error = %e.etype.as_str(), "request head not read");
+                return None;
+            }
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        // A request pipelined behind this one in the same write is kept for the next round.
+        session.set_pipelining_enabled(true);
+        if session.req_header().method == http::Method::CONNECT {
+            self.refuse_unread(
+                &mut session,
+                Refusal::new(405, "method_not_allowed", "CONNECT is not accepted"),
+            )
+            .await;
+            session.shutdown().await;
+            return None;
+        }
+        if self.handle(&mut session).await.is_err() {
+            return None;
+        }
+        let settings = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(Some(reusable)) => Some(ReusedHttpStream::from_reusable_stream(reusable, settings)),
+            _ => None,
+        }
     }
 }

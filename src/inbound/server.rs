@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::listening::Service;
 use tokio_util::sync::CancellationToken;
 
 use super::proxy::VerifyingProxy;
@@ -54,10 +54,9 @@ pub fn spawn(
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
-    let mut service = http_proxy_service_with_name(
-        &server.configuration,
+    let mut service = Service::new(
+        "postern inbound".to_string(),
         VerifyingProxy::new(inbound.clone(), metrics),
-        "postern inbound",
     );
     service.add_tcp(&section.listen);
     server.add_service(service);

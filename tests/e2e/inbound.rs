@@ -879,3 +879,95 @@ async fn a_signature_header_sent_twice_is_refused() {
     }
     assert_eq!(proxy.upstream.count(), 0);
 }
+
+/// Sends `raw` on a fresh connection and reads until the connection closes or `want` responses
+/// (counted by their status lines) have arrived, for at most two seconds.
+async fn raw_exchange(port: u16, raw: &[u8], want: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut buf = vec![0u8; 16 << 10];
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+        if String::from_utf8_lossy(&got).matches("HTTP/1.1 ").count() >= want {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&got).to_string()
+}
+
+/// Issue 12: malformed framing, which pingora's proxy answered with a bare 400 before any of
+/// Postern's code ran, gets Postern's contract: `400 {"error":"bad_request"}` (405 for CONNECT),
+/// a decision log line and a count, nothing forwarded. Two pipelined requests in one write are both
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_framing_is_refused_in_the_contract_and_pipelined_requests_are_answered() {
+    let proxy = start_proxy(Receiver::ok().await).await;
+    let head = |extra: &str| {
+        format!("POST /wh/github HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n{{}}").into_bytes()
+    };
+    let many: String = (0..300).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("conflicting Content-Length", head("Content-Length: 2\r\nContent-Length: 3\r\n"), 400),
+        ("non-numeric Content-Length", head("Content-Length: two\r\n"), 400),
+        ("signed Content-Length", head("Content-Length: +2\r\n"), 400),
+        ("hex Content-Length", head("Content-Length: 0x2\r\n"), 400),
+        ("obs-fold", head("Content-Length: 2\r\nX-A: a\r\n b\r\n"), 400),
+        ("space before the colon", head("Content-Length: 2\r\nX-A : b\r\n"), 400),
+        ("control byte in a value", head("Content-Length: 2\r\nX-A: a\x01b\r\n"), 400),
+        ("bare CR", head("Content-Length: 2\r\nX-A: a\rb\r\n"), 400),
+        ("Transfer-Encoding gzip, chunked", b"POST /wh/github HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n".to_vec(), 400),
+        ("Transfer-Encoding identity", head("Transfer-Encoding: identity\r\n"), 400),
+        ("duplicate Host", head("Host: other\r\nContent-Length: 2\r\n"), 400),
+        ("300 headers", head(&format!("Content-Length: 2\r\n{many}")), 400),
+        ("CONNECT", b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n".to_vec(), 405),
+    ];
+    for (what, raw, status) in &cases {
+        let answer = raw_exchange(proxy.port, raw, 1).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: {answer:?}"
+        );
+        let code = if *status == 405 {
+            "method_not_allowed"
+        } else {
+            "bad_request"
+        };
+        assert!(
+            answer.contains(&format!("\"error\":\"{code}\"")),
+            "{what}: {answer:?}"
+        );
+    }
+    assert_eq!(proxy.upstream.count(), 0, "nothing malformed was forwarded");
+    let logged = proxy
+        .postern
+        .logs()
+        .lines()
+        .filter(|l| {
+            l.contains("inbound request") && (l.contains("status=400") || l.contains("status=405"))
+        })
+        .count();
+    assert_eq!(logged, cases.len(), "one decision line per refusal");
+
+    // Two valid requests in one write: both answered, both forwarded.
+    let body = b"{}".to_vec();
+    let (headers, _) = sign("github", &body, now());
+    let one: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let request = format!(
+        "POST /wh/github HTTP/1.1\r\nHost: 127.0.0.1\r\n{one}Content-Length: 2\r\n\r\n{{}}"
+    );
+    let answer = raw_exchange(proxy.port, format!("{request}{request}").as_bytes(), 2).await;
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer:?}");
+    assert_eq!(proxy.upstream.count(), 2);
+}
