@@ -686,6 +686,8 @@ impl HttpServerApp for VerifyingProxy {
         mut session: Session,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
+        // A head that trickles in is cut off like a body (pingora's own default is 60 s).
+        session.set_read_timeout(Some(self.inbound.read_timeout));
         let mut stop = shutdown.clone();
         let read = tokio::select! {
             biased;
