@@ -75,6 +75,15 @@ impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
         // A data exception (class 22) is the caller's value, not our fault: the extractors refuse
         // NUL up front, and this catches whatever else Postgres cannot store.
+        // A CHECK the value broke (the outbox's payload limit, say) is the caller's too: the
+        // constraint's name says which.
+        if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) {
+            let detail = e.as_db_error().map(|d| d.message().to_string());
+            return Self::invalid(
+                "invalid_body",
+                detail.unwrap_or_else(|| "a value breaks a constraint".into()),
+            );
+        }
         if e.code().is_some_and(|c| c.code().starts_with("22")) {
             let detail = e.as_db_error().map(|d| d.message().to_string());
             return Self::bad_request(format!(

@@ -30,6 +30,9 @@ use super::providers::{Incoming, VerifyError};
 use super::{Inbound, Route};
 use crate::telemetry::{InboundLabels, Metrics};
 
+/// How long a kept-alive connection may wait for its next request's first byte.
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Headers that describe one hop, not the message: never forwarded either way.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -206,7 +209,10 @@ impl VerifyingProxy {
             Refusal::new(
                 404,
                 "route_not_found",
-                format!("no webhook route at {path}"),
+                format!(
+                    "no webhook route at {}",
+                    path.chars().take(200).collect::<String>()
+                ),
             )
         })?;
         decision.route = Some(route);
@@ -236,10 +242,18 @@ impl VerifyingProxy {
                 .iter()
                 .map(|v| v.to_str().ok())
                 .collect();
-            let xff = lines.map(|l| l.join(","));
+            // A list that is not text cannot be walked: the sender is unknown, and not allowed.
+            let Some(lines) = lines else {
+                return Err(Refusal::new(
+                    403,
+                    "ip_not_allowed",
+                    "the X-Forwarded-For list is not readable text",
+                ));
+            };
+            let xff = lines.join(",");
             let client = self
                 .inbound
-                .client_ip(peer, xff.as_deref().filter(|x| !x.is_empty()));
+                .client_ip(peer, Some(xff.as_str()).filter(|x| !x.is_empty()));
             if !route.allow_ips.iter().any(|n| n.contains(&client)) {
                 return Err(Refusal::new(
                     403,
@@ -301,13 +315,15 @@ impl VerifyingProxy {
         Ok((route, body, budget))
     }
 
-    /// Sends the verified request to the app and relays the answer. Returns the status relayed.
+    /// Sends the verified request to the app and relays the answer. Returns the status relayed
+    /// and whether the answer went out whole (if not, the connection must end without `finish`,
+    /// which would close a chunked body as if it were complete).
     async fn forward(
         &self,
         session: &mut Session,
         route: &Route,
         body: Bytes,
-    ) -> Result<u16, Refusal> {
+    ) -> Result<(u16, bool), Refusal> {
         let peer = &self.peer;
         // A pooled connection the app closed meanwhile fails on first use: retry once on a new one.
         let mut attempt = 0;
@@ -365,22 +381,26 @@ impl VerifyingProxy {
             }
             Ok::<_, Box<Error>>(())
         };
-        match tokio::time::timeout(self.inbound.upstream_timeout, relay).await {
+        let whole = match tokio::time::timeout(self.inbound.upstream_timeout, relay).await {
             Ok(Ok(())) => {
                 self.connector
                     .release_http_session(upstream, peer, peer.options.idle_timeout)
                     .await;
+                true
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "relaying the app's response failed");
-                session.set_keepalive(None);
+                false
             }
             Err(_) => {
                 tracing::warn!("relaying the app's response timed out");
-                session.set_keepalive(None);
+                false
             }
+        };
+        if !whole {
+            session.set_keepalive(None);
         }
-        Ok(status)
+        Ok((status, whole))
     }
 
     /// The same method, path (or `upstream_path`), query and headers (their case kept), minus
@@ -465,8 +485,21 @@ async fn send_request(
             up
         }
     };
-    up.read_response_header().await?;
-    Ok(up)
+    // Informational answers (100, 102, 103) come before the real one and are not relayed: the
+    // sender's head is already answered. Switching protocols is not something a webhook does.
+    loop {
+        up.read_response_header().await?;
+        match up.response_header().map(|h| h.status.as_u16()) {
+            Some(101) => {
+                return Error::e_explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "the app answered 101 Switching Protocols",
+                )
+            }
+            Some(100..=199) => continue,
+            _ => return Ok(up),
+        }
+    }
 }
 
 fn too_large(limit: usize) -> Refusal {
@@ -584,7 +617,17 @@ async fn linger(session: &mut Session) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
 }
 
+/// How long writing an answer to a sender may take: one that does not read cannot hold a task.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn respond(session: &mut Session, refusal: &Refusal, close: bool) -> pingora::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, respond_now(session, refusal, close)).await {
+        Ok(sent) => sent,
+        Err(_) => Error::e_explain(ErrorType::WriteTimedout, "writing a refusal timed out"),
+    }
+}
+
+async fn respond_now(session: &mut Session, refusal: &Refusal, close: bool) -> pingora::Result<()> {
     let body = serde_json::json!({"error": refusal.code, "message": refusal.message}).to_string();
     let mut header = ResponseHeader::build(refusal.status, Some(3))?;
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
@@ -614,10 +657,14 @@ impl VerifyingProxy {
         };
         let result = match self.admit(session, &mut decision).await {
             Ok((route, body, _budget)) => match self.forward(session, route, body).await {
-                Ok(status) => {
+                Ok((status, whole)) => {
                     decision.outcome = Outcome::Forwarded;
                     decision.status = status;
-                    Ok(())
+                    if whole {
+                        Ok(())
+                    } else {
+                        Error::e_explain(ErrorType::WriteError, "the app's answer was cut short")
+                    }
                 }
                 Err(refusal) => {
                     decision.outcome = Outcome::UpstreamError;
@@ -686,12 +733,17 @@ impl HttpServerApp for VerifyingProxy {
         mut session: Session,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        // A head that trickles in is cut off like a body (pingora's own default is 60 s).
-        session.set_read_timeout(Some(self.inbound.read_timeout));
+        session.set_write_timeout(Some(WRITE_TIMEOUT));
         let mut stop = shutdown.clone();
+        // A kept-alive connection may sit idle for KEEPALIVE_IDLE, then the head must arrive within
+        // read_timeout like a body: a sender that trickles bytes or says nothing cannot hold the
+        // connection (pingora's own read timeout restarts with every byte).
         let read = tokio::select! {
             biased;
-            read = session.read_request() => read,
+            read = tokio::time::timeout(KEEPALIVE_IDLE + self.inbound.read_timeout, session.read_request()) => match read {
+                Ok(read) => read,
+                Err(_) => return None,
+            },
             // Shutting down while a kept-alive connection waits for its next request.
             _ = stop.wait_for(|down| *down) => return None,
         };
@@ -740,8 +792,10 @@ impl HttpServerApp for VerifyingProxy {
             return None;
         }
         let settings = HttpPersistentSettings::for_session(&session);
-        match session.finish().await {
-            Ok(Some(reusable)) => Some(ReusedHttpStream::from_reusable_stream(reusable, settings)),
+        match tokio::time::timeout(WRITE_TIMEOUT, session.finish()).await {
+            Ok(Ok(Some(reusable))) => {
+                Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
+            }
             _ => None,
         }
     }

@@ -967,6 +967,14 @@ async fn nul_bytes_anywhere_get_a_4xx_and_unsent_bodies_time_out() {
         );
         assert!(v["error"].is_string(), "{method} {path}: {v}");
     }
+    // A payload over outbound.max_payload (1 MiB by default) breaks the outbox's CHECK: 422.
+    let big = json!({"type": "order.created", "data": {"blob": "x".repeat(1_200_000)}});
+    let (status, v) = ops.call("POST", "/events", Some(big)).await;
+    assert_eq!(status, 422, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("max_payload"),
+        "{v}"
+    );
     assert!(!ops.postern.logs().contains("management API request failed"));
 
     // Content-Length: 100 and nothing more: answered within the body read timeout, not never.

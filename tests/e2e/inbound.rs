@@ -435,6 +435,25 @@ async fn forwarded_for_is_honoured_from_trusted_proxies() {
         (403, Some("ip_not_allowed")),
         "the forged first line was believed"
     );
+    // A line that is not text cannot be walked: the sender is unknown, not the trusted proxy.
+    let (mut headers, _) = sign("github", &body, now());
+    headers.push(("x-forwarded-for".into(), "203.0.113.7".into()));
+    let mut req = proxy
+        .http
+        .post(format!("{}/wh/local-only", proxy.base))
+        .body(body.clone());
+    for (k, v) in &headers {
+        req = req.header(k, v);
+    }
+    let req = req.header(
+        "x-forwarded-for",
+        reqwest::header::HeaderValue::from_bytes(b"\xff\xfe").unwrap(),
+    );
+    let status = req.send().await.unwrap().status().as_u16();
+    assert_eq!(
+        status, 403,
+        "an unreadable list fell back to the trusted proxy's address"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -970,4 +989,47 @@ async fn malformed_framing_is_refused_in_the_contract_and_pipelined_requests_are
     let answer = raw_exchange(proxy.port, format!("{request}{request}").as_bytes(), 2).await;
     assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer:?}");
     assert_eq!(proxy.upstream.count(), 2);
+}
+
+/// Review of issue 12: an app that answers with an informational head first (103 Early Hints)
+/// has its final answer relayed, the connection kept, nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_informational_answer_from_the_app_is_passed_over() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut seen = Vec::new();
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    seen.extend_from_slice(&buf[..n]);
+                    // The request is small: answer once its head and 2-byte body are in.
+                    if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        if seen.len() >= end + 4 + 2 {
+                            seen.clear();
+                            let _ = s
+                                .write_all(
+                                    b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                                )
+                                .await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let proxy = start_proxy_with(Receiver::ok().await, &format!("http://{app}"), "").await;
+    let body = b"{}".to_vec();
+    for _ in 0..2 {
+        let (headers, _) = sign("github", &body, now());
+        let (status, answer) = proxy.post("/wh/github", "", &headers, body.clone()).await;
+        assert_eq!(status, 200);
+        assert_eq!(answer, serde_json::Value::String("hello".into()));
+    }
 }
