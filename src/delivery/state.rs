@@ -562,22 +562,37 @@ impl DeliveryStore {
 // 10,000 deliveries, so the change commits quickly however large the backlog; the sweeper moves
 // the rest within moments (the change's announcement rings it).
 
+/// Moves up to 10,000 of the endpoints' deliveries in one of `from` to `to` (due at once when
+/// `to` is pending).
+async fn move_waiting(
+    tx: &Transaction<'_>,
+    schema: &Schema,
+    endpoint_ids: &[String],
+    from: &[DeliveryStatus],
+    to: DeliveryStatus,
+) -> anyhow::Result<u64> {
+    Ok(tx
+        .execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries
+                 SET status = $3, updated_at = now(),
+                     next_attempt_at = CASE WHEN $3 = 'pending' THEN now() ELSE next_attempt_at END
+                 WHERE id IN (SELECT id FROM __SCHEMA__.deliveries
+                              WHERE endpoint_id = ANY($1) AND status = ANY($2) LIMIT 10000)",
+            ),
+            &[&endpoint_ids, &from, &to],
+        )
+        .await?)
+}
+
 /// Pending -> paused: the endpoint became inactive.
 pub async fn pause_waiting(
     tx: &Transaction<'_>,
     schema: &Schema,
     endpoint_ids: &[String],
 ) -> anyhow::Result<u64> {
-    Ok(tx
-        .execute(
-            &schema.sql(
-                "UPDATE __SCHEMA__.deliveries SET status = 'paused', updated_at = now()
-                 WHERE id IN (SELECT id FROM __SCHEMA__.deliveries
-                              WHERE endpoint_id = ANY($1) AND status = 'pending' LIMIT 10000)",
-            ),
-            &[&endpoint_ids],
-        )
-        .await?)
+    use DeliveryStatus::*;
+    move_waiting(tx, schema, endpoint_ids, &[Pending], Paused).await
 }
 
 /// Paused -> pending, due at once: the endpoint is active again.
@@ -586,16 +601,8 @@ pub async fn resume_paused(
     schema: &Schema,
     endpoint_ids: &[String],
 ) -> anyhow::Result<u64> {
-    Ok(tx
-        .execute(
-            &schema.sql(
-                "UPDATE __SCHEMA__.deliveries SET status = 'pending', next_attempt_at = now(), updated_at = now()
-                 WHERE id IN (SELECT id FROM __SCHEMA__.deliveries
-                              WHERE endpoint_id = ANY($1) AND status = 'paused' LIMIT 10000)",
-            ),
-            &[&endpoint_ids],
-        )
-        .await?)
+    use DeliveryStatus::*;
+    move_waiting(tx, schema, endpoint_ids, &[Paused], Pending).await
 }
 
 /// Pending | paused -> cancelled: the endpoint was deleted (in-flight ones settle as cancelled
@@ -605,16 +612,8 @@ pub async fn cancel_unfinished(
     schema: &Schema,
     endpoint_ids: &[String],
 ) -> anyhow::Result<u64> {
-    Ok(tx
-        .execute(
-            &schema.sql(
-                "UPDATE __SCHEMA__.deliveries SET status = 'cancelled', updated_at = now()
-                 WHERE id IN (SELECT id FROM __SCHEMA__.deliveries
-                              WHERE endpoint_id = ANY($1) AND status IN ('pending', 'paused') LIMIT 10000)",
-            ),
-            &[&endpoint_ids],
-        )
-        .await?)
+    use DeliveryStatus::*;
+    move_waiting(tx, schema, endpoint_ids, &[Pending, Paused], Cancelled).await
 }
 
 /// Pending | paused | delivering -> cancelled, after an endpoint's tenant changed, for events the

@@ -590,17 +590,6 @@ async fn stored_values(client: &tokio_postgres::Client) -> (String, String) {
     (row.get(0), row.get(1))
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kib / 1024.0
-}
-
 /// What a replica holds in memory is bounded in bytes, and one payload is shared by its fan-out
 /// copies: 1 MiB payloads to 50 endpoints (500 deliveries, 500 MiB of requests) stay within the
 /// budget plus the process's own baseline (runtime, connection buffers; measured 90-116 MiB peak

@@ -817,18 +817,8 @@ async fn slow_uploads_past_the_buffered_budget_get_503_and_outbound_goes_on() {
         publish_one(&client, "order.created", serde_json::json!({ "i": i })).await;
     }
     receiver.wait_count(20, Duration::from_secs(5)).await;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.postern.pid())).unwrap();
-    let peak_kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    assert!(
-        peak_kib / 1024.0 < 100.0,
-        "peak RSS {:.1} MiB",
-        peak_kib / 1024.0
-    );
+    let peak = peak_rss_mib(proxy.postern.pid());
+    assert!(peak < 100.0, "peak RSS {peak:.1} MiB");
     drop(connections);
 }
 
