@@ -2,8 +2,10 @@
 //! only after its signature verified over the exact raw bytes it carried; every other request is
 //! answered by Postern with a JSON error and never forwarded.
 
+mod body;
 pub mod providers;
 mod proxy;
+mod refusal;
 mod server;
 
 use std::collections::HashMap;

@@ -16,7 +16,7 @@ use bytes::{Buf, Bytes};
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as Http1Session};
 use pingora::protocols::http::ServerSession as Session;
@@ -26,7 +26,11 @@ use pingora::{Error, ErrorType, OrErr};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::AsyncWriteExt;
 
-use super::providers::{Incoming, VerifyError};
+use super::body::{linger, read_body, BodyBudget};
+use super::providers::Incoming;
+use super::refusal::{
+    respond, timeout_refusal, too_large, upstream_failure, Refusal, WRITE_TIMEOUT,
+};
 use super::{Inbound, Route};
 use crate::telemetry::{InboundLabels, Metrics};
 
@@ -51,49 +55,6 @@ pub const VERIFIED_HEADER: &str = "x-postern-verified";
 /// Idle connections to the app kept for reuse (pingora's default is 128): above that many
 /// concurrent requests, every extra connection would be opened and closed per request.
 const UPSTREAM_IDLE_CONNECTIONS: usize = 256;
-
-/// A request Postern answers itself.
-#[derive(Debug)]
-pub struct Refusal {
-    pub status: u16,
-    pub code: &'static str,
-    pub message: String,
-    /// Seconds for a `Retry-After` header.
-    pub retry_after: Option<u32>,
-}
-
-impl Refusal {
-    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-
-    /// The buffered-body budget is spent: the sender should come back shortly.
-    fn overloaded() -> Self {
-        Self {
-            retry_after: Some(1),
-            ..Self::new(
-                503,
-                "overloaded",
-                "too many request bodies are being buffered (inbound.max_buffered); retry shortly",
-            )
-        }
-    }
-
-    fn from_verify(e: VerifyError) -> Self {
-        let code = match e {
-            VerifyError::MissingHeader => "missing_header",
-            VerifyError::MalformedHeader => "malformed_header",
-            VerifyError::TimestampOutOfTolerance => "timestamp_out_of_tolerance",
-            VerifyError::SignatureMismatch => "signature_mismatch",
-        };
-        Self::new(401, code, e.to_string())
-    }
-}
 
 /// What happened to one request, for the log line and the metrics.
 struct Decision<'r> {
@@ -500,148 +461,6 @@ async fn send_request(
             _ => return Ok(up),
         }
     }
-}
-
-fn too_large(limit: usize) -> Refusal {
-    Refusal::new(
-        413,
-        "body_too_large",
-        format!("the body exceeds inbound.max_body ({limit} bytes)"),
-    )
-}
-
-fn timeout_refusal() -> Refusal {
-    Refusal::new(
-        504,
-        "upstream_timeout",
-        "the app did not answer within inbound.upstream_timeout",
-    )
-}
-
-fn upstream_failure(e: &Error) -> Refusal {
-    match e.etype() {
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout => {
-            timeout_refusal()
-        }
-        _ => Refusal::new(
-            502,
-            "upstream_unavailable",
-            format!("the app is unreachable: {}", e.etype().as_str()),
-        ),
-    }
-}
-
-/// Reads the whole body, counting as it goes (chunked bodies declare no length). A body that
-/// arrives in one chunk, as small webhooks do, is kept as it came, without a copy.
-/// A request's share of the buffered-body budget, in KiB; given back when dropped.
-struct BodyBudget {
-    pool: Arc<tokio::sync::Semaphore>,
-    held: Option<tokio::sync::OwnedSemaphorePermit>,
-    bytes: usize,
-}
-
-impl BodyBudget {
-    fn new(pool: &Arc<tokio::sync::Semaphore>) -> Self {
-        Self {
-            pool: pool.clone(),
-            held: None,
-            bytes: 0,
-        }
-    }
-
-    /// Covers `total` bytes, taking more of the budget when needed; never waits.
-    fn grow(&mut self, total: usize) -> Result<(), Refusal> {
-        let have = self.bytes.div_ceil(1024);
-        let want = total.div_ceil(1024);
-        if want > have {
-            let more = u32::try_from(want - have).map_err(|_| Refusal::overloaded())?;
-            let permit = self
-                .pool
-                .clone()
-                .try_acquire_many_owned(more)
-                .map_err(|_| Refusal::overloaded())?;
-            match &mut self.held {
-                Some(held) => held.merge(permit),
-                None => self.held = Some(permit),
-            }
-        }
-        self.bytes = self.bytes.max(total);
-        Ok(())
-    }
-}
-
-async fn read_body(
-    session: &mut Session,
-    limit: usize,
-    budget: &mut BodyBudget,
-) -> Result<Bytes, Refusal> {
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut seen = 0;
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                seen += chunk.len();
-                if seen > limit {
-                    return Err(too_large(limit));
-                }
-                budget.grow(seen)?;
-                chunks.push(chunk);
-            }
-            Ok(None) if chunks.len() == 1 => return Ok(chunks.swap_remove(0)),
-            Ok(None) => return Ok(Bytes::from(chunks.concat())),
-            Err(e) => {
-                return Err(Refusal::new(
-                    400,
-                    "bad_request",
-                    format!("cannot read the request body: {}", e.etype().as_str()),
-                ))
-            }
-        }
-    }
-}
-
-/// After refusing a request whose body is still arriving, read and discard a bounded amount of it
-/// before closing: closing with unread data makes the kernel reset the connection, and the
-/// sender would lose the answer already sent (a "lingering close", as nginx does).
-async fn linger(session: &mut Session) {
-    const LINGER_BYTES: usize = 16 << 20;
-    let drain = async {
-        let mut seen = 0;
-        while let Ok(Some(chunk)) = session.read_request_body().await {
-            seen += chunk.len();
-            if seen > LINGER_BYTES {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
-}
-
-/// How long writing an answer to a sender may take: one that does not read cannot hold a task.
-const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-async fn respond(session: &mut Session, refusal: &Refusal, close: bool) -> pingora::Result<()> {
-    match tokio::time::timeout(WRITE_TIMEOUT, respond_now(session, refusal, close)).await {
-        Ok(sent) => sent,
-        Err(_) => Error::e_explain(ErrorType::WriteTimedout, "writing a refusal timed out"),
-    }
-}
-
-async fn respond_now(session: &mut Session, refusal: &Refusal, close: bool) -> pingora::Result<()> {
-    let body = serde_json::json!({"error": refusal.code, "message": refusal.message}).to_string();
-    let mut header = ResponseHeader::build(refusal.status, Some(3))?;
-    header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-    if let Some(seconds) = refusal.retry_after {
-        header.insert_header(http::header::RETRY_AFTER, seconds.to_string())?;
-    }
-    if close {
-        // The body may be unread: this connection cannot carry another request.
-        header.insert_header(http::header::CONNECTION, "close")?;
-        session.set_keepalive(None);
-    }
-    session.write_response_header(Box::new(header)).await?;
-    session.write_response_body(Bytes::from(body), true).await
 }
 
 impl VerifyingProxy {
