@@ -590,3 +590,29 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
         .unwrap();
     kib / 1024.0
 }
+
+/// Reads one whole HTTP/1.1 request (head and `Content-Length` body) from a raw connection, for
+/// the tests' hand-written servers; `false` when the peer closed first.
+pub async fn read_raw_request(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut seen = Vec::new();
+    loop {
+        let n = match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        seen.extend_from_slice(&buf[..n]);
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if seen.len() >= end + 4 + len {
+                return true;
+            }
+        }
+    }
+}

@@ -688,32 +688,14 @@ async fn only_data_and_integrity_errors_count_as_a_refused_row() {
 /// A raw HTTP receiver on 127.0.0.1 that answers every request with `head` and then streams `chunk`
 /// forever (or until `limit` bytes), until the client goes away.
 async fn streaming_receiver(head: &'static str, chunked: bool, limit: Option<usize>) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 << 10];
-                let mut seen = Vec::new();
-                // Read the request head and its declared body, then answer.
-                loop {
-                    let n = match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    seen.extend_from_slice(&buf[..n]);
-                    if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head_text = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
-                        let len: usize = head_text
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        if seen.len() >= end + 4 + len {
-                            break;
-                        }
-                    }
+                if !read_raw_request(&mut s).await {
+                    return;
                 }
                 if s.write_all(head.as_bytes()).await.is_err() {
                     return;

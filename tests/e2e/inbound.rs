@@ -985,31 +985,19 @@ async fn malformed_framing_is_refused_in_the_contract_and_pipelined_requests_are
 /// has its final answer relayed, the connection kept, nothing panics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_informational_answer_from_the_app_is_passed_over() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 << 10];
-                let mut seen = Vec::new();
-                loop {
-                    let n = match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    seen.extend_from_slice(&buf[..n]);
-                    // The request is small: answer once its head and 2-byte body are in.
-                    if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        if seen.len() >= end + 4 + 2 {
-                            seen.clear();
-                            let _ = s
-                                .write_all(
-                                    b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
-                                )
-                                .await;
-                        }
-                    }
+                // Each request, answered with an informational head before the real one.
+                while read_raw_request(&mut s).await {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                        )
+                        .await;
                 }
             });
         }
