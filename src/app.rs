@@ -17,7 +17,7 @@ use crate::crypto::SecretBox;
 use crate::db::{self, NotifySetting, Schema};
 use crate::delivery::client::WebhookClient;
 use crate::delivery::ssrf::Guard;
-use crate::delivery::state::DeliveryStore;
+use crate::delivery::state::{ordering::Ordering, DeliveryStore};
 use crate::delivery::{Capacity, Worker, WorkerSettings};
 use crate::endpoints;
 use crate::outbox::dispatcher::{Dispatcher, FastPath};
@@ -104,6 +104,7 @@ pub async fn run(
                 schema: schema.clone(),
                 vault: vault.clone(),
                 guard: Arc::new(Guard::new(config.outbound.allow_private_networks.clone())),
+                ordering: Arc::new(Ordering::new(&schema, config.outbound.ordering.on_failure)),
             };
             let tokens = api.tokens.iter().map(|t| t.expose().to_string()).collect();
             let router = crate::api::router(state, tokens);
@@ -237,7 +238,9 @@ async fn gauge_loop(
                      ORDER BY d.next_attempt_at LIMIT 1) first),
                 (SELECT count(*) FROM __SCHEMA__.endpoints WHERE NOT active AND deleted_at IS NULL),
                 (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.outbox
-                  WHERE dispatched_at IS NULL LIMIT {GAUGE_COUNT_CAP}) o)"
+                  WHERE dispatched_at IS NULL LIMIT {GAUGE_COUNT_CAP}) o),
+                (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.ordering_keys
+                  WHERE blocked_by IS NOT NULL LIMIT {GAUGE_COUNT_CAP}) k)"
     ));
     let mut client: Option<tokio_postgres::Client> = None;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -265,6 +268,7 @@ async fn gauge_loop(
                 metrics.oldest_due_seconds.set(row.get(1));
                 metrics.endpoints_inactive.set(row.get(2));
                 metrics.outbox_undispatched.set(row.get(3));
+                metrics.ordering_keys_blocked.set(row.get(4));
             }
             // Before the schema exists, or a count that ran out of time: try again next tick.
             Err(e) => {
@@ -488,6 +492,7 @@ pub fn start(
             o.dispatch_batch,
             o.memory_budget.0 / 16,
             fast_path.clone(),
+            Ordering::new(schema, o.ordering.on_failure),
         );
         tasks.spawn(
             "dispatcher",
@@ -502,7 +507,11 @@ pub fn start(
         );
     }
 
-    let store = Arc::new(DeliveryStore::new(pool.clone(), schema));
+    let store = Arc::new(DeliveryStore::new(
+        pool.clone(),
+        schema,
+        o.ordering.on_failure,
+    ));
     let client = WebhookClient::new(
         Guard::new(o.allow_private_networks.clone()),
         o.request_timeout.0,

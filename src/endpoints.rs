@@ -123,12 +123,14 @@ pub async fn sync_config_endpoints(
         .collect();
     let upsert = schema.sql(&format!(
         "INSERT INTO __SCHEMA__.endpoints
-            (id, url, events, tenant, description, headers, retry, signature, active, source)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'config')
+            (id, url, events, tenant, description, headers, retry, signature, active, source,
+             ordering_on_failure)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'config', $10)
          ON CONFLICT (id) DO UPDATE SET
             url = excluded.url, events = excluded.events, tenant = excluded.tenant,
             description = excluded.description, headers = excluded.headers, retry = excluded.retry,
             signature = excluded.signature, source = 'config', deleted_at = NULL,
+            ordering_on_failure = excluded.ordering_on_failure,
             active = CASE WHEN endpoints.disabled_reason LIKE '{RETIRED}%' THEN excluded.active
                           ELSE endpoints.active END,
             disabled_reason = CASE WHEN endpoints.disabled_reason LIKE '{RETIRED}%' THEN NULL
@@ -171,6 +173,7 @@ pub async fn sync_config_endpoints(
                 &retry,
                 &e.signature.as_str(),
                 &e.active,
+                &e.ordering.map(|o| o.on_failure.as_str()),
             ],
         )
         .await

@@ -162,6 +162,9 @@ pub async fn housekeeping_loop(
     cancel: CancellationToken,
 ) {
     let mut reap = tokio::time::interval(reap_every);
+    // Where the ordering safety net goes on from: it walks every key with queued deliveries, a
+    // batch per tick.
+    let mut keys_cursor = (String::new(), String::new());
     let mut prune = tokio::time::interval(prune_every);
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -179,6 +182,16 @@ pub async fn housekeeping_loop(
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "reaping lapsed leases failed"),
                 }
                 sweep(&store).await;
+                match store.mend_keys(BATCH, std::mem::take(&mut keys_cursor)).await {
+                    Ok((mended, next)) => {
+                        keys_cursor = next;
+                        if mended > 0 {
+                            tracing::warn!(keys = mended, "ordering keys left without a head were moved on");
+                            wake_worker.notify_one();
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "mending ordering keys failed"),
+                }
             }
             _ = prune.tick() => match retention.prune().await {
                 Ok(p) if p == Pruned::default() => {}

@@ -58,6 +58,7 @@ pub mod names {
     pub const DISPATCH_LAG: &str = "postern_outbox_dispatch_lag_seconds";
     pub const OUTBOX_UNDISPATCHED: &str = "postern_outbox_undispatched";
     pub const ENDPOINTS_INACTIVE: &str = "postern_endpoints_inactive";
+    pub const ORDERING_KEYS_BLOCKED: &str = "postern_ordering_keys_blocked";
     pub const INBOUND_REQUESTS: &str = "postern_inbound_requests";
     pub const INBOUND_DURATION: &str = "postern_inbound_duration_seconds";
     pub const DB_POOL_IN_USE: &str = "postern_db_pool_in_use";
@@ -97,6 +98,7 @@ pub struct Metrics {
     pub oldest_due_seconds: Gauge<f64, AtomicU64>,
     pub dispatch_lag: Histogram,
     pub endpoints_inactive: Gauge,
+    pub ordering_keys_blocked: Gauge,
     pub inbound_requests: Family<InboundLabels, Counter>,
     pub inbound_duration: Histogram,
     pub db_pool_in_use: Gauge,
@@ -121,6 +123,7 @@ impl Metrics {
             oldest_due_seconds: Gauge::default(),
             dispatch_lag: latency(),
             endpoints_inactive: Gauge::default(),
+            ordering_keys_blocked: Gauge::default(),
             inbound_requests: Family::default(),
             inbound_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             db_pool_in_use: Gauge::default(),
@@ -161,6 +164,11 @@ impl Metrics {
             names::ENDPOINTS_INACTIVE,
             "Endpoints that are inactive",
             m.endpoints_inactive.clone(),
+        );
+        registry.register(
+            names::ORDERING_KEYS_BLOCKED,
+            "Ordering keys waiting on a failed delivery (on_failure = block), all endpoints",
+            m.ordering_keys_blocked.clone(),
         );
         registry.register(
             names::INBOUND_REQUESTS,

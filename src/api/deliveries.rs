@@ -24,13 +24,16 @@ pub fn routes() -> OpenApiRouter<ApiState> {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct Delivery {
+pub(super) struct Delivery {
     id: uuid::Uuid,
     event_id: uuid::Uuid,
     event_type: String,
     endpoint_id: String,
-    /// pending | delivering | delivered | failed | paused | cancelled
+    /// pending | delivering | delivered | failed | paused | cancelled | queued (behind an
+    /// earlier delivery of its ordering key)
     status: String,
+    /// The event's ordering key, if it has one.
+    ordering_key: Option<String>,
     /// How many attempts were made.
     attempts: i32,
     /// When the next attempt is due (pending deliveries only).
@@ -41,17 +44,18 @@ pub struct Delivery {
     delivered_at: Option<DateTime<Utc>>,
 }
 
-const COLUMNS: &str =
+pub(super) const COLUMNS: &str =
     "id, event_id, event_type, endpoint_id, status, attempts, next_attempt_at, last_status_code,
-                       last_error, created_at, delivered_at";
+                       last_error, created_at, delivered_at, ordering_key";
 
-fn from_row(r: &tokio_postgres::Row) -> Delivery {
+pub(super) fn from_row(r: &tokio_postgres::Row) -> Delivery {
     let status: String = r.get(4);
     Delivery {
         id: r.get(0),
         event_id: r.get(1),
         event_type: r.get(2),
         endpoint_id: r.get(3),
+        ordering_key: r.get(11),
         next_attempt_at: if status == "pending" { r.get(6) } else { None },
         status,
         attempts: r.get(5),
@@ -102,7 +106,7 @@ struct ListDeliveries {
     cursor: Option<String>,
 }
 
-async fn endpoint_exists(
+pub(super) async fn endpoint_exists(
     state: &ApiState,
     id: &str,
     include_deleted: bool,
@@ -190,7 +194,7 @@ async fn list_deliveries(
     }))
 }
 
-fn parse_id(id: &str) -> Result<uuid::Uuid, ApiError> {
+pub(super) fn parse_id(id: &str) -> Result<uuid::Uuid, ApiError> {
     id.parse()
         .map_err(|_| ApiError::not_found(format!("no delivery {id}")))
 }
@@ -255,7 +259,7 @@ async fn retry_delivery(
     ApiPath(id): ApiPath<String>,
 ) -> Result<(StatusCode, Json<Delivery>), ApiError> {
     let uuid = parse_id(&id)?;
-    let client = app.pool.get().await?;
+    let mut client = app.pool.get().await?;
     let row = client
         .query_opt(
             &app.schema.sql(
@@ -290,8 +294,14 @@ async fn retry_delivery(
                 "the endpoint is inactive; activate it to resume",
             ))
         }
+        DeliveryStatus::Queued => {
+            return Err(ApiError::conflict(
+                "queued",
+                "the delivery waits for an earlier delivery of its ordering key",
+            ))
+        }
     }
-    if !state::retry_now(&client, &app.schema, uuid, status).await? {
+    if !state::retry_now(&mut client, &app.schema, &app.ordering, uuid, status).await? {
         return Err(ApiError::conflict(
             "changed",
             "the delivery changed meanwhile; look again",
@@ -340,8 +350,16 @@ async fn replay(
     if !endpoint_exists(&app, &id, false).await? {
         return Err(ApiError::not_found(format!("no endpoint {id}")));
     }
-    let client = app.pool.get().await?;
-    let requeued = state::replay_failed(&client, &app.schema, &id, body.since, body.until).await?;
+    let mut client = app.pool.get().await?;
+    let requeued = state::replay_failed(
+        &mut client,
+        &app.schema,
+        &app.ordering,
+        &id,
+        body.since,
+        body.until,
+    )
+    .await?;
     tracing::info!(endpoint.id = %id, requeued, "failed deliveries replayed");
     Ok((StatusCode::ACCEPTED, Json(Requeued { requeued })))
 }

@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::ApiState;
-use crate::config::{Dur, RetryConfig, SignatureScheme, REDACTED};
+use crate::config::{Dur, OnFailure, OrderingConfig, RetryConfig, SignatureScheme, REDACTED};
 use crate::outbox::glob::EventPattern;
 
 pub fn routes() -> OpenApiRouter<ApiState> {
@@ -46,6 +46,10 @@ pub struct Endpoint {
     pub signature: String,
     /// `config` or `api`.
     pub source: String,
+    /// `{"on_failure": "skip" | "block"}`: what a failed delivery does to the deliveries of its
+    /// ordering key behind it; `null`: the configured default (`outbound.ordering`).
+    #[schema(value_type = Option<Object>)]
+    pub ordering: Option<OrderingConfig>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -53,7 +57,7 @@ pub struct Endpoint {
 }
 
 const COLUMNS: &str =
-    "id, url, events, tenant, description, headers, retry, active, disabled_reason, signature, source, created_at, updated_at";
+    "id, url, events, tenant, description, headers, retry, active, disabled_reason, signature, source, created_at, updated_at, ordering_on_failure";
 
 fn from_row(r: &tokio_postgres::Row) -> Endpoint {
     let headers: serde_json::Value = r.get(5);
@@ -78,6 +82,10 @@ fn from_row(r: &tokio_postgres::Row) -> Endpoint {
         source: r.get(10),
         created_at: r.get(11),
         updated_at: r.get(12),
+        ordering: r
+            .get::<_, Option<&str>>(13)
+            .and_then(|v| v.parse::<OnFailure>().ok())
+            .map(|on_failure| OrderingConfig { on_failure }),
         secret: None,
     }
 }
@@ -107,6 +115,9 @@ pub struct CreateEndpoint {
     active: Option<bool>,
     #[schema(value_type = Option<String>)]
     signature: Option<SignatureScheme>,
+    /// `{"on_failure": "skip" | "block"}`; absent: the configured default.
+    #[schema(value_type = Option<Object>)]
+    ordering: Option<OrderingConfig>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -128,6 +139,9 @@ pub struct PatchEndpoint {
     active: Option<bool>,
     #[schema(value_type = Option<String>)]
     signature: Option<SignatureScheme>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<Object>)]
+    ordering: Option<Option<OrderingConfig>>,
 }
 
 fn check_url(state: &ApiState, url: &str) -> Result<(), ApiError> {
@@ -258,8 +272,9 @@ async fn create_endpoint(
     let row = tx
         .query_one(
             &state.schema.sql(&format!(
-                "INSERT INTO __SCHEMA__.endpoints (id, url, events, tenant, description, headers, retry, signature, active, source)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'api') RETURNING {COLUMNS}"
+                "INSERT INTO __SCHEMA__.endpoints (id, url, events, tenant, description, headers, retry, signature, active, source,
+                                                   ordering_on_failure)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'api', $10) RETURNING {COLUMNS}"
             )),
             &[
                 &id,
@@ -271,6 +286,7 @@ async fn create_endpoint(
                 &retry,
                 &signature.as_str(),
                 &body.active.unwrap_or(true),
+                &body.ordering.map(|o| o.on_failure.as_str()),
             ],
         )
         .await?;
@@ -384,7 +400,8 @@ async fn patch_endpoint(
         || body.description.is_some()
         || body.headers.is_some()
         || body.retry.is_some()
-        || body.signature.is_some();
+        || body.signature.is_some()
+        || body.ordering.is_some();
     if current.source == "config" && changes_fields {
         return Err(ApiError::conflict(
             "config_managed",
@@ -477,6 +494,7 @@ async fn apply_patch(
                     headers = COALESCE($8, headers),
                     retry = CASE WHEN $9 THEN $10 ELSE retry END,
                     signature = COALESCE($11, signature),
+                    ordering_on_failure = CASE WHEN $12 THEN $13 ELSE ordering_on_failure END,
                     updated_at = now()
                  WHERE id = $1 AND deleted_at IS NULL",
         ),
@@ -492,6 +510,8 @@ async fn apply_patch(
             &retry.is_some(),
             &retry.cloned().flatten(),
             &body.signature.map(|s| s.as_str()),
+            &body.ordering.is_some(),
+            &body.ordering.flatten().map(|o| o.on_failure.as_str()),
         ],
     )
     .await?;

@@ -8,6 +8,7 @@ mod deliveries;
 mod endpoints;
 mod error;
 mod events;
+mod ordering;
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ pub struct ApiState {
     pub schema: Schema,
     pub vault: SecretBox,
     pub guard: Arc<Guard>,
+    pub ordering: Arc<crate::delivery::state::ordering::Ordering>,
 }
 
 #[derive(OpenApi)]
@@ -59,7 +61,8 @@ pub fn routes() -> (axum::Router<ApiState>, utoipa::openapi::OpenApi) {
     let v1 = OpenApiRouter::new()
         .merge(endpoints::routes())
         .merge(deliveries::routes())
-        .merge(events::routes());
+        .merge(events::routes())
+        .merge(ordering::routes());
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", v1)
         .split_for_parts()

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{defaults, RetryConfig, Secret};
+use super::{defaults, OrderingConfig, RetryConfig, Secret};
 
 /// The signature scheme an endpoint receives.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,4 +58,7 @@ pub struct EndpointConfig {
     pub retry: Option<RetryConfig>,
     #[serde(default = "defaults::yes")]
     pub active: bool,
+    /// Unset: `[outbound.ordering]` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<OrderingConfig>,
 }

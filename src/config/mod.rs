@@ -16,7 +16,9 @@ pub use database::DatabaseConfig;
 pub use endpoints::{EndpointConfig, SignatureScheme};
 pub use inbound::{InboundConfig, RouteConfig};
 pub use operations::{AdminConfig, ApiConfig, LogConfig, LogFormat};
-pub use outbound::{NotifyMode, OutboundConfig, RetentionConfig, RetryConfig};
+pub use outbound::{
+    NotifyMode, OnFailure, OrderingConfig, OutboundConfig, RetentionConfig, RetryConfig,
+};
 use values::toml_string;
 pub use values::{mask_url_password, ByteSize, Dur, Secret, REDACTED};
 

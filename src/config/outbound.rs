@@ -29,6 +29,45 @@ impl NotifyMode {
     }
 }
 
+/// What the failed head of an ordering key does to the deliveries behind it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// The next delivery of the key proceeds; the failed one stays `failed`, retryable.
+    #[default]
+    Skip,
+    /// The key waits until the failed delivery is retried and delivered, or cancelled.
+    Block,
+}
+
+impl OnFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Skip => "skip",
+            OnFailure::Block => "block",
+        }
+    }
+}
+
+impl std::str::FromStr for OnFailure {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "skip" => Ok(Self::Skip),
+            "block" => Ok(Self::Block),
+            other => Err(format!("unknown on_failure {other:?} (skip | block)")),
+        }
+    }
+}
+
+/// `[outbound.ordering]` (the default) and an endpoint's `ordering`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderingConfig {
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundConfig {
@@ -65,6 +104,8 @@ pub struct OutboundConfig {
     pub max_lease_lapses: u32,
     #[serde(default)]
     pub retry: RetryConfig,
+    #[serde(default)]
+    pub ordering: OrderingConfig,
 }
 
 impl Default for OutboundConfig {
@@ -83,6 +124,7 @@ impl Default for OutboundConfig {
             dispatch_batch: defaults::dispatch_batch(),
             max_lease_lapses: defaults::max_lease_lapses(),
             retry: RetryConfig::default(),
+            ordering: OrderingConfig::default(),
         }
     }
 }

@@ -25,6 +25,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "hardening",
         include_str!("migrations/0003_hardening.sql"),
     ),
+    (4, "ordering", include_str!("migrations/0004_ordering.sql")),
 ];
 
 /// The schema version this binary needs.

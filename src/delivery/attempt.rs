@@ -63,6 +63,7 @@ impl AttemptContext {
             id: d.id,
             attempt: d.attempt,
             endpoint_id: d.endpoint_id.clone(),
+            ordering_key: d.ordering_key.clone(),
             settle,
             record: AttemptRecord {
                 started_at,

@@ -168,6 +168,7 @@ impl Worker {
             report_rx,
             slots_freed.clone(),
             self.sweep_now.clone(),
+            self.wake.clone(),
         ));
         let attempts = Attempts {
             context: Arc::new(AttemptContext {

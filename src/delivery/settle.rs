@@ -19,6 +19,8 @@ pub(super) fn cut_short(id: Uuid, attempt: i32, endpoint: &str) -> Ack {
         id,
         attempt,
         endpoint_id: endpoint.to_string(),
+        // Due again, so still its key's head: the key does not move.
+        ordering_key: None,
         settle: Settle::Retry { at: Utc::now() },
         record: AttemptRecord {
             started_at: Utc::now(),
@@ -40,6 +42,7 @@ pub(super) async fn settle_loop(
     mut rx: mpsc::UnboundedReceiver<Done>,
     slots_freed: Arc<Notify>,
     sweep_now: Arc<Notify>,
+    wake: Arc<Notify>,
 ) {
     let mut buf: Vec<Done> = Vec::with_capacity(512);
     while rx.recv_many(&mut buf, 512).await > 0 {
@@ -56,7 +59,10 @@ pub(super) async fn settle_loop(
         let started = Instant::now();
         let outcomes = acks.len();
         let gone = acks.iter().any(|a| a.settle == Settle::EndpointGone);
-        write_outcomes(&store, owner, acks).await;
+        if write_outcomes(&store, owner, acks).await > 0 {
+            // The next deliveries of keys whose head just finished are due now.
+            wake.notify_one();
+        }
         if gone {
             sweep_now.notify_one();
         }
@@ -86,14 +92,16 @@ const WRITE_TRIES: u32 = 50;
 /// is written row by row, so one row can never hold back the others; a row still refused is
 /// written without what the receiver sent, with the reason. A batch that fails for want of a
 /// database is retried whole, with backoff.
-async fn write_outcomes(store: &DeliveryStore, owner: Uuid, mut acks: Vec<Ack>) {
+/// Returns how many ordering keys' next deliveries became due.
+async fn write_outcomes(store: &DeliveryStore, owner: Uuid, mut acks: Vec<Ack>) -> i32 {
     let mut delay = Duration::from_millis(100);
+    let mut promoted = 0;
     for attempt in 1..=WRITE_TRIES {
         if acks.is_empty() {
-            return;
+            return promoted;
         }
         let e = match store.settle(owner, &acks).await {
-            Ok(()) => return,
+            Ok(n) => return promoted + n,
             Err(e) => e,
         };
         if state::is_statement_error(&e) {
@@ -101,18 +109,18 @@ async fn write_outcomes(store: &DeliveryStore, owner: Uuid, mut acks: Vec<Ack>) 
             let mut unwritten = Vec::new();
             for ack in acks {
                 match store.settle(owner, std::slice::from_ref(&ack)).await {
-                    Ok(()) => {}
+                    Ok(n) => promoted += n,
                     Err(e) if state::is_statement_error(&e) => {
                         let reason = format!("{e:#}");
                         tracing::error!(delivery.id = %ack.id, error = %reason, "an outcome was refused; recording it without the response");
                         let stripped = ack.without_receiver_data(&reason);
-                        if let Err(e) = store.settle(owner, std::slice::from_ref(&stripped)).await {
-                            if state::is_statement_error(&e) {
+                        match store.settle(owner, std::slice::from_ref(&stripped)).await {
+                            Ok(n) => promoted += n,
+                            Err(e) if state::is_statement_error(&e) => {
                                 tracing::error!(delivery.id = %ack.id, error = %format!("{e:#}"),
                                     "an outcome cannot be recorded at all; its lease will lapse");
-                            } else {
-                                unwritten.push(stripped);
                             }
+                            Err(_) => unwritten.push(stripped),
                         }
                     }
                     Err(_) => unwritten.push(ack),
@@ -124,12 +132,13 @@ async fn write_outcomes(store: &DeliveryStore, owner: Uuid, mut acks: Vec<Ack>) 
         if attempt == WRITE_TRIES {
             tracing::error!(error = %format!("{e:#}"), batch = acks.len(),
                 "recording outcomes failed for good; their leases will lapse and they will be retried");
-            return;
+            return promoted;
         }
         tracing::warn!(error = %format!("{e:#}"), batch = acks.len(), "recording outcomes failed; retrying");
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
+    promoted
 }
 
 /// Hands back unfinished deliveries, retrying while the database is away.

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::glob::Subscription;
 use crate::db::Schema;
+use crate::delivery::state::ordering::{Keys, Ordering};
 use crate::delivery::state::{Claimed, DeliveryStatus};
 use crate::delivery::{Capacity, Handoff};
 
@@ -54,6 +55,8 @@ pub struct Dispatched {
     pub pending: usize,
     /// Seconds from each event's insert to its dispatch (for the lag metric).
     pub lags: Vec<f64>,
+    /// Keyed events left for a later pass: an earlier event of their key was in another pass.
+    pub held_back: usize,
 }
 
 /// The fan-out fast path: fresh deliveries to active endpoints are inserted already claimed by
@@ -73,6 +76,7 @@ pub struct Dispatcher {
     /// Payload bytes one pass may take into memory.
     batch_bytes: i64,
     fast: FastPath,
+    ordering: Ordering,
     take: String,
     endpoints: String,
     insert: String,
@@ -86,12 +90,14 @@ impl Dispatcher {
         batch: usize,
         batch_bytes: u64,
         fast: FastPath,
+        ordering: Ordering,
     ) -> Self {
         Self {
             pool,
             batch: batch as i64,
             batch_bytes: batch_bytes.min(i64::MAX as u64) as i64,
             fast,
+            ordering,
             // Taking a batch marks it dispatched in the same statement (the transaction makes that
             // one with the deliveries' insert): one statement per pass instead of two. The locked
             // rows are found again by `ctid`, which cannot change while this transaction holds
@@ -99,18 +105,39 @@ impl Dispatcher {
             // The batch stops at `$2` bytes of payload (the first row always), so one pass never
             // brings more into memory than that; rows past it stay locked until this
             // transaction ends and go in the next pass.
+            // Per ordering key, events are fanned out in `id` order: a keyed event is left (locked
+            // until this transaction ends, untouched) when an earlier undispatched event of its
+            // key is outside this batch, i.e. in another replica's open pass (`ordering`). One
+            // index probe per key in the batch; nothing for unkeyed events. Always one row at
+            // least: the last column counts the events left so.
             take: schema.sql(
-                "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
-                 WHERE ctid = ANY(ARRAY(
-                     SELECT ctid FROM (
-                         SELECT ctid, sum(octet_length(payload::text)) OVER (ORDER BY id)
-                                      - octet_length(payload::text) AS before
-                         FROM (SELECT ctid, id, payload FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL
-                               ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) batch) s
-                     WHERE before < $2))
-                 RETURNING id, event_id, event_type, tenant, target_endpoint,
-                        extract(epoch FROM clock_timestamp() - created_at)::float8,
-                        payload::text, created_at, metadata",
+                "WITH batch AS MATERIALIZED (
+                    SELECT ctid, id, payload, ordering_key FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL
+                    ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+                 ), fenced AS MATERIALIZED (
+                    SELECT k.ordering_key, (
+                        SELECT o.id FROM __SCHEMA__.outbox o
+                        WHERE o.ordering_key = k.ordering_key AND o.dispatched_at IS NULL
+                          AND NOT EXISTS (SELECT 1 FROM batch b WHERE b.id = o.id)
+                        ORDER BY o.id LIMIT 1) AS first_elsewhere
+                    FROM (SELECT DISTINCT ordering_key FROM batch WHERE ordering_key IS NOT NULL) k
+                 ), ok AS MATERIALIZED (
+                    SELECT b.ctid, b.id, b.payload FROM batch b LEFT JOIN fenced f ON f.ordering_key = b.ordering_key
+                    WHERE f.first_elsewhere IS NULL OR b.id < f.first_elsewhere
+                 ), taken AS (
+                    UPDATE __SCHEMA__.outbox SET dispatched_at = now()
+                    WHERE ctid = ANY(ARRAY(
+                        SELECT ctid FROM (
+                            SELECT ctid, sum(octet_length(payload::text)) OVER (ORDER BY id)
+                                         - octet_length(payload::text) AS before
+                            FROM ok) s
+                        WHERE before < $2))
+                    RETURNING id, event_id, event_type, tenant, target_endpoint,
+                           extract(epoch FROM clock_timestamp() - created_at)::float8,
+                           payload::text, created_at, metadata, ordering_key
+                 )
+                 SELECT t.*, h.n FROM (SELECT (SELECT count(*) FROM batch) - (SELECT count(*) FROM ok) AS n) h
+                 LEFT JOIN taken t ON true",
             ),
             endpoints: schema.sql(
                 "SELECT e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
@@ -122,13 +149,15 @@ impl Dispatcher {
             lock_key: schema.fan_out_lock_key(),
             insert: schema.sql(
                 "INSERT INTO __SCHEMA__.deliveries
-                    (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at)
+                    (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner,
+                     lease_expires_at, ordering_key)
                  SELECT u.id, u.outbox_id, u.event_id, u.event_type, u.endpoint_id, u.status,
                         CASE WHEN u.status = 'delivering' THEN 1 ELSE 0 END,
                         CASE WHEN u.status = 'delivering' THEN $7::uuid END,
-                        CASE WHEN u.status = 'delivering' THEN now() + make_interval(secs => $8) END
-                 FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[])
-                   AS u(id, outbox_id, event_id, event_type, endpoint_id, status)",
+                        CASE WHEN u.status = 'delivering' THEN now() + make_interval(secs => $8) END,
+                        u.ordering_key
+                 FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $9::text[])
+                   AS u(id, outbox_id, event_id, event_type, endpoint_id, status, ordering_key)",
             ),
         }
     }
@@ -155,11 +184,17 @@ impl Dispatcher {
             tx.query(&take, &take_params),
             tx.query(&endpoints, &[])
         )?;
+        // One row even when nothing was taken, for the count of keyed events held back.
+        let held_back = rows.first().map_or(0, |r| r.get::<_, i64>(10)) as usize;
+        rows.retain(|r| r.get::<_, Option<i64>>(0).is_some());
         // RETURNING keeps no order; fan out in commit-id order.
         rows.sort_unstable_by_key(|r| r.get::<_, i64>(0));
         if rows.is_empty() {
             tx.commit().await?;
-            return Ok(Dispatched::default());
+            return Ok(Dispatched {
+                held_back,
+                ..Dispatched::default()
+            });
         }
         let targets: Vec<Target> = endpoint_rows
             .iter()
@@ -177,6 +212,7 @@ impl Dispatcher {
             .collect();
 
         let mut new = NewDeliveries::default();
+        let mut keys = Keys::default();
         let mut handoffs = Vec::new();
         let mut lags = Vec::with_capacity(rows.len());
         for r in &rows {
@@ -185,6 +221,7 @@ impl Dispatcher {
             let event_type: &str = r.get(2);
             let tenant: Option<&str> = r.get(3);
             let target: Option<&str> = r.get(4);
+            let ordering_key: Option<&str> = r.get(9);
             lags.push(r.get::<_, f64>(5));
             // One copy of the payload however many endpoints get it.
             let mut payload: Option<std::sync::Arc<str>> = None;
@@ -196,6 +233,21 @@ impl Dispatcher {
                 let payload = payload
                     .get_or_insert_with(|| r.get::<_, String>(6).into())
                     .clone();
+                // A keyed delivery waits its turn: the key's head is chosen below, under its lock.
+                if let Some(key) = ordering_key {
+                    let queued = DeliveryStatus::Queued;
+                    new.push(
+                        delivery_id,
+                        id,
+                        event_id,
+                        event_type,
+                        &t.id,
+                        queued,
+                        ordering_key,
+                    );
+                    keys.push(&t.id, key);
+                    continue;
+                }
                 let hold = t
                     .active
                     .then(|| self.fast.capacity.try_hold(&t.id, payload.len()))
@@ -207,7 +259,7 @@ impl Dispatcher {
                     (None, true) => DeliveryStatus::Pending,
                     (None, false) => DeliveryStatus::Paused,
                 };
-                new.push(delivery_id, id, event_id, event_type, &t.id, status);
+                new.push(delivery_id, id, event_id, event_type, &t.id, status, None);
                 if let Some(hold) = hold {
                     let delivery = Claimed {
                         id: delivery_id,
@@ -223,6 +275,7 @@ impl Dispatcher {
                         retry: t.retry.clone(),
                         metadata: r.get(8),
                         secrets: t.secrets.clone(),
+                        ordering_key: None,
                     };
                     handoffs.push(Handoff { delivery, hold });
                 }
@@ -230,13 +283,13 @@ impl Dispatcher {
         }
         let (owner, lease) = (self.fast.owner, self.fast.lease.as_secs_f64());
         let deliveries = new.ids.len();
-        let pending = new
+        let mut pending = new
             .statuses
             .iter()
             .filter(|s| **s == DeliveryStatus::Pending)
             .count();
         if deliveries > 0 {
-            let insert_params: [&(dyn ToSql + Sync); 8] = [
+            let insert_params: [&(dyn ToSql + Sync); 9] = [
                 &new.ids,
                 &new.outbox_ids,
                 &new.event_ids,
@@ -245,9 +298,12 @@ impl Dispatcher {
                 &new.statuses,
                 &owner,
                 &lease,
+                &new.ordering_keys,
             ];
             tx.execute(&insert, &insert_params).await?;
         }
+        // Keys with no head get one: their earliest queued delivery becomes due.
+        pending += self.ordering.advance(&tx, &keys, &[]).await? as usize;
         tx.commit().await?;
         // Only a stopped worker drops the receiver; the leases then lapse and the reaper makes
         // these deliveries due again.
@@ -261,6 +317,7 @@ impl Dispatcher {
             deliveries,
             pending,
             lags,
+            held_back,
         })
     }
 
@@ -278,9 +335,11 @@ struct NewDeliveries<'a> {
     event_types: Vec<&'a str>,
     endpoints: Vec<&'a str>,
     statuses: Vec<DeliveryStatus>,
+    ordering_keys: Vec<Option<&'a str>>,
 }
 
 impl<'a> NewDeliveries<'a> {
+    #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         id: Uuid,
@@ -289,6 +348,7 @@ impl<'a> NewDeliveries<'a> {
         event_type: &'a str,
         endpoint: &'a str,
         status: DeliveryStatus,
+        ordering_key: Option<&'a str>,
     ) {
         self.ids.push(id);
         self.outbox_ids.push(outbox_id);
@@ -296,6 +356,7 @@ impl<'a> NewDeliveries<'a> {
         self.event_types.push(event_type);
         self.endpoints.push(endpoint);
         self.statuses.push(status);
+        self.ordering_keys.push(ordering_key);
     }
 }
 

@@ -171,6 +171,9 @@ fn endpoint_changed(capacity: &Capacity, sweep_now: &Notify, payload: &str) {
 /// at the end of the throttle window (commits inside a window are not announced).
 const FLOWING_GAP: Duration = Duration::from_millis(2);
 
+/// How soon a pass that left keyed events for another replica's pass looks again.
+const HELD_BACK_RETRY: Duration = Duration::from_millis(20);
+
 /// Runs dispatcher passes on wake-ups and on the poll timer until cancelled.
 pub async fn dispatch_loop(
     dispatcher: Dispatcher,
@@ -231,6 +234,11 @@ pub async fn dispatch_loop(
                         );
                     }
                     found |= done.events > 0;
+                    if done.held_back > 0 {
+                        // Another replica's pass holds earlier events of their keys: look again
+                        // once it has had time to commit.
+                        poll_at = poll_at.min(Instant::now() + HELD_BACK_RETRY);
+                    }
                     if done.events < dispatcher.batch() {
                         break;
                     }

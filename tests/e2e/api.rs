@@ -9,19 +9,19 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-const TOKEN: &str = "test-token-0123456789abcdef";
+pub(crate) const TOKEN: &str = "test-token-0123456789abcdef";
 const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 
-struct Ops {
-    db: TestDb,
-    postern: Postern,
-    api: String,
-    admin: String,
+pub(crate) struct Ops {
+    pub(crate) db: TestDb,
+    pub(crate) postern: Postern,
+    pub(crate) api: String,
+    pub(crate) admin: String,
     http: reqwest::Client,
 }
 
 /// Postern with the API (token, encryption key) and admin listeners; `extra` is appended.
-async fn start_ops(db: TestDb, database_url: Option<&str>, extra: &str) -> Ops {
+pub(crate) async fn start_ops(db: TestDb, database_url: Option<&str>, extra: &str) -> Ops {
     let (api_port, admin_port) = (dead_port().await, dead_port().await);
     let mut config = base_config(&db);
     if let Some(url) = database_url {
@@ -51,7 +51,7 @@ async fn start_ops(db: TestDb, database_url: Option<&str>, extra: &str) -> Ops {
 }
 
 impl Ops {
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub(crate) async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut req = self
             .http
             .request(method.parse().unwrap(), format!("{}{path}", self.api))
@@ -67,7 +67,7 @@ impl Ops {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
-    async fn create(&self, url: &str, extra: Value) -> Value {
+    pub(crate) async fn create(&self, url: &str, extra: Value) -> Value {
         let mut body = json!({"url": url, "events": ["*"]});
         body.as_object_mut()
             .unwrap()

@@ -8,6 +8,7 @@ mod common;
 mod deploy;
 mod hardening;
 mod inbound;
+mod ordering;
 mod outbound;
 mod pgbouncer;
 mod races;

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use uuid::Uuid;
 
+use super::ordering::{Keys, Ordering};
 use super::DeliveryStatus;
 use crate::db::Schema;
 
@@ -57,20 +58,27 @@ pub async fn resume_paused(
     move_waiting(tx, schema, endpoint_ids, &[Paused], Pending).await
 }
 
-/// Pending | paused -> cancelled: the endpoint was deleted (in-flight ones settle as cancelled
-/// when their attempt ends).
+/// Pending | paused | queued -> cancelled: the endpoint was deleted (in-flight ones settle as
+/// cancelled when their attempt ends).
 pub async fn cancel_unfinished(
     tx: &Transaction<'_>,
     schema: &Schema,
     endpoint_ids: &[String],
 ) -> anyhow::Result<u64> {
     use DeliveryStatus::*;
-    move_waiting(tx, schema, endpoint_ids, &[Pending, Paused], Cancelled).await
+    move_waiting(
+        tx,
+        schema,
+        endpoint_ids,
+        &[Pending, Paused, Queued],
+        Cancelled,
+    )
+    .await
 }
 
-/// Pending | paused | delivering -> cancelled, after an endpoint's tenant changed, for events the
-/// tenant rules no longer give it (a replica holding one finds its outcome fenced off). Targeted
-/// events (a test event) stay.
+/// Pending | paused | queued | delivering -> cancelled, after an endpoint's tenant changed, for
+/// events the tenant rules no longer give it (a replica holding one finds its outcome fenced off).
+/// Targeted events (a test event) stay. Keys whose head this cancels move on by the sweeper.
 pub async fn cancel_ineligible(
     tx: &Transaction<'_>,
     schema: &Schema,
@@ -85,7 +93,7 @@ pub async fn cancel_ineligible(
                      updated_at = now()
                  FROM __SCHEMA__.endpoints e, __SCHEMA__.outbox o
                  WHERE e.id = $1 AND d.endpoint_id = e.id AND o.id = d.outbox_id
-                   AND d.status IN ('pending', 'paused', 'delivering')
+                   AND d.status IN ('pending', 'paused', 'delivering', 'queued')
                    AND o.target_endpoint IS DISTINCT FROM e.id
                    AND e.tenant IS DISTINCT FROM '*' AND e.tenant IS DISTINCT FROM o.tenant",
             ),
@@ -94,22 +102,47 @@ pub async fn cancel_ineligible(
         .await?)
 }
 
-// Transitions an operator asks for through the API.
+// Transitions an operator asks for through the API. A keyed delivery changes only under its
+// key's lock, and rejoins its key's queue rather than jumping it (`ordering`).
+
+/// The (endpoint, key) of keyed deliveries among `ids`.
+async fn keys_of(tx: &Transaction<'_>, schema: &Schema, ids: &[Uuid]) -> anyhow::Result<Keys> {
+    let mut keys = Keys::default();
+    for r in tx
+        .query(
+            &schema.sql(
+                "SELECT endpoint_id, ordering_key FROM __SCHEMA__.deliveries
+                 WHERE id = ANY($1) AND ordering_key IS NOT NULL",
+            ),
+            &[&ids],
+        )
+        .await?
+    {
+        keys.push(r.get(0), r.get(1));
+    }
+    Ok(keys)
+}
 
 /// Failed | cancelled | pending -> pending (or paused, for an inactive endpoint), due now: one
-/// more attempt. Only from `from`, so a delivery that changed meanwhile is left alone; returns
-/// whether it moved.
+/// more attempt. A keyed one rejoins its key's queue and goes when its turn comes (at once, if the
+/// key has no other head). Only from `from`, so a delivery that changed meanwhile is left alone;
+/// returns whether it moved.
 pub async fn retry_now(
-    client: &deadpool_postgres::Client,
+    client: &mut deadpool_postgres::Client,
     schema: &Schema,
+    ordering: &Ordering,
     id: Uuid,
     from: DeliveryStatus,
 ) -> anyhow::Result<bool> {
-    Ok(client
+    let tx = client.transaction().await?;
+    let keys = keys_of(&tx, schema, &[id]).await?;
+    ordering.lock(&tx, &keys).await?;
+    let moved = tx
         .execute(
             &schema.sql(
                 "UPDATE __SCHEMA__.deliveries d
-                 SET status = CASE WHEN e.active THEN 'pending' ELSE 'paused' END,
+                 SET status = CASE WHEN d.ordering_key IS NOT NULL AND d.status <> 'pending' THEN 'queued'
+                                   WHEN e.active THEN 'pending' ELSE 'paused' END,
                      next_attempt_at = now(), updated_at = now()
                  FROM __SCHEMA__.endpoints e
                  WHERE d.id = $1 AND d.status = $2 AND e.id = d.endpoint_id",
@@ -117,27 +150,80 @@ pub async fn retry_now(
             &[&id, &from],
         )
         .await?
-        > 0)
+        > 0;
+    ordering.advance(&tx, &keys, &[]).await?;
+    tx.commit().await?;
+    Ok(moved)
 }
 
-/// Failed -> pending (or paused) for every delivery of the endpoint created in the window.
+/// Failed -> pending (or paused) for every delivery of the endpoint created in the window; keyed
+/// ones rejoin their keys' queues.
 pub async fn replay_failed(
-    client: &deadpool_postgres::Client,
+    client: &mut deadpool_postgres::Client,
     schema: &Schema,
+    ordering: &Ordering,
     endpoint_id: &str,
     since: DateTime<Utc>,
     until: Option<DateTime<Utc>>,
 ) -> anyhow::Result<u64> {
-    Ok(client
+    let tx = client.transaction().await?;
+    let mut keys = Keys::default();
+    for r in tx
+        .query(
+            &schema.sql(
+                "SELECT DISTINCT ordering_key FROM __SCHEMA__.deliveries
+                 WHERE endpoint_id = $1 AND status = 'failed' AND ordering_key IS NOT NULL
+                   AND created_at >= $2 AND ($3::timestamptz IS NULL OR created_at < $3)",
+            ),
+            &[&endpoint_id, &since, &until],
+        )
+        .await?
+    {
+        keys.push(endpoint_id, r.get(0));
+    }
+    ordering.lock(&tx, &keys).await?;
+    let n = tx
         .execute(
             &schema.sql(
                 "UPDATE __SCHEMA__.deliveries d
-                 SET status = CASE WHEN e.active THEN 'pending' ELSE 'paused' END, next_attempt_at = now(), updated_at = now()
+                 SET status = CASE WHEN d.ordering_key IS NOT NULL THEN 'queued'
+                                   WHEN e.active THEN 'pending' ELSE 'paused' END,
+                     next_attempt_at = now(), updated_at = now()
                  FROM __SCHEMA__.endpoints e
                  WHERE e.id = d.endpoint_id AND d.endpoint_id = $1 AND d.status = 'failed'
                    AND d.created_at >= $2 AND ($3::timestamptz IS NULL OR d.created_at < $3)",
             ),
             &[&endpoint_id, &since, &until],
         )
-        .await?)
+        .await?;
+    ordering.advance(&tx, &keys, &[]).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Pending | paused | queued | failed -> cancelled: an operator gives up on a delivery (a blocked
+/// key's failed head, say). Its key moves on. Returns whether it moved.
+pub async fn cancel(
+    client: &mut deadpool_postgres::Client,
+    schema: &Schema,
+    ordering: &Ordering,
+    id: Uuid,
+) -> anyhow::Result<bool> {
+    let tx = client.transaction().await?;
+    let keys = keys_of(&tx, schema, &[id]).await?;
+    ordering.lock(&tx, &keys).await?;
+    let moved = tx
+        .execute(
+            &schema.sql(
+                "UPDATE __SCHEMA__.deliveries
+                 SET status = 'cancelled', last_error = 'cancelled through the API', updated_at = now()
+                 WHERE id = $1 AND status IN ('pending', 'paused', 'queued', 'failed')",
+            ),
+            &[&id],
+        )
+        .await?
+        > 0;
+    ordering.advance(&tx, &keys, &[]).await?;
+    tx.commit().await?;
+    Ok(moved)
 }

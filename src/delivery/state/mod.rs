@@ -14,7 +14,13 @@
 //!                     │     │  │                                              max_lease_lapses)
 //!                     └─> paused <──pause / sweep──┘  ──resume──> pending
 //!   pending | paused ──delete / sweep / re-tenant──> cancelled;  failed | cancelled ──retry──> pending
+//!
+//!   keyed (ordering_key): fan-out / retry ──> queued ──advance (the key has no head)──> pending | paused
+//!   queued ──delete / re-tenant / cancel──> cancelled
 //! ```
+//!
+//! A keyed delivery is its key's *head* while `pending`, `delivering` or `paused`; `ordering`
+//! keeps one head per (endpoint, key).
 
 use std::time::Duration;
 
@@ -26,6 +32,7 @@ use uuid::Uuid;
 use crate::db::Schema;
 
 mod changes;
+pub mod ordering;
 pub use changes::*;
 
 /// `postern.deliveries.status`.
@@ -43,16 +50,19 @@ pub enum DeliveryStatus {
     Paused,
     /// Its endpoint was deleted, or no longer may see the event.
     Cancelled,
+    /// Behind an earlier delivery of its ordering key to the same endpoint.
+    Queued,
 }
 
 impl DeliveryStatus {
-    pub const ALL: [DeliveryStatus; 6] = [
+    pub const ALL: [DeliveryStatus; 7] = [
         DeliveryStatus::Pending,
         DeliveryStatus::Delivering,
         DeliveryStatus::Delivered,
         DeliveryStatus::Failed,
         DeliveryStatus::Paused,
         DeliveryStatus::Cancelled,
+        DeliveryStatus::Queued,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +73,7 @@ impl DeliveryStatus {
             DeliveryStatus::Failed => "failed",
             DeliveryStatus::Paused => "paused",
             DeliveryStatus::Cancelled => "cancelled",
+            DeliveryStatus::Queued => "queued",
         }
     }
 
@@ -70,7 +81,10 @@ impl DeliveryStatus {
     pub fn is_unfinished(self) -> bool {
         matches!(
             self,
-            DeliveryStatus::Pending | DeliveryStatus::Delivering | DeliveryStatus::Paused
+            DeliveryStatus::Pending
+                | DeliveryStatus::Delivering
+                | DeliveryStatus::Paused
+                | DeliveryStatus::Queued
         )
     }
 }
@@ -137,6 +151,8 @@ pub struct Claimed {
     pub metadata: Option<serde_json::Value>,
     /// Unexpired secrets, newest first.
     pub secrets: Vec<String>,
+    /// Its event's ordering key: at most one delivery of it per endpoint is ever in flight.
+    pub ordering_key: Option<String>,
 }
 
 /// How an attempt settles its delivery.
@@ -168,6 +184,7 @@ pub struct Ack {
     pub id: Uuid,
     pub attempt: i32,
     pub endpoint_id: String,
+    pub ordering_key: Option<String>,
     pub settle: Settle,
     pub record: AttemptRecord,
 }
@@ -211,6 +228,7 @@ pub fn is_statement_error(e: &anyhow::Error) -> bool {
 /// Prepared SQL texts for one schema.
 pub struct DeliveryStore {
     pool: Pool,
+    pub ordering: ordering::Ordering,
     claim: String,
     ack: String,
     disable_gone: String,
@@ -223,9 +241,10 @@ pub struct DeliveryStore {
 }
 
 impl DeliveryStore {
-    pub fn new(pool: Pool, schema: &Schema) -> Self {
+    pub fn new(pool: Pool, schema: &Schema, on_failure: crate::config::OnFailure) -> Self {
         Self {
             pool,
+            ordering: ordering::Ordering::new(schema, on_failure),
             // Fair across endpoints: endpoints in random order, each contributing at most its
             // free per-endpoint slots, so one endpoint's backlog cannot fill a batch. The
             // MATERIALIZED fence stops the planner from re-running the LIMIT subquery. `fit`
@@ -262,7 +281,7 @@ impl DeliveryStore {
                            o.created_at, e.url, e.headers, e.signature, e.retry, o.metadata,
                            ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
                                  WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
-                                 ORDER BY s.id DESC) AS secrets",
+                                 ORDER BY s.id DESC) AS secrets, d.ordering_key",
             ),
             ack: schema.sql(
                 "WITH u AS (
@@ -379,11 +398,13 @@ impl DeliveryStore {
                         updated_at = now()
                     FROM lapsed, __SCHEMA__.endpoints e
                     WHERE d.id = lapsed.id AND e.id = d.endpoint_id
-                    RETURNING d.id, d.attempts
+                    RETURNING d.id, d.attempts, d.status, d.endpoint_id, d.ordering_key
+                 ), ins AS (
+                    INSERT INTO __SCHEMA__.attempts (delivery_id, attempt, started_at, duration_ms, error)
+                    SELECT id, attempts, now(), 0, 'lease expired: outcome unknown' FROM upd
+                    ON CONFLICT DO NOTHING
                  )
-                 INSERT INTO __SCHEMA__.attempts (delivery_id, attempt, started_at, duration_ms, error)
-                 SELECT id, attempts, now(), 0, 'lease expired: outcome unknown' FROM upd
-                 ON CONFLICT DO NOTHING",
+                 SELECT id, status, endpoint_id, ordering_key FROM upd",
             ),
         }
     }
@@ -434,6 +455,7 @@ impl DeliveryStore {
                 retry: r.get(10),
                 metadata: r.get(11),
                 secrets: r.get(12),
+                ordering_key: r.get(13),
             })
             .collect())
     }
@@ -441,9 +463,10 @@ impl DeliveryStore {
     /// Writes a batch of outcomes in one transaction: attempts recorded, deliveries settled,
     /// endpoints that answered 410 disabled (their waiting deliveries are paused by [`Self::sweep`],
     /// outside this transaction). Acks whose fence fails are dropped by the database.
-    pub async fn settle(&self, owner: Uuid, acks: &[Ack]) -> anyhow::Result<()> {
+    /// Returns how many ordering keys' next deliveries it made due.
+    pub async fn settle(&self, owner: Uuid, acks: &[Ack]) -> anyhow::Result<i32> {
         if acks.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut client = self.pool.get().await?;
         let n = acks.len();
@@ -487,21 +510,37 @@ impl DeliveryStore {
             .filter(|a| a.settle == Settle::EndpointGone)
             .map(|a| a.endpoint_id.as_str())
             .collect();
-        if gone.is_empty() {
+        // Keyed deliveries that leave their key's head: the key moves on in the same transaction,
+        // under its lock (taken first, see `ordering`).
+        let mut keys = ordering::Keys::default();
+        let mut failed = Vec::new();
+        for a in acks {
+            if let (Some(key), Settle::Delivered | Settle::Failed) = (&a.ordering_key, a.settle) {
+                keys.push(&a.endpoint_id, key);
+                if a.settle == Settle::Failed {
+                    failed.push(a.id);
+                }
+            }
+        }
+        if gone.is_empty() && keys.is_empty() {
             // The usual case: one statement, its own transaction, one round trip.
             let stmt = client.prepare_cached(&self.ack).await?;
             client.execute(&stmt, &params).await?;
-            return Ok(());
+            return Ok(0);
         }
         gone.sort_unstable();
         gone.dedup();
         let tx = client.transaction().await?;
-        tx.execute(&self.disable_gone, &[&gone]).await?;
-        tx.execute(&self.announce_gone, &[&gone]).await?;
+        self.ordering.lock(&tx, &keys).await?;
+        if !gone.is_empty() {
+            tx.execute(&self.disable_gone, &[&gone]).await?;
+            tx.execute(&self.announce_gone, &[&gone]).await?;
+        }
         let stmt = tx.prepare_cached(&self.ack).await?;
         tx.execute(&stmt, &params).await?;
+        let promoted = self.ordering.advance(&tx, &keys, &failed).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(promoted)
     }
 
     /// Returns claimed-but-unfinished deliveries to `pending` at once (shutdown), undoing the
@@ -552,11 +591,40 @@ impl DeliveryStore {
         Ok(n)
     }
 
+    /// The ordering safety net (see `ordering`): one batch of keys after `cursor`.
+    pub async fn mend_keys(
+        &self,
+        batch: i64,
+        cursor: (String, String),
+    ) -> anyhow::Result<(i32, (String, String))> {
+        let mut client = self.pool.get().await?;
+        self.ordering.mend(&mut client, batch, cursor).await
+    }
+
     /// Makes deliveries whose lease lapsed due again (or failed, after `max_lapses` in a row);
     /// returns how many.
     pub async fn reap(&self, batch: i64, max_lapses: i32) -> anyhow::Result<u64> {
-        let client = self.pool.get().await?;
-        Ok(client.execute(&self.reap, &[&batch, &max_lapses]).await?)
+        let mut client = self.pool.get().await?;
+        let rows = client.query(&self.reap, &[&batch, &max_lapses]).await?;
+        // A keyed delivery failed or cancelled here no longer heads its key.
+        let mut keys = ordering::Keys::default();
+        let mut failed = Vec::new();
+        for r in &rows {
+            let status: DeliveryStatus = r.get(1);
+            if let (Some(key), true) = (
+                r.get::<_, Option<&str>>(3),
+                matches!(status, DeliveryStatus::Failed | DeliveryStatus::Cancelled),
+            ) {
+                keys.push(r.get(2), key);
+                failed.push(r.get::<_, Uuid>(0));
+            }
+        }
+        if !keys.is_empty() {
+            let tx = client.transaction().await?;
+            self.ordering.advance(&tx, &keys, &failed).await?;
+            tx.commit().await?;
+        }
+        Ok(rows.len() as u64)
     }
 }
 
@@ -566,8 +634,8 @@ mod tests {
 
     #[test]
     fn statuses_round_trip_and_match_the_column_check() {
-        // The CHECK in migration 1 lists exactly these.
-        let check = include_str!("../../db/migrations/0001_init.sql");
+        // The CHECK in migration 4 lists exactly these.
+        let check = include_str!("../../db/migrations/0004_ordering.sql");
         for s in DeliveryStatus::ALL {
             assert_eq!(s.as_str().parse::<DeliveryStatus>(), Ok(s));
             assert!(check.contains(&format!("'{s}'")), "{s}");
@@ -582,7 +650,8 @@ mod tests {
             [
                 DeliveryStatus::Pending,
                 DeliveryStatus::Delivering,
-                DeliveryStatus::Paused
+                DeliveryStatus::Paused,
+                DeliveryStatus::Queued
             ]
         );
     }

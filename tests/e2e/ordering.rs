@@ -1,0 +1,367 @@
+//! Per-key FIFO (`ordering_key`) with several replicas: order, one request at a time per key,
+//! failures, a kill, a hot key, and a blocked key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use rand::Rng;
+
+use crate::common::*;
+
+/// What the ordering receiver saw.
+#[derive(Default)]
+struct Seen {
+    /// Requests of each key in flight right now.
+    in_flight: HashMap<String, u32>,
+    /// A request arrived while another of its key was in flight.
+    overlaps: Vec<String>,
+    /// Per key, the sequence numbers in the order of their first 2xx.
+    first_ok: HashMap<String, Vec<i64>>,
+    /// Every request: (key, seq, answered 2xx).
+    all: Vec<(String, i64, bool)>,
+}
+
+struct OrderingReceiver {
+    url: String,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl OrderingReceiver {
+    /// Answers 500 to a `fail_share` of requests at random (for keys that `may_fail`), after
+    /// holding each request up to `hold`, and records what it saw.
+    async fn start(fail_share: f64, hold: Duration, may_fail: fn(&str) -> bool) -> Self {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let state = (seen.clone(), fail_share, hold, may_fail);
+        type S = (Arc<Mutex<Seen>>, f64, Duration, fn(&str) -> bool);
+        async fn handle(
+            State((seen, fail_share, hold, may_fail)): State<S>,
+            body: axum::body::Bytes,
+        ) -> StatusCode {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let key = v["data"]["key"].as_str().unwrap().to_string();
+            let seq = v["data"]["seq"].as_i64().unwrap();
+            {
+                let mut s = seen.lock().unwrap();
+                let n = s.in_flight.entry(key.clone()).or_insert(0);
+                *n += 1;
+                if *n > 1 {
+                    s.overlaps.push(format!("{key}#{seq}"));
+                }
+            }
+            let (pause, fail) = {
+                let mut rng = rand::thread_rng();
+                (
+                    hold.mul_f64(rng.gen::<f64>()),
+                    may_fail(&key) && rng.gen::<f64>() < fail_share,
+                )
+            };
+            // Held open a moment, so a second request of the key would overlap this one.
+            tokio::time::sleep(pause).await;
+            let mut s = seen.lock().unwrap();
+            *s.in_flight.get_mut(&key).unwrap() -= 1;
+            s.all.push((key.clone(), seq, !fail));
+            if fail {
+                return StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            let firsts = s.first_ok.entry(key).or_default();
+            if !firsts.contains(&seq) {
+                firsts.push(seq);
+            }
+            StatusCode::OK
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .fallback(axum::routing::post(handle))
+            .with_state(state);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            url: format!("http://{addr}/hook"),
+            seen,
+        }
+    }
+
+    fn delivered(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .first_ok
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    async fn wait_delivered(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.delivered() < n {
+            assert!(
+                Instant::now() < deadline,
+                "timed out: {} of {n} delivered",
+                self.delivered()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every key's first successful receipts are exactly 0..n in order, and no two requests of
+    /// one key ever overlapped.
+    fn assert_in_order(&self, per_key: &HashMap<String, i64>) {
+        let s = self.seen.lock().unwrap();
+        assert!(
+            s.overlaps.is_empty(),
+            "requests of one key overlapped: {:?}",
+            &s.overlaps[..s.overlaps.len().min(10)]
+        );
+        for (key, n) in per_key {
+            let got = s.first_ok.get(key).cloned().unwrap_or_default();
+            let want: Vec<i64> = (0..*n).collect();
+            assert_eq!(
+                got, want,
+                "key {key}: first successful receipts out of order"
+            );
+        }
+    }
+}
+
+/// Inserts `n` events for each key, each in its own transaction, from one writer per group of
+/// keys (so the keys' events interleave in the outbox, each key's in order).
+async fn publish_keyed(db: &TestDb, keys: &[String], n: i64, writers: usize) {
+    let mut tasks = Vec::new();
+    for chunk in keys.chunks(keys.len().div_ceil(writers)) {
+        let chunk = chunk.to_vec();
+        let client = db.client().await;
+        tasks.push(tokio::spawn(async move {
+            let stmt = client
+                .prepare(
+                    "INSERT INTO postern.outbox (event_type, payload, ordering_key) VALUES ('order.changed', $1, $2)",
+                )
+                .await
+                .unwrap();
+            for seq in 0..n {
+                for key in &chunk {
+                    let payload = serde_json::json!({"key": key, "seq": seq});
+                    client.execute(&stmt, &[&payload, key]).await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Ten quick retries (so a 20 % failure rate never exhausts them) and a short poll.
+fn ordered_config(db: &TestDb, url: &str, endpoint_extra: &str) -> String {
+    base_config(db)
+        .replace(
+            "schedule = [\"200ms\", \"200ms\"]",
+            &format!("schedule = [{}]", vec!["\"50ms\""; 10].join(", ")),
+        )
+        .replace("poll_interval = \"200ms\"", "poll_interval = \"50ms\"")
+        + &endpoint("orders", url, &["order.*"], endpoint_extra)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_keep_each_keys_order_through_failures_and_a_kill() {
+    let db = TestDb::create().await;
+    let receiver = OrderingReceiver::start(0.2, Duration::from_millis(3), |_| true).await;
+    let config = ordered_config(&db, &receiver.url, "");
+    let mut replicas = vec![
+        Postern::start(&config).await,
+        Postern::start(&config).await,
+        Postern::start(&config).await,
+    ];
+    let keys: Vec<String> = (0..50).map(|k| format!("customer-{k}")).collect();
+    let publish = publish_keyed(&db, &keys, 40, 5);
+    // One replica dies mid-stream, its leases lapse and the others go on.
+    let kill = async {
+        receiver.wait_delivered(400, Duration::from_secs(60)).await;
+        replicas[0].kill9();
+    };
+    tokio::join!(publish, kill);
+    receiver
+        .wait_delivered(2000, Duration::from_secs(120))
+        .await;
+    let per_key: HashMap<String, i64> = keys.iter().map(|k| (k.clone(), 40)).collect();
+    receiver.assert_in_order(&per_key);
+    let s = receiver.seen.lock().unwrap();
+    let failures = s.all.iter().filter(|(_, _, ok)| !ok).count();
+    assert!(
+        failures > 100,
+        "the receiver failed only {failures} requests"
+    );
+    drop(s);
+    let client = db.client().await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
+        2000,
+        Duration::from_secs(30),
+    )
+    .await;
+    drop(replicas);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hot_key_does_not_hold_back_other_keys() {
+    let db = TestDb::create().await;
+    let receiver = OrderingReceiver::start(0.0, Duration::ZERO, |_| false).await;
+    let config = ordered_config(&db, &receiver.url, "");
+    let _a = Postern::start(&config).await;
+    let _b = Postern::start(&config).await;
+    let hot = vec!["hot".to_string()];
+    let cold: Vec<String> = (0..100).map(|k| format!("cold-{k}")).collect();
+    // The hot key's 2,000 events first, then 100 other keys' 5 each behind them in the outbox.
+    publish_keyed(&db, &hot, 2000, 1).await;
+    publish_keyed(&db, &cold, 5, 4).await;
+    // The other keys finish while the hot key is still far from done.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = receiver.seen.lock().unwrap();
+        let cold_done = cold
+            .iter()
+            .all(|k| s.first_ok.get(k).is_some_and(|v| v.len() == 5));
+        let hot_done = s.first_ok.get("hot").map_or(0, Vec::len);
+        drop(s);
+        if cold_done {
+            assert!(
+                hot_done < 2000,
+                "the hot key finished before the other keys ({hot_done})"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the other keys did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    receiver
+        .wait_delivered(2500, Duration::from_secs(120))
+        .await;
+    let mut per_key: HashMap<String, i64> = cold.iter().map(|k| (k.clone(), 5)).collect();
+    per_key.insert("hot".into(), 2000);
+    receiver.assert_in_order(&per_key);
+}
+
+/// The `seq` of every request for `key`, in arrival order (without event 1's when `without_one`).
+fn seqs(requests: &[Received], key: &str, without_one: bool) -> Vec<i64> {
+    requests
+        .iter()
+        .map(|r| r.json())
+        .filter(|v| v["data"]["key"] == key)
+        .map(|v| v["data"]["seq"].as_i64().unwrap())
+        .filter(|s| !without_one || *s != 1)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_head_blocks_only_its_key_until_retried_or_skips_it() {
+    use crate::api::start_ops;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Event 1 of keys b-1 and s-1 fails until `healed`; "b-*" keys go to a blocking endpoint, "s-*" keys
+    // to a skipping one.
+    let healed = Arc::new(AtomicBool::new(false));
+    let h = healed.clone();
+    let receiver = Receiver::start(move |_, r| {
+        let v = r.json();
+        if v["data"]["seq"] == 1 && v["data"]["key"] != "b-2" && !h.load(Ordering::SeqCst) {
+            Reply::status(503)
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
+    let db = TestDb::create().await;
+    let extra = endpoint(
+        "blocking",
+        &receiver.url,
+        &["b.*"],
+        "[endpoints.ordering]\non_failure = \"block\"",
+    ) + &endpoint("skipping", &receiver.url, &["s.*"], "");
+    let ops = start_ops(db, None, &extra).await;
+    let client = ops.db.client().await;
+    for (t, key) in [("b.changed", "b-1"), ("s.changed", "s-1")] {
+        for seq in 0..4 {
+            client
+                .execute(
+                    "INSERT INTO postern.outbox (event_type, payload, ordering_key) VALUES ($1, $2, $3)",
+                    &[&t, &serde_json::json!({"key": key, "seq": seq}), &key],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    // A key without trouble on the blocking endpoint flows meanwhile.
+    for seq in 0..3 {
+        client
+            .execute(
+                "INSERT INTO postern.outbox (event_type, payload, ordering_key) VALUES ('b.changed', $1, 'b-2')",
+                &[&serde_json::json!({"key": "b-2", "seq": seq})],
+            )
+            .await
+            .unwrap();
+    }
+    // Skip: 0, 2, 3 delivered in order, 1 failed (3 attempts) and visible as failed.
+    receiver
+        .wait_for(Duration::from_secs(30), "the skipping key", |r| {
+            seqs(r, "s-1", true) == [0, 2, 3]
+        })
+        .await;
+    assert_eq!(seqs(&receiver.requests(), "b-2", false), [0, 1, 2]);
+    // Block: 0 delivered, 1 failed, 2 and 3 wait.
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'blocking' AND status = 'queued'",
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
+    let (s, v) = ops
+        .call("GET", "/endpoints/blocking/blocked-keys", None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let blocked = v["data"].as_array().unwrap();
+    assert_eq!(blocked.len(), 1, "{v}");
+    assert_eq!(blocked[0]["ordering_key"], "b-1");
+    assert_eq!(blocked[0]["queued"], 2);
+    assert_eq!(blocked[0]["head"]["status"], "failed");
+    assert_eq!(blocked[0]["head"]["attempts"], 3);
+    let head = blocked[0]["head"]["id"].as_str().unwrap().to_string();
+    // The metric counts it (the gauges refresh every 5 s).
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = http
+            .get(format!("{}/metrics", ops.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("postern_ordering_keys_blocked 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "metric not 1:\n{text}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(seqs(&receiver.requests(), "b-1", true), [0]);
+    // Retried and delivered: the key goes on, in order.
+    healed.store(true, Ordering::SeqCst);
+    let (s, v) = ops
+        .call("POST", &format!("/deliveries/{head}/retry"), None)
+        .await;
+    assert_eq!(s, 202, "{v}");
+    receiver
+        .wait_for(Duration::from_secs(20), "the blocked key", |r| {
+            seqs(r, "b-1", true).len() == 3
+        })
+        .await;
+    let b1: Vec<i64> = seqs(&receiver.requests(), "b-1", false);
+    assert_eq!(b1[b1.len() - 3..], [1, 2, 3], "{b1:?}");
+    let (_, v) = ops
+        .call("GET", "/endpoints/blocking/blocked-keys", None)
+        .await;
+    assert_eq!(v["data"].as_array().unwrap().len(), 0, "{v}");
+}
