@@ -33,8 +33,12 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
     if let Err(errs) = RetryPolicy::from_config(&config.outbound.retry) {
         p.extend(errs.into_iter().map(|e| format!("outbound.retry.{e}")));
     }
+    p.extend(config.outbound.breaker.problems("outbound.breaker"));
     for (i, e) in config.endpoints.iter().enumerate() {
         let key = format!("endpoints[{i}]");
+        if let Some(b) = &e.breaker {
+            p.extend(b.problems(&format!("{key}.breaker")));
+        }
         if let Err(msg) = crate::endpoints::validate_endpoint_url(&e.url) {
             p.push(format!("{key}.url: {msg}"));
         }

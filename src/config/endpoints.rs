@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{defaults, OrderingConfig, RetryConfig, Secret};
+use super::{defaults, BreakerConfig, OrderingConfig, RateLimit, RetryConfig, Secret};
 
 /// The signature scheme an endpoint receives.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,4 +61,10 @@ pub struct EndpointConfig {
     /// Unset: `[outbound.ordering]` applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ordering: Option<OrderingConfig>,
+    /// Unset: `outbound.rate_limit` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Unset keys: `[outbound.breaker]`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerConfig>,
 }

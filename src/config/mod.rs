@@ -7,6 +7,7 @@
 
 mod database;
 mod endpoints;
+mod flow;
 mod inbound;
 mod operations;
 mod outbound;
@@ -14,6 +15,7 @@ mod values;
 
 pub use database::DatabaseConfig;
 pub use endpoints::{EndpointConfig, SignatureScheme};
+pub use flow::{breaker_defaults, BreakerConfig, RateLimit};
 pub use inbound::{InboundConfig, RouteConfig};
 pub use operations::{AdminConfig, ApiConfig, LogConfig, LogFormat};
 pub use outbound::{

@@ -4,7 +4,7 @@
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::{defaults, ByteSize, Dur};
+use super::{defaults, BreakerConfig, ByteSize, Dur, RateLimit};
 
 /// How the outbox trigger wakes Postern (DESIGN.md: protect the app's write path).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +106,11 @@ pub struct OutboundConfig {
     pub retry: RetryConfig,
     #[serde(default)]
     pub ordering: OrderingConfig,
+    /// The rate limit of endpoints that set none (none by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default)]
+    pub breaker: BreakerConfig,
 }
 
 impl Default for OutboundConfig {
@@ -125,6 +130,8 @@ impl Default for OutboundConfig {
             max_lease_lapses: defaults::max_lease_lapses(),
             retry: RetryConfig::default(),
             ordering: OrderingConfig::default(),
+            rate_limit: None,
+            breaker: BreakerConfig::default(),
         }
     }
 }

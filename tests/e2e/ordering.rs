@@ -158,7 +158,7 @@ fn ordered_config(db: &TestDb, url: &str, endpoint_extra: &str) -> String {
     base_config(db)
         .replace(
             "schedule = [\"200ms\", \"200ms\"]",
-            &format!("schedule = [{}]", vec!["\"50ms\""; 10].join(", ")),
+            &format!("schedule = [{}]", ["\"50ms\""; 10].join(", ")),
         )
         .replace("poll_interval = \"200ms\"", "poll_interval = \"50ms\"")
         + &endpoint("orders", url, &["order.*"], endpoint_extra)
@@ -187,13 +187,14 @@ async fn three_replicas_keep_each_keys_order_through_failures_and_a_kill() {
         .await;
     let per_key: HashMap<String, i64> = keys.iter().map(|k| (k.clone(), 40)).collect();
     receiver.assert_in_order(&per_key);
-    let s = receiver.seen.lock().unwrap();
-    let failures = s.all.iter().filter(|(_, _, ok)| !ok).count();
+    let failures = {
+        let s = receiver.seen.lock().unwrap();
+        s.all.iter().filter(|(_, _, ok)| !ok).count()
+    };
     assert!(
         failures > 100,
         "the receiver failed only {failures} requests"
     );
-    drop(s);
     let client = db.client().await;
     wait_sql(
         &client,
@@ -220,12 +221,14 @@ async fn a_hot_key_does_not_hold_back_other_keys() {
     // The other keys finish while the hot key is still far from done.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = receiver.seen.lock().unwrap();
-        let cold_done = cold
-            .iter()
-            .all(|k| s.first_ok.get(k).is_some_and(|v| v.len() == 5));
-        let hot_done = s.first_ok.get("hot").map_or(0, Vec::len);
-        drop(s);
+        let (cold_done, hot_done) = {
+            let s = receiver.seen.lock().unwrap();
+            (
+                cold.iter()
+                    .all(|k| s.first_ok.get(k).is_some_and(|v| v.len() == 5)),
+                s.first_ok.get("hot").map_or(0, Vec::len),
+            )
+        };
         if cold_done {
             assert!(
                 hot_done < 2000,
