@@ -17,7 +17,7 @@ use crate::crypto::SecretBox;
 use crate::db::{self, NotifySetting, Schema};
 use crate::delivery::client::WebhookClient;
 use crate::delivery::ssrf::Guard;
-use crate::delivery::state::{ordering::Ordering, DeliveryStore};
+use crate::delivery::state::{flow::FlowDefaults, ordering::Ordering, DeliveryStore};
 use crate::delivery::{Capacity, Worker, WorkerSettings};
 use crate::endpoints;
 use crate::outbox::dispatcher::{Dispatcher, FastPath};
@@ -240,7 +240,9 @@ async fn gauge_loop(
                 (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.outbox
                   WHERE dispatched_at IS NULL LIMIT {GAUGE_COUNT_CAP}) o),
                 (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.ordering_keys
-                  WHERE blocked_by IS NOT NULL LIMIT {GAUGE_COUNT_CAP}) k)"
+                  WHERE blocked_by IS NOT NULL LIMIT {GAUGE_COUNT_CAP}) k),
+                (SELECT count(*) FROM __SCHEMA__.endpoint_flow f JOIN __SCHEMA__.endpoints e ON e.id = f.endpoint_id
+                  WHERE f.opened_at IS NOT NULL AND e.deleted_at IS NULL)"
     ));
     let mut client: Option<tokio_postgres::Client> = None;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
@@ -269,6 +271,7 @@ async fn gauge_loop(
                 metrics.endpoints_inactive.set(row.get(2));
                 metrics.outbox_undispatched.set(row.get(3));
                 metrics.ordering_keys_blocked.set(row.get(4));
+                metrics.circuit_open.set(row.get(5));
             }
             // Before the schema exists, or a count that ran out of time: try again next tick.
             Err(e) => {
@@ -493,6 +496,7 @@ pub fn start(
             o.memory_budget.0 / 16,
             fast_path.clone(),
             Ordering::new(schema, o.ordering.on_failure),
+            o.rate_limit.is_some(),
         );
         tasks.spawn(
             "dispatcher",
@@ -511,6 +515,7 @@ pub fn start(
         pool.clone(),
         schema,
         o.ordering.on_failure,
+        FlowDefaults::new(o.rate_limit, &o.breaker, o.per_endpoint_concurrency),
     ));
     let client = WebhookClient::new(
         Guard::new(o.allow_private_networks.clone()),

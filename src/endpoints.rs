@@ -35,6 +35,23 @@ pub fn validate_endpoint_url(url: &str) -> Result<reqwest::Url, String> {
     Ok(parsed)
 }
 
+/// Every endpoint has a flow row (`delivery::state::flow`), so a rate limit set on it at any time
+/// has a row for the replicas to take tokens from under its lock.
+pub async fn ensure_flow_row(
+    tx: &deadpool_postgres::Transaction<'_>,
+    schema: &Schema,
+    id: &str,
+) -> anyhow::Result<()> {
+    tx.execute(
+        &schema.sql(
+            "INSERT INTO __SCHEMA__.endpoint_flow (endpoint_id) VALUES ($1) ON CONFLICT DO NOTHING",
+        ),
+        &[&id],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Custom headers may not override what Postern itself sets (signature, identity, framing).
 pub fn validate_custom_header(name: &str) -> Result<(), String> {
     let lower = name.to_ascii_lowercase();
@@ -124,13 +141,14 @@ pub async fn sync_config_endpoints(
     let upsert = schema.sql(&format!(
         "INSERT INTO __SCHEMA__.endpoints
             (id, url, events, tenant, description, headers, retry, signature, active, source,
-             ordering_on_failure)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'config', $10)
+             ordering_on_failure, rate_limit, breaker)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'config', $10, $11, $12)
          ON CONFLICT (id) DO UPDATE SET
             url = excluded.url, events = excluded.events, tenant = excluded.tenant,
             description = excluded.description, headers = excluded.headers, retry = excluded.retry,
             signature = excluded.signature, source = 'config', deleted_at = NULL,
             ordering_on_failure = excluded.ordering_on_failure,
+            rate_limit = excluded.rate_limit, breaker = excluded.breaker,
             active = CASE WHEN endpoints.disabled_reason LIKE '{RETIRED}%' THEN excluded.active
                           ELSE endpoints.active END,
             disabled_reason = CASE WHEN endpoints.disabled_reason LIKE '{RETIRED}%' THEN NULL
@@ -174,10 +192,13 @@ pub async fn sync_config_endpoints(
                 &e.signature.as_str(),
                 &e.active,
                 &e.ordering.map(|o| o.on_failure.as_str()),
+                &e.rate_limit.map(|r| r.to_string()),
+                &e.breaker.map(|b| b.to_stored()),
             ],
         )
         .await
         .with_context(|| format!("upserting endpoint {}", e.id))?;
+        ensure_flow_row(&tx, schema, &e.id).await?;
         if e.active && retired_before.contains(&e.id) {
             // Back in the file: what was paused when it left goes out now.
             state::resume_paused(&tx, schema, std::slice::from_ref(&e.id)).await?;

@@ -59,6 +59,8 @@ pub mod names {
     pub const OUTBOX_UNDISPATCHED: &str = "postern_outbox_undispatched";
     pub const ENDPOINTS_INACTIVE: &str = "postern_endpoints_inactive";
     pub const ORDERING_KEYS_BLOCKED: &str = "postern_ordering_keys_blocked";
+    pub const RATE_LIMITED: &str = "postern_rate_limited";
+    pub const CIRCUIT_OPEN: &str = "postern_endpoint_circuit_open";
     pub const INBOUND_REQUESTS: &str = "postern_inbound_requests";
     pub const INBOUND_DURATION: &str = "postern_inbound_duration_seconds";
     pub const DB_POOL_IN_USE: &str = "postern_db_pool_in_use";
@@ -99,6 +101,8 @@ pub struct Metrics {
     pub dispatch_lag: Histogram,
     pub endpoints_inactive: Gauge,
     pub ordering_keys_blocked: Gauge,
+    pub rate_limited: Counter,
+    pub circuit_open: Gauge,
     pub inbound_requests: Family<InboundLabels, Counter>,
     pub inbound_duration: Histogram,
     pub db_pool_in_use: Gauge,
@@ -124,6 +128,8 @@ impl Metrics {
             dispatch_lag: latency(),
             endpoints_inactive: Gauge::default(),
             ordering_keys_blocked: Gauge::default(),
+            rate_limited: Counter::default(),
+            circuit_open: Gauge::default(),
             inbound_requests: Family::default(),
             inbound_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             db_pool_in_use: Gauge::default(),
@@ -169,6 +175,16 @@ impl Metrics {
             names::ORDERING_KEYS_BLOCKED,
             "Ordering keys waiting on a failed delivery (on_failure = block), all endpoints",
             m.ordering_keys_blocked.clone(),
+        );
+        registry.register(
+            names::RATE_LIMITED,
+            "Due deliveries a claim left waiting for their endpoint's rate limit, back pressure or open circuit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            names::CIRCUIT_OPEN,
+            "Endpoints whose circuit is open (all replicas' view)",
+            m.circuit_open.clone(),
         );
         registry.register(
             names::INBOUND_REQUESTS,

@@ -16,7 +16,10 @@ use utoipa_axum::routes;
 
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::ApiState;
-use crate::config::{Dur, OnFailure, OrderingConfig, RetryConfig, SignatureScheme, REDACTED};
+use crate::config::{
+    BreakerConfig, Dur, OnFailure, OrderingConfig, RateLimit, RetryConfig, SignatureScheme,
+    REDACTED,
+};
 use crate::outbox::glob::EventPattern;
 
 pub fn routes() -> OpenApiRouter<ApiState> {
@@ -50,14 +53,40 @@ pub struct Endpoint {
     /// ordering key behind it; `null`: the configured default (`outbound.ordering`).
     #[schema(value_type = Option<Object>)]
     pub ordering: Option<OrderingConfig>,
+    /// `"50/s"`, `"300/m"`, `"1000/h"`; `null`: the configured default (`outbound.rate_limit`).
+    #[schema(value_type = Option<String>)]
+    pub rate_limit: Option<RateLimit>,
+    /// The endpoint's own breaker settings (unset keys: `[outbound.breaker]`'s).
+    #[schema(value_type = Option<Object>)]
+    pub breaker: Option<BreakerConfig>,
+    pub circuit: Circuit,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
 }
 
+/// An endpoint's circuit as the breaker last left it.
+#[derive(Serialize, ToSchema)]
+pub struct Circuit {
+    /// `closed` or `open`.
+    pub state: &'static str,
+    pub consecutive_failures: i32,
+    pub opened_at: Option<DateTime<Utc>>,
+    /// While open: when the next probe may go.
+    pub next_probe_at: Option<DateTime<Utc>>,
+    /// A `Retry-After` the receiver asked for, holding every delivery until then.
+    pub paused_until: Option<DateTime<Utc>>,
+}
+
+/// Columns of `endpoints` and, joined as `f`, its flow row.
 const COLUMNS: &str =
-    "id, url, events, tenant, description, headers, retry, active, disabled_reason, signature, source, created_at, updated_at, ordering_on_failure";
+    "id, url, events, tenant, description, headers, retry, active, disabled_reason, signature, source, created_at, updated_at, ordering_on_failure,
+     rate_limit, breaker,
+     (SELECT f.opened_at FROM __SCHEMA__.endpoint_flow f WHERE f.endpoint_id = endpoints.id),
+     COALESCE((SELECT f.consecutive_failures FROM __SCHEMA__.endpoint_flow f WHERE f.endpoint_id = endpoints.id), 0),
+     (SELECT f.probe_at FROM __SCHEMA__.endpoint_flow f WHERE f.endpoint_id = endpoints.id),
+     (SELECT f.paused_until FROM __SCHEMA__.endpoint_flow f WHERE f.endpoint_id = endpoints.id AND f.paused_until > now())";
 
 fn from_row(r: &tokio_postgres::Row) -> Endpoint {
     let headers: serde_json::Value = r.get(5);
@@ -86,6 +115,24 @@ fn from_row(r: &tokio_postgres::Row) -> Endpoint {
             .get::<_, Option<&str>>(13)
             .and_then(|v| v.parse::<OnFailure>().ok())
             .map(|on_failure| OrderingConfig { on_failure }),
+        rate_limit: r.get::<_, Option<&str>>(14).and_then(|v| v.parse().ok()),
+        breaker: r
+            .get::<_, Option<serde_json::Value>>(15)
+            .map(|v| BreakerConfig::from_stored(&v)),
+        circuit: {
+            let opened_at: Option<DateTime<Utc>> = r.get(16);
+            Circuit {
+                state: if opened_at.is_some() {
+                    "open"
+                } else {
+                    "closed"
+                },
+                consecutive_failures: r.get(17),
+                opened_at,
+                next_probe_at: if opened_at.is_some() { r.get(18) } else { None },
+                paused_until: r.get(19),
+            }
+        },
         secret: None,
     }
 }
@@ -118,6 +165,13 @@ pub struct CreateEndpoint {
     /// `{"on_failure": "skip" | "block"}`; absent: the configured default.
     #[schema(value_type = Option<Object>)]
     ordering: Option<OrderingConfig>,
+    /// `"50/s"`, `"300/m"` or `"1000/h"`; absent: the configured default.
+    #[schema(value_type = Option<String>)]
+    rate_limit: Option<RateLimit>,
+    /// `{"failures": 20, "window": "5m", "failure_rate": 0.7, "min_attempts": 10,
+    /// "probe_interval": "30s", "disable_after": "5d"}`, any subset.
+    #[schema(value_type = Option<Object>)]
+    breaker: Option<BreakerConfig>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -142,6 +196,12 @@ pub struct PatchEndpoint {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<Object>)]
     ordering: Option<Option<OrderingConfig>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
+    rate_limit: Option<Option<RateLimit>>,
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<Object>)]
+    breaker: Option<Option<BreakerConfig>>,
 }
 
 fn check_url(state: &ApiState, url: &str) -> Result<(), ApiError> {
@@ -221,6 +281,15 @@ fn check_headers(
     Ok(serde_json::Value::Object(sealed))
 }
 
+fn check_breaker(breaker: Option<&BreakerConfig>) -> Result<(), ApiError> {
+    let problems = breaker.map(|b| b.problems("breaker")).unwrap_or_default();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("invalid_breaker", problems.join("; ")))
+    }
+}
+
 fn check_retry(retry: Option<&RetryConfig>) -> Result<Option<serde_json::Value>, ApiError> {
     let Some(r) = retry else { return Ok(None) };
     crate::delivery::retry::RetryPolicy::from_config(r).map_err(|errs| {
@@ -265,6 +334,7 @@ async fn create_endpoint(
     let id = format!("ep_{}", uuid::Uuid::new_v4().simple());
     let headers = check_headers(&state, &id, &body.headers.unwrap_or_default())?;
     let retry = check_retry(body.retry.as_ref())?;
+    check_breaker(body.breaker.as_ref())?;
     let secret = crate::signing::generate_secret();
     let signature = body.signature.unwrap_or_default();
     let mut client = state.pool.get().await?;
@@ -273,8 +343,8 @@ async fn create_endpoint(
         .query_one(
             &state.schema.sql(&format!(
                 "INSERT INTO __SCHEMA__.endpoints (id, url, events, tenant, description, headers, retry, signature, active, source,
-                                                   ordering_on_failure)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'api', $10) RETURNING {COLUMNS}"
+                                                   ordering_on_failure, rate_limit, breaker)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'api', $10, $11, $12) RETURNING {COLUMNS}"
             )),
             &[
                 &id,
@@ -287,10 +357,13 @@ async fn create_endpoint(
                 &signature.as_str(),
                 &body.active.unwrap_or(true),
                 &body.ordering.map(|o| o.on_failure.as_str()),
+                &body.rate_limit.map(|r| r.to_string()),
+                &body.breaker.map(|b| b.to_stored()),
             ],
         )
         .await?;
     crate::endpoints::add_secret(&tx, &state.schema, &state.vault, &id, &secret, None).await?;
+    crate::endpoints::ensure_flow_row(&tx, &state.schema, &id).await?;
     tx.commit().await?;
     let mut endpoint = from_row(&row);
     endpoint.secret = Some(secret);
@@ -401,7 +474,9 @@ async fn patch_endpoint(
         || body.headers.is_some()
         || body.retry.is_some()
         || body.signature.is_some()
-        || body.ordering.is_some();
+        || body.ordering.is_some()
+        || body.rate_limit.is_some()
+        || body.breaker.is_some();
     if current.source == "config" && changes_fields {
         return Err(ApiError::conflict(
             "config_managed",
@@ -426,6 +501,7 @@ async fn patch_endpoint(
         Some(r) => Some(check_retry(r.as_ref())?),
         None => None,
     };
+    check_breaker(body.breaker.flatten().as_ref())?;
     if changes_fields {
         // A re-tenant cancels rows a replica may be settling at that moment: should Postgres
         // choose this transaction as a deadlock's victim, it is simply run again.
@@ -495,6 +571,8 @@ async fn apply_patch(
                     retry = CASE WHEN $9 THEN $10 ELSE retry END,
                     signature = COALESCE($11, signature),
                     ordering_on_failure = CASE WHEN $12 THEN $13 ELSE ordering_on_failure END,
+                    rate_limit = CASE WHEN $14 THEN $15 ELSE rate_limit END,
+                    breaker = CASE WHEN $16 THEN $17 ELSE breaker END,
                     updated_at = now()
                  WHERE id = $1 AND deleted_at IS NULL",
         ),
@@ -512,6 +590,10 @@ async fn apply_patch(
             &body.signature.map(|s| s.as_str()),
             &body.ordering.is_some(),
             &body.ordering.flatten().map(|o| o.on_failure.as_str()),
+            &body.rate_limit.is_some(),
+            &body.rate_limit.flatten().map(|r| r.to_string()),
+            &body.breaker.is_some(),
+            &body.breaker.flatten().map(|b| b.to_stored()),
         ],
     )
     .await?;

@@ -42,7 +42,8 @@ impl fmt::Debug for RateLimit {
 impl FromStr for RateLimit {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid rate limit {s:?}: write e.g. \"50/s\", \"300/m\", \"1000/h\"");
+        let bad =
+            || format!("invalid rate limit {s:?}: write e.g. \"50/s\", \"300/m\", \"1000/h\"");
         let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
         let count: u32 = n.trim().parse().map_err(|_| bad())?;
         if count == 0 || count > 999_999_999 {
@@ -122,7 +123,9 @@ impl BreakerConfig {
         }
         if let Some(r) = self.failure_rate {
             if !(r > 0.0 && r <= 1.0) {
-                p.push(format!("{prefix}.failure_rate: must be above 0 and at most 1"));
+                p.push(format!(
+                    "{prefix}.failure_rate: must be above 0 and at most 1"
+                ));
             }
         }
         for (key, d) in [
@@ -150,8 +153,14 @@ impl BreakerConfig {
         put("window_s", self.window.map(|d| d.0.as_secs_f64().into()));
         put("failure_rate", self.failure_rate.map(Into::into));
         put("min_attempts", self.min_attempts.map(Into::into));
-        put("probe_interval_s", self.probe_interval.map(|d| d.0.as_secs_f64().into()));
-        put("disable_after_s", self.disable_after.map(|d| d.0.as_secs_f64().into()));
+        put(
+            "probe_interval_s",
+            self.probe_interval.map(|d| d.0.as_secs_f64().into()),
+        );
+        put(
+            "disable_after_s",
+            self.disable_after.map(|d| d.0.as_secs_f64().into()),
+        );
         serde_json::Value::Object(m)
     }
 
@@ -162,7 +171,11 @@ impl BreakerConfig {
                 .and_then(serde_json::Value::as_f64)
                 .map(|s| Dur(std::time::Duration::from_secs_f64(s.max(0.0))))
         };
-        let int = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).map(|n| n as u32);
+        let int = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .map(|n| n as u32)
+        };
         Self {
             failures: int("failures"),
             window: dur("window_s"),
@@ -215,13 +228,15 @@ mod tests {
         let full = b.with_defaults();
         assert_eq!(full.failures, Some(5));
         assert_eq!(full.min_attempts, Some(breaker_defaults::MIN_ATTEMPTS));
-        assert!(BreakerConfig {
-            failure_rate: Some(1.5),
-            failures: Some(0),
-            ..Default::default()
-        }
-        .problems("outbound.breaker")
-        .len()
-            == 2);
+        assert!(
+            BreakerConfig {
+                failure_rate: Some(1.5),
+                failures: Some(0),
+                ..Default::default()
+            }
+            .problems("outbound.breaker")
+            .len()
+                == 2
+        );
     }
 }

@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("migrations/0003_hardening.sql"),
     ),
     (4, "ordering", include_str!("migrations/0004_ordering.sql")),
+    (5, "flow", include_str!("migrations/0005_flow.sql")),
 ];
 
 /// The schema version this binary needs.

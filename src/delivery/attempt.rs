@@ -64,6 +64,9 @@ impl AttemptContext {
             attempt: d.attempt,
             endpoint_id: d.endpoint_id.clone(),
             ordering_key: d.ordering_key.clone(),
+            judged: true,
+            probe: d.probe,
+            retry_after: None,
             settle,
             record: AttemptRecord {
                 started_at,
@@ -152,7 +155,9 @@ impl AttemptContext {
                     final_attempt = settle == Settle::Failed,
                     "attempt failed"
                 );
-                finish(settle, Some(resp.status), Some(resp.body), Some(error))
+                let mut ack = finish(settle, Some(resp.status), Some(resp.body), Some(error));
+                ack.retry_after = retry_after;
+                ack
             }
             Err(e) => {
                 let settle = retry_at(None);

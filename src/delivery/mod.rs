@@ -224,7 +224,10 @@ impl Worker {
                         }
                     };
                     match claimed {
-                        Ok(batch) => {
+                        Ok((batch, held)) => {
+                            if held > 0 {
+                                self.metrics.rate_limited.inc_by(held);
+                            }
                             claim_failures = 0;
                             // An endpoint at its limit of held deliveries may have more waiting:
                             // the next freed hold is a reason to look again.

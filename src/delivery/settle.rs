@@ -21,6 +21,10 @@ pub(super) fn cut_short(id: Uuid, attempt: i32, endpoint: &str) -> Ack {
         endpoint_id: endpoint.to_string(),
         // Due again, so still its key's head: the key does not move.
         ordering_key: None,
+        // Says nothing about the receiver: not counted by its breaker.
+        judged: false,
+        probe: false,
+        retry_after: None,
         settle: Settle::Retry { at: Utc::now() },
         record: AttemptRecord {
             started_at: Utc::now(),

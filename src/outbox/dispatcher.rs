@@ -22,6 +22,8 @@ struct Target {
     id: String,
     tenant: Option<String>,
     active: bool,
+    /// No rate limit, back pressure or open circuit: the fast path may skip the claim.
+    unhindered: bool,
     subscription: Subscription,
     url: String,
     headers: serde_json::Value,
@@ -77,6 +79,8 @@ pub struct Dispatcher {
     batch_bytes: i64,
     fast: FastPath,
     ordering: Ordering,
+    /// `outbound.rate_limit` is set: every endpoint is limited, none takes the fast path.
+    default_limited: bool,
     take: String,
     endpoints: String,
     insert: String,
@@ -91,6 +95,7 @@ impl Dispatcher {
         batch_bytes: u64,
         fast: FastPath,
         ordering: Ordering,
+        default_limited: bool,
     ) -> Self {
         Self {
             pool,
@@ -98,6 +103,7 @@ impl Dispatcher {
             batch_bytes: batch_bytes.min(i64::MAX as u64) as i64,
             fast,
             ordering,
+            default_limited,
             // Taking a batch marks it dispatched in the same statement (the transaction makes that
             // one with the deliveries' insert): one statement per pass instead of two. The locked
             // rows are found again by `ctid`, which cannot change while this transaction holds
@@ -143,7 +149,10 @@ impl Dispatcher {
                 "SELECT e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
                         ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
                               WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
-                              ORDER BY s.id DESC)
+                              ORDER BY s.id DESC),
+                        e.rate_limit IS NULL AND NOT $1::bool AND NOT EXISTS (
+                            SELECT 1 FROM __SCHEMA__.endpoint_flow f WHERE f.endpoint_id = e.id
+                              AND (f.backoff_rate IS NOT NULL OR f.paused_until > now() OR f.opened_at IS NOT NULL))
                  FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL",
             ),
             lock_key: schema.fan_out_lock_key(),
@@ -179,10 +188,11 @@ impl Dispatcher {
         // seen.
         let take_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
         let lock_params: [&(dyn ToSql + Sync); 1] = [&self.lock_key];
+        let endpoint_params: [&(dyn ToSql + Sync); 1] = [&self.default_limited];
         let (_, mut rows, endpoint_rows) = futures_util::try_join!(
             tx.execute(&lock, &lock_params),
             tx.query(&take, &take_params),
-            tx.query(&endpoints, &[])
+            tx.query(&endpoints, &endpoint_params)
         )?;
         // One row even when nothing was taken, for the count of keyed events held back.
         let held_back = rows.first().map_or(0, |r| r.get::<_, i64>(10)) as usize;
@@ -208,6 +218,7 @@ impl Dispatcher {
                 signature: r.get(6),
                 retry: r.get(7),
                 secrets: r.get(8),
+                unhindered: r.get(9),
             })
             .collect();
 
@@ -248,8 +259,7 @@ impl Dispatcher {
                     keys.push(&t.id, key);
                     continue;
                 }
-                let hold = t
-                    .active
+                let hold = (t.active && t.unhindered)
                     .then(|| self.fast.capacity.try_hold(&t.id, payload.len()))
                     .flatten();
                 // Inactive endpoints still get their deliveries, paused, so re-activating one
@@ -276,6 +286,7 @@ impl Dispatcher {
                         metadata: r.get(8),
                         secrets: t.secrets.clone(),
                         ordering_key: None,
+                        probe: false,
                     };
                     handoffs.push(Handoff { delivery, hold });
                 }
@@ -369,6 +380,7 @@ mod tests {
             id: id.into(),
             tenant: tenant.map(Into::into),
             active: true,
+            unhindered: true,
             subscription: Subscription::new(events),
             url: format!("http://127.0.0.1/{id}"),
             headers: serde_json::json!({}),

@@ -301,6 +301,12 @@ allow_private_networks = ["127.0.0.0/8"]
 schedule = ["200ms", "200ms"]
 jitter = 0.0
 
+# Tests of other things expect every failing attempt to be made: the breaker stays out of the
+# way unless a test sets an endpoint's own.
+[outbound.breaker]
+failures = 1000000
+min_attempts = 1000000
+
 [retention]
 interval = "1s"
 "#,

@@ -6,6 +6,7 @@ mod api;
 mod cli;
 mod common;
 mod deploy;
+mod flow;
 mod hardening;
 mod inbound;
 mod ordering;

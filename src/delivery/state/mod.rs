@@ -32,6 +32,7 @@ use uuid::Uuid;
 use crate::db::Schema;
 
 mod changes;
+pub mod flow;
 pub mod ordering;
 pub use changes::*;
 
@@ -153,6 +154,8 @@ pub struct Claimed {
     pub secrets: Vec<String>,
     /// Its event's ordering key: at most one delivery of it per endpoint is ever in flight.
     pub ordering_key: Option<String>,
+    /// Claimed as the probe of an open circuit.
+    pub probe: bool,
 }
 
 /// How an attempt settles its delivery.
@@ -187,6 +190,13 @@ pub struct Ack {
     pub ordering_key: Option<String>,
     pub settle: Settle,
     pub record: AttemptRecord,
+    /// Whether the outcome says something about the receiver (counts for its breaker): not an
+    /// attempt cut short at shutdown.
+    pub judged: bool,
+    /// The attempt was an open circuit's probe.
+    pub probe: bool,
+    /// A `Retry-After` the receiver sent (with a 429 or 503 it pauses the whole endpoint).
+    pub retry_after: Option<Duration>,
 }
 
 impl Ack {
@@ -229,6 +239,8 @@ pub fn is_statement_error(e: &anyhow::Error) -> bool {
 pub struct DeliveryStore {
     pool: Pool,
     pub ordering: ordering::Ordering,
+    flow: flow::Flow,
+    flow_defaults: flow::FlowDefaults,
     claim: String,
     ack: String,
     disable_gone: String,
@@ -241,27 +253,58 @@ pub struct DeliveryStore {
 }
 
 impl DeliveryStore {
-    pub fn new(pool: Pool, schema: &Schema, on_failure: crate::config::OnFailure) -> Self {
+    pub fn new(
+        pool: Pool,
+        schema: &Schema,
+        on_failure: crate::config::OnFailure,
+        flow_defaults: flow::FlowDefaults,
+    ) -> Self {
         Self {
             pool,
             ordering: ordering::Ordering::new(schema, on_failure),
+            flow: flow::Flow::new(schema, &flow_defaults),
+            flow_defaults,
             // Fair across endpoints: endpoints in random order, each contributing at most its
             // free per-endpoint slots, so one endpoint's backlog cannot fill a batch. The
             // MATERIALIZED fence stops the planner from re-running the LIMIT subquery. `fit`
             // keeps the payloads within `$7` bytes (the first row always), so a claim never
             // brings more into memory than the budget has room for; rows it leaves are unlocked
             // at commit, untouched.
+            // `gate` (see `flow`): endpoints under a rate limit, back pressure or an open circuit,
+            // their flow rows locked in id order so replicas take tokens one at a time; each
+            // contributes at most `cap` (tokens, 0 while paused, 1 probe when due while open),
+            // and `spent` takes what was claimed from the bucket. Healthy unlimited endpoints have
+            // no such row: for them the gate is one index probe of an empty result. The last
+            // column counts due deliveries the gate held back (the same count on every row, and
+            // one row with no delivery when nothing was claimed).
             claim: schema.sql(
-                "WITH c AS MATERIALIZED (
-                    SELECT due.id, due.outbox_id, row_number() OVER () AS n
-                    FROM (SELECT id FROM __SCHEMA__.endpoints
-                          WHERE active AND deleted_at IS NULL ORDER BY random()) e
+                "WITH gate AS MATERIALIZED (
+                    SELECT g.id, g.avail, g.probe_s,
+                           CASE WHEN g.paused_until > now() THEN 0
+                                WHEN g.opened_at IS NOT NULL THEN CASE WHEN g.probe_at <= now() THEN 1 ELSE 0 END
+                                WHEN g.avail IS NULL THEN NULL
+                                ELSE GREATEST(0, floor(g.avail))::int END AS cap,
+                           g.opened_at IS NOT NULL AS open
+                    FROM (SELECT f.endpoint_id AS id, f.paused_until, f.opened_at, f.probe_at,
+                                 COALESCE((e.breaker->>'probe_interval_s')::float8, $9) AS probe_s,
+                                 LEAST(GREATEST(1, r.rate), f.tokens + r.rate * extract(epoch FROM now() - f.refilled_at)) AS avail
+                          FROM __SCHEMA__.endpoint_flow f
+                          JOIN __SCHEMA__.endpoints e ON e.id = f.endpoint_id
+                          CROSS JOIN LATERAL (SELECT __SCHEMA__.flow_rate(f, COALESCE(__SCHEMA__.per_second(e.rate_limit), $8)) AS rate) r
+                          WHERE e.active AND e.deleted_at IS NULL
+                            AND (r.rate IS NOT NULL OR f.paused_until > now() OR f.opened_at IS NOT NULL
+                                 OR f.backoff_rate IS NOT NULL)
+                          ORDER BY f.endpoint_id FOR UPDATE OF f) g
+                 ), c AS MATERIALIZED (
+                    SELECT due.id, due.outbox_id, e.id AS endpoint_id, row_number() OVER () AS n
+                    FROM (SELECT x.id, g.cap FROM __SCHEMA__.endpoints x LEFT JOIN gate g ON g.id = x.id
+                          WHERE x.active AND x.deleted_at IS NULL ORDER BY random()) e
                     CROSS JOIN LATERAL (
                         SELECT d.id, d.outbox_id FROM __SCHEMA__.deliveries d
                         WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now()
                         ORDER BY d.next_attempt_at
-                        LIMIT GREATEST(0, $3::int - COALESCE(
-                            (SELECT b.n FROM unnest($4::text[], $5::int[]) AS b(id, n) WHERE b.id = e.id), 0))
+                        LIMIT LEAST(COALESCE(e.cap, $3::int), GREATEST(0, $3::int - COALESCE(
+                            (SELECT b.n FROM unnest($4::text[], $5::int[]) AS b(id, n) WHERE b.id = e.id), 0)))
                         FOR UPDATE OF d SKIP LOCKED
                     ) due
                     LIMIT $2
@@ -271,17 +314,39 @@ impl DeliveryStore {
                                      - octet_length(o.payload::text) AS before
                         FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) s
                     WHERE before < $7
+                 ), upd AS (
+                    UPDATE __SCHEMA__.deliveries d
+                    SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
+                        lease_expires_at = now() + make_interval(secs => $6), updated_at = now()
+                    FROM fit, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
+                    WHERE d.id = fit.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
+                    RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
+                              o.created_at, e.url, e.headers, e.signature, e.retry, o.metadata,
+                              ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
+                                    WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
+                                    ORDER BY s.id DESC) AS secrets, d.ordering_key
+                 ), spent AS (
+                    UPDATE __SCHEMA__.endpoint_flow f
+                    SET tokens = CASE WHEN g.avail IS NULL THEN f.tokens ELSE g.avail - COALESCE(n.claimed, 0) END,
+                        refilled_at = now(),
+                        probe_at = CASE WHEN g.open AND n.claimed > 0 THEN now() + make_interval(secs => g.probe_s)
+                                        ELSE f.probe_at END,
+                        paused_until = CASE WHEN f.paused_until <= now() THEN NULL ELSE f.paused_until END,
+                        backoff_rate = CASE WHEN __SCHEMA__.flow_rate(f, NULL) IS NULL THEN NULL ELSE f.backoff_rate END
+                    FROM gate g LEFT JOIN (SELECT endpoint_id, count(*) AS claimed FROM upd GROUP BY 1) n
+                           ON n.endpoint_id = g.id
+                    WHERE f.endpoint_id = g.id
+                 ), held AS (
+                    SELECT COALESCE(sum(GREATEST(0, w.due - g.cap)), 0)::bigint AS n
+                    FROM gate g CROSS JOIN LATERAL (
+                        SELECT count(*) AS due FROM (
+                            SELECT 1 FROM __SCHEMA__.deliveries d
+                            WHERE d.endpoint_id = g.id AND d.status = 'pending' AND d.next_attempt_at <= now()
+                            LIMIT $3::int) x) w
+                    WHERE g.cap IS NOT NULL
                  )
-                 UPDATE __SCHEMA__.deliveries d
-                 SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
-                     lease_expires_at = now() + make_interval(secs => $6), updated_at = now()
-                 FROM fit, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
-                 WHERE d.id = fit.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
-                 RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
-                           o.created_at, e.url, e.headers, e.signature, e.retry, o.metadata,
-                           ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
-                                 WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
-                                 ORDER BY s.id DESC) AS secrets, d.ordering_key",
+                 SELECT upd.*, g.open, held.n FROM held LEFT JOIN upd ON true
+                 LEFT JOIN gate g ON g.id = upd.endpoint_id",
             ),
             ack: schema.sql(
                 "WITH u AS (
@@ -302,6 +367,13 @@ impl DeliveryStore {
                     WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
                       AND d.lease_owner = $1 AND e.id = d.endpoint_id
                     RETURNING d.id
+                 ), healthy AS (
+                    -- Successes clear the breaker's count of an endpoint that had failed (see `flow`).
+                    UPDATE __SCHEMA__.endpoint_flow f
+                    SET consecutive_failures = 0, window_attempts = f.window_attempts + h.n, updated_at = now()
+                    FROM unnest($11::text[], $12::int[]) AS h(id, n)
+                    WHERE f.endpoint_id = h.id AND f.opened_at IS NULL
+                      AND (f.consecutive_failures > 0 OR f.window_failures > 0)
                  )
                  INSERT INTO __SCHEMA__.attempts
                     (delivery_id, attempt, started_at, duration_ms, status_code, response_excerpt, error)
@@ -420,7 +492,7 @@ impl DeliveryStore {
         busy: &[(String, i32)],
         lease: Duration,
         max_bytes: i64,
-    ) -> anyhow::Result<Vec<Claimed>> {
+    ) -> anyhow::Result<(Vec<Claimed>, u64)> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(&self.claim).await?;
         let busy_ids: Vec<&str> = busy.iter().map(|(id, _)| id.as_str()).collect();
@@ -436,11 +508,16 @@ impl DeliveryStore {
                     &busy_n,
                     &lease.as_secs_f64(),
                     &max_bytes,
+                    &self.flow_defaults.rate,
+                    &self.flow_defaults.probe_seconds(),
                 ],
             )
             .await?;
-        Ok(rows
+        // Always one row, for the count of deliveries the gate held back.
+        let held = rows.first().map_or(0, |r| r.get::<_, i64>(15)) as u64;
+        let claimed = rows
             .iter()
+            .filter(|r| r.get::<_, Option<Uuid>>(0).is_some())
             .map(|r| Claimed {
                 id: r.get(0),
                 attempt: r.get(1),
@@ -456,8 +533,10 @@ impl DeliveryStore {
                 metadata: r.get(11),
                 secrets: r.get(12),
                 ordering_key: r.get(13),
+                probe: r.get::<_, Option<bool>>(14).unwrap_or(false),
             })
-            .collect())
+            .collect();
+        Ok((claimed, held))
     }
 
     /// Writes a batch of outcomes in one transaction: attempts recorded, deliveries settled,
@@ -501,9 +580,20 @@ impl DeliveryStore {
             durations.push(a.record.duration_ms);
             bodies.push(a.record.response_body.as_deref());
         }
-        let params: [&(dyn ToSql + Sync); 10] = [
-            &owner, &ids, &attempts, &statuses, &next_at, &codes, &errors, &started, &durations,
+        let flow = flow::FlowBatch::of(acks);
+        let params: [&(dyn ToSql + Sync); 12] = [
+            &owner,
+            &ids,
+            &attempts,
+            &statuses,
+            &next_at,
+            &codes,
+            &errors,
+            &started,
+            &durations,
             &bodies,
+            &flow.healthy,
+            &flow.healthy_attempts,
         ];
         let mut gone: Vec<&str> = acks
             .iter()
@@ -522,7 +612,7 @@ impl DeliveryStore {
                 }
             }
         }
-        if gone.is_empty() && keys.is_empty() {
+        if gone.is_empty() && keys.is_empty() && !flow.needs_record() {
             // The usual case: one statement, its own transaction, one round trip.
             let stmt = client.prepare_cached(&self.ack).await?;
             client.execute(&stmt, &params).await?;
@@ -539,7 +629,11 @@ impl DeliveryStore {
         let stmt = tx.prepare_cached(&self.ack).await?;
         tx.execute(&stmt, &params).await?;
         let promoted = self.ordering.advance(&tx, &keys, &failed).await?;
+        let transitions = self.flow.record(&tx, &flow).await?;
         tx.commit().await?;
+        for t in &transitions {
+            tracing::warn!(endpoint.id = %t.endpoint_id, circuit = %t.kind, reason = %t.reason, "endpoint circuit changed");
+        }
         Ok(promoted)
     }
 
