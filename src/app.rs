@@ -239,8 +239,9 @@ async fn gauge_loop(
                 (SELECT count(*) FROM __SCHEMA__.endpoints WHERE NOT active AND deleted_at IS NULL),
                 (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.outbox
                   WHERE dispatched_at IS NULL LIMIT {GAUGE_COUNT_CAP}) o),
-                (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.ordering_keys
-                  WHERE blocked_by IS NOT NULL LIMIT {GAUGE_COUNT_CAP}) k),
+                (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.ordering_keys k
+                  JOIN __SCHEMA__.deliveries d ON d.id = k.blocked_by
+                  WHERE d.status = 'failed' LIMIT {GAUGE_COUNT_CAP}) k),
                 (SELECT count(*) FROM __SCHEMA__.endpoint_flow f JOIN __SCHEMA__.endpoints e ON e.id = f.endpoint_id
                   WHERE f.opened_at IS NOT NULL AND e.deleted_at IS NULL)"
     ));

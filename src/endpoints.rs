@@ -107,6 +107,15 @@ pub async fn sync_config_endpoints(
 ) -> anyhow::Result<Reconciled> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
+    // Endpoints an older release created since migration 5 get their flow rows here.
+    tx.execute(
+        &schema.sql(
+            "INSERT INTO __SCHEMA__.endpoint_flow (endpoint_id) SELECT id FROM __SCHEMA__.endpoints
+             ON CONFLICT DO NOTHING",
+        ),
+        &[],
+    )
+    .await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext($1))",
         &[&format!("postern.endpoints.{}", schema.name())],

@@ -22,6 +22,7 @@ pub struct Pruned {
     pub deliveries: u64,
     pub events: u64,
     pub secrets: u64,
+    pub keys: u64,
 }
 
 pub struct Retention {
@@ -32,6 +33,7 @@ pub struct Retention {
     prune_failed: String,
     prune_events: String,
     prune_secrets: String,
+    prune_keys: String,
 }
 
 impl Retention {
@@ -49,6 +51,23 @@ impl Retention {
                     DELETE FROM __SCHEMA__.endpoint_secrets WHERE id IN (
                         SELECT id FROM __SCHEMA__.endpoint_secrets
                         WHERE expires_at < now() - make_interval(secs => $1) LIMIT $2)
+                    RETURNING 1
+                 )
+                 SELECT count(*) FROM gone",
+            ),
+            // An ordering key's row once nothing of the key waits and it is not blocked by a
+            // failed delivery (its head lock row is made again when the key is next used).
+            prune_keys: schema.sql(
+                "WITH gone AS (
+                    DELETE FROM __SCHEMA__.ordering_keys WHERE (endpoint_id, ordering_key) IN (
+                        SELECT k.endpoint_id, k.ordering_key FROM __SCHEMA__.ordering_keys k
+                        WHERE k.updated_at < now() - make_interval(secs => $1)
+                          AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.deliveries d
+                                          WHERE d.endpoint_id = k.endpoint_id AND d.ordering_key = k.ordering_key
+                                            AND d.status IN ('pending', 'delivering', 'paused', 'queued'))
+                          AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.deliveries f
+                                          WHERE f.id = k.blocked_by AND f.status = 'failed')
+                        LIMIT $2 FOR UPDATE SKIP LOCKED)
                     RETURNING 1
                  )
                  SELECT count(*) FROM gone",
@@ -77,6 +96,7 @@ impl Retention {
             (&self.prune_failed, self.failed, Kind::Deliveries),
             (&self.prune_events, self.delivered, Kind::Events),
             (&self.prune_secrets, Duration::ZERO, Kind::Secrets),
+            (&self.prune_keys, KEY_ROW_AGE, Kind::Keys),
         ];
         for (sql, age, kind) in steps {
             loop {
@@ -89,6 +109,7 @@ impl Retention {
                     Kind::Deliveries => pruned.deliveries += n,
                     Kind::Events => pruned.events += n,
                     Kind::Secrets => pruned.secrets += n,
+                    Kind::Keys => pruned.keys += n,
                 }
                 if n < BATCH as u64 || started.elapsed() > PASS_BUDGET {
                     break;
@@ -103,7 +124,11 @@ enum Kind {
     Deliveries,
     Events,
     Secrets,
+    Keys,
 }
+
+/// An idle ordering key's row is kept this long after its last use.
+const KEY_ROW_AGE: Duration = Duration::from_secs(3600);
 
 /// Deletes a batch of finished deliveries matching `finished` and, in the same statement, their
 /// attempts (no foreign key cascades them: see migration 2). Returns the deliveries deleted.
@@ -195,7 +220,7 @@ pub async fn housekeeping_loop(
             }
             _ = prune.tick() => match retention.prune().await {
                 Ok(p) if p == Pruned::default() => {}
-                Ok(p) => tracing::info!(deliveries = p.deliveries, events = p.events, expired_secrets = p.secrets, "retention pruned old rows"),
+                Ok(p) => tracing::info!(deliveries = p.deliveries, events = p.events, expired_secrets = p.secrets, ordering_keys = p.keys, "retention pruned old rows"),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "retention pass failed"),
             },
         }

@@ -560,6 +560,8 @@ async fn apply_patch(
     if retenanted {
         crate::endpoints::exclude_fan_out(&tx, &state.schema).await?;
     }
+    // An endpoint an older release created has no flow row yet; a limit set now needs one.
+    crate::endpoints::ensure_flow_row(&tx, &state.schema, id).await?;
     tx.execute(
         &state.schema.sql(
             "UPDATE __SCHEMA__.endpoints SET

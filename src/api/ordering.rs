@@ -69,7 +69,7 @@ async fn blocked_keys(
                          WHERE q.endpoint_id = k.endpoint_id AND q.ordering_key = k.ordering_key
                            AND q.status = 'queued')
                  FROM __SCHEMA__.ordering_keys k JOIN __SCHEMA__.deliveries d ON d.id = k.blocked_by
-                 WHERE k.endpoint_id = $1 AND k.blocked_by IS NOT NULL
+                 WHERE k.endpoint_id = $1 AND k.blocked_by IS NOT NULL AND d.status = 'failed'
                  ORDER BY k.blocked_at LIMIT $2"
             )),
             &[&id, &limit],

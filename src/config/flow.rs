@@ -111,15 +111,21 @@ pub mod breaker_defaults {
     pub const DISABLE_AFTER_S: u64 = 5 * 86_400;
 }
 
+/// Bounds that keep every setting representable where it is used (an `int`, an `interval`).
+const MAX_COUNT: u32 = 1_000_000_000;
+const MAX_SPAN: std::time::Duration = std::time::Duration::from_secs(3650 * 86_400);
+
 impl BreakerConfig {
     /// Problems with the values set, each naming its key under `prefix`.
     pub fn problems(&self, prefix: &str) -> Vec<String> {
         let mut p = Vec::new();
-        if self.failures == Some(0) {
-            p.push(format!("{prefix}.failures: must be at least 1"));
-        }
-        if self.min_attempts == Some(0) {
-            p.push(format!("{prefix}.min_attempts: must be at least 1"));
+        for (key, n) in [
+            ("failures", self.failures),
+            ("min_attempts", self.min_attempts),
+        ] {
+            if n.is_some_and(|n| n == 0 || n > MAX_COUNT) {
+                p.push(format!("{prefix}.{key}: must be from 1 to {MAX_COUNT}"));
+            }
         }
         if let Some(r) = self.failure_rate {
             if !(r > 0.0 && r <= 1.0) {
@@ -133,8 +139,8 @@ impl BreakerConfig {
             ("probe_interval", self.probe_interval),
             ("disable_after", self.disable_after),
         ] {
-            if d.is_some_and(|d| d.0 < std::time::Duration::from_secs(1)) {
-                p.push(format!("{prefix}.{key}: must be at least 1s"));
+            if d.is_some_and(|d| d.0 < std::time::Duration::from_secs(1) || d.0 > MAX_SPAN) {
+                p.push(format!("{prefix}.{key}: must be from 1s to 3650d"));
             }
         }
         p
@@ -237,6 +243,17 @@ mod tests {
             .problems("outbound.breaker")
             .len()
                 == 2
+        );
+        let too_big = BreakerConfig {
+            failures: Some(3_000_000_000),
+            window: Some("4000d".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(
+            too_big.problems("b").len(),
+            2,
+            "{:?}",
+            too_big.problems("b")
         );
     }
 }

@@ -59,6 +59,9 @@ pub struct Dispatched {
     pub lags: Vec<f64>,
     /// Keyed events left for a later pass: an earlier event of their key was in another pass.
     pub held_back: usize,
+    /// Undispatched rows the pass looked at, and the highest id among them.
+    pub scanned: usize,
+    pub last_id: i64,
 }
 
 /// The fan-out fast path: fresh deliveries to active endpoints are inserted already claimed by
@@ -115,10 +118,13 @@ impl Dispatcher {
             // until this transaction ends, untouched) when an earlier undispatched event of its
             // key is outside this batch, i.e. in another replica's open pass (`ordering`). One
             // index probe per key in the batch; nothing for unkeyed events. Always one row at
-            // least: the last column counts the events left so.
+            // least: the last columns count the events left so and the rows looked at, and give
+            // the batch's highest id, from which the next pass goes on (`$3`) when a whole batch
+            // was held back, so events held by a stuck pass never keep others waiting.
             take: schema.sql(
                 "WITH batch AS MATERIALIZED (
-                    SELECT ctid, id, payload, ordering_key FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL
+                    SELECT ctid, id, payload, ordering_key FROM __SCHEMA__.outbox
+                    WHERE dispatched_at IS NULL AND id > $3
                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
                  ), fenced AS MATERIALIZED (
                     SELECT k.ordering_key, (
@@ -142,7 +148,9 @@ impl Dispatcher {
                            extract(epoch FROM clock_timestamp() - created_at)::float8,
                            payload::text, created_at, metadata, ordering_key
                  )
-                 SELECT t.*, h.n FROM (SELECT (SELECT count(*) FROM batch) - (SELECT count(*) FROM ok) AS n) h
+                 SELECT t.*, h.n, h.scanned, h.last FROM (
+                    SELECT (SELECT count(*) FROM batch) - (SELECT count(*) FROM ok) AS n,
+                           (SELECT count(*) FROM batch) AS scanned, (SELECT max(id) FROM batch) AS last) h
                  LEFT JOIN taken t ON true",
             ),
             endpoints: schema.sql(
@@ -172,7 +180,8 @@ impl Dispatcher {
     }
 
     /// Fans out one batch. Call again while it returns a full batch.
-    pub async fn dispatch_once(&self) -> anyhow::Result<Dispatched> {
+    /// Only events with an `id` above `after` (0: all).
+    pub async fn dispatch_once(&self, after: i64) -> anyhow::Result<Dispatched> {
         let mut client = self.pool.get().await?;
         let (lock, take, endpoints, insert) = futures_util::try_join!(
             client.prepare_cached("SELECT pg_advisory_xact_lock_shared(hashtext($1))"),
@@ -186,7 +195,7 @@ impl Dispatcher {
         // comes first, so the endpoints read next are not about to change under this pass. They
         // are read inside the transaction, so an endpoint created before the event committed is
         // seen.
-        let take_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
+        let take_params: [&(dyn ToSql + Sync); 3] = [&self.batch, &self.batch_bytes, &after];
         let lock_params: [&(dyn ToSql + Sync); 1] = [&self.lock_key];
         let endpoint_params: [&(dyn ToSql + Sync); 1] = [&self.default_limited];
         let (_, mut rows, endpoint_rows) = futures_util::try_join!(
@@ -196,6 +205,11 @@ impl Dispatcher {
         )?;
         // One row even when nothing was taken, for the count of keyed events held back.
         let held_back = rows.first().map_or(0, |r| r.get::<_, i64>(10)) as usize;
+        let scanned = rows.first().map_or(0, |r| r.get::<_, i64>(11)) as usize;
+        let last_id = rows
+            .first()
+            .and_then(|r| r.get::<_, Option<i64>>(12))
+            .unwrap_or(0);
         rows.retain(|r| r.get::<_, Option<i64>>(0).is_some());
         // RETURNING keeps no order; fan out in commit-id order.
         rows.sort_unstable_by_key(|r| r.get::<_, i64>(0));
@@ -203,6 +217,8 @@ impl Dispatcher {
             tx.commit().await?;
             return Ok(Dispatched {
                 held_back,
+                scanned,
+                last_id,
                 ..Dispatched::default()
             });
         }
@@ -329,6 +345,8 @@ impl Dispatcher {
             pending,
             lags,
             held_back,
+            scanned,
+            last_id,
         })
     }
 

@@ -211,9 +211,11 @@ pub async fn dispatch_loop(
             }
         }
         let mut found = false;
+        // Where the next pass starts: past a batch that was held back whole (see `take`).
+        let mut after = 0;
         while !cancel.is_cancelled() {
             let started = Instant::now();
-            match dispatcher.dispatch_once().await {
+            match dispatcher.dispatch_once(after).await {
                 Ok(done) => {
                     failures = 0;
                     if done.pending > 0 {
@@ -234,6 +236,11 @@ pub async fn dispatch_loop(
                         );
                     }
                     found |= done.events > 0;
+                    if done.held_back > 0 && done.scanned == dispatcher.batch() {
+                        after = done.last_id;
+                        continue;
+                    }
+                    after = 0;
                     if done.held_back > 0 {
                         // Another replica's pass holds earlier events of their keys: look again
                         // once it has had time to commit.

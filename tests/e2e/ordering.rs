@@ -320,6 +320,14 @@ async fn a_failed_head_blocks_only_its_key_until_retried_or_skips_it() {
         Duration::from_secs(20),
     )
     .await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.ordering_keys k JOIN postern.deliveries d ON d.id = k.blocked_by
+         WHERE k.endpoint_id = 'blocking' AND d.status = 'failed'",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
     let (s, v) = ops
         .call("GET", "/endpoints/blocking/blocked-keys", None)
         .await;
@@ -367,4 +375,135 @@ async fn a_failed_head_blocks_only_its_key_until_retried_or_skips_it() {
         .call("GET", "/endpoints/blocking/blocked-keys", None)
         .await;
     assert_eq!(v["data"].as_array().unwrap().len(), 0, "{v}");
+
+    // A block whose failed delivery is gone (retention pruned it) does not hold its key for ever:
+    // the sweeper moves the key on.
+    healed.store(false, Ordering::SeqCst);
+    for seq in 0..3 {
+        client
+            .execute(
+                "INSERT INTO postern.outbox (event_type, payload, ordering_key) VALUES ('b.changed', $1, 'b-3')",
+                &[&serde_json::json!({"key": "b-3", "seq": seq})],
+            )
+            .await
+            .unwrap();
+    }
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE ordering_key = 'b-3' AND status = 'failed'",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    healed.store(true, Ordering::SeqCst);
+    client
+        .execute(
+            "DELETE FROM postern.deliveries WHERE ordering_key = 'b-3' AND status = 'failed'",
+            &[],
+        )
+        .await
+        .unwrap();
+    receiver
+        .wait_for(
+            Duration::from_secs(20),
+            "the key after its blocker was pruned",
+            |r| seqs(r, "b-3", false).contains(&2),
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_too_long_to_index_is_refused_at_insert_and_nothing_stalls() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let _p = Postern::start(&ordered_config(&db, &receiver.url, "")).await;
+    let client = db.client().await;
+    // Uncompressible, so it would fit the outbox's index but not the deliveries' one.
+    let long: String = (0..2660)
+        .map(|i| char::from(b'a' + ((i * 7919 + i / 3) % 26) as u8))
+        .collect();
+    let refused = client
+        .execute(
+            "INSERT INTO postern.outbox (event_type, payload, ordering_key) VALUES ('order.changed', '{}', $1)",
+            &[&long],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("ordering_key_exceeds_255_bytes")
+            || format!("{refused:?}").contains("ordering_key_exceeds_255_bytes"),
+        "{refused:?}"
+    );
+    let key = "k".repeat(255);
+    client
+        .execute(
+            "INSERT INTO postern.outbox (event_type, payload, ordering_key) VALUES ('order.changed', $1, $2)",
+            &[&serde_json::json!({"key": key, "seq": 0}), &key],
+        )
+        .await
+        .unwrap();
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_held_by_a_stuck_pass_do_not_keep_other_events_waiting() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let client = db.client().await;
+    // Postern makes the schema; stop it before the backlog is written.
+    {
+        let p = Postern::start(&ordered_config(&db, &receiver.url, "")).await;
+        drop(p);
+    }
+    let insert = "INSERT INTO postern.outbox (event_type, payload, ordering_key) VALUES ('order.changed', $1, $2)";
+    client
+        .execute(insert, &[&serde_json::json!({"key": "k", "seq": 0}), &"k"])
+        .await
+        .unwrap();
+    // A pass that took event 0 and hangs (a partitioned replica, say): its lock stays.
+    let mut stuck = db.client().await;
+    let tx = stuck.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM postern.outbox WHERE ordering_key = 'k' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    // More than the two dispatch loops' batches together (2 x 500).
+    for seq in 1..=1600i64 {
+        client
+            .execute(
+                insert,
+                &[&serde_json::json!({"key": "k", "seq": seq}), &"k"],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .execute(
+            insert,
+            &[&serde_json::json!({"key": "other", "seq": 0}), &"other"],
+        )
+        .await
+        .unwrap();
+    let _p = Postern::start(&ordered_config(&db, &receiver.url, "")).await;
+    // Whole batches of key k wait behind event 0; the event after them goes anyway.
+    receiver
+        .wait_for(Duration::from_secs(10), "the other key's event", |r| {
+            r.iter().any(|r| r.json()["data"]["key"] == "other")
+        })
+        .await;
+    assert!(
+        receiver
+            .requests()
+            .iter()
+            .all(|r| r.json()["data"]["key"] != "k"),
+        "key k overtook its held event 0"
+    );
+    tx.rollback().await.unwrap();
+    receiver.wait_count(1602, Duration::from_secs(90)).await;
+    let ks = seqs(&receiver.requests(), "k", false);
+    assert_eq!(ks, (0..=1600).collect::<Vec<i64>>());
 }

@@ -10,6 +10,11 @@ ALTER TABLE __SCHEMA__.deliveries ADD CONSTRAINT deliveries_status_check
     CHECK (status IN ('pending', 'delivering', 'delivered', 'failed', 'paused', 'cancelled', 'queued'));
 ALTER TABLE __SCHEMA__.deliveries ADD COLUMN IF NOT EXISTS ordering_key text;
 
+-- A key is indexed (below), and a B-tree entry has a size limit: a key over 255 bytes is refused
+-- at insert, in the app's transaction, rather than failing every fan-out pass after it.
+ALTER TABLE __SCHEMA__.outbox ADD CONSTRAINT ordering_key_exceeds_255_bytes
+    CHECK (octet_length(ordering_key) <= 255) NOT VALID;
+
 -- The next delivery of a key: one index probe, however many wait behind it.
 CREATE INDEX IF NOT EXISTS deliveries_queued
     ON __SCHEMA__.deliveries (endpoint_id, ordering_key, outbox_id) WHERE status = 'queued';

@@ -83,8 +83,17 @@ BEGIN
         SELECT * INTO e FROM __SCHEMA__.endpoints x WHERE x.id = p_endpoints[i];
         CONTINUE WHEN NOT FOUND;
         cfg := p_defaults || COALESCE(e.breaker, '{}'::jsonb);
-        INSERT INTO __SCHEMA__.endpoint_flow AS x (endpoint_id) VALUES (e.id) ON CONFLICT DO NOTHING;
-        SELECT * INTO f FROM __SCHEMA__.endpoint_flow x WHERE x.endpoint_id = e.id FOR UPDATE;
+        IF p_failures[i] = 0 AND NOT p_pushback[i] THEN
+            -- Successes only: a row with nothing to reset or close is left alone (not even locked).
+            SELECT * INTO f FROM __SCHEMA__.endpoint_flow x
+            WHERE x.endpoint_id = e.id
+              AND (x.consecutive_failures > 0 OR x.window_failures > 0 OR x.opened_at IS NOT NULL)
+            FOR UPDATE;
+            CONTINUE WHEN NOT FOUND;
+        ELSE
+            INSERT INTO __SCHEMA__.endpoint_flow AS x (endpoint_id) VALUES (e.id) ON CONFLICT DO NOTHING;
+            SELECT * INTO f FROM __SCHEMA__.endpoint_flow x WHERE x.endpoint_id = e.id FOR UPDATE;
+        END IF;
 
         IF f.window_started_at < now() - make_interval(secs => (cfg->>'window_s')::float8)
            OR (f.window_failures = 0 AND p_failures[i] > 0) THEN

@@ -78,7 +78,9 @@ pub async fn cancel_unfinished(
 
 /// Pending | paused | queued | delivering -> cancelled, after an endpoint's tenant changed, for
 /// events the tenant rules no longer give it (a replica holding one finds its outcome fenced off).
-/// Targeted events (a test event) stay. Keys whose head this cancels move on by the sweeper.
+/// Targeted events (a test event) stay, and so does a keyed delivery in flight (cancelling it
+/// would let its key's next one go while it is still being sent). Keys whose head this cancels
+/// move on by the sweeper.
 pub async fn cancel_ineligible(
     tx: &Transaction<'_>,
     schema: &Schema,
@@ -94,6 +96,7 @@ pub async fn cancel_ineligible(
                  FROM __SCHEMA__.endpoints e, __SCHEMA__.outbox o
                  WHERE e.id = $1 AND d.endpoint_id = e.id AND o.id = d.outbox_id
                    AND d.status IN ('pending', 'paused', 'delivering', 'queued')
+                   AND NOT (d.status = 'delivering' AND d.ordering_key IS NOT NULL)
                    AND o.target_endpoint IS DISTINCT FROM e.id
                    AND e.tenant IS DISTINCT FROM '*' AND e.tenant IS DISTINCT FROM o.tenant",
             ),
@@ -182,8 +185,8 @@ pub async fn replay_failed(
         keys.push(endpoint_id, r.get(0));
     }
     ordering.lock(&tx, &keys).await?;
-    let n = tx
-        .execute(
+    let moved = tx
+        .query(
             &schema.sql(
                 "UPDATE __SCHEMA__.deliveries d
                  SET status = CASE WHEN d.ordering_key IS NOT NULL THEN 'queued'
@@ -191,11 +194,20 @@ pub async fn replay_failed(
                      next_attempt_at = now(), updated_at = now()
                  FROM __SCHEMA__.endpoints e
                  WHERE e.id = d.endpoint_id AND d.endpoint_id = $1 AND d.status = 'failed'
-                   AND d.created_at >= $2 AND ($3::timestamptz IS NULL OR d.created_at < $3)",
+                   AND d.created_at >= $2 AND ($3::timestamptz IS NULL OR d.created_at < $3)
+                 RETURNING d.ordering_key",
             ),
             &[&endpoint_id, &since, &until],
         )
         .await?;
+    // A delivery that failed between the look and the change has a key not locked above:
+    // advancing locks it too, so it gets its head.
+    for r in &moved {
+        if let Some(key) = r.get::<_, Option<&str>>(0) {
+            keys.push(endpoint_id, key);
+        }
+    }
+    let n = moved.len() as u64;
     ordering.advance(&tx, &keys, &[]).await?;
     tx.commit().await?;
     Ok(n)

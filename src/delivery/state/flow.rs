@@ -144,6 +144,20 @@ impl FlowBatch {
     pub fn needs_record(&self) -> bool {
         !self.endpoints.is_empty()
     }
+
+    /// Moves the successes-only endpoints to what `record_flow` takes (which resets them only if
+    /// they had failed), so a transaction locks all its flow rows in one pass, in endpoint order.
+    pub fn fold_healthy_into_record(&mut self) {
+        for (id, n) in self.healthy.drain(..).zip(self.healthy_attempts.drain(..)) {
+            self.endpoints.push(id);
+            self.attempts.push(n);
+            self.failures.push(0);
+            self.trailing.push(0);
+            self.succeeded.push(true);
+            self.pushback.push(false);
+            self.retry_after.push(None);
+        }
+    }
 }
 
 /// A breaker transition, as published.

@@ -287,7 +287,9 @@ impl DeliveryStore {
                            g.opened_at IS NOT NULL AS open
                     FROM (SELECT f.endpoint_id AS id, f.paused_until, f.opened_at, f.probe_at,
                                  COALESCE((e.breaker->>'probe_interval_s')::float8, $9) AS probe_s,
-                                 LEAST(GREATEST(1, r.rate), f.tokens + r.rate * extract(epoch FROM now() - f.refilled_at)) AS avail
+                                 CASE WHEN r.rate IS NOT NULL
+                                      THEN LEAST(GREATEST(1, r.rate), f.tokens + r.rate * extract(epoch FROM now() - f.refilled_at))
+                                 END AS avail
                           FROM __SCHEMA__.endpoint_flow f
                           JOIN __SCHEMA__.endpoints e ON e.id = f.endpoint_id
                           CROSS JOIN LATERAL (SELECT __SCHEMA__.flow_rate(f, COALESCE(__SCHEMA__.per_second(e.rate_limit), $8)) AS rate) r
@@ -368,12 +370,15 @@ impl DeliveryStore {
                       AND d.lease_owner = $1 AND e.id = d.endpoint_id
                     RETURNING d.id
                  ), healthy AS (
-                    -- Successes clear the breaker's count of an endpoint that had failed (see `flow`).
+                    -- Successes clear the breaker's count of an endpoint that had failed (see
+                    -- `flow`); the rows are locked in endpoint order, as every flow writer does.
                     UPDATE __SCHEMA__.endpoint_flow f
-                    SET consecutive_failures = 0, window_attempts = f.window_attempts + h.n, updated_at = now()
-                    FROM unnest($11::text[], $12::int[]) AS h(id, n)
-                    WHERE f.endpoint_id = h.id AND f.opened_at IS NULL
-                      AND (f.consecutive_failures > 0 OR f.window_failures > 0)
+                    SET consecutive_failures = 0, window_attempts = f.window_attempts + l.n, updated_at = now()
+                    FROM (SELECT x.endpoint_id, h.n FROM __SCHEMA__.endpoint_flow x
+                          JOIN unnest($11::text[], $12::int[]) AS h(id, n) ON h.id = x.endpoint_id
+                          WHERE x.opened_at IS NULL AND (x.consecutive_failures > 0 OR x.window_failures > 0)
+                          ORDER BY x.endpoint_id FOR UPDATE OF x) l
+                    WHERE f.endpoint_id = l.endpoint_id
                  )
                  INSERT INTO __SCHEMA__.attempts
                     (delivery_id, attempt, started_at, duration_ms, status_code, response_excerpt, error)
@@ -424,6 +429,12 @@ impl DeliveryStore {
                     SELECT x.id, 'cancelled' FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
                         SELECT d.id FROM __SCHEMA__.deliveries d
                         WHERE d.endpoint_id = e.id AND d.status = 'paused'
+                        LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
+                    WHERE e.deleted_at IS NOT NULL AND e.updated_at > now() - interval '1 hour'
+                    UNION ALL
+                    SELECT x.id, 'cancelled' FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
+                        SELECT d.id FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id AND d.status = 'queued'
                         LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
                     WHERE e.deleted_at IS NOT NULL AND e.updated_at > now() - interval '1 hour'
                     LIMIT $1
@@ -580,7 +591,7 @@ impl DeliveryStore {
             durations.push(a.record.duration_ms);
             bodies.push(a.record.response_body.as_deref());
         }
-        let flow = flow::FlowBatch::of(acks);
+        let mut flow = flow::FlowBatch::of(acks);
         let params: [&(dyn ToSql + Sync); 12] = [
             &owner,
             &ids,
@@ -614,12 +625,30 @@ impl DeliveryStore {
         }
         if gone.is_empty() && keys.is_empty() && !flow.needs_record() {
             // The usual case: one statement, its own transaction, one round trip.
+            // The usual case: one statement, its own transaction, one round trip.
             let stmt = client.prepare_cached(&self.ack).await?;
             client.execute(&stmt, &params).await?;
             return Ok(0);
         }
         gone.sort_unstable();
         gone.dedup();
+        // One flow writer per transaction, locking in endpoint order (see `flow`): the healthy
+        // endpoints go through `record_flow` with the rest, not through the ack statement.
+        flow.fold_healthy_into_record();
+        let params: [&(dyn ToSql + Sync); 12] = [
+            &owner,
+            &ids,
+            &attempts,
+            &statuses,
+            &next_at,
+            &codes,
+            &errors,
+            &started,
+            &durations,
+            &bodies,
+            &flow.healthy,
+            &flow.healthy_attempts,
+        ];
         let tx = client.transaction().await?;
         self.ordering.lock(&tx, &keys).await?;
         if !gone.is_empty() {

@@ -69,8 +69,9 @@ impl Ordering {
             lock: schema.sql("SELECT __SCHEMA__.lock_ordering_keys($1, $2)"),
             advance: schema.sql("SELECT __SCHEMA__.advance_ordering_keys($1, $2, $3, $4)"),
             // Up to `$1` keys with queued deliveries after the cursor ($2, $3), in index order, each
-            // with whether it has neither a head nor a block: the sweeper walks every key this way,
-            // a batch per pass, and wraps around.
+            // with whether it has neither a head nor a block (a block whose delivery is gone,
+            // pruned or moved by an older release, no longer counts: advancing lifts it): the
+            // sweeper walks every key this way, a batch per pass, and wraps around.
             stalled: schema.sql(
                 "WITH q AS (
                     SELECT DISTINCT endpoint_id, ordering_key FROM __SCHEMA__.deliveries
@@ -81,8 +82,9 @@ impl Ordering {
                                     WHERE h.endpoint_id = q.endpoint_id AND h.ordering_key = q.ordering_key
                                       AND h.status IN ('pending', 'delivering', 'paused'))
                         AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.ordering_keys k
+                                        JOIN __SCHEMA__.deliveries b ON b.id = k.blocked_by
                                         WHERE k.endpoint_id = q.endpoint_id AND k.ordering_key = q.ordering_key
-                                          AND k.blocked_by IS NOT NULL)
+                                          AND b.status = 'failed')
                  FROM q ORDER BY 1, 2",
             ),
             default_on_failure,
