@@ -17,6 +17,10 @@ use crate::delivery::state::ordering::{Keys, Ordering};
 use crate::delivery::state::{Claimed, DeliveryStatus};
 use crate::delivery::{Capacity, Handoff};
 
+/// Whether keyed events wait to be fanned out: one probe of a partial index.
+const KEYED_WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox
+                                WHERE dispatched_at IS NULL AND ordering_key IS NOT NULL)";
+
 /// An endpoint as the matcher sees it, with what a fast-path delivery to it needs.
 struct Target {
     id: String,
@@ -85,6 +89,8 @@ pub struct Dispatcher {
     /// `outbound.rate_limit` is set: every endpoint is limited, none takes the fast path.
     default_limited: bool,
     take: String,
+    keyed_waiting: String,
+    take_keyed: String,
     endpoints: String,
     insert: String,
     lock_key: String,
@@ -114,17 +120,41 @@ impl Dispatcher {
             // The batch stops at `$2` bytes of payload (the first row always), so one pass never
             // brings more into memory than that; rows past it stay locked until this
             // transaction ends and go in the next pass.
-            // Per ordering key, events are fanned out in `id` order: a keyed event is left (locked
+            // Events without an ordering key, in `id` order. Taking a batch marks it dispatched in
+            // the same statement (the transaction makes that one with the deliveries' insert): one
+            // statement per pass instead of two. The locked rows are found again by `ctid`, which
+            // cannot change while this transaction holds their locks. The batch stops at `$2`
+            // bytes of payload (the first row always), so one pass never brings more into memory
+            // than that; rows past it stay locked until this transaction ends and go in the next.
+            take: schema.sql(
+                "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
+                 WHERE ctid = ANY(ARRAY(
+                     SELECT ctid FROM (
+                         SELECT ctid, sum(octet_length(payload::text)) OVER (ORDER BY id)
+                                      - octet_length(payload::text) AS before
+                         FROM (SELECT ctid, id, payload FROM __SCHEMA__.outbox
+                               WHERE dispatched_at IS NULL AND ordering_key IS NULL
+                               ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) batch) s
+                     WHERE before < $2))
+                 RETURNING id, event_id, event_type, tenant, target_endpoint,
+                        extract(epoch FROM clock_timestamp() - created_at)::float8,
+                        payload::text, created_at, metadata, ordering_key",
+            ),
+            // Whether keyed events wait (one probe of a partial index), when no endpoint row
+            // carried the answer.
+            keyed_waiting: schema.sql(KEYED_WAITING),
+            // Keyed events, only when some wait (their statement costs more to plan and run). Per
+            // ordering key they are fanned out in `id` order: a keyed event is left (locked
             // until this transaction ends, untouched) when an earlier undispatched event of its
             // key is outside this batch, i.e. in another replica's open pass (`ordering`). One
-            // index probe per key in the batch; nothing for unkeyed events. Always one row at
-            // least: the last columns count the events left so and the rows looked at, and give
-            // the batch's highest id, from which the next pass goes on (`$3`) when a whole batch
-            // was held back, so events held by a stuck pass never keep others waiting.
-            take: schema.sql(
+            // index probe per key in the batch. Always one row at least: the last columns count
+            // the events left so and the rows looked at, and give the batch's highest id, from
+            // which the next pass goes on (`$3`) when a whole batch was held back, so events held
+            // by a stuck pass never keep others waiting.
+            take_keyed: schema.sql(
                 "WITH batch AS MATERIALIZED (
                     SELECT ctid, id, payload, ordering_key FROM __SCHEMA__.outbox
-                    WHERE dispatched_at IS NULL AND id > $3
+                    WHERE dispatched_at IS NULL AND ordering_key IS NOT NULL AND id > $3
                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
                  ), fenced AS MATERIALIZED (
                     SELECT k.ordering_key, (
@@ -132,9 +162,9 @@ impl Dispatcher {
                         WHERE o.ordering_key = k.ordering_key AND o.dispatched_at IS NULL
                           AND NOT EXISTS (SELECT 1 FROM batch b WHERE b.id = o.id)
                         ORDER BY o.id LIMIT 1) AS first_elsewhere
-                    FROM (SELECT DISTINCT ordering_key FROM batch WHERE ordering_key IS NOT NULL) k
+                    FROM (SELECT DISTINCT ordering_key FROM batch) k
                  ), ok AS MATERIALIZED (
-                    SELECT b.ctid, b.id, b.payload FROM batch b LEFT JOIN fenced f ON f.ordering_key = b.ordering_key
+                    SELECT b.ctid, b.id, b.payload FROM batch b JOIN fenced f ON f.ordering_key = b.ordering_key
                     WHERE f.first_elsewhere IS NULL OR b.id < f.first_elsewhere
                  ), taken AS (
                     UPDATE __SCHEMA__.outbox SET dispatched_at = now()
@@ -153,16 +183,17 @@ impl Dispatcher {
                            (SELECT count(*) FROM batch) AS scanned, (SELECT max(id) FROM batch) AS last) h
                  LEFT JOIN taken t ON true",
             ),
-            endpoints: schema.sql(
+            endpoints: schema.sql(&format!(
                 "SELECT e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
                         ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
                               WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
                               ORDER BY s.id DESC),
                         e.rate_limit IS NULL AND NOT $1::bool AND NOT EXISTS (
                             SELECT 1 FROM __SCHEMA__.endpoint_flow f WHERE f.endpoint_id = e.id
-                              AND (f.backoff_rate IS NOT NULL OR f.paused_until > now() OR f.opened_at IS NOT NULL))
-                 FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL",
-            ),
+                              AND (f.backoff_rate IS NOT NULL OR f.paused_until > now() OR f.opened_at IS NOT NULL)),
+                        ({KEYED_WAITING})
+                 FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL"
+            )),
             lock_key: schema.fan_out_lock_key(),
             insert: schema.sql(
                 "INSERT INTO __SCHEMA__.deliveries
@@ -195,7 +226,7 @@ impl Dispatcher {
         // comes first, so the endpoints read next are not about to change under this pass. They
         // are read inside the transaction, so an endpoint created before the event committed is
         // seen.
-        let take_params: [&(dyn ToSql + Sync); 3] = [&self.batch, &self.batch_bytes, &after];
+        let take_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
         let lock_params: [&(dyn ToSql + Sync); 1] = [&self.lock_key];
         let endpoint_params: [&(dyn ToSql + Sync); 1] = [&self.default_limited];
         let (_, mut rows, endpoint_rows) = futures_util::try_join!(
@@ -203,14 +234,30 @@ impl Dispatcher {
             tx.query(&take, &take_params),
             tx.query(&endpoints, &endpoint_params)
         )?;
-        // One row even when nothing was taken, for the count of keyed events held back.
-        let held_back = rows.first().map_or(0, |r| r.get::<_, i64>(10)) as usize;
-        let scanned = rows.first().map_or(0, |r| r.get::<_, i64>(11)) as usize;
-        let last_id = rows
-            .first()
-            .and_then(|r| r.get::<_, Option<i64>>(12))
-            .unwrap_or(0);
-        rows.retain(|r| r.get::<_, Option<i64>>(0).is_some());
+        // Every endpoint row carries whether keyed events wait; with none, ask.
+        let keyed_waiting = match endpoint_rows.first() {
+            Some(r) => r.get::<_, bool>(10),
+            None => tx.query_one(&self.keyed_waiting, &[]).await?.get(0),
+        };
+        let (mut held_back, mut scanned, mut last_id) = (0, 0, 0);
+        if keyed_waiting {
+            // Keyed events may bring as much again into memory, at most half as much.
+            let half = self.batch_bytes / 2;
+            let params: [&(dyn ToSql + Sync); 3] = [&self.batch, &half, &after];
+            let stmt = tx.prepare_cached(&self.take_keyed).await?;
+            let keyed_rows = tx.query(&stmt, &params).await?;
+            // One row even when nothing was taken, for the counts.
+            if let Some(r) = keyed_rows.first() {
+                held_back = r.get::<_, i64>(10) as usize;
+                scanned = r.get::<_, i64>(11) as usize;
+                last_id = r.get::<_, Option<i64>>(12).unwrap_or(0);
+            }
+            rows.extend(
+                keyed_rows
+                    .into_iter()
+                    .filter(|r| r.get::<_, Option<i64>>(0).is_some()),
+            );
+        }
         // RETURNING keeps no order; fan out in commit-id order.
         rows.sort_unstable_by_key(|r| r.get::<_, i64>(0));
         if rows.is_empty() {
