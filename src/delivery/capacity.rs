@@ -59,6 +59,9 @@ pub struct Capacity {
     revoked: Mutex<HashMap<String, std::time::Instant>>,
     revoked_all: Mutex<Option<std::time::Instant>>,
     stop_for: Duration,
+    /// Some endpoint has a flow policy in force (a rate limit, back pressure, an open circuit), as
+    /// the last fan-out pass saw: claims then take the gated statement (`state::flow`).
+    hindered: std::sync::atomic::AtomicBool,
 }
 
 /// One delivery's hold on its replica's capacity; dropping it gives the hold back. It lives until
@@ -85,6 +88,16 @@ impl Drop for Hold {
 }
 
 impl Capacity {
+    /// What the last fan-out pass saw: whether some endpoint has a flow policy in force.
+    pub fn set_hindered(&self, any: bool) {
+        self.hindered
+            .store(any, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn any_hindered(&self) -> bool {
+        self.hindered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn new(settings: &WorkerSettings) -> Arc<Self> {
         // Half the budget for held deliveries; the other half covers what claims and fan-out
         // passes bring into memory transiently (see `payload_room` and `app::start`).
@@ -101,6 +114,7 @@ impl Capacity {
                 as i32,
             per_endpoint: Mutex::default(),
             stopped: Mutex::default(),
+            hindered: std::sync::atomic::AtomicBool::new(true),
             revoked: Mutex::default(),
             revoked_all: Mutex::default(),
             stop_for: settings.lease,

@@ -205,6 +205,7 @@ impl Worker {
                     let claimed_at = std::time::Instant::now();
                     let busy = self.capacity.held_per_endpoint();
                     let claim = self.store.claim(
+                        self.capacity.any_hindered(),
                         self.owner,
                         slots.len().min(self.capacity.rows_for_room()) as i64,
                         self.capacity.per_endpoint_held,

@@ -234,6 +234,15 @@ impl Dispatcher {
             tx.query(&take, &take_params),
             tx.query(&endpoints, &endpoint_params)
         )?;
+        // Claims take the gated statement only while some endpoint has a policy in force (seen
+        // on every pass, empty ones included, so a policy that starts while no event comes is
+        // seen within a poll interval; until then a claim just skips that endpoint).
+        self.fast.capacity.set_hindered(
+            self.default_limited
+                || endpoint_rows
+                    .iter()
+                    .any(|r| r.get::<_, bool>(2) && !r.get::<_, bool>(9)),
+        );
         // Every endpoint row carries whether keyed events wait; with none, ask.
         let keyed_waiting = match endpoint_rows.first() {
             Some(r) => r.get::<_, bool>(10),

@@ -242,6 +242,7 @@ pub struct DeliveryStore {
     flow: flow::Flow,
     flow_defaults: flow::FlowDefaults,
     claim: String,
+    claim_plain: String,
     ack: String,
     disable_gone: String,
     hand_back: String,
@@ -277,6 +278,45 @@ impl DeliveryStore {
             // no such row: for them the gate is one index probe of an empty result. The last
             // column counts due deliveries the gate held back (the same count on every row, and
             // one row with no delivery when nothing was claimed).
+            // The claim while no endpoint has a flow policy in force (what the fan-out last saw):
+            // the gated statement's work is skipped, and an endpoint whose policy started since
+            // is left out (one probe each) until the next fan-out pass says so.
+            claim_plain: schema.sql(
+                "WITH c AS MATERIALIZED (
+                    SELECT due.id, due.outbox_id, row_number() OVER () AS n
+                    FROM (SELECT x.id FROM __SCHEMA__.endpoints x
+                          WHERE x.active AND x.deleted_at IS NULL
+                            AND x.rate_limit IS NULL AND $8::float8 IS NULL
+                            AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.endpoint_flow f WHERE f.endpoint_id = x.id
+                                AND (f.backoff_rate IS NOT NULL OR f.paused_until > now() OR f.opened_at IS NOT NULL))
+                          ORDER BY random()) e
+                    CROSS JOIN LATERAL (
+                        SELECT d.id, d.outbox_id FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now()
+                        ORDER BY d.next_attempt_at
+                        LIMIT GREATEST(0, $3::int - COALESCE(
+                            (SELECT b.n FROM unnest($4::text[], $5::int[]) AS b(id, n) WHERE b.id = e.id), 0))
+                        FOR UPDATE OF d SKIP LOCKED
+                    ) due
+                    LIMIT $2
+                 ), fit AS MATERIALIZED (
+                    SELECT id FROM (
+                        SELECT c.id, sum(octet_length(o.payload::text)) OVER (ORDER BY c.n)
+                                     - octet_length(o.payload::text) AS before
+                        FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) s
+                    WHERE before < $7
+                 )
+                 UPDATE __SCHEMA__.deliveries d
+                 SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
+                     lease_expires_at = now() + make_interval(secs => $6), updated_at = now()
+                 FROM fit, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
+                 WHERE d.id = fit.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
+                 RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
+                           o.created_at, e.url, e.headers, e.signature, e.retry, o.metadata,
+                           ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
+                                 WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
+                                 ORDER BY s.id DESC) AS secrets, d.ordering_key, false, 0::bigint",
+            ),
             claim: schema.sql(
                 "WITH gate AS MATERIALIZED (
                     SELECT g.id, g.avail, g.probe_s,
@@ -494,9 +534,12 @@ impl DeliveryStore {
 
     /// Claims up to `limit` due deliveries for `owner`, at most `per_endpoint` per endpoint minus
     /// what this replica already has in flight there (`busy`).
+    /// `gated`: some endpoint has a flow policy in force (see `flow`); otherwise the cheaper
+    /// statement, which leaves any such endpoint out.
     #[allow(clippy::too_many_arguments)]
     pub async fn claim(
         &self,
+        gated: bool,
         owner: Uuid,
         limit: i64,
         per_endpoint: i32,
@@ -505,26 +548,31 @@ impl DeliveryStore {
         max_bytes: i64,
     ) -> anyhow::Result<(Vec<Claimed>, u64)> {
         let client = self.pool.get().await?;
-        let stmt = client.prepare_cached(&self.claim).await?;
+        let stmt = client
+            .prepare_cached(if gated {
+                &self.claim
+            } else {
+                &self.claim_plain
+            })
+            .await?;
         let busy_ids: Vec<&str> = busy.iter().map(|(id, _)| id.as_str()).collect();
         let busy_n: Vec<i32> = busy.iter().map(|(_, n)| *n).collect();
-        let rows = client
-            .query(
-                &stmt,
-                &[
-                    &owner,
-                    &limit,
-                    &per_endpoint,
-                    &busy_ids,
-                    &busy_n,
-                    &lease.as_secs_f64(),
-                    &max_bytes,
-                    &self.flow_defaults.rate,
-                    &self.flow_defaults.probe_seconds(),
-                ],
-            )
-            .await?;
-        // Always one row, for the count of deliveries the gate held back.
+        let (lease_s, probe_s) = (lease.as_secs_f64(), self.flow_defaults.probe_seconds());
+        let params: [&(dyn ToSql + Sync); 9] = [
+            &owner,
+            &limit,
+            &per_endpoint,
+            &busy_ids,
+            &busy_n,
+            &lease_s,
+            &max_bytes,
+            &self.flow_defaults.rate,
+            &probe_s,
+        ];
+        // The plain statement takes no probe interval.
+        let params = if gated { &params[..] } else { &params[..8] };
+        let rows = client.query(&stmt, params).await?;
+        // The gated statement always returns one row, for the count of deliveries it held back.
         let held = rows.first().map_or(0, |r| r.get::<_, i64>(15)) as u64;
         let claimed = rows
             .iter()
