@@ -22,7 +22,8 @@
 //!   into the outbox as `postern.endpoint.circuit_opened` / `circuit_closed` / `disabled`.
 //! - **No cost when unused.** Every endpoint has a flow row, but a healthy unlimited endpoint's is
 //!   neither locked nor written; the fan-out fast path skips only endpoints with a policy in force
-//!   (so it never bypasses a limit).
+//!   (so it never bypasses a limit), and claims take the gated statement only while the last
+//!   fan-out pass saw some endpoint with one (the plain claim leaves such endpoints out).
 
 use std::collections::BTreeMap;
 
