@@ -1,0 +1,576 @@
+//! The pipeline's statements on deliveries: claims, outcomes, hand-backs, deferrals, the sweeper
+//! and the reaper, each fenced as the parent module says (owner, attempt, `delivering`).
+
+use std::time::Duration;
+
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::{flow, ordering, storable, Ack, Claimed, DeliveryStatus, Settle};
+use crate::db::Schema;
+
+/// Prepared SQL texts for one schema.
+pub struct DeliveryStore {
+    pool: Pool,
+    pub ordering: ordering::Ordering,
+    flow: flow::Flow,
+    flow_defaults: flow::FlowDefaults,
+    claim: String,
+    claim_plain: String,
+    ack: String,
+    disable_gone: String,
+    hand_back: String,
+    sweep: String,
+    fan_out_lock: String,
+    announce_gone: String,
+    defer: String,
+    reap: String,
+}
+
+impl DeliveryStore {
+    pub fn new(
+        pool: Pool,
+        schema: &Schema,
+        on_failure: crate::config::OnFailure,
+        flow_defaults: flow::FlowDefaults,
+    ) -> Self {
+        Self {
+            pool,
+            ordering: ordering::Ordering::new(schema, on_failure),
+            flow: flow::Flow::new(schema, &flow_defaults),
+            flow_defaults,
+            // Fair across endpoints: endpoints in random order, each contributing at most its
+            // free per-endpoint slots, so one endpoint's backlog cannot fill a batch. The
+            // MATERIALIZED fence stops the planner from re-running the LIMIT subquery. `fit`
+            // keeps the payloads within `$7` bytes (the first row always), so a claim never
+            // brings more into memory than the budget has room for; rows it leaves are unlocked
+            // at commit, untouched.
+            // `gate` (see `flow`): endpoints under a rate limit, back pressure or an open circuit,
+            // their flow rows locked in id order so replicas take tokens one at a time; each
+            // contributes at most `cap` (tokens, 0 while paused, 1 probe when due while open),
+            // and `spent` takes what was claimed from the bucket. Healthy unlimited endpoints have
+            // no such row: for them the gate is one index probe of an empty result. The last
+            // column counts due deliveries the gate held back (the same count on every row, and
+            // one row with no delivery when nothing was claimed).
+            // The claim while no endpoint has a flow policy in force (what the fan-out last saw):
+            // the gated statement's work is skipped, and an endpoint whose policy started since
+            // is left out (one probe each) until the next fan-out pass says so.
+            claim_plain: schema.sql(
+                "WITH c AS MATERIALIZED (
+                    SELECT due.id, due.outbox_id, row_number() OVER () AS n
+                    FROM (SELECT x.id FROM __SCHEMA__.endpoints x
+                          WHERE x.active AND x.deleted_at IS NULL
+                            AND x.rate_limit IS NULL AND $8::float8 IS NULL
+                            AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.endpoint_flow f WHERE f.endpoint_id = x.id
+                                AND (f.backoff_rate IS NOT NULL OR f.paused_until > now() OR f.opened_at IS NOT NULL))
+                          ORDER BY random()) e
+                    CROSS JOIN LATERAL (
+                        SELECT d.id, d.outbox_id FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now()
+                        ORDER BY d.next_attempt_at
+                        LIMIT GREATEST(0, $3::int - COALESCE(
+                            (SELECT b.n FROM unnest($4::text[], $5::int[]) AS b(id, n) WHERE b.id = e.id), 0))
+                        FOR UPDATE OF d SKIP LOCKED
+                    ) due
+                    LIMIT $2
+                 ), fit AS MATERIALIZED (
+                    SELECT id FROM (
+                        SELECT c.id, sum(octet_length(o.payload::text)) OVER (ORDER BY c.n)
+                                     - octet_length(o.payload::text) AS before
+                        FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) s
+                    WHERE before < $7
+                 )
+                 UPDATE __SCHEMA__.deliveries d
+                 SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
+                     lease_expires_at = now() + make_interval(secs => $6), updated_at = now()
+                 FROM fit, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
+                 WHERE d.id = fit.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
+                 RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
+                           o.created_at, e.url, e.headers, e.signature, e.retry, o.metadata,
+                           ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
+                                 WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
+                                 ORDER BY s.id DESC) AS secrets, d.ordering_key, false, 0::bigint",
+            ),
+            claim: schema.sql(
+                "WITH gate AS MATERIALIZED (
+                    SELECT g.id, g.avail, g.probe_s,
+                           CASE WHEN g.paused_until > now() THEN 0
+                                WHEN g.opened_at IS NOT NULL THEN CASE WHEN g.probe_at <= now() THEN 1 ELSE 0 END
+                                WHEN g.avail IS NULL THEN NULL
+                                ELSE GREATEST(0, floor(g.avail))::int END AS cap,
+                           g.opened_at IS NOT NULL AS open
+                    FROM (SELECT f.endpoint_id AS id, f.paused_until, f.opened_at, f.probe_at,
+                                 COALESCE((e.breaker->>'probe_interval_s')::float8, $9) AS probe_s,
+                                 CASE WHEN r.rate IS NOT NULL
+                                      THEN LEAST(GREATEST(1, r.rate), f.tokens + r.rate * extract(epoch FROM now() - f.refilled_at))
+                                 END AS avail
+                          FROM __SCHEMA__.endpoint_flow f
+                          JOIN __SCHEMA__.endpoints e ON e.id = f.endpoint_id
+                          CROSS JOIN LATERAL (SELECT __SCHEMA__.flow_rate(f, COALESCE(__SCHEMA__.per_second(e.rate_limit), $8)) AS rate) r
+                          WHERE e.active AND e.deleted_at IS NULL
+                            AND (r.rate IS NOT NULL OR f.paused_until > now() OR f.opened_at IS NOT NULL
+                                 OR f.backoff_rate IS NOT NULL)
+                          ORDER BY f.endpoint_id FOR UPDATE OF f) g
+                 ), c AS MATERIALIZED (
+                    SELECT due.id, due.outbox_id, e.id AS endpoint_id, row_number() OVER () AS n
+                    FROM (SELECT x.id, g.cap FROM __SCHEMA__.endpoints x LEFT JOIN gate g ON g.id = x.id
+                          WHERE x.active AND x.deleted_at IS NULL ORDER BY random()) e
+                    CROSS JOIN LATERAL (
+                        SELECT d.id, d.outbox_id FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now()
+                        ORDER BY d.next_attempt_at
+                        LIMIT LEAST(COALESCE(e.cap, $3::int), GREATEST(0, $3::int - COALESCE(
+                            (SELECT b.n FROM unnest($4::text[], $5::int[]) AS b(id, n) WHERE b.id = e.id), 0)))
+                        FOR UPDATE OF d SKIP LOCKED
+                    ) due
+                    LIMIT $2
+                 ), fit AS MATERIALIZED (
+                    SELECT id FROM (
+                        SELECT c.id, sum(octet_length(o.payload::text)) OVER (ORDER BY c.n)
+                                     - octet_length(o.payload::text) AS before
+                        FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) s
+                    WHERE before < $7
+                 ), upd AS (
+                    UPDATE __SCHEMA__.deliveries d
+                    SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
+                        lease_expires_at = now() + make_interval(secs => $6), updated_at = now()
+                    FROM fit, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
+                    WHERE d.id = fit.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
+                    RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
+                              o.created_at, e.url, e.headers, e.signature, e.retry, o.metadata,
+                              ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
+                                    WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
+                                    ORDER BY s.id DESC) AS secrets, d.ordering_key
+                 ), spent AS (
+                    UPDATE __SCHEMA__.endpoint_flow f
+                    SET tokens = CASE WHEN g.avail IS NULL THEN f.tokens ELSE g.avail - COALESCE(n.claimed, 0) END,
+                        refilled_at = now(),
+                        probe_at = CASE WHEN g.open AND n.claimed > 0 THEN now() + make_interval(secs => g.probe_s)
+                                        ELSE f.probe_at END,
+                        paused_until = CASE WHEN f.paused_until <= now() THEN NULL ELSE f.paused_until END,
+                        backoff_rate = CASE WHEN __SCHEMA__.flow_rate(f, NULL) IS NULL THEN NULL ELSE f.backoff_rate END
+                    FROM gate g LEFT JOIN (SELECT endpoint_id, count(*) AS claimed FROM upd GROUP BY 1) n
+                           ON n.endpoint_id = g.id
+                    WHERE f.endpoint_id = g.id
+                 ), held AS (
+                    SELECT COALESCE(sum(GREATEST(0, w.due - g.cap)), 0)::bigint AS n
+                    FROM gate g CROSS JOIN LATERAL (
+                        SELECT count(*) AS due FROM (
+                            SELECT 1 FROM __SCHEMA__.deliveries d
+                            WHERE d.endpoint_id = g.id AND d.status = 'pending' AND d.next_attempt_at <= now()
+                            LIMIT $3::int) x) w
+                    WHERE g.cap IS NOT NULL
+                 )
+                 SELECT upd.*, g.open, held.n FROM held LEFT JOIN upd ON true
+                 LEFT JOIN gate g ON g.id = upd.endpoint_id",
+            ),
+            ack: schema.sql(
+                "WITH u AS (
+                    SELECT * FROM unnest($2::uuid[], $3::int[], $4::text[], $5::timestamptz[], $6::int[],
+                                         $7::text[], $8::timestamptz[], $9::int[], $10::bytea[])
+                      AS u(id, attempt, status, next_at, status_code, error, started_at, duration_ms, response_excerpt)
+                 ), upd AS (
+                    UPDATE __SCHEMA__.deliveries d
+                    SET status = CASE
+                            WHEN u.status <> 'delivered' AND e.deleted_at IS NOT NULL THEN 'cancelled'
+                            WHEN u.status = 'pending' AND NOT e.active THEN 'paused'
+                            ELSE u.status END,
+                        next_attempt_at = COALESCE(u.next_at, d.next_attempt_at),
+                        lease_owner = NULL, lease_expires_at = NULL, lease_lapses = 0,
+                        last_status_code = u.status_code, last_error = u.error, updated_at = now(),
+                        delivered_at = CASE WHEN u.status = 'delivered' THEN now() ELSE d.delivered_at END
+                    FROM u, __SCHEMA__.endpoints e
+                    WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
+                      AND d.lease_owner = $1 AND e.id = d.endpoint_id
+                    RETURNING d.id
+                 ), healthy AS (
+                    -- Successes clear the breaker's count of an endpoint that had failed (see
+                    -- `flow`); the rows are locked in endpoint order, as every flow writer does.
+                    UPDATE __SCHEMA__.endpoint_flow f
+                    SET consecutive_failures = 0, window_attempts = f.window_attempts + l.n, updated_at = now()
+                    FROM (SELECT x.endpoint_id, h.n FROM __SCHEMA__.endpoint_flow x
+                          JOIN unnest($11::text[], $12::int[]) AS h(id, n) ON h.id = x.endpoint_id
+                          WHERE x.opened_at IS NULL AND (x.consecutive_failures > 0 OR x.window_failures > 0)
+                          ORDER BY x.endpoint_id FOR UPDATE OF x) l
+                    WHERE f.endpoint_id = l.endpoint_id
+                 )
+                 INSERT INTO __SCHEMA__.attempts
+                    (delivery_id, attempt, started_at, duration_ms, status_code, response_excerpt, error)
+                 SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.status_code, u.response_excerpt, u.error
+                 FROM u JOIN upd ON upd.id = u.id",
+            ),
+            disable_gone: schema.sql(
+                "UPDATE __SCHEMA__.endpoints
+                 SET active = false, disabled_reason = 'the endpoint answered 410 Gone', updated_at = now()
+                 WHERE id = ANY($1) AND active",
+            ),
+            // In the state its endpoint calls for: a delivery handed back because its endpoint was
+            // stopped must not become claimable again.
+            hand_back: schema.sql(
+                "UPDATE __SCHEMA__.deliveries d
+                 SET status = CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                                   WHEN e.active THEN 'pending' ELSE 'paused' END,
+                     attempts = d.attempts - 1, lease_owner = NULL,
+                     lease_expires_at = NULL, next_attempt_at = now(), updated_at = now()
+                 FROM unnest($2::uuid[], $3::int[]) AS u(id, attempt), __SCHEMA__.endpoints e
+                 WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
+                   AND d.lease_owner = $1 AND e.id = d.endpoint_id",
+            ),
+            // The sweeper: waiting deliveries whose status does not match their endpoint's state
+            // (inactive: paused; active again: pending; deleted: cancelled), a batch at a time. It
+            // closes the races between fan-out, outcomes and an endpoint's change, finishes what an
+            // endpoint change left to it (large backlogs), and pauses a 410'd endpoint's backlog
+            // outside the settle transaction. It runs under the fan-out lock held shared, so an
+            // endpoint change (holding it exclusively) never interleaves with a batch. Only
+            // endpoints changed within the hour are looked at: one index probe each.
+            fan_out_lock: schema.fan_out_lock_key(),
+            // Every replica stops sending to an endpoint that answered 410 (held deliveries back).
+            announce_gone: format!(
+                "SELECT pg_notify('{}', 'stop:' || id) FROM unnest($1::text[]) AS g(id)",
+                schema.endpoints_channel()
+            ),
+            sweep: schema.sql(
+                "WITH s AS MATERIALIZED (
+                    SELECT x.id, x.next FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
+                        SELECT d.id, CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                                          WHEN e.active THEN 'pending' ELSE 'paused' END AS next
+                        FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id
+                          AND d.status = CASE WHEN e.active AND e.deleted_at IS NULL THEN 'paused' ELSE 'pending' END
+                        LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
+                    WHERE e.updated_at > now() - interval '1 hour'
+                    UNION ALL
+                    SELECT x.id, 'cancelled' FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
+                        SELECT d.id FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id AND d.status = 'paused'
+                        LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
+                    WHERE e.deleted_at IS NOT NULL AND e.updated_at > now() - interval '1 hour'
+                    UNION ALL
+                    SELECT x.id, 'cancelled' FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
+                        SELECT d.id FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id AND d.status = 'queued'
+                        LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
+                    WHERE e.deleted_at IS NOT NULL AND e.updated_at > now() - interval '1 hour'
+                    LIMIT $1
+                 )
+                 UPDATE __SCHEMA__.deliveries d
+                 SET status = s.next, next_attempt_at = CASE WHEN s.next = 'pending' THEN now() ELSE d.next_attempt_at END,
+                     updated_at = now()
+                 FROM s WHERE d.id = s.id",
+            ),
+            // Not attempted (no request went out), so the claim's attempt count is undone; due
+            // again after a delay, with the reason, in the state its endpoint calls for.
+            defer: schema.sql(
+                "UPDATE __SCHEMA__.deliveries d
+                 SET status = CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                                   WHEN e.active THEN 'pending' ELSE 'paused' END,
+                     attempts = d.attempts - 1, lease_owner = NULL, lease_expires_at = NULL,
+                     next_attempt_at = now() + make_interval(secs => $5), last_error = u.reason,
+                     updated_at = now()
+                 FROM unnest($2::uuid[], $3::int[], $4::text[]) AS u(id, attempt, reason),
+                      __SCHEMA__.endpoints e
+                 WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
+                   AND d.lease_owner = $1 AND e.id = d.endpoint_id",
+            ),
+            // A lapsed lease means the replica died (or stalled) mid-attempt: whether the request
+            // went out is unknown, so the attempt is recorded as such and the delivery is due again.
+            // A delivery whose leases lapse `$2` times in a row is a poison pill (it kills or stalls
+            // whoever makes it): it is failed, with the reason, instead of being sent forever.
+            reap: schema.sql(
+                "WITH lapsed AS MATERIALIZED (
+                    SELECT id FROM __SCHEMA__.deliveries
+                    WHERE status = 'delivering' AND lease_expires_at < now()
+                    ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
+                 ), upd AS (
+                    UPDATE __SCHEMA__.deliveries d
+                    SET status = CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                                      WHEN d.lease_lapses + 1 >= $2 THEN 'failed'
+                                      WHEN e.active THEN 'pending' ELSE 'paused' END,
+                        lease_lapses = d.lease_lapses + 1,
+                        lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = now(),
+                        last_error = CASE WHEN d.lease_lapses + 1 >= $2 AND e.deleted_at IS NULL
+                            THEN 'given up: the lease lapsed ' || (d.lease_lapses + 1)
+                                 || ' times in a row without an outcome being recorded (outbound.max_lease_lapses)'
+                            ELSE 'lease expired: the replica making this attempt stopped or stalled' END,
+                        updated_at = now()
+                    FROM lapsed, __SCHEMA__.endpoints e
+                    WHERE d.id = lapsed.id AND e.id = d.endpoint_id
+                    RETURNING d.id, d.attempts, d.status, d.endpoint_id, d.ordering_key
+                 ), ins AS (
+                    INSERT INTO __SCHEMA__.attempts (delivery_id, attempt, started_at, duration_ms, error)
+                    SELECT id, attempts, now(), 0, 'lease expired: outcome unknown' FROM upd
+                    ON CONFLICT DO NOTHING
+                 )
+                 SELECT id, status, endpoint_id, ordering_key FROM upd",
+            ),
+        }
+    }
+
+    /// Claims up to `limit` due deliveries for `owner`, at most `per_endpoint` per endpoint minus
+    /// what this replica already has in flight there (`busy`).
+    /// `gated`: some endpoint has a flow policy in force (see `flow`); otherwise the cheaper
+    /// statement, which leaves any such endpoint out.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn claim(
+        &self,
+        gated: bool,
+        owner: Uuid,
+        limit: i64,
+        per_endpoint: i32,
+        busy: &[(String, i32)],
+        lease: Duration,
+        max_bytes: i64,
+    ) -> anyhow::Result<(Vec<Claimed>, u64)> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(if gated {
+                &self.claim
+            } else {
+                &self.claim_plain
+            })
+            .await?;
+        let busy_ids: Vec<&str> = busy.iter().map(|(id, _)| id.as_str()).collect();
+        let busy_n: Vec<i32> = busy.iter().map(|(_, n)| *n).collect();
+        let (lease_s, probe_s) = (lease.as_secs_f64(), self.flow_defaults.probe_seconds());
+        let params: [&(dyn ToSql + Sync); 9] = [
+            &owner,
+            &limit,
+            &per_endpoint,
+            &busy_ids,
+            &busy_n,
+            &lease_s,
+            &max_bytes,
+            &self.flow_defaults.rate,
+            &probe_s,
+        ];
+        // The plain statement takes no probe interval.
+        let params = if gated { &params[..] } else { &params[..8] };
+        let rows = client.query(&stmt, params).await?;
+        // The gated statement always returns one row, for the count of deliveries it held back.
+        let held = rows.first().map_or(0, |r| r.get::<_, i64>(15)) as u64;
+        let claimed = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<Uuid>>(0).is_some())
+            .map(|r| Claimed {
+                id: r.get(0),
+                attempt: r.get(1),
+                endpoint_id: r.get(2),
+                event_id: r.get(3),
+                event_type: r.get(4),
+                payload: r.get::<_, String>(5).into(),
+                created_at: r.get(6),
+                url: r.get(7),
+                headers: r.get(8),
+                signature: r.get(9),
+                retry: r.get(10),
+                metadata: r.get(11),
+                secrets: r.get(12),
+                ordering_key: r.get(13),
+                probe: r.get::<_, Option<bool>>(14).unwrap_or(false),
+            })
+            .collect();
+        Ok((claimed, held))
+    }
+
+    /// Writes a batch of outcomes in one transaction: attempts recorded, deliveries settled,
+    /// endpoints that answered 410 disabled (their waiting deliveries are paused by [`Self::sweep`],
+    /// outside this transaction). Acks whose fence fails are dropped by the database.
+    /// Returns how many ordering keys' next deliveries it made due.
+    pub async fn settle(&self, owner: Uuid, acks: &[Ack]) -> anyhow::Result<i32> {
+        if acks.is_empty() {
+            return Ok(0);
+        }
+        let mut client = self.pool.get().await?;
+        let n = acks.len();
+        let (mut ids, mut attempts, mut statuses, mut next_at) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut codes, mut errors, mut started, mut durations, mut bodies) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for a in acks {
+            ids.push(a.id);
+            attempts.push(a.attempt);
+            let (status, at) = match a.settle {
+                Settle::Delivered => (DeliveryStatus::Delivered, None),
+                Settle::Retry { at } => (DeliveryStatus::Pending, Some(at)),
+                Settle::Failed => (DeliveryStatus::Failed, None),
+                // Paused by the CASE in the statement, since the endpoint is now inactive.
+                Settle::EndpointGone => (DeliveryStatus::Pending, Some(Utc::now())),
+            };
+            statuses.push(status);
+            next_at.push(at);
+            codes.push(a.record.status_code);
+            errors.push(a.record.error.as_deref().map(storable));
+            started.push(a.record.started_at);
+            durations.push(a.record.duration_ms);
+            bodies.push(a.record.response_body.as_deref());
+        }
+        let mut flow = flow::FlowBatch::of(acks);
+        let params: [&(dyn ToSql + Sync); 12] = [
+            &owner,
+            &ids,
+            &attempts,
+            &statuses,
+            &next_at,
+            &codes,
+            &errors,
+            &started,
+            &durations,
+            &bodies,
+            &flow.healthy,
+            &flow.healthy_attempts,
+        ];
+        let mut gone: Vec<&str> = acks
+            .iter()
+            .filter(|a| a.settle == Settle::EndpointGone)
+            .map(|a| a.endpoint_id.as_str())
+            .collect();
+        // Keyed deliveries that leave their key's head: the key moves on in the same transaction,
+        // under its lock (taken first, see `ordering`).
+        let mut keys = ordering::Keys::default();
+        let mut failed = Vec::new();
+        for a in acks {
+            if let (Some(key), Settle::Delivered | Settle::Failed) = (&a.ordering_key, a.settle) {
+                keys.push(&a.endpoint_id, key);
+                if a.settle == Settle::Failed {
+                    failed.push(a.id);
+                }
+            }
+        }
+        if gone.is_empty() && keys.is_empty() && !flow.needs_record() {
+            // The usual case: one statement, its own transaction, one round trip.
+            // The usual case: one statement, its own transaction, one round trip.
+            let stmt = client.prepare_cached(&self.ack).await?;
+            client.execute(&stmt, &params).await?;
+            return Ok(0);
+        }
+        gone.sort_unstable();
+        gone.dedup();
+        // One flow writer per transaction, locking in endpoint order (see `flow`): the healthy
+        // endpoints go through `record_flow` with the rest, not through the ack statement.
+        flow.fold_healthy_into_record();
+        let params: [&(dyn ToSql + Sync); 12] = [
+            &owner,
+            &ids,
+            &attempts,
+            &statuses,
+            &next_at,
+            &codes,
+            &errors,
+            &started,
+            &durations,
+            &bodies,
+            &flow.healthy,
+            &flow.healthy_attempts,
+        ];
+        let tx = client.transaction().await?;
+        self.ordering.lock(&tx, &keys).await?;
+        if !gone.is_empty() {
+            tx.execute(&self.disable_gone, &[&gone]).await?;
+            tx.execute(&self.announce_gone, &[&gone]).await?;
+        }
+        let stmt = tx.prepare_cached(&self.ack).await?;
+        tx.execute(&stmt, &params).await?;
+        let promoted = self.ordering.advance(&tx, &keys, &failed).await?;
+        let transitions = self.flow.record(&tx, &flow).await?;
+        tx.commit().await?;
+        for t in &transitions {
+            tracing::warn!(endpoint.id = %t.endpoint_id, circuit = %t.kind, reason = %t.reason, "endpoint circuit changed");
+        }
+        Ok(promoted)
+    }
+
+    /// Returns claimed-but-unfinished deliveries to `pending` at once (shutdown), undoing the
+    /// attempt count the claim added, so another replica takes them without waiting for a lease.
+    pub async fn hand_back(&self, owner: Uuid, items: &[(Uuid, i32)]) -> anyhow::Result<u64> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let client = self.pool.get().await?;
+        let ids: Vec<Uuid> = items.iter().map(|(id, _)| *id).collect();
+        let attempts: Vec<i32> = items.iter().map(|(_, a)| *a).collect();
+        Ok(client
+            .execute(&self.hand_back, &[&owner, &ids, &attempts])
+            .await?)
+    }
+
+    /// Returns deliveries this replica could not prepare, due again after `delay`.
+    pub async fn defer(
+        &self,
+        owner: Uuid,
+        items: &[crate::delivery::Deferral],
+        delay: Duration,
+    ) -> anyhow::Result<u64> {
+        let client = self.pool.get().await?;
+        let ids: Vec<Uuid> = items.iter().map(|d| d.id).collect();
+        let attempts: Vec<i32> = items.iter().map(|d| d.attempt).collect();
+        let reasons: Vec<std::borrow::Cow<'_, str>> =
+            items.iter().map(|d| storable(&d.reason)).collect();
+        Ok(client
+            .execute(
+                &self.defer,
+                &[&owner, &ids, &attempts, &reasons, &delay.as_secs_f64()],
+            )
+            .await?)
+    }
+
+    /// One sweeper batch (see the statement); returns how many deliveries it moved.
+    pub async fn sweep(&self, batch: i64) -> anyhow::Result<u64> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock_shared(hashtext($1))",
+            &[&self.fan_out_lock],
+        )
+        .await?;
+        let n = tx.execute(&self.sweep, &[&batch]).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// The ordering safety net (see `ordering`): one batch of keys after `cursor`.
+    pub async fn mend_keys(
+        &self,
+        batch: i64,
+        cursor: (String, String),
+    ) -> anyhow::Result<(i32, (String, String))> {
+        let mut client = self.pool.get().await?;
+        self.ordering.mend(&mut client, batch, cursor).await
+    }
+
+    /// Makes deliveries whose lease lapsed due again (or failed, after `max_lapses` in a row);
+    /// returns how many.
+    pub async fn reap(&self, batch: i64, max_lapses: i32) -> anyhow::Result<u64> {
+        let mut client = self.pool.get().await?;
+        let rows = client.query(&self.reap, &[&batch, &max_lapses]).await?;
+        // A keyed delivery failed or cancelled here no longer heads its key.
+        let mut keys = ordering::Keys::default();
+        let mut failed = Vec::new();
+        for r in &rows {
+            let status: DeliveryStatus = r.get(1);
+            if let (Some(key), true) = (
+                r.get::<_, Option<&str>>(3),
+                matches!(status, DeliveryStatus::Failed | DeliveryStatus::Cancelled),
+            ) {
+                keys.push(r.get(2), key);
+                failed.push(r.get::<_, Uuid>(0));
+            }
+        }
+        if !keys.is_empty() {
+            let tx = client.transaction().await?;
+            self.ordering.advance(&tx, &keys, &failed).await?;
+            tx.commit().await?;
+        }
+        Ok(rows.len() as u64)
+    }
+}
