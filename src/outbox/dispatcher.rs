@@ -229,9 +229,13 @@ impl Dispatcher {
         let take_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
         let lock_params: [&(dyn ToSql + Sync); 1] = [&self.lock_key];
         let endpoint_params: [&(dyn ToSql + Sync); 1] = [&self.default_limited];
-        let (_, mut rows, endpoint_rows) = futures_util::try_join!(
+        // The pipeline's sessions plan each statement afresh (the take's plan depends on the
+        // outbox's size); the rest of the pass (the endpoint read, the insert) does not, and its
+        // planning cost more than its running: from here to the commit, cached plans.
+        let (_, mut rows, _, endpoint_rows) = futures_util::try_join!(
             tx.execute(&lock, &lock_params),
             tx.query(&take, &take_params),
+            tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan"),
             tx.query(&endpoints, &endpoint_params)
         )?;
         // Claims take the gated statement only while some endpoint has a policy in force (seen
@@ -254,7 +258,12 @@ impl Dispatcher {
             let half = self.batch_bytes / 2;
             let params: [&(dyn ToSql + Sync); 3] = [&self.batch, &half, &after];
             let stmt = tx.prepare_cached(&self.take_keyed).await?;
-            let keyed_rows = tx.query(&stmt, &params).await?;
+            // Planned for the outbox as it is now, like the take, then cached plans again.
+            let (_, keyed_rows, _) = futures_util::try_join!(
+                tx.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
+                tx.query(&stmt, &params),
+                tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan"),
+            )?;
             // One row even when nothing was taken, for the counts.
             if let Some(r) = keyed_rows.first() {
                 held_back = r.get::<_, i64>(10) as usize;
