@@ -24,6 +24,20 @@ struct Seen {
     all: Vec<(String, i64, bool)>,
 }
 
+/// A request's place in `Seen::in_flight`, given back when dropped.
+struct InFlight {
+    seen: Arc<Mutex<Seen>>,
+    key: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(n) = self.seen.lock().unwrap().in_flight.get_mut(&self.key) {
+            *n -= 1;
+        }
+    }
+}
+
 struct OrderingReceiver {
     url: String,
     seen: Arc<Mutex<Seen>>,
@@ -51,6 +65,12 @@ impl OrderingReceiver {
                     s.overlaps.push(format!("{key}#{seq}"));
                 }
             }
+            // In flight until this handler ends, or is dropped because the sender went away (a
+            // replica killed mid-request): either way the request is over.
+            let in_flight = InFlight {
+                seen: seen.clone(),
+                key: key.clone(),
+            };
             let (pause, fail) = {
                 let mut rng = rand::thread_rng();
                 (
@@ -60,8 +80,8 @@ impl OrderingReceiver {
             };
             // Held open a moment, so a second request of the key would overlap this one.
             tokio::time::sleep(pause).await;
+            drop(in_flight);
             let mut s = seen.lock().unwrap();
-            *s.in_flight.get_mut(&key).unwrap() -= 1;
             s.all.push((key.clone(), seq, !fail));
             if fail {
                 return StatusCode::INTERNAL_SERVER_ERROR;
