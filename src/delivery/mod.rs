@@ -85,6 +85,9 @@ pub struct Worker {
     sweep_now: Arc<Notify>,
 }
 
+/// How soon a claim that left deliveries waiting for tokens looks again.
+const RATE_HELD_RETRY: Duration = Duration::from_millis(50);
+
 /// Time kept free at the end of a lease for recording the outcome.
 const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
@@ -185,6 +188,9 @@ impl Worker {
         };
 
         let mut claim_failures = 0u32;
+        // The last claim left due deliveries for want of tokens: look again soon (the bucket
+        // holds a tenth of a second, so waiting a whole poll interval would waste tokens).
+        let mut rate_held = false;
         let mut handoffs_open = true;
         // Whether due deliveries may be waiting in the table. Fresh ones usually arrive as
         // handoffs, so a freed hold is a reason to claim only while the last claim found work or
@@ -229,6 +235,7 @@ impl Worker {
                             if held > 0 {
                                 self.metrics.rate_limited.inc_by(held);
                             }
+                            rate_held = held > 0;
                             claim_failures = 0;
                             // An endpoint at its limit of held deliveries may have more waiting:
                             // the next freed hold is a reason to look again.
@@ -268,6 +275,8 @@ impl Worker {
                 next_poll = tokio::time::Instant::now()
                     + if claim_failures > 0 {
                         Duration::from_millis(100 * 2u64.pow(claim_failures.min(6)))
+                    } else if rate_held {
+                        self.settings.poll_interval.min(RATE_HELD_RETRY)
                     } else {
                         self.settings.poll_interval
                     };

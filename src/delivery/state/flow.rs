@@ -8,9 +8,10 @@
 //! - **Token bucket in the claim.** A limited endpoint's row holds tokens and when they were
 //!   counted; the claim refills them by the elapsed time, claims at most what is there, and
 //!   subtracts what it took, in the same statement. Replicas wait for each other on the row, so
-//!   two never spend the same tokens. The bucket holds one second of tokens (at least one), so a
-//!   quiet endpoint bursts at most one second's worth. Deliveries waiting for tokens stay
-//!   `pending`: nothing is counted as an attempt.
+//!   two never spend the same tokens. The bucket holds a tenth of a second of tokens (at least
+//!   one), so no second sees more than the rate and a tenth (a claim that leaves deliveries for
+//!   want of tokens looks again 50 ms later). Deliveries waiting for tokens stay `pending`:
+//!   nothing is counted as an attempt.
 //! - **Back pressure.** A 429 or 503 halves the endpoint's rate (its limit, or for an unlimited
 //!   endpoint `per_endpoint_concurrency` per second) and it recovers by a tenth of its ceiling per
 //!   second; a `Retry-After` pauses the whole endpoint (at most an hour), not only the delivery.

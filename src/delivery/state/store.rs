@@ -104,7 +104,7 @@ impl DeliveryStore {
                     FROM (SELECT f.endpoint_id AS id, f.paused_until, f.opened_at, f.probe_at,
                                  COALESCE((e.breaker->>'probe_interval_s')::float8, $9) AS probe_s,
                                  CASE WHEN r.rate IS NOT NULL
-                                      THEN LEAST(GREATEST(1, r.rate), f.tokens + r.rate * extract(epoch FROM now() - f.refilled_at))
+                                      THEN LEAST(GREATEST(1, r.rate / 10), f.tokens + r.rate * extract(epoch FROM now() - f.refilled_at))
                                  END AS avail
                           FROM __SCHEMA__.endpoint_flow f
                           JOIN __SCHEMA__.endpoints e ON e.id = f.endpoint_id
