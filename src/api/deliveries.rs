@@ -194,6 +194,23 @@ async fn list_deliveries(
     }))
 }
 
+/// A delivery as it is now, after a change the caller made.
+pub(super) async fn reload(
+    client: &deadpool_postgres::Client,
+    app: &ApiState,
+    id: uuid::Uuid,
+) -> Result<Delivery, ApiError> {
+    let row = client
+        .query_one(
+            &app.schema.sql(&format!(
+                "SELECT {COLUMNS} FROM __SCHEMA__.deliveries WHERE id = $1"
+            )),
+            &[&id],
+        )
+        .await?;
+    Ok(from_row(&row))
+}
+
 pub(super) fn parse_id(id: &str) -> Result<uuid::Uuid, ApiError> {
     id.parse()
         .map_err(|_| ApiError::not_found(format!("no delivery {id}")))
@@ -307,16 +324,9 @@ async fn retry_delivery(
             "the delivery changed meanwhile; look again",
         ));
     }
-    let row = client
-        .query_one(
-            &app.schema.sql(&format!(
-                "SELECT {COLUMNS} FROM __SCHEMA__.deliveries WHERE id = $1"
-            )),
-            &[&uuid],
-        )
-        .await?;
+    let delivery = reload(&client, &app, uuid).await?;
     tracing::info!(delivery.id = %id, "delivery retried through the API");
-    Ok((StatusCode::ACCEPTED, Json(from_row(&row))))
+    Ok((StatusCode::ACCEPTED, Json(delivery)))
 }
 
 #[derive(Deserialize, ToSchema)]

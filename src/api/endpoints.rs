@@ -14,13 +14,15 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::endpoint_checks::{
+    check_breaker, check_events, check_headers, check_retry, check_tenant, check_url,
+};
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::ApiState;
 use crate::config::{
     BreakerConfig, Dur, OnFailure, OrderingConfig, RateLimit, RetryConfig, SignatureScheme,
     REDACTED,
 };
-use crate::outbox::glob::EventPattern;
 
 pub fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
@@ -202,108 +204,6 @@ pub struct PatchEndpoint {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<Object>)]
     breaker: Option<Option<BreakerConfig>>,
-}
-
-fn check_url(state: &ApiState, url: &str) -> Result<(), ApiError> {
-    let parsed = crate::endpoints::validate_endpoint_url(url)
-        .map_err(|m| ApiError::invalid("invalid_url", format!("url: {m}")))?;
-    // The connect-time guard is the authority; refusing the obvious cases here gives the caller
-    // an answer now instead of a failed delivery later.
-    let blocked = match parsed.host_str() {
-        Some("localhost") => state
-            .guard
-            .check("127.0.0.1".parse().expect("literal"))
-            .err(),
-        _ => state.guard.check_url(&parsed).err(),
-    };
-    match blocked {
-        Some(b) => Err(ApiError::invalid("url_not_allowed", format!("url: {b}"))),
-        None => Ok(()),
-    }
-}
-
-fn check_events(events: &[String]) -> Result<(), ApiError> {
-    if events.is_empty() {
-        return Err(ApiError::invalid(
-            "invalid_events",
-            "events: must list at least one event type or pattern",
-        ));
-    }
-    for (i, e) in events.iter().enumerate() {
-        EventPattern::parse(e)
-            .map_err(|m| ApiError::invalid("invalid_events", format!("events[{i}]: {m}")))?;
-    }
-    Ok(())
-}
-
-fn check_tenant(tenant: Option<&str>) -> Result<(), ApiError> {
-    match tenant {
-        Some(t)
-            if t != "*"
-                && (t.is_empty()
-                    || t.len() > 128
-                    || !t
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))) =>
-        {
-            Err(ApiError::invalid(
-                "invalid_tenant",
-                "tenant: must be \"*\" or 1-128 characters of a-z, A-Z, 0-9, _ - . :",
-            ))
-        }
-        _ => Ok(()),
-    }
-}
-
-fn check_headers(
-    state: &ApiState,
-    endpoint: &str,
-    headers: &BTreeMap<String, String>,
-) -> Result<serde_json::Value, ApiError> {
-    let mut sealed = serde_json::Map::new();
-    for (name, value) in headers {
-        crate::endpoints::validate_custom_header(name)
-            .map_err(|m| ApiError::invalid("invalid_headers", format!("headers.{name}: {m}")))?;
-        if http::HeaderValue::from_str(value).is_err() {
-            return Err(ApiError::invalid(
-                "invalid_headers",
-                format!("headers.{name}: not a valid header value"),
-            ));
-        }
-        let name = name.to_ascii_lowercase();
-        let field = crate::crypto::Field::Header {
-            endpoint,
-            name: &name,
-        };
-        let value = serde_json::Value::String(state.vault.seal(value, field));
-        sealed.insert(name, value);
-    }
-    Ok(serde_json::Value::Object(sealed))
-}
-
-fn check_breaker(breaker: Option<&BreakerConfig>) -> Result<(), ApiError> {
-    let problems = breaker.map(|b| b.problems("breaker")).unwrap_or_default();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::invalid("invalid_breaker", problems.join("; ")))
-    }
-}
-
-fn check_retry(retry: Option<&RetryConfig>) -> Result<Option<serde_json::Value>, ApiError> {
-    let Some(r) = retry else { return Ok(None) };
-    crate::delivery::retry::RetryPolicy::from_config(r).map_err(|errs| {
-        ApiError::invalid(
-            "invalid_retry",
-            errs.iter()
-                .map(|e| format!("retry.{e}"))
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
-    Ok(Some(
-        serde_json::to_value(r).expect("retry config serializes"),
-    ))
 }
 
 async fn load(state: &ApiState, id: &str) -> Result<Endpoint, ApiError> {

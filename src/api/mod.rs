@@ -5,6 +5,7 @@
 
 pub mod admin;
 mod deliveries;
+mod endpoint_checks;
 mod endpoints;
 mod error;
 mod events;

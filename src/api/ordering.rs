@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::deliveries::{endpoint_exists, from_row, parse_id, Delivery, COLUMNS};
+use super::deliveries::{endpoint_exists, from_row, parse_id, reload, Delivery, COLUMNS};
 use super::endpoints::page_limit;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
 use super::ApiState;
@@ -132,14 +132,7 @@ async fn cancel_delivery(
             "the delivery changed meanwhile; look again",
         ));
     }
-    let row = client
-        .query_one(
-            &app.schema.sql(&format!(
-                "SELECT {COLUMNS} FROM __SCHEMA__.deliveries WHERE id = $1"
-            )),
-            &[&uuid],
-        )
-        .await?;
+    let delivery = reload(&client, &app, uuid).await?;
     tracing::info!(delivery.id = %id, "delivery cancelled through the API");
-    Ok((StatusCode::OK, Json(from_row(&row))))
+    Ok((StatusCode::OK, Json(delivery)))
 }

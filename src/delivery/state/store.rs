@@ -416,20 +416,6 @@ impl DeliveryStore {
             bodies.push(a.record.response_body.as_deref());
         }
         let mut flow = flow::FlowBatch::of(acks);
-        let params: [&(dyn ToSql + Sync); 12] = [
-            &owner,
-            &ids,
-            &attempts,
-            &statuses,
-            &next_at,
-            &codes,
-            &errors,
-            &started,
-            &durations,
-            &bodies,
-            &flow.healthy,
-            &flow.healthy_attempts,
-        ];
         let mut gone: Vec<&str> = acks
             .iter()
             .filter(|a| a.settle == Settle::EndpointGone)
@@ -447,18 +433,12 @@ impl DeliveryStore {
                 }
             }
         }
-        if gone.is_empty() && keys.is_empty() && !flow.needs_record() {
-            // The usual case: one statement, its own transaction, one round trip.
-            // The usual case: one statement, its own transaction, one round trip.
-            let stmt = client.prepare_cached(&self.ack).await?;
-            client.execute(&stmt, &params).await?;
-            return Ok(0);
+        let alone = gone.is_empty() && keys.is_empty() && !flow.needs_record();
+        if !alone {
+            // One flow writer per transaction, locking in endpoint order (see `flow`): the
+            // healthy endpoints go through `record_flow` with the rest, not the ack statement.
+            flow.fold_healthy_into_record();
         }
-        gone.sort_unstable();
-        gone.dedup();
-        // One flow writer per transaction, locking in endpoint order (see `flow`): the healthy
-        // endpoints go through `record_flow` with the rest, not through the ack statement.
-        flow.fold_healthy_into_record();
         let params: [&(dyn ToSql + Sync); 12] = [
             &owner,
             &ids,
@@ -473,6 +453,14 @@ impl DeliveryStore {
             &flow.healthy,
             &flow.healthy_attempts,
         ];
+        if alone {
+            // The usual case: one statement, its own transaction, one round trip.
+            let stmt = client.prepare_cached(&self.ack).await?;
+            client.execute(&stmt, &params).await?;
+            return Ok(0);
+        }
+        gone.sort_unstable();
+        gone.dedup();
         let tx = client.transaction().await?;
         self.ordering.lock(&tx, &keys).await?;
         if !gone.is_empty() {
