@@ -454,9 +454,18 @@ impl DeliveryStore {
             &flow.healthy_attempts,
         ];
         if alone {
-            // The usual case: one statement, its own transaction, one round trip.
+            // The usual case: one statement in a transaction of its own, sent as one pipelined
+            // round trip. It runs on a cached plan: it updates rows by key, so no plan depends on
+            // a table's size, and planning it afresh cost more than running it.
             let stmt = client.prepare_cached(&self.ack).await?;
-            client.execute(&stmt, &params).await?;
+            let (begin, ack, commit) = tokio::join!(
+                client.batch_execute("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan"),
+                client.execute(&stmt, &params),
+                client.batch_execute("COMMIT"),
+            );
+            begin?;
+            ack?;
+            commit?;
             return Ok(0);
         }
         gone.sort_unstable();
