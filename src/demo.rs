@@ -103,7 +103,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let port = listener.local_addr()?.port();
     let app = axum::Router::new()
         .route("/webhooks", axum::routing::post(receive))
-        .route("/app/stripe", axum::routing::post(app_endpoint))
         .with_state(receiver.clone());
     let stop = CancellationToken::new();
     let server_stop = stop.clone();
@@ -114,6 +113,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     });
 
     let inbound_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    // The app behind the inbound proxy, on a port of its own so the demo can stop and restart it.
+    let app_port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let stripe_secret = format!("whsec_demo_{}", uuid::Uuid::new_v4().simple());
@@ -135,12 +138,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         secret = "{secret}"
         [inbound]
         listen = "127.0.0.1:{inbound_port}"
-        upstream = "http://127.0.0.1:{port}"
+        upstream = "http://127.0.0.1:{app_port}"
         [[inbound.routes]]
         path = "/webhooks/stripe"
         provider = "stripe"
         secrets = ["{stripe_secret}"]
         upstream_path = "/app/stripe"
+        [[inbound.routes]]
+        path = "/webhooks/stripe-inbox"
+        name = "stripe"
+        provider = "stripe"
+        secrets = ["{stripe_secret}"]
+        upstream_path = "/app/stripe"
+        mode = "inbox"
         "#,
         url = toml::Value::String(url.clone()),
         schema = schema.name(),
@@ -174,7 +184,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     drop(client);
     let mut result = demo_body(&config, &pool, &schema, &receiver, args.events, port).await;
     if result.is_ok() {
-        result = demo_inbound(&config, &receiver, inbound_port, &stripe_secret).await;
+        let ports = (inbound_port, app_port);
+        result = demo_inbound(&config, &pool, &schema, &receiver, ports, &stripe_secret).await;
     }
     stop.cancel();
     let cleanup = pool.get().await.map(|c| async move {
@@ -291,17 +302,77 @@ async fn demo_body(
     Ok(())
 }
 
-/// The inbound half: a Stripe-signed request goes through the proxy, a forged one is refused.
-async fn demo_inbound(
-    config: &Config,
+/// Serves the app's `/app/stripe` on `port` until `stop` is cancelled.
+async fn start_app(
     receiver: &Arc<Receiver>,
     port: u16,
+    stop: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let app = axum::Router::new()
+        .route("/app/stripe", axum::routing::post(app_endpoint))
+        .with_state(receiver.clone());
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+    }))
+}
+
+/// A Stripe-signed request for `body` (a zero signature when `forge`).
+fn stripe_request(
+    http: &reqwest::Client,
+    url: &str,
+    secret: &str,
+    body: &str,
+    forge: bool,
+) -> reqwest::RequestBuilder {
+    let t = chrono::Utc::now().timestamp();
+    let sig = if forge {
+        "0".repeat(64)
+    } else {
+        hex::encode(signing::hmac_sha256(
+            secret.as_bytes(),
+            &[t.to_string().as_bytes(), b".", body.as_bytes()],
+        ))
+    };
+    http.post(url)
+        .header("stripe-signature", format!("t={t},v1={sig}"))
+        .body(body.to_string())
+}
+
+/// The inbound half: a Stripe-signed request goes through the proxy, a forged one is refused;
+/// then the app goes down, the inbox route acknowledges what arrives meanwhile, and the app gets
+/// all of it once it is back.
+async fn demo_inbound(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    schema: &Schema,
+    receiver: &Arc<Receiver>,
+    (port, app_port): (u16, u16),
     secret: &str,
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let metrics = std::sync::Arc::new(crate::telemetry::Metrics::new());
-    let thread =
-        crate::inbound::spawn(config, stop.clone(), metrics)?.context("inbound is configured")?;
+    let (writer, queue) = crate::inbox::writer::channel();
+    let thread = crate::inbound::spawn(config, stop.clone(), metrics.clone(), Some(writer))?
+        .context("inbound is configured")?;
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let tls = db::tls::unverified();
+    let committers = crate::app::inbox::spawn_writer(
+        config,
+        queue,
+        schema,
+        &tls,
+        metrics.clone(),
+        wake.clone(),
+        stop.clone(),
+    )?;
+    let forwarder = crate::app::inbox::forwarder(config, pool.clone(), schema, metrics, wake)?
+        .context("the inbox route is forwarded")?;
+    let forwarder = tokio::spawn(forwarder.run(stop.child_token()));
+    let app_stop = CancellationToken::new();
+    let app = start_app(receiver, app_port, app_stop.clone()).await?;
     let url = format!("http://127.0.0.1:{port}/webhooks/stripe");
     let http = reqwest::Client::builder().no_proxy().build()?;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -313,29 +384,16 @@ async fn demo_inbound(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let body = r#"{"id":"evt_demo","type":"payment_intent.succeeded"}"#;
-    let t = chrono::Utc::now().timestamp();
-    let sig = hex::encode(signing::hmac_sha256(
-        secret.as_bytes(),
-        &[t.to_string().as_bytes(), b".", body.as_bytes()],
-    ));
-    let signed = http
-        .post(&url)
-        .header("stripe-signature", format!("t={t},v1={sig}"))
-        .body(body)
+    let signed = stripe_request(&http, &url, secret, body, false)
         .send()
         .await?;
-    let forged = http
-        .post(&url)
-        .header("stripe-signature", format!("t={t},v1={}", "0".repeat(64)))
-        .body(body)
+    let forged = stripe_request(&http, &url, secret, body, true)
         .send()
         .await?;
     let signed_status = signed.status().as_u16();
     let forged_status = forged.status().as_u16();
     let forged_body: serde_json::Value =
         serde_json::from_str(&forged.text().await?).unwrap_or_default();
-    stop.cancel();
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     let app_saw = receiver.app_saw.lock().expect("demo lock").clone();
     println!(
         "inbound: a Stripe-signed request went through the proxy ({signed_status}, the app saw x-postern-verified: {}); a forged one was refused ({forged_status} {})",
@@ -345,6 +403,53 @@ async fn demo_inbound(
     anyhow::ensure!(
         signed_status == 200 && forged_status == 401 && app_saw.len() == 1,
         "the inbound demo did not behave as expected"
+    );
+
+    // The app restarts: the forward route can only say 502, the inbox route keeps what comes.
+    app_stop.cancel();
+    let _ = app.await;
+    let down = stripe_request(&http, &url, secret, body, false)
+        .send()
+        .await?;
+    let inbox_url = format!("http://127.0.0.1:{port}/webhooks/stripe-inbox");
+    let mut stored = Vec::new();
+    for i in 0..3 {
+        let body = format!(r#"{{"id":"evt_demo_inbox_{i}","type":"invoice.paid"}}"#);
+        let r = stripe_request(&http, &inbox_url, secret, &body, false)
+            .send()
+            .await?;
+        stored.push(r.status().as_u16());
+    }
+    println!(
+        "inbox: with the app down the forward route answered {}; the inbox route stored 3 requests and answered {stored:?}",
+        down.status().as_u16()
+    );
+    let app_stop = CancellationToken::new();
+    let restarted = start_app(receiver, app_port, app_stop.clone()).await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while receiver.app_saw.lock().expect("demo lock").len() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let handed = receiver.app_saw.lock().expect("demo lock").len() - 1;
+    let done: i64 = pool
+        .get()
+        .await?
+        .query_one(
+            &schema.sql("SELECT count(*) FROM __SCHEMA__.inbox WHERE status = 'done'"),
+            &[],
+        )
+        .await?
+        .get(0);
+    println!("inbox: the app restarted and got all {handed} (inbox rows done: {done})");
+    stop.cancel();
+    app_stop.cancel();
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    let _ = forwarder.await;
+    let _ = committers.await;
+    let _ = restarted.await;
+    anyhow::ensure!(
+        stored == [200, 200, 200] && handed == 3 && done == 3,
+        "the inbox demo did not behave as expected"
     );
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod delivery; // claim under a lease, sign, POST, settle; retry policy; SSRF
 pub mod demo; // `postern demo`: a self-contained first run
 pub mod endpoints; // endpoint rows and their secrets
 pub mod inbound; // the verifying reverse proxy for provider webhooks (pingora)
+pub mod inbox; // the durable inbox: verified requests committed before they are acknowledged, then forwarded or taken
 pub mod outbox; // LISTEN/NOTIFY + polling, fan-out of outbox rows into deliveries
 pub mod retention; // pruning old rows, reaping lapsed leases
 pub mod signing; // Standard Webhooks and other schemes, shared by both directions

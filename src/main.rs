@@ -116,7 +116,16 @@ async fn run(arg: ConfigArg) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     let metrics = std::sync::Arc::new(postern::telemetry::Metrics::new());
-    let inbound = match postern::inbound::spawn(&config, shutdown.clone(), metrics.clone()) {
+    // Inbox routes store through committers the pipeline runs; the proxy holds the other end.
+    let (writer, queue) = match postern::inbound::has_inbox(&config) {
+        true => {
+            let (w, q) = postern::inbox::writer::channel();
+            (Some(w), Some(q))
+        }
+        false => (None, None),
+    };
+    let inbound = match postern::inbound::spawn(&config, shutdown.clone(), metrics.clone(), writer)
+    {
         Ok(thread) => thread,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "cannot start the inbound proxy");
@@ -125,7 +134,7 @@ async fn run(arg: ConfigArg) -> ExitCode {
     };
     let token = shutdown.clone();
     let mut sidecar = tokio::spawn(async move {
-        let result = postern::app::run(config, token.clone(), metrics).await;
+        let result = postern::app::run(config, token.clone(), metrics, queue).await;
         // Whatever ended the pipeline ends the proxy too, then waits for it to drain.
         token.cancel();
         if let Some(thread) = inbound {

@@ -23,25 +23,47 @@ pub struct Pruned {
     pub events: u64,
     pub secrets: u64,
     pub keys: u64,
+    pub inbox: u64,
 }
 
 pub struct Retention {
     pool: Pool,
     delivered: Duration,
     failed: Duration,
+    inbox: Duration,
     prune_delivered: String,
     prune_failed: String,
     prune_events: String,
     prune_secrets: String,
     prune_keys: String,
+    prune_inbox: String,
 }
 
 impl Retention {
-    pub fn new(pool: Pool, schema: &Schema, delivered: Duration, failed: Duration) -> Self {
+    pub fn new(
+        pool: Pool,
+        schema: &Schema,
+        delivered: Duration,
+        failed: Duration,
+        inbox: Duration,
+    ) -> Self {
         Self {
             pool,
             delivered,
             failed,
+            inbox,
+            // Inbox messages the app handled (their attempts go by cascade); unhandled ones,
+            // failed included, stay until someone handles or replays them.
+            prune_inbox: schema.sql(
+                "WITH gone AS (
+                    DELETE FROM __SCHEMA__.inbox WHERE id IN (
+                        SELECT id FROM __SCHEMA__.inbox
+                        WHERE status = 'done' AND handled_at < now() - make_interval(secs => $1)
+                        LIMIT $2 FOR UPDATE SKIP LOCKED)
+                    RETURNING 1
+                 )
+                 SELECT count(*) FROM gone",
+            ),
             prune_delivered: schema.sql(&prune_deliveries("status = 'delivered'")),
             prune_failed: schema.sql(&prune_deliveries("status IN ('failed', 'cancelled')")),
             // An event goes once no delivery of it is left (all pruned, or none were made).
@@ -97,6 +119,7 @@ impl Retention {
             (&self.prune_events, self.delivered, Kind::Events),
             (&self.prune_secrets, Duration::ZERO, Kind::Secrets),
             (&self.prune_keys, KEY_ROW_AGE, Kind::Keys),
+            (&self.prune_inbox, self.inbox, Kind::Inbox),
         ];
         for (sql, age, kind) in steps {
             loop {
@@ -110,6 +133,7 @@ impl Retention {
                     Kind::Events => pruned.events += n,
                     Kind::Secrets => pruned.secrets += n,
                     Kind::Keys => pruned.keys += n,
+                    Kind::Inbox => pruned.inbox += n,
                 }
                 if n < BATCH as u64 || started.elapsed() > PASS_BUDGET {
                     break;
@@ -125,6 +149,7 @@ enum Kind {
     Events,
     Secrets,
     Keys,
+    Inbox,
 }
 
 /// An idle ordering key's row is kept this long after its last use.

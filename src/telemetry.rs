@@ -63,6 +63,11 @@ pub mod names {
     pub const CIRCUIT_OPEN: &str = "postern_endpoint_circuit_open";
     pub const INBOUND_REQUESTS: &str = "postern_inbound_requests";
     pub const INBOUND_DURATION: &str = "postern_inbound_duration_seconds";
+    pub const INBOX_ACCEPTED: &str = "postern_inbox_accepted";
+    pub const INBOX_DUPLICATES: &str = "postern_inbox_duplicates";
+    pub const INBOX_PENDING: &str = "postern_inbox_pending";
+    pub const INBOX_OLDEST_PENDING: &str = "postern_inbox_oldest_pending_seconds";
+    pub const INBOX_FORWARDS: &str = "postern_inbox_forwards";
     pub const DB_POOL_IN_USE: &str = "postern_db_pool_in_use";
     pub const LISTENER_CONNECTED: &str = "postern_listener_connected";
 }
@@ -90,6 +95,19 @@ pub struct InboundLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// The route's name (bounded by the config).
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForwardLabels {
+    pub route: String,
+    /// delivered | retry | failed | app_unavailable
+    pub outcome: &'static str,
+}
+
 /// The process's metrics; one instance, shared by reference.
 pub struct Metrics {
     registry: Registry,
@@ -105,6 +123,11 @@ pub struct Metrics {
     pub circuit_open: Gauge,
     pub inbound_requests: Family<InboundLabels, Counter>,
     pub inbound_duration: Histogram,
+    pub inbox_accepted: Family<RouteLabel, Counter>,
+    pub inbox_duplicates: Family<RouteLabel, Counter>,
+    pub inbox_pending: Gauge,
+    pub inbox_oldest_pending: Gauge<f64, AtomicU64>,
+    pub inbox_forwards: Family<ForwardLabels, Counter>,
     pub db_pool_in_use: Gauge,
     pub listener_connected: Gauge,
 }
@@ -132,6 +155,11 @@ impl Metrics {
             circuit_open: Gauge::default(),
             inbound_requests: Family::default(),
             inbound_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            inbox_accepted: Family::default(),
+            inbox_duplicates: Family::default(),
+            inbox_pending: Gauge::default(),
+            inbox_oldest_pending: Gauge::default(),
+            inbox_forwards: Family::default(),
             db_pool_in_use: Gauge::default(),
             listener_connected: Gauge::default(),
             registry: Registry::default(),
@@ -195,6 +223,31 @@ impl Metrics {
             names::INBOUND_DURATION,
             "Time to decide and answer inbound requests",
             m.inbound_duration.clone(),
+        );
+        registry.register(
+            names::INBOX_ACCEPTED,
+            "Inbox messages stored (committed before the provider was answered), by route",
+            m.inbox_accepted.clone(),
+        );
+        registry.register(
+            names::INBOX_DUPLICATES,
+            "Inbox requests whose dedupe key was stored already (a provider's retry), by route",
+            m.inbox_duplicates.clone(),
+        );
+        registry.register(
+            names::INBOX_PENDING,
+            "Inbox messages not yet handled by the app (pending, being forwarded or taken)",
+            m.inbox_pending.clone(),
+        );
+        registry.register(
+            names::INBOX_OLDEST_PENDING,
+            "Age of the oldest inbox message not yet handled",
+            m.inbox_oldest_pending.clone(),
+        );
+        registry.register(
+            names::INBOX_FORWARDS,
+            "Attempts to hand inbox messages to the app, by route and outcome",
+            m.inbox_forwards.clone(),
         );
         registry.register(
             names::DB_POOL_IN_USE,

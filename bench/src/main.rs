@@ -20,6 +20,8 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_postgres::NoTls;
 
+mod inbox;
+
 #[derive(Parser, Clone)]
 #[command(about = "Postern's benchmark harness (see BENCHMARKS.md)")]
 struct Args {
@@ -39,7 +41,7 @@ struct Args {
     /// Where the JSON results go.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
-    /// Run only these scenarios (1-6); default all.
+    /// Run only these scenarios (1-7); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u32>,
     /// Leave the scratch database behind after the run, for inspection.
@@ -271,7 +273,7 @@ impl Bench {
         admin.batch_execute("CREATE DATABASE postern_bench").await?;
         let pool = postern::db::pool(&self.db_url, 2, &postern::db::tls::unverified())?;
         let schema = postern::db::Schema::new("postern")?;
-        postern::db::migrate(&pool, &schema, &[]).await?;
+        postern::db::migrate(&pool, &schema, &[], &[]).await?;
         let client = connect(&self.db_url).await?;
         client
             .batch_execute(
@@ -1169,6 +1171,11 @@ async fn main() -> anyhow::Result<()> {
         let mut f = Vec::new();
         inbound(&bench, &mut f, &mut footprint).await?;
         sections.push(("5. inbound", f));
+    }
+    if wanted(7) {
+        let mut f = Vec::new();
+        inbox::inbox(&bench, &mut f).await?;
+        sections.push(("7. inbox", f));
     }
     if wanted(6) {
         idle_footprint(&bench, &mut footprint).await?;

@@ -9,6 +9,7 @@ mod endpoint_checks;
 mod endpoints;
 mod error;
 mod events;
+mod inbox;
 mod ordering;
 
 use std::sync::Arc;
@@ -63,7 +64,8 @@ pub fn routes() -> (axum::Router<ApiState>, utoipa::openapi::OpenApi) {
         .merge(endpoints::routes())
         .merge(deliveries::routes())
         .merge(events::routes())
-        .merge(ordering::routes());
+        .merge(ordering::routes())
+        .merge(inbox::routes());
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", v1)
         .split_for_parts()

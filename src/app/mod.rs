@@ -25,11 +25,16 @@ use crate::outbox::{self, Signals};
 use crate::retention::{self, Retention};
 use crate::telemetry::Metrics;
 
-/// Runs the sidecar until `shutdown` is cancelled.
+pub mod inbox;
+mod watch;
+
+/// Runs the sidecar until `shutdown` is cancelled. `inbox` is the committers' end of the inbox
+/// writer the proxy was given (when some route is in inbox mode).
 pub async fn run(
     config: Config,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    inbox: Option<crate::inbox::writer::Queue>,
 ) -> anyhow::Result<()> {
     let schema = Schema::new(&config.database.schema)?;
     let tls = db::tls::from_config(&config.database)?;
@@ -65,7 +70,7 @@ pub async fn run(
         None => None,
     };
     let mut tasks = JoinSet::new();
-    tasks.spawn(probe_loop(
+    tasks.spawn(watch::probe_loop(
         tls.clone(),
         mode,
         config.database.url().to_string(),
@@ -75,7 +80,7 @@ pub async fn run(
         metrics.clone(),
         shutdown.child_token(),
     ));
-    tasks.spawn(gauge_loop(
+    tasks.spawn(watch::gauge_loop(
         tls.clone(),
         mode,
         config.database.url().to_string(),
@@ -84,12 +89,27 @@ pub async fn run(
         shutdown.child_token(),
     ));
 
+    // The committers answer from the first moment too: a request that cannot be stored (no
+    // database yet, no schema yet) is answered 503 and the provider retries.
+    let inbox_wake = Arc::new(tokio::sync::Notify::new());
+    let committers = match inbox {
+        Some(queue) => Some(inbox::spawn_writer(
+            &config,
+            queue,
+            &schema,
+            &tls,
+            metrics.clone(),
+            inbox_wake.clone(),
+            shutdown.clone(),
+        )?),
+        None => None,
+    };
     let result = async {
         if db::wait_until_reachable(&pool, &shutdown).await.is_none() {
             return Ok(());
         }
         prepare(&config, &pool, &schema, &vault).await?;
-        let pipeline = start(
+        let mut pipeline = start(
             &config,
             &schema,
             shutdown.clone(),
@@ -98,6 +118,16 @@ pub async fn run(
             vault.clone(),
             tls.clone(),
         )?;
+        let forwarder_pool = db::pool_with(config.database.url(), 2, &tls, mode)?;
+        if let Some(f) = inbox::forwarder(
+            &config,
+            forwarder_pool,
+            &schema,
+            metrics.clone(),
+            inbox_wake.clone(),
+        )? {
+            pipeline.spawn("inbox-forwarder", f.run(shutdown.child_token()));
+        }
         if let (Some(listener), Some(api)) = (api_listener, &config.api) {
             let state = crate::api::ApiState {
                 pool: pool.clone(),
@@ -115,7 +145,6 @@ pub async fn run(
             .pipeline
             .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("postern running");
-        let mut pipeline = pipeline;
         // A pipeline task that ends before shutdown (a panic, a bug) leaves the replica unable
         // to do its work: it says so on /readyz, and after a short grace (so probes and logs
         // see why) exits non-zero for Kubernetes to restart it.
@@ -150,157 +179,15 @@ pub async fn run(
         .store(true, std::sync::atomic::Ordering::Relaxed);
     shutdown.cancel();
     join_all(tasks).await;
+    if let Some(committers) = committers {
+        let _ = committers.await;
+    }
     admin_stop.cancel();
     if let Some(thread) = admin {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     tracing::info!("postern stopped");
     result
-}
-
-/// Keeps `Health` current, on a connection of its own so a saturated pool never makes the process
-/// look dead. Readiness asks only what the pod needs (the database answers, the schema is new
-/// enough); the backlog gauges are counted by [`gauge_loop`] on another connection, so a slow count
-/// can never flip readiness.
-#[allow(clippy::too_many_arguments)]
-async fn probe_loop(
-    tls: db::tls::Tls,
-    mode: db::SessionMode,
-    url: String,
-    schema: Schema,
-    pool: Pool,
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut client: Option<tokio_postgres::Client> = None;
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let status = pool.status();
-        metrics
-            .db_pool_in_use
-            .set((status.size - status.available.min(status.size)) as i64);
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = connect_probe(&url, &tls, mode, "postern-probe").await;
-        }
-        let Some(c) = &client else {
-            health.database.store(false, Relaxed);
-            continue;
-        };
-        let probe = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            db::schema_version(c, &schema),
-        )
-        .await;
-        match probe {
-            Ok(Ok(version)) => {
-                health.database.store(true, Relaxed);
-                health
-                    .schema
-                    .store(version.is_some_and(|v| v >= db::SCHEMA_VERSION), Relaxed);
-            }
-            _ => {
-                health.database.store(false, Relaxed);
-                client = None;
-            }
-        }
-    }
-}
-
-/// Counting stops here: past it the gauges read this many (a backlog this deep is an alert
-/// already, and counting further would cost the database more with every row).
-const GAUGE_COUNT_CAP: i64 = 100_000;
-
-/// Keeps the backlog gauges current every few seconds on a connection of its own, each query under
-/// a `statement_timeout`: the counts walk partial indexes and stop at [`GAUGE_COUNT_CAP`], and the
-/// oldest due delivery is one index probe per endpoint. A failure leaves the gauges as they were.
-async fn gauge_loop(
-    tls: db::tls::Tls,
-    mode: db::SessionMode,
-    url: String,
-    schema: Schema,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-) {
-    let gauges = schema.sql(&format!(
-        "SELECT (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.deliveries
-                  WHERE status = 'pending' AND next_attempt_at <= now() LIMIT {GAUGE_COUNT_CAP}) d),
-                (SELECT COALESCE(extract(epoch FROM now() - min(first.at)), 0)::float8
-                   FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
-                     SELECT d.next_attempt_at AS at FROM __SCHEMA__.deliveries d
-                     WHERE d.endpoint_id = e.id AND d.status = 'pending' AND d.next_attempt_at <= now()
-                     ORDER BY d.next_attempt_at LIMIT 1) first),
-                (SELECT count(*) FROM __SCHEMA__.endpoints WHERE NOT active AND deleted_at IS NULL),
-                (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.outbox
-                  WHERE dispatched_at IS NULL LIMIT {GAUGE_COUNT_CAP}) o),
-                (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.ordering_keys k
-                  JOIN __SCHEMA__.deliveries d ON d.id = k.blocked_by
-                  WHERE d.status = 'failed' LIMIT {GAUGE_COUNT_CAP}) k),
-                (SELECT count(*) FROM __SCHEMA__.endpoint_flow f JOIN __SCHEMA__.endpoints e ON e.id = f.endpoint_id
-                  WHERE f.opened_at IS NOT NULL AND e.deleted_at IS NULL)"
-    ));
-    let mut client: Option<tokio_postgres::Client> = None;
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = connect_probe(&url, &tls, mode, "postern-gauges").await;
-            if let Some(c) = &client {
-                if c.batch_execute("SET statement_timeout = '2s'")
-                    .await
-                    .is_err()
-                {
-                    client = None;
-                }
-            }
-        }
-        let Some(c) = &client else { continue };
-        match c.query_one(&gauges, &[]).await {
-            Ok(row) => {
-                metrics.deliveries_due.set(row.get(0));
-                metrics.oldest_due_seconds.set(row.get(1));
-                metrics.endpoints_inactive.set(row.get(2));
-                metrics.outbox_undispatched.set(row.get(3));
-                metrics.ordering_keys_blocked.set(row.get(4));
-                metrics.circuit_open.set(row.get(5));
-            }
-            // Before the schema exists, or a count that ran out of time: try again next tick.
-            Err(e) => {
-                tracing::debug!(error = %crate::telemetry::error_chain(&e), "gauges not updated")
-            }
-        }
-    }
-}
-
-async fn connect_probe(
-    url: &str,
-    tls: &db::tls::Tls,
-    mode: db::SessionMode,
-    name: &str,
-) -> Option<tokio_postgres::Client> {
-    let mut config: tokio_postgres::Config = url.parse().ok()?;
-    config
-        .application_name(name)
-        .connect_timeout(std::time::Duration::from_secs(2));
-    let set = db::bound_session(&mut config, db::SESSION_SETTINGS, mode);
-    let (client, connection) = config.connect(tls.clone()).await.ok()?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    if !set.is_empty() {
-        client.batch_execute(&set).await.ok()?;
-    }
-    Some(client)
 }
 
 /// Migrations (or a version check), the notify trigger and the config endpoints.
@@ -311,7 +198,13 @@ pub async fn prepare(
     vault: &SecretBox,
 ) -> anyhow::Result<()> {
     if config.database.migrate_on_start {
-        let applied = db::migrate(pool, schema, &config.database.publisher_roles).await?;
+        let applied = db::migrate(
+            pool,
+            schema,
+            &config.database.publisher_roles,
+            &config.database.consumer_roles,
+        )
+        .await?;
         if !applied.is_empty() {
             tracing::info!(versions = ?applied, "schema migrated");
         }
@@ -542,6 +435,7 @@ pub fn start(
         schema,
         config.retention.delivered.0,
         config.retention.failed.0,
+        config.retention.inbox.0,
     );
     tasks.spawn(
         "housekeeping",
@@ -584,7 +478,13 @@ pub async fn migrate(config: &Config) -> anyhow::Result<Vec<i32>> {
     db::wait_until_reachable(&pool, &cancel)
         .await
         .context("interrupted while waiting for the database")?;
-    let applied = db::migrate(&pool, &schema, &config.database.publisher_roles).await?;
+    let applied = db::migrate(
+        &pool,
+        &schema,
+        &config.database.publisher_roles,
+        &config.database.consumer_roles,
+    )
+    .await?;
     db::install_notify(&pool, &schema, &NotifySetting::from_config(config), true).await?;
     db::install_payload_limit(&pool, &schema, config.outbound.max_payload.0).await?;
     let vault = SecretBox::from_config(config)?;

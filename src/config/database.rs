@@ -20,6 +20,10 @@ pub struct DatabaseConfig {
     pub migrate_on_start: bool,
     #[serde(default)]
     pub publisher_roles: Vec<String>,
+    /// Roles that take inbox messages with `inbox_take` / `inbox_done` (`consume = "sql"`); the
+    /// publisher roles may too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumer_roles: Vec<String>,
     /// Connections in the pool for the API and start-up (the LISTEN connection, the prober's and
     /// the pipeline's five are extra).
     #[serde(default = "defaults::pool_size")]
@@ -53,6 +57,7 @@ impl Default for DatabaseConfig {
             schema: defaults::schema(),
             migrate_on_start: true,
             publisher_roles: Vec::new(),
+            consumer_roles: Vec::new(),
             pool_size: defaults::pool_size(),
             tls_verify: false,
             ca_file: None,

@@ -41,7 +41,25 @@ pub struct InboundConfig {
 pub struct RouteConfig {
     /// Exact path match (the query string is ignored for routing).
     pub path: String,
+    /// The route's name in the inbox, its API and metrics; default: the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub provider: String,
+    /// `forward` (default): verified requests go to the app while the provider waits. `inbox`:
+    /// they are committed to `inbox` first and the provider is answered at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// inbox: `forward` (default, Postern hands each message to the app) or `sql` (the app takes
+    /// them with `inbox_take`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consume: Option<String>,
+    /// inbox: where the dedupe key is, `header:NAME` or `json:/pointer` (any provider; the
+    /// provider's own id by default, else a hash of the body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedupe: Option<String>,
+    /// inbox: the answer a stored request gets, for providers that want something specific.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub respond_with: Option<RespondWith>,
     #[serde(default)]
     pub secrets: Vec<Secret>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,4 +95,16 @@ pub struct RouteConfig {
     /// hmac: what is signed, from `{timestamp}` and `{body}`; default `{body}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_template: Option<String>,
+}
+
+/// inbox: the status, body and content type a stored (or duplicate) request is answered with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespondWith {
+    #[serde(default = "defaults::respond_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default = "defaults::respond_content_type")]
+    pub content_type: String,
 }

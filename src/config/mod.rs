@@ -16,7 +16,7 @@ mod values;
 pub use database::DatabaseConfig;
 pub use endpoints::{EndpointConfig, SignatureScheme};
 pub use flow::{breaker_defaults, BreakerConfig, RateLimit};
-pub use inbound::{InboundConfig, RouteConfig};
+pub use inbound::{InboundConfig, RespondWith, RouteConfig};
 pub use operations::{AdminConfig, ApiConfig, LogConfig, LogFormat};
 pub use outbound::{
     NotifyMode, OnFailure, OrderingConfig, OutboundConfig, RetentionConfig, RetryConfig,
@@ -139,6 +139,15 @@ pub(crate) mod defaults {
     }
     pub fn retention_failed() -> Dur {
         Dur(Duration::from_secs(30 * 86_400))
+    }
+    pub fn respond_status() -> u16 {
+        200
+    }
+    pub fn respond_content_type() -> String {
+        "application/json".into()
+    }
+    pub fn retention_inbox() -> Dur {
+        Dur(Duration::from_secs(7 * 86_400))
     }
     pub fn retention_interval() -> Dur {
         Dur(Duration::from_secs(60))
@@ -283,11 +292,16 @@ impl Config {
                 self.database.schema
             ));
         }
-        for (i, role) in self.database.publisher_roles.iter().enumerate() {
-            if !is_identifier(role, &[]) {
-                p.push(format!(
-                    "database.publisher_roles[{i}]: {role:?} is not a plain role name"
-                ));
+        for (key, roles) in [
+            ("publisher_roles", &self.database.publisher_roles),
+            ("consumer_roles", &self.database.consumer_roles),
+        ] {
+            for (i, role) in roles.iter().enumerate() {
+                if !is_identifier(role, &[]) {
+                    p.push(format!(
+                        "database.{key}[{i}]: {role:?} is not a plain role name"
+                    ));
+                }
             }
         }
         if self.database.pool_size < 2 || self.database.pool_size > 200 {
@@ -355,6 +369,9 @@ impl Config {
         }
         if r.failed.0 < Duration::from_secs(60) {
             p.push("retention.failed: must be at least 1m".into());
+        }
+        if r.inbox.0 < Duration::from_secs(60) {
+            p.push("retention.inbox: must be at least 1m".into());
         }
         let mut seen = std::collections::HashSet::new();
         for (i, e) in self.endpoints.iter().enumerate() {
@@ -503,136 +520,4 @@ fn describe_figment_error(e: figment::Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
-        [database]
-        url = "postgres://postgres@127.0.0.1/postgres"
-    "#;
-
-    #[test]
-    fn durations_and_sizes_round_trip() {
-        for (text, ms) in [
-            ("500ms", 500),
-            ("30s", 30_000),
-            ("5m", 300_000),
-            ("10h", 36_000_000),
-            ("7d", 604_800_000),
-        ] {
-            let d: Dur = text.parse().unwrap();
-            assert_eq!(d.0.as_millis(), ms);
-            assert_eq!(d.to_string(), text);
-        }
-        assert!("soon".parse::<Dur>().is_err());
-        assert_eq!("1MiB".parse::<ByteSize>().unwrap().0, 1 << 20);
-        assert_eq!("512KiB".parse::<ByteSize>().unwrap().to_string(), "512KiB");
-        assert_eq!("1000".parse::<ByteSize>().unwrap().0, 1000);
-        assert!("1 parsec".parse::<ByteSize>().is_err());
-    }
-
-    #[test]
-    fn defaults_fill_a_minimal_file() {
-        let c = Config::from_toml_str(MINIMAL).unwrap();
-        assert_eq!(c.shutdown_grace.0, Duration::from_secs(25));
-        assert_eq!(c.outbound.notify, NotifyMode::Throttled);
-        assert_eq!(c.outbound.concurrency, 256);
-        assert_eq!(c.database.schema, "postern");
-        assert_eq!(c.outbound.retry, RetryConfig::default());
-    }
-
-    #[test]
-    fn unknown_keys_are_named() {
-        let err =
-            Config::from_toml_str(&format!("{MINIMAL}\n[outbound]\nconcurency = 3\n")).unwrap_err();
-        assert_eq!(err.problems.len(), 1, "{err}");
-        assert!(
-            err.problems[0].starts_with("outbound.concurency: unknown key"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn secrets_resolve_from_env_and_file_and_never_print() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("secret");
-        std::fs::write(&file, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").unwrap();
-        std::env::set_var("POSTERN_TEST_HEADER_SECRET", "hunter2");
-        let toml = format!(
-            r#"
-            [database]
-            url = "postgres://app:pw@127.0.0.1/app"
-            [[endpoints]]
-            id = "e"
-            url = "https://example.com/a"
-            events = ["*"]
-            secret = "file:{}"
-            headers = {{ "x-api-key" = "env:POSTERN_TEST_HEADER_SECRET" }}
-            "#,
-            file.display()
-        );
-        let c = Config::from_toml_str(&toml).unwrap();
-        assert_eq!(
-            c.endpoints[0].secret.expose(),
-            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-        );
-        assert_eq!(c.endpoints[0].headers["x-api-key"].expose(), "hunter2");
-        let shown = c.to_redacted_toml();
-        assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(!shown.contains("MfKQ9r8"), "{shown}");
-        assert!(!shown.contains(":pw@"), "{shown}");
-        assert!(
-            shown.contains("postgres://app:<redacted>@127.0.0.1/app"),
-            "{shown}"
-        );
-        assert!(format!("{c:?}").contains("<redacted>"));
-        assert!(!format!("{c:?}").contains("hunter2"));
-
-        let missing = toml.replace(
-            "env:POSTERN_TEST_HEADER_SECRET",
-            "env:POSTERN_TEST_NOT_SET_ANYWHERE",
-        );
-        let err = Config::from_toml_str(&missing).unwrap_err().to_string();
-        assert!(err.contains("endpoints[0].headers.x-api-key"), "{err}");
-        assert!(
-            err.contains("POSTERN_TEST_NOT_SET_ANYWHERE is not set"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn url_passwords_are_masked() {
-        assert_eq!(
-            mask_url_password("postgres://u:p@h:5432/db?x=1"),
-            "postgres://u:<redacted>@h:5432/db?x=1"
-        );
-        assert_eq!(mask_url_password("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(
-            mask_url_password("host=h password=p user=u"),
-            "host=h password=<redacted> user=u"
-        );
-        // Issue 12: the query parameter, spaces around `=`, quoted values with escapes.
-        assert_eq!(
-            mask_url_password("postgres://u@h/db?sslmode=require&password=s3cret&x=1"),
-            "postgres://u@h/db?sslmode=require&password=<redacted>&x=1"
-        );
-        assert_eq!(
-            mask_url_password("postgres://u:p@h/db?PASSWORD=q"),
-            "postgres://u:<redacted>@h/db?PASSWORD=<redacted>"
-        );
-        assert_eq!(
-            mask_url_password(r"host=h password = 'a b\' c' user=u"),
-            "host=h password = <redacted> user=u"
-        );
-        assert_eq!(
-            mask_url_password("passwordless=1 password=x"),
-            "passwordless=1 password=<redacted>"
-        );
-        for shown in [
-            mask_url_password(r"password='top secret'"),
-            mask_url_password("postgres://h/db?password=top-secret"),
-        ] {
-            assert!(!shown.contains("secret"), "{shown}");
-        }
-    }
-}
+mod tests;

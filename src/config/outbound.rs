@@ -168,6 +168,9 @@ pub struct RetentionConfig {
     /// How often a replica runs a pruning pass.
     #[serde(default = "defaults::retention_interval")]
     pub interval: Dur,
+    /// Inbox messages the app has handled are pruned after this; unhandled ones are kept.
+    #[serde(default = "defaults::retention_inbox")]
+    pub inbox: Dur,
 }
 
 impl Default for RetentionConfig {
@@ -176,6 +179,7 @@ impl Default for RetentionConfig {
             delivered: defaults::retention_delivered(),
             failed: defaults::retention_failed(),
             interval: defaults::retention_interval(),
+            inbox: defaults::retention_inbox(),
         }
     }
 }

@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (4, "ordering", include_str!("migrations/0004_ordering.sql")),
     (5, "flow", include_str!("migrations/0005_flow.sql")),
+    (6, "inbox", include_str!("migrations/0006_inbox.sql")),
 ];
 
 /// The schema version this binary needs.
@@ -148,6 +149,27 @@ pub fn pool_with(
     build_pool(pg, size, tls, set)
 }
 
+/// The inbox writer's pool: its commits are the inbox's promise to a provider, so they wait for
+/// the WAL flush (`synchronous_commit = on`, whatever the server's default).
+pub fn inbox_pool(
+    url: &str,
+    size: usize,
+    tls: &tls::Tls,
+    mode: SessionMode,
+) -> anyhow::Result<Pool> {
+    let mut pg: tokio_postgres::Config = url.parse().context("database.url")?;
+    let settings: Vec<(&str, &str)> = SESSION_SETTINGS
+        .iter()
+        .copied()
+        .chain([("synchronous_commit", "on")])
+        .collect();
+    let set = bound_session(&mut pg, &settings, mode);
+    if pg.get_application_name().is_none() {
+        pg.application_name("postern-inbox");
+    }
+    build_pool(pg, size, tls, set)
+}
+
 /// Connections the delivery pipeline keeps (two fan-out loops, claims, outcomes, housekeeping).
 pub const PIPELINE_CONNECTIONS: usize = 5;
 
@@ -252,12 +274,13 @@ pub async fn wait_until_reachable(pool: &Pool, cancel: &CancellationToken) -> Op
     }
 }
 
-/// Applies every missing migration and the grants for the publisher roles, in one transaction.
-/// Returns the versions applied.
+/// Applies every missing migration and the grants for the publisher and consumer roles, in one
+/// transaction. Returns the versions applied.
 pub async fn migrate(
     pool: &Pool,
     schema: &Schema,
     publisher_roles: &[String],
+    consumer_roles: &[String],
 ) -> anyhow::Result<Vec<i32>> {
     let mut client = pool.get().await.context("connecting for migration")?;
     let tx = client.transaction().await?;
@@ -317,6 +340,18 @@ pub async fn migrate(
         tx.batch_execute(&grant)
             .await
             .with_context(|| format!("granting publish rights to role {role}"))?;
+    }
+    // Taking inbox messages: the two functions (which run with the owner's rights) and nothing
+    // else of the inbox.
+    for role in publisher_roles.iter().chain(consumer_roles) {
+        let grant = schema.sql(&format!(
+            "GRANT USAGE ON SCHEMA __SCHEMA__ TO \"{role}\";
+             GRANT EXECUTE ON FUNCTION __SCHEMA__.inbox_take(text, integer, interval) TO \"{role}\";
+             GRANT EXECUTE ON FUNCTION __SCHEMA__.inbox_done(bigint) TO \"{role}\";"
+        ));
+        tx.batch_execute(&grant)
+            .await
+            .with_context(|| format!("granting inbox rights to role {role}"))?;
     }
     tx.commit().await?;
     Ok(applied)

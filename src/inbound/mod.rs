@@ -3,10 +3,13 @@
 //! answered by Postern with a JSON error and never forwarded.
 
 mod body;
+pub mod dedupe;
+mod inbox;
 pub mod providers;
 mod proxy;
 mod refusal;
 mod server;
+mod upstream;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -14,6 +17,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use ipnet::IpNet;
 
 use crate::config::{InboundConfig, RouteConfig};
+use crate::inbox::writer::InboxWriter;
 use providers::Verifier;
 
 pub use server::spawn;
@@ -21,15 +25,43 @@ pub use server::spawn;
 /// A route, ready to serve.
 pub struct Route {
     pub path: String,
+    /// The route's name in the inbox, API and metrics (default: the path).
+    pub name: String,
     pub provider: String,
+    /// Set in inbox mode: verified requests are stored, then answered.
+    pub inbox: Option<InboxRoute>,
     pub verifier: Box<dyn Verifier>,
     pub upstream_path: Option<String>,
     pub allow_ips: Vec<IpNet>,
     pub methods: Vec<String>,
 }
 
+/// An inbox route's settings.
+pub struct InboxRoute {
+    pub dedupe: Vec<dedupe::Source>,
+    pub consume: Consume,
+    /// The answer to a stored request: status, content type, body.
+    pub respond: (u16, String, bytes::Bytes),
+    /// The default answer carries the message's id; `respond_with` is sent as written.
+    pub respond_configured: bool,
+}
+
+/// Who hands an inbox route's messages to the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consume {
+    /// Postern forwards each message to the upstream until the app answers 2xx.
+    Forward,
+    /// The app takes them with `inbox_take` / `inbox_done`.
+    Sql,
+}
+
+/// How long a request waits for its inbox commit before the provider is told to retry (`503`).
+pub const INBOX_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Everything the proxy needs, built once from the config.
 pub struct Inbound {
+    /// Where inbox routes store requests (present when any route is in inbox mode).
+    pub inbox: Option<InboxWriter>,
     pub routes: HashMap<String, Route>,
     pub upstream: SocketAddr,
     pub max_body: usize,
@@ -71,6 +103,7 @@ pub fn validate(config: &InboundConfig) -> Vec<String> {
         p.push("inbound.threads: must be 1 to 64".into());
     }
     let mut paths = HashMap::new();
+    let mut names = HashMap::new();
     for (i, route) in config.routes.iter().enumerate() {
         let key = format!("inbound.routes[{i}]");
         if !route.path.starts_with('/') || route.path.contains('?') {
@@ -100,6 +133,87 @@ pub fn validate(config: &InboundConfig) -> Vec<String> {
         }
         if let Err(errs) = providers::build(route) {
             p.extend(errs.into_iter().map(|e| format!("{key}.{e}")));
+        }
+        if let Some(name) = &route.name {
+            if !crate::config::is_identifier(name, &['.', ':', '/', '-']) {
+                p.push(format!(
+                    "{key}.name: {name:?} must be 1-128 characters of a-z, A-Z, 0-9, _ - . : /"
+                ));
+            }
+        }
+        let name = route_name(route);
+        if let Some(j) = names.insert(name.clone(), i) {
+            p.push(format!(
+                "{key}.name: {name:?} is also the name of inbound.routes[{j}]"
+            ));
+        }
+        p.extend(
+            validate_inbox(route)
+                .into_iter()
+                .map(|e| format!("{key}.{e}")),
+        );
+    }
+    p
+}
+
+/// A route's name: `name`, or its path.
+pub fn route_name(route: &RouteConfig) -> String {
+    route.name.clone().unwrap_or_else(|| route.path.clone())
+}
+
+/// Whether any route of the config is in inbox mode.
+pub fn has_inbox(config: &crate::config::Config) -> bool {
+    config
+        .inbound
+        .as_ref()
+        .is_some_and(|i| i.routes.iter().any(is_inbox))
+}
+
+/// Whether a route stores its requests in the inbox.
+pub fn is_inbox(route: &RouteConfig) -> bool {
+    route.mode.as_deref() == Some("inbox")
+}
+
+/// The inbox keys of a route, as `key: message` relative to the route.
+fn validate_inbox(route: &RouteConfig) -> Vec<String> {
+    let mut p = Vec::new();
+    match route.mode.as_deref() {
+        None | Some("forward" | "inbox") => {}
+        Some(other) => p.push(format!("mode: {other:?} must be \"forward\" or \"inbox\"")),
+    }
+    let inbox = is_inbox(route);
+    let only_inbox = |key: &str, set: bool, p: &mut Vec<String>| {
+        if set && !inbox {
+            p.push(format!("{key}: only used with mode = \"inbox\""));
+        }
+    };
+    only_inbox("consume", route.consume.is_some(), &mut p);
+    only_inbox("dedupe", route.dedupe.is_some(), &mut p);
+    only_inbox("respond_with", route.respond_with.is_some(), &mut p);
+    match route.consume.as_deref() {
+        None | Some("forward" | "sql") => {}
+        Some(other) => p.push(format!("consume: {other:?} must be \"forward\" or \"sql\"")),
+    }
+    if let Some(spec) = &route.dedupe {
+        if let Err(e) = dedupe::parse(spec) {
+            p.push(format!("dedupe: {e}"));
+        }
+    }
+    if let Some(r) = &route.respond_with {
+        if !(200..300).contains(&r.status) {
+            p.push(format!(
+                "respond_with.status: {} must be 2xx (anything else makes the provider retry)",
+                r.status
+            ));
+        }
+        if r.body.len() > 64 * 1024 {
+            p.push("respond_with.body: must be at most 64KiB".into());
+        }
+        if http::HeaderValue::from_str(&r.content_type).is_err() {
+            p.push(format!(
+                "respond_with.content_type: {:?} is not a header value",
+                r.content_type
+            ));
         }
     }
     p
@@ -131,7 +245,7 @@ fn upstream_addr(url: &str) -> Result<SocketAddr, String> {
 impl Inbound {
     /// Builds the routes; the config was validated, so failures here are bugs or a changed
     /// environment (DNS), reported as errors all the same.
-    pub fn build(config: &InboundConfig) -> anyhow::Result<Self> {
+    pub fn build(config: &InboundConfig, inbox: Option<InboxWriter>) -> anyhow::Result<Self> {
         let problems = validate(config);
         anyhow::ensure!(problems.is_empty(), "{}", problems.join("\n"));
         let mut routes = HashMap::new();
@@ -139,6 +253,7 @@ impl Inbound {
             routes.insert(route.path.clone(), Self::route(route)?);
         }
         Ok(Self {
+            inbox,
             routes,
             upstream: upstream_addr(&config.upstream).map_err(anyhow::Error::msg)?,
             max_body: config.max_body.0 as usize,
@@ -153,9 +268,37 @@ impl Inbound {
 
     fn route(route: &RouteConfig) -> anyhow::Result<Route> {
         let verifier = providers::build(route).map_err(|e| anyhow::anyhow!(e.join("; ")))?;
+        let inbox = is_inbox(route).then(|| {
+            let mut sources: Vec<dedupe::Source> = route
+                .dedupe
+                .as_deref()
+                .and_then(|d| dedupe::parse(d).ok())
+                .into_iter()
+                .collect();
+            sources.extend(dedupe::provider_sources(&route.provider));
+            let respond = match &route.respond_with {
+                Some(r) => (
+                    r.status,
+                    r.content_type.clone(),
+                    bytes::Bytes::from(r.body.clone()),
+                ),
+                None => (200, "application/json".into(), bytes::Bytes::new()),
+            };
+            InboxRoute {
+                dedupe: sources,
+                consume: match route.consume.as_deref() {
+                    Some("sql") => Consume::Sql,
+                    _ => Consume::Forward,
+                },
+                respond,
+                respond_configured: route.respond_with.is_some(),
+            }
+        });
         Ok(Route {
             path: route.path.clone(),
+            name: route_name(route),
             provider: route.provider.clone(),
+            inbox,
             verifier,
             upstream_path: route.upstream_path.clone(),
             allow_ips: route.allow_ips.clone(),
@@ -192,6 +335,7 @@ mod tests {
 
     fn inbound(trust: &[&str]) -> Inbound {
         Inbound {
+            inbox: None,
             routes: HashMap::new(),
             upstream: "127.0.0.1:1".parse().unwrap(),
             max_body: 1,

@@ -12,43 +12,29 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::http::RequestHeader;
-use pingora::protocols::http::client::HttpSession;
-use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as Http1Session};
 use pingora::protocols::http::ServerSession as Session;
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error, ErrorType, OrErr};
+use pingora::{Error, ErrorType};
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::AsyncWriteExt;
 
 use super::body::{linger, read_body, BodyBudget};
+use super::inbox;
 use super::providers::Incoming;
 use super::refusal::{
     respond, timeout_refusal, too_large, upstream_failure, Refusal, WRITE_TIMEOUT,
 };
+use super::upstream::{send_request, HOP_BY_HOP};
 use super::{Inbound, Route};
 use crate::telemetry::{InboundLabels, Metrics};
 
 /// How long a kept-alive connection may wait for its next request's first byte.
 const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Headers that describe one hop, not the message: never forwarded either way.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 pub const VERIFIED_HEADER: &str = "x-postern-verified";
 
@@ -69,23 +55,37 @@ enum Outcome {
     Forwarded,
     Refused,
     UpstreamError,
+    /// Inbox routes: committed, a provider's retry of a stored request, or not stored (503).
+    Stored,
+    Duplicate,
+    Unstored,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 3] = [Outcome::Forwarded, Outcome::Refused, Outcome::UpstreamError];
+    const ALL: [Outcome; 6] = [
+        Outcome::Forwarded,
+        Outcome::Refused,
+        Outcome::UpstreamError,
+        Outcome::Stored,
+        Outcome::Duplicate,
+        Outcome::Unstored,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
             Outcome::Forwarded => "forwarded",
             Outcome::Refused => "refused",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::Stored => "stored",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Unstored => "unstored",
         }
     }
 }
 
 /// The request counters of one route (or of "no route"), one per outcome, resolved once so
 /// that counting a request neither allocates labels nor looks the series up.
-struct RouteCounters([Counter; 3]);
+struct RouteCounters([Counter; 6]);
 
 impl RouteCounters {
     fn new(metrics: &Metrics, route: &str) -> Self {
@@ -408,61 +408,6 @@ impl VerifyingProxy {
     }
 }
 
-/// Sends the request and reads the response head. Over HTTP/1 a request with a body goes out as
-/// one vectored write of head and body: pingora's session flushes the head by itself first, which
-/// costs a second send and makes the app wake for a head without its body.
-async fn send_request(
-    up: HttpSession,
-    request: Box<RequestHeader>,
-    body: &Bytes,
-    peer: &HttpPeer,
-) -> pingora::Result<HttpSession> {
-    let mut up = match up {
-        // A response to HEAD has no body whatever its headers say; only pingora's own writer
-        // records the method that tells its reader so.
-        HttpSession::H1(h1) if !body.is_empty() && request.method != http::Method::HEAD => {
-            let head = http_req_header_to_wire(&request).ok_or_else(|| {
-                Error::explain(
-                    ErrorType::InvalidHTTPHeader,
-                    "the request line holds a forbidden byte",
-                )
-            })?;
-            let mut stream = h1.into_inner();
-            let mut wire = head.freeze().chain(body.clone());
-            stream
-                .write_all_buf(&mut wire)
-                .await
-                .or_err(ErrorType::WriteError, "writing the request")?;
-            stream
-                .flush()
-                .await
-                .or_err(ErrorType::WriteError, "flushing the request")?;
-            HttpSession::H1(Http1Session::new_with_options(stream, peer))
-        }
-        mut up => {
-            up.write_request_header(request).await?;
-            up.write_request_body(body.clone(), true).await?;
-            up.finish_request_body().await?;
-            up
-        }
-    };
-    // Informational answers (100, 102, 103) come before the real one and are not relayed: the
-    // sender's head is already answered. Switching protocols is not something a webhook does.
-    loop {
-        up.read_response_header().await?;
-        match up.response_header().map(|h| h.status.as_u16()) {
-            Some(101) => {
-                return Error::e_explain(
-                    ErrorType::InvalidHTTPHeader,
-                    "the app answered 101 Switching Protocols",
-                )
-            }
-            Some(100..=199) => continue,
-            _ => return Ok(up),
-        }
-    }
-}
-
 impl VerifyingProxy {
     /// One request whose head pingora read: admitted and forwarded, or refused; either way
     /// answered, logged and counted.
@@ -475,6 +420,9 @@ impl VerifyingProxy {
             status: 0,
         };
         let result = match self.admit(session, &mut decision).await {
+            Ok((route, body, _budget)) if route.inbox.is_some() => {
+                self.keep(session, route, body, &mut decision).await
+            }
             Ok((route, body, _budget)) => match self.forward(session, route, body).await {
                 Ok((status, whole)) => {
                     decision.outcome = Outcome::Forwarded;
@@ -505,6 +453,37 @@ impl VerifyingProxy {
         };
         self.record(&decision, started);
         result
+    }
+
+    /// An inbox route's verified request: stored, then acknowledged (or `503`, to be retried).
+    async fn keep(
+        &self,
+        session: &mut Session,
+        route: &Route,
+        body: Bytes,
+        decision: &mut Decision<'_>,
+    ) -> pingora::Result<()> {
+        let settings = route.inbox.as_ref().expect("an inbox route");
+        let message = inbox::message(session.req_header(), route, settings, &body);
+        match inbox::store(self.inbound.inbox.as_ref(), message).await {
+            Ok(accepted) => {
+                decision.outcome = if accepted.duplicate {
+                    Outcome::Duplicate
+                } else {
+                    Outcome::Stored
+                };
+                decision.status = settings.respond.0;
+                inbox::acknowledge(session, settings, accepted)
+                    .await
+                    .map(|_| ())
+            }
+            Err(refusal) => {
+                decision.outcome = Outcome::Unstored;
+                decision.error = Some(refusal.code);
+                decision.status = refusal.status;
+                respond(session, &refusal, false).await
+            }
+        }
     }
 
     /// A request refused before it could be routed (malformed framing, CONNECT): answered in the

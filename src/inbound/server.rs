@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::proxy::VerifyingProxy;
 use super::Inbound;
 use crate::config::Config;
+use crate::inbox::writer::InboxWriter;
 use crate::telemetry::Metrics;
 
 /// Turns Postern's cancellation into pingora's graceful terminate.
@@ -35,11 +36,12 @@ pub fn spawn(
     config: &Config,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    inbox: Option<InboxWriter>,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
     let Some(section) = &config.inbound else {
         return Ok(None);
     };
-    let inbound = Arc::new(Inbound::build(section)?);
+    let inbound = Arc::new(Inbound::build(section, inbox)?);
     // Fail with a clear message now rather than inside pingora's runtime.
     std::net::TcpListener::bind(&section.listen)
         .with_context(|| format!("inbound.listen: cannot bind {}", section.listen))?;

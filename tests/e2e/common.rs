@@ -204,12 +204,30 @@ impl Receiver {
     pub async fn start(
         behaviour: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static,
     ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, behaviour)
+    }
+
+    /// A receiver on a port chosen before (an app that comes up where it was down).
+    pub async fn start_at(
+        port: u16,
+        behaviour: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        Self::start_on(listener, behaviour)
+    }
+
+    fn start_on(
+        listener: tokio::net::TcpListener,
+        behaviour: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         let state = Arc::new(ReceiverState {
             requests: Mutex::new(Vec::new()),
             behaviour: Box::new(behaviour),
             changed: Notify::new(),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = axum::Router::new()
             .fallback(handle)

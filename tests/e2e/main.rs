@@ -9,6 +9,7 @@ mod deploy;
 mod flow;
 mod hardening;
 mod inbound;
+mod inbox;
 mod ordering;
 mod outbound;
 mod pgbouncer;

@@ -214,7 +214,7 @@ impl Ack {
 
 /// Postgres `text` cannot hold NUL: an error text (which may quote what a receiver or resolver
 /// said) is stored with each NUL replaced, never refused.
-fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
     if text.contains('\0') {
         std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
     } else {

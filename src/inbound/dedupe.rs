@@ -1,0 +1,194 @@
+//! Dedupe keys for inbox routes: the id each provider gives a delivery (or event), so a provider's
+//! retry of a stored request is recognised and stored once. Invariant: a key is always storable
+//! text (UTF-8, no control characters, at most [`MAX_KEY`] bytes; anything else is replaced by its
+//! hash) and never empty: a request without the provider's id is keyed by the hash of its body.
+
+use sha2::{Digest, Sha256};
+
+use super::providers::Incoming;
+
+/// Longer ids are stored as their hash.
+const MAX_KEY: usize = 200;
+
+/// Where a key is found, tried in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Header(String),
+    /// An RFC 6901 pointer into a JSON body; strings and numbers count.
+    Json(String),
+    /// A field of an `application/x-www-form-urlencoded` body.
+    Form(String),
+}
+
+/// Each provider's own id, from its documentation:
+/// - Standard Webhooks: `webhook-id`, "the same no matter how many times a webhook that has failed
+///   is retried" (github.com/standard-webhooks/standard-webhooks, spec); Svix sends it as `svix-id`.
+/// - Stripe: the event's `id`; a retry is the same event with a new signature
+///   (docs.stripe.com/webhooks, "Handle duplicate events").
+/// - GitHub: `X-GitHub-Delivery`, kept by a redelivery (docs.github.com/en/webhooks/using-webhooks/
+///   best-practices-for-using-webhooks, "Use the X-GitHub-Delivery header").
+/// - Shopify: `X-Shopify-Webhook-Id`, one per delivery (shopify.dev/docs/apps/build/webhooks/
+///   verify-deliveries, "Ignoring duplicates"); older pages name `X-Shopify-Event-Id`, the fallback.
+/// - Slack: the Events API wrapper's `event_id` (api.slack.com/types/event); slash commands and
+///   interactions carry no documented id and are not retried by Slack: their `trigger_id` (one per
+///   invocation) or, failing that, the body's hash.
+/// - Paddle: `notification_id`, one per notification to this destination (developer.paddle.com/
+///   api-reference/notifications); `event_id` if it is missing. A replay made in Paddle's dashboard
+///   is a new notification and is stored again, as the operator asked.
+/// - Square: `event_id`, "use this value to bypass processing if it's a repeated value"
+///   (developer.squareup.com/docs/webhooks/what-it-does).
+/// - Twilio: `I-Twilio-Idempotency-Token` (sent on Twilio's retries; not in the reference pages
+///   we could find), else the body's hash (Twilio signs URL and form, so equal bodies are one).
+/// - GitLab: `Idempotency-Key`, "consistent across webhook retries" (docs.gitlab.com/user/project/
+///   integrations/webhooks, "Delivery headers"); `X-Gitlab-Event-UUID` before GitLab sent it.
+/// - hmac: none; the route names one with `dedupe`.
+pub fn provider_sources(provider: &str) -> Vec<Source> {
+    let h = |n: &str| Source::Header(n.to_string());
+    let j = |p: &str| Source::Json(p.to_string());
+    match provider {
+        "standard-webhooks" => vec![h("webhook-id"), h("svix-id")],
+        "stripe" => vec![j("/id")],
+        "github" => vec![h("x-github-delivery")],
+        "shopify" => vec![h("x-shopify-webhook-id"), h("x-shopify-event-id")],
+        "slack" => vec![j("/event_id"), Source::Form("trigger_id".into())],
+        "paddle" => vec![j("/notification_id"), j("/event_id")],
+        "square" => vec![j("/event_id")],
+        "twilio" => vec![h("i-twilio-idempotency-token")],
+        "gitlab" => vec![h("idempotency-key"), h("x-gitlab-event-uuid")],
+        _ => Vec::new(),
+    }
+}
+
+/// A route's `dedupe` value: `header:NAME` or `json:/pointer`.
+pub fn parse(spec: &str) -> Result<Source, String> {
+    if let Some(name) = spec.strip_prefix("header:") {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(format!("{name:?} is not a header name"));
+        }
+        return Ok(Source::Header(name.to_ascii_lowercase()));
+    }
+    if let Some(pointer) = spec.strip_prefix("json:") {
+        if !pointer.starts_with('/') {
+            return Err(format!(
+                "{pointer:?} is not a JSON pointer (it starts with /)"
+            ));
+        }
+        return Ok(Source::Json(pointer.to_string()));
+    }
+    Err(format!("{spec:?} must be header:NAME or json:/pointer"))
+}
+
+/// The request's dedupe key: the first source that yields one, else the body's hash.
+pub fn key(sources: &[Source], request: &Incoming<'_>) -> String {
+    let mut json: Option<Option<serde_json::Value>> = None;
+    for source in sources {
+        let found = match source {
+            Source::Header(name) => request
+                .headers
+                .get(name.as_str())
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            Source::Json(pointer) => json
+                .get_or_insert_with(|| serde_json::from_slice(request.body).ok())
+                .as_ref()
+                .and_then(|v| v.pointer(pointer))
+                .and_then(|v| match v {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                }),
+            Source::Form(field) => form_field(request.body, field),
+        };
+        if let Some(k) = found.filter(|k| !k.trim().is_empty()) {
+            return storable(k);
+        }
+    }
+    format!("sha256:{}", hex::encode(Sha256::digest(request.body)))
+}
+
+fn form_field(body: &[u8], field: &str) -> Option<String> {
+    url::form_urlencoded::parse(body)
+        .find(|(k, _)| k == field)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Keys that could not be stored or indexed as they are become their hash.
+fn storable(key: String) -> String {
+    if key.len() <= MAX_KEY && !key.chars().any(char::is_control) {
+        key
+    } else {
+        format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+
+    fn incoming<'a>(headers: &'a HeaderMap, body: &'a [u8]) -> Incoming<'a> {
+        Incoming {
+            headers,
+            body,
+            query: None,
+            now: 0,
+        }
+    }
+
+    #[test]
+    fn each_provider_finds_its_own_id() {
+        let mut h = HeaderMap::new();
+        h.insert("x-github-delivery", "72d3162e".parse().unwrap());
+        h.insert("webhook-id", "msg_1".parse().unwrap());
+        h.insert("idempotency-key", "gl-1".parse().unwrap());
+        let body = br#"{"id":"evt_1","event_id":"ev-2","notification_id":"ntf_3"}"#;
+        let r = incoming(&h, body);
+        let k = |p: &str| key(&provider_sources(p), &r);
+        assert_eq!(k("github"), "72d3162e");
+        assert_eq!(k("standard-webhooks"), "msg_1");
+        assert_eq!(k("gitlab"), "gl-1");
+        assert_eq!(k("stripe"), "evt_1");
+        assert_eq!(k("slack"), "ev-2");
+        assert_eq!(k("square"), "ev-2");
+        assert_eq!(k("paddle"), "ntf_3");
+        let form = HeaderMap::new();
+        let r = incoming(&form, b"command=%2Fdeploy&trigger_id=13345224609.738474920");
+        assert_eq!(key(&provider_sources("slack"), &r), "13345224609.738474920");
+    }
+
+    #[test]
+    fn without_an_id_the_body_hash_is_the_key_and_hostile_ids_are_hashed() {
+        let h = HeaderMap::new();
+        let a = key(&provider_sources("stripe"), &incoming(&h, b"not json"));
+        let b = key(&provider_sources("stripe"), &incoming(&h, b"not json!"));
+        assert!(a.starts_with("sha256:") && a.len() == 71, "{a}");
+        assert_ne!(a, b);
+        let nul = key(
+            &[Source::Json("/id".into())],
+            &incoming(&h, br#"{"id":"a\u0000b"}"#),
+        );
+        assert!(nul.starts_with("sha256:"), "{nul}");
+        let long = format!(r#"{{"id":"{}"}}"#, "x".repeat(500));
+        let long = key(
+            &[Source::Json("/id".into())],
+            &incoming(&h, long.as_bytes()),
+        );
+        assert!(long.starts_with("sha256:"), "{long}");
+        let empty = key(
+            &[Source::Json("/id".into())],
+            &incoming(&h, br#"{"id":" "}"#),
+        );
+        assert!(empty.starts_with("sha256:"), "{empty}");
+    }
+
+    #[test]
+    fn route_specs_parse_or_say_why_not() {
+        assert_eq!(
+            parse("header:X-Event-Id"),
+            Ok(Source::Header("x-event-id".into()))
+        );
+        assert_eq!(parse("json:/data/id"), Ok(Source::Json("/data/id".into())));
+        assert!(parse("json:data.id").unwrap_err().contains("JSON pointer"));
+        assert!(parse("header:bad name").is_err());
+        assert!(parse("body").unwrap_err().contains("header:NAME"));
+    }
+}

@@ -1,0 +1,335 @@
+//! Handing stored messages to the app (`consume = "forward"`). Invariant: every claimed message
+//! ends settled (done, retried later or failed, with its attempt recorded), handed back (the app
+//! was not listening, or shutdown came first) or, if this process dies, reaped when its lease
+//! lapses; none is dropped, and a down app costs no attempts.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::store::{Claimed, InboxStore, Outcome};
+use super::InboxStatus;
+use crate::delivery::retry::{parse_retry_after, RetryPolicy};
+use crate::telemetry::{ForwardLabels, Metrics};
+
+/// Messages in flight to the app per replica.
+pub const CONCURRENCY: usize = 32;
+/// Bytes of the app's answer kept in the attempt record.
+const EXCERPT: usize = 4096;
+/// The longest wait before looking again after the app refused a connection.
+const DOWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const REAP_EVERY: Duration = Duration::from_secs(5);
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+pub struct ForwardSettings {
+    /// The app, `http://host:port`.
+    pub upstream: String,
+    /// Routes whose messages Postern forwards.
+    pub routes: Vec<String>,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    pub poll_interval: Duration,
+    /// How long in-flight requests may run after shutdown starts.
+    pub drain: Duration,
+}
+
+pub struct Forwarder {
+    store: Arc<InboxStore>,
+    http: reqwest::Client,
+    settings: Arc<ForwardSettings>,
+    owner: Uuid,
+    metrics: Arc<Metrics>,
+    /// Rung by the writer after each commit.
+    wake: Arc<Notify>,
+}
+
+/// How one attempt went, for the loop.
+enum Sent {
+    Settled,
+    /// The app did not accept the connection: handed back, no attempt counted.
+    AppDown,
+}
+
+impl Forwarder {
+    pub fn new(
+        store: Arc<InboxStore>,
+        settings: ForwardSettings,
+        owner: Uuid,
+        metrics: Arc<Metrics>,
+        wake: Arc<Notify>,
+    ) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .user_agent(crate::delivery::client::user_agent())
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(Duration::from_secs(2)))
+            .pool_max_idle_per_host(CONCURRENCY)
+            .build()?;
+        Ok(Self {
+            store,
+            http,
+            settings: Arc::new(settings),
+            owner,
+            metrics,
+            wake,
+        })
+    }
+
+    pub async fn run(self, cancel: CancellationToken) {
+        // An attempt's time and a margin to record it: past that, another replica may take it.
+        let lease = self.settings.timeout + LEASE_MARGIN;
+        let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
+        let mut tasks: JoinSet<Sent> = JoinSet::new();
+        let mut down_delay = Duration::ZERO;
+        let mut resume_at = Instant::now();
+        let mut last_reap = Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if last_reap.elapsed() >= REAP_EVERY {
+                last_reap = Instant::now();
+                match self.store.reap().await {
+                    Ok(n) if n > 0 => {
+                        tracing::warn!(messages = n, "inbox leases lapsed; due again")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "inbox reap failed"),
+                }
+            }
+            let room = CONCURRENCY - tasks.len();
+            let mut full = false;
+            if room > 0 && Instant::now() >= resume_at {
+                match self
+                    .store
+                    .claim(self.owner, &self.settings.routes, room as i64, lease)
+                    .await
+                {
+                    Ok(claimed) => {
+                        full = claimed.len() == room;
+                        for m in claimed {
+                            in_flight.lock().expect("not poisoned").insert(m.id);
+                            tasks.spawn(self.attempt(m, in_flight.clone()));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "inbox claim failed");
+                        resume_at = Instant::now() + Duration::from_secs(1);
+                    }
+                }
+            }
+            let now = Instant::now();
+            let wait = if now < resume_at {
+                resume_at - now
+            } else if full {
+                Duration::ZERO
+            } else {
+                self.settings.poll_interval
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.wake.notified(), if Instant::now() >= resume_at => {}
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    match done {
+                        Ok(Sent::AppDown) => {
+                            down_delay = (down_delay * 2).clamp(Duration::from_millis(250), DOWN_BACKOFF_MAX);
+                            resume_at = Instant::now() + down_delay;
+                        }
+                        Ok(Sent::Settled) => down_delay = Duration::ZERO,
+                        Err(e) => tracing::error!(error = %e, "an inbox attempt task failed"),
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        self.drain(tasks, in_flight).await;
+    }
+
+    /// Lets in-flight requests finish within the drain time, then hands back the rest.
+    async fn drain(&self, mut tasks: JoinSet<Sent>, in_flight: Arc<Mutex<HashSet<i64>>>) {
+        let deadline = tokio::time::sleep(self.settings.drain);
+        tokio::pin!(deadline);
+        while !tasks.is_empty() {
+            tokio::select! {
+                _ = tasks.join_next() => {}
+                _ = &mut deadline => break,
+            }
+        }
+        tasks.abort_all();
+        let left: Vec<i64> = in_flight
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .copied()
+            .collect();
+        if let Err(e) = self.store.hand_back(self.owner, &left).await {
+            tracing::warn!(error = %format!("{e:#}"), messages = left.len(), "inbox hand-back failed; the leases will lapse");
+        }
+    }
+
+    /// One attempt as a task: send, then settle (or hand back).
+    fn attempt(
+        &self,
+        m: Claimed,
+        in_flight: Arc<Mutex<HashSet<i64>>>,
+    ) -> impl std::future::Future<Output = Sent> + Send + 'static {
+        let (store, http, settings, owner, metrics) = (
+            self.store.clone(),
+            self.http.clone(),
+            self.settings.clone(),
+            self.owner,
+            self.metrics.clone(),
+        );
+        async move {
+            let started_at = Utc::now();
+            let clock = Instant::now();
+            let result = send(&http, &settings.upstream, &m).await;
+            let duration_ms = clock.elapsed().as_millis().min(i32::MAX as u128) as i32;
+            let label = |outcome| ForwardLabels {
+                route: m.route.clone(),
+                outcome,
+            };
+            let sent = match result {
+                Err(e) if e.is_connect() => {
+                    metrics
+                        .inbox_forwards
+                        .get_or_create(&label("app_unavailable"))
+                        .inc();
+                    if let Err(e) = store.hand_back(owner, &[m.id]).await {
+                        tracing::warn!(error = %format!("{e:#}"), "inbox hand-back failed; the lease will lapse");
+                    }
+                    Sent::AppDown
+                }
+                result => {
+                    let outcome = judge(&settings.retry, &m, result, started_at, duration_ms).await;
+                    let kind = match outcome.status {
+                        InboxStatus::Done => "delivered",
+                        InboxStatus::Failed => "failed",
+                        _ => "retry",
+                    };
+                    metrics.inbox_forwards.get_or_create(&label(kind)).inc();
+                    match store.settle(owner, &m, &outcome).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(
+                            inbox.id = m.id,
+                            "inbox outcome dropped: the lease had passed to another replica"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(inbox.id = m.id, error = %format!("{e:#}"), "inbox outcome not written; the lease will lapse and it is sent again")
+                        }
+                    }
+                    Sent::Settled
+                }
+            };
+            in_flight.lock().expect("not poisoned").remove(&m.id);
+            sent
+        }
+    }
+}
+
+/// The request the proxy would have sent, plus the message's id.
+async fn send(
+    http: &reqwest::Client,
+    upstream: &str,
+    m: &Claimed,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let mut url = format!("{}{}", upstream.trim_end_matches('/'), m.path);
+    if let Some(q) = &m.query {
+        url.push('?');
+        url.push_str(q);
+    }
+    let method = reqwest::Method::from_bytes(m.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+    let mut headers = reqwest::header::HeaderMap::with_capacity(m.header_names.len() + 1);
+    for (name, value) in m.header_names.iter().zip(&m.header_values) {
+        // Stored from a request that parsed, so these parse; one that does not is left out.
+        if let (Ok(n), Ok(v)) = (
+            reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+            reqwest::header::HeaderValue::from_bytes(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    headers.insert("x-postern-inbox-id", m.id.into());
+    http.request(method, url)
+        .headers(headers)
+        .body(m.body.clone())
+        .send()
+        .await
+}
+
+/// What an attempt's result means for the message.
+async fn judge(
+    retry: &RetryPolicy,
+    m: &Claimed,
+    result: Result<reqwest::Response, reqwest::Error>,
+    started_at: chrono::DateTime<Utc>,
+    duration_ms: i32,
+) -> Outcome {
+    let counted = (m.attempt - m.replayed_after).max(1) as u32;
+    let retry_at = |after: Option<Duration>| {
+        retry
+            .next_delay(counted, after)
+            .map(|d| Utc::now() + chrono::Duration::from_std(d).unwrap_or_default())
+    };
+    let mut outcome = Outcome {
+        status: InboxStatus::Done,
+        next_at: None,
+        status_code: None,
+        error: None,
+        started_at,
+        duration_ms,
+        response_excerpt: None,
+    };
+    match result {
+        Ok(response) => {
+            let code = response.status().as_u16();
+            outcome.status_code = Some(code as i32);
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+            outcome.response_excerpt = Some(excerpt(response).await);
+            if (200..300).contains(&code) {
+                return outcome;
+            }
+            outcome.error = Some(format!("the app answered {code}"));
+            outcome.next_at = retry_at(retry_after);
+        }
+        Err(e) => {
+            outcome.error = Some(if e.is_timeout() {
+                "timed out waiting for the app".to_string()
+            } else {
+                format!("request failed: {e}")
+            });
+            outcome.next_at = retry_at(None);
+        }
+    }
+    outcome.status = if outcome.next_at.is_some() {
+        InboxStatus::Pending
+    } else {
+        InboxStatus::Failed
+    };
+    outcome
+}
+
+/// The first bytes of the app's answer, read without waiting on the rest.
+async fn excerpt(mut response: reqwest::Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    while out.len() < EXCERPT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                out.extend_from_slice(&chunk[..chunk.len().min(EXCERPT - out.len())])
+            }
+            _ => break,
+        }
+    }
+    out
+}

@@ -1,0 +1,169 @@
+//! The inbox's SQL for the forwarder: claim under a lease, settle fenced by (attempt, lease
+//! owner), hand back, reap. Invariant: a message leaves `delivering` only through one of these
+//! statements, and a statement whose fence fails changes nothing (another replica owns it now).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use uuid::Uuid;
+
+use super::InboxStatus;
+use crate::db::Schema;
+
+/// A message claimed for one attempt.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub route: String,
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub header_names: Vec<String>,
+    pub header_values: Vec<Vec<u8>>,
+    pub body: Vec<u8>,
+    pub attempt: i32,
+    /// Attempts made before the last replay: the retry policy counts from here.
+    pub replayed_after: i32,
+}
+
+/// How one attempt ended, as recorded.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: InboxStatus,
+    pub next_at: Option<DateTime<Utc>>,
+    pub status_code: Option<i32>,
+    pub error: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i32,
+    pub response_excerpt: Option<Vec<u8>>,
+}
+
+pub struct InboxStore {
+    pool: Pool,
+    claim: String,
+    settle: String,
+    hand_back: String,
+    reap: String,
+}
+
+impl InboxStore {
+    pub fn new(pool: Pool, schema: &Schema) -> Self {
+        Self {
+            pool,
+            claim: schema.sql(
+                "WITH c AS (
+                    SELECT id FROM __SCHEMA__.inbox
+                    WHERE status = 'pending' AND next_attempt_at <= now() AND route = ANY($2)
+                    ORDER BY next_attempt_at
+                    LIMIT $3
+                    FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE __SCHEMA__.inbox m
+                 SET status = 'delivering', attempts = m.attempts + 1, lease_owner = $1,
+                     lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
+                 FROM c WHERE m.id = c.id
+                 RETURNING m.id, m.route, m.method, m.path, m.query, m.header_names,
+                           m.header_values, m.body, m.attempts, m.replayed_after",
+            ),
+            settle: schema.sql(
+                "WITH u AS (
+                    UPDATE __SCHEMA__.inbox
+                    SET status = $4, next_attempt_at = COALESCE($5, next_attempt_at),
+                        lease_owner = NULL, lease_expires_at = NULL,
+                        handled_at = CASE WHEN $4 = 'done' THEN now() END,
+                        last_status_code = $6, last_error = $7, updated_at = now()
+                    WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status = 'delivering'
+                    RETURNING id, attempts
+                 )
+                 INSERT INTO __SCHEMA__.inbox_attempts
+                    (inbox_id, attempt, started_at, duration_ms, status_code, response_excerpt, error)
+                 SELECT id, attempts, $8, $9, $6, $10, $7 FROM u",
+            ),
+            // The app was not listening: no attempt is counted, and the message is due again.
+            hand_back: schema.sql(
+                "UPDATE __SCHEMA__.inbox
+                 SET status = 'pending', attempts = attempts - 1, lease_owner = NULL,
+                     lease_expires_at = NULL, next_attempt_at = now(), updated_at = now()
+                 WHERE id = ANY($2) AND lease_owner = $1 AND status = 'delivering'",
+            ),
+            // A replica died holding these: they count as attempted (the app may have got them).
+            reap: schema.sql(
+                "UPDATE __SCHEMA__.inbox m
+                 SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,
+                     next_attempt_at = now(), updated_at = now()
+                 FROM (SELECT id FROM __SCHEMA__.inbox
+                       WHERE status = 'delivering' AND lease_expires_at < now()
+                       LIMIT 1000 FOR UPDATE SKIP LOCKED) x
+                 WHERE m.id = x.id",
+            ),
+        }
+    }
+
+    pub async fn claim(
+        &self,
+        owner: Uuid,
+        routes: &[String],
+        limit: i64,
+        lease: Duration,
+    ) -> anyhow::Result<Vec<Claimed>> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                &self.claim,
+                &[&owner, &routes, &limit, &lease.as_secs_f64()],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Claimed {
+                id: r.get(0),
+                route: r.get(1),
+                method: r.get(2),
+                path: r.get(3),
+                query: r.get(4),
+                header_names: r.get(5),
+                header_values: r.get(6),
+                body: r.get(7),
+                attempt: r.get(8),
+                replayed_after: r.get(9),
+            })
+            .collect())
+    }
+
+    /// Records the attempt and moves the message on; false when the fence failed.
+    pub async fn settle(&self, owner: Uuid, m: &Claimed, o: &Outcome) -> anyhow::Result<bool> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                &self.settle,
+                &[
+                    &m.id,
+                    &m.attempt,
+                    &owner,
+                    &o.status.as_str(),
+                    &o.next_at,
+                    &o.status_code,
+                    &o.error.as_deref().map(crate::delivery::state::storable),
+                    &o.started_at,
+                    &o.duration_ms,
+                    &o.response_excerpt,
+                ],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    pub async fn hand_back(&self, owner: Uuid, ids: &[i64]) -> anyhow::Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let client = self.pool.get().await?;
+        Ok(client.execute(&self.hand_back, &[&owner, &ids]).await?)
+    }
+
+    pub async fn reap(&self) -> anyhow::Result<u64> {
+        let client = self.pool.get().await?;
+        Ok(client.execute(&self.reap, &[]).await?)
+    }
+}
