@@ -84,6 +84,17 @@ impl From<tokio_postgres::Error> for ApiError {
                 detail.unwrap_or_else(|| "a value breaks a constraint".into()),
             );
         }
+        // A statement that ran out of time, or a row another session holds: the database is
+        // busy, not the caller wrong and not a bug.
+        if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+            || e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+        {
+            return Self::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is busy (a statement timed out or a row is held); try again",
+            );
+        }
         if e.code().is_some_and(|c| c.code().starts_with("22")) {
             let detail = e.as_db_error().map(|d| d.message().to_string());
             return Self::bad_request(format!(

@@ -104,7 +104,7 @@ fn check_status(status: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-/// Inbox messages, newest first.
+/// Inbox messages, newest first (by id: the order they were stored).
 #[utoipa::path(get, path = "/inbox", tag = "inbox", params(ListMessages),
     responses((status = 200, body = MessageList), (status = 400, body = ErrorBody)))]
 async fn list_messages(
@@ -131,8 +131,8 @@ async fn list_messages(
                    AND ($3::text IS NULL OR provider = $3)
                    AND ($4::timestamptz IS NULL OR received_at >= $4)
                    AND ($5::timestamptz IS NULL OR received_at < $5)
-                   AND ($6::timestamptz IS NULL OR (received_at, id) < ($6, $7::bigint))
-                 ORDER BY received_at DESC, id DESC LIMIT $8"
+                   AND ($6::bigint IS NULL OR id < $6)
+                 ORDER BY id DESC LIMIT $7"
             )),
             &[
                 &q.route,
@@ -140,7 +140,6 @@ async fn list_messages(
                 &q.provider,
                 &q.since,
                 &q.until,
-                &before.map(|b| b.0),
                 &before.map(|b| b.1),
                 &(limit + 1),
             ],
@@ -272,7 +271,8 @@ const REPLAY: &str = "UPDATE __SCHEMA__.inbox
     SET status = 'pending', next_attempt_at = now(), replayed_after = attempts, taken_until = NULL,
         handled_at = NULL, updated_at = now()";
 
-/// Hand one message to the app again (a `done` or `failed` one, or a `pending` one now).
+/// Hand one message to the app again (a `done` or `failed` one, a `pending` one now, or one a
+/// consumer took and abandoned).
 #[utoipa::path(post, path = "/inbox/{id}/replay", tag = "inbox",
     responses((status = 202, body = InboxMessage), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn replay_message(
@@ -284,7 +284,8 @@ async fn replay_message(
     let row = client
         .query_opt(
             &state.schema.sql(&format!(
-                "WITH r AS ({REPLAY} WHERE id = $1 AND status IN ('pending', 'done', 'failed') RETURNING id)
+                "WITH r AS ({REPLAY} WHERE id = $1 AND (status IN ('pending', 'done', 'failed')
+                    OR (status = 'taken' AND taken_until <= now())) RETURNING id)
                  SELECT (SELECT count(*) FROM r), status FROM __SCHEMA__.inbox WHERE id = $1"
             )),
             &[&n],

@@ -39,7 +39,7 @@ pub struct ApiState {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Postern management API", description = "Endpoints, deliveries, retries, replays and stats."),
+    info(title = "Postern management API", description = "Endpoints, deliveries, retries, replays, stats and the inbox."),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]

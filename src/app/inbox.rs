@@ -53,18 +53,15 @@ pub fn forwarder(
     let Some(section) = &config.inbound else {
         return Ok(None);
     };
-    let routes: Vec<String> = section
+    let forwarded = section
         .routes
         .iter()
-        .filter(|r| inbound::is_inbox(r) && r.consume.as_deref() != Some("sql"))
-        .map(inbound::route_name)
-        .collect();
-    if routes.is_empty() {
+        .any(|r| inbound::is_inbox(r) && r.consume.as_deref() != Some("sql"));
+    if !forwarded {
         return Ok(None);
     }
     let settings = ForwardSettings {
         upstream: section.upstream.clone(),
-        routes,
         timeout: section.upstream_timeout.0,
         retry: RetryPolicy::from_config(&config.outbound.retry)
             .map_err(|e| anyhow::anyhow!(e.join("; ")))?,
@@ -79,4 +76,34 @@ pub fn forwarder(
 fn drain_time(config: &Config) -> Duration {
     let grace = config.shutdown_grace.0;
     grace.saturating_sub(Duration::from_secs(2).min(grace / 4))
+}
+
+/// Brings the open messages of every inbox route up to the route's `consume` setting.
+pub async fn reconcile(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    schema: &Schema,
+) -> anyhow::Result<()> {
+    let Some(section) = &config.inbound else {
+        return Ok(());
+    };
+    let routes: Vec<(String, &str)> = section
+        .routes
+        .iter()
+        .filter(|r| inbound::is_inbox(r))
+        .map(|r| (inbound::route_name(r), inbound::consume_of(r)))
+        .collect();
+    if routes.is_empty() {
+        return Ok(());
+    }
+    let moved = InboxStore::new(pool.clone(), schema)
+        .reconcile(schema, &routes)
+        .await?;
+    if moved > 0 {
+        tracing::info!(
+            messages = moved,
+            "open inbox messages follow their route's new consume setting"
+        );
+    }
+    Ok(())
 }

@@ -118,7 +118,7 @@ pub async fn run(
             vault.clone(),
             tls.clone(),
         )?;
-        let forwarder_pool = db::pool_with(config.database.url(), 2, &tls, mode)?;
+        let forwarder_pool = db::pool_with(config.database.url(), 4, &tls, mode)?;
         if let Some(f) = inbox::forwarder(
             &config,
             forwarder_pool,
@@ -268,6 +268,7 @@ pub async fn prepare(
         );
     }
     endpoints::check_sealed(pool, schema, vault).await?;
+    inbox::reconcile(config, pool, schema).await?;
     Ok(())
 }
 

@@ -101,8 +101,9 @@ pub(super) async fn gauge_loop(
     let inbox = schema.sql(&format!(
         "SELECT (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.inbox
                   WHERE status IN ('pending', 'delivering', 'taken') LIMIT {GAUGE_COUNT_CAP}) m),
-                (SELECT COALESCE(extract(epoch FROM now() - min(received_at)), 0)::float8
-                   FROM __SCHEMA__.inbox WHERE status IN ('pending', 'delivering', 'taken'))"
+                COALESCE((SELECT extract(epoch FROM now() - received_at)::float8
+                   FROM __SCHEMA__.inbox WHERE id = (SELECT min(id) FROM __SCHEMA__.inbox
+                                                    WHERE status IN ('pending', 'delivering', 'taken'))), 0)"
     ));
     let mut client: Option<tokio_postgres::Client> = None;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));

@@ -341,13 +341,14 @@ pub async fn migrate(
             .await
             .with_context(|| format!("granting publish rights to role {role}"))?;
     }
-    // Taking inbox messages: the two functions (which run with the owner's rights) and nothing
+    // Taking inbox messages: the three functions (which run with the owner's rights) and nothing
     // else of the inbox.
     for role in publisher_roles.iter().chain(consumer_roles) {
         let grant = schema.sql(&format!(
             "GRANT USAGE ON SCHEMA __SCHEMA__ TO \"{role}\";
              GRANT EXECUTE ON FUNCTION __SCHEMA__.inbox_take(text, integer, interval) TO \"{role}\";
-             GRANT EXECUTE ON FUNCTION __SCHEMA__.inbox_done(bigint) TO \"{role}\";"
+             GRANT EXECUTE ON FUNCTION __SCHEMA__.inbox_done(bigint, integer) TO \"{role}\";
+             GRANT EXECUTE ON FUNCTION __SCHEMA__.inbox_fail(bigint, text, integer) TO \"{role}\";"
         ));
         tx.batch_execute(&grant)
             .await

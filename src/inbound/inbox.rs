@@ -32,6 +32,8 @@ pub(super) fn message(
             || n == "expect"
             || n == "content-length"
             || n.starts_with("x-postern-")
+            // GitLab's "signature" is the shared secret itself: never stored, never shown.
+            || (n == "x-gitlab-token" && route.provider == "gitlab")
         {
             continue;
         }
@@ -59,6 +61,10 @@ pub(super) fn message(
         header_names,
         header_values,
         body: body.clone(),
+        consume: match inbox.consume {
+            super::Consume::Forward => "forward",
+            super::Consume::Sql => "sql",
+        },
     }
 }
 

@@ -169,6 +169,14 @@ pub fn has_inbox(config: &crate::config::Config) -> bool {
         .is_some_and(|i| i.routes.iter().any(is_inbox))
 }
 
+/// `forward` or `sql`: who hands an inbox route's messages to the app.
+pub fn consume_of(route: &RouteConfig) -> &'static str {
+    match route.consume.as_deref() {
+        Some("sql") => "sql",
+        _ => "forward",
+    }
+}
+
 /// Whether a route stores its requests in the inbox.
 pub fn is_inbox(route: &RouteConfig) -> bool {
     route.mode.as_deref() == Some("inbox")
@@ -198,6 +206,9 @@ fn validate_inbox(route: &RouteConfig) -> Vec<String> {
         if let Err(e) = dedupe::parse(spec) {
             p.push(format!("dedupe: {e}"));
         }
+    } else if inbox && route.provider == "hmac" {
+        // A body hash would take two real events with equal bodies for one.
+        p.push("dedupe: required for an hmac route in inbox mode (header:NAME or json:/pointer naming the sender's event id)".into());
     }
     if let Some(r) = &route.respond_with {
         if !(200..300).contains(&r.status) {
@@ -372,6 +383,54 @@ mod tests {
             trusting.client_ip(ip("192.168.1.1"), Some("1.2.3.4")),
             ip("192.168.1.1")
         );
+    }
+
+    #[test]
+    fn inbox_keys_are_checked_with_their_route() {
+        let config: InboundConfig = toml::from_str(
+            r#"
+            [[routes]]
+            path = "/a"
+            provider = "hmac"
+            secrets = ["s"]
+            header = "x-sig"
+            mode = "inbox"
+            [[routes]]
+            path = "/b"
+            provider = "stripe"
+            secrets = ["s"]
+            consume = "sql"
+            [[routes]]
+            path = "/c"
+            name = "a b"
+            provider = "stripe"
+            secrets = ["s"]
+            mode = "mailbox"
+            [[routes]]
+            path = "/d"
+            name = "/a"
+            provider = "stripe"
+            secrets = ["s"]
+            mode = "inbox"
+            consume = "later"
+            dedupe = "body"
+            respond_with = { status = 302 }
+            "#,
+        )
+        .unwrap();
+        let text = validate(&config).join("\n");
+        for want in [
+            "inbound.routes[0].dedupe: required for an hmac route in inbox mode",
+            "inbound.routes[1].consume: only used with mode = \"inbox\"",
+            "inbound.routes[2].name: \"a b\" must be",
+            "inbound.routes[2].mode: \"mailbox\" must be",
+            "inbound.routes[3].name: \"/a\" is also the name of inbound.routes[0]",
+            "inbound.routes[3].consume: \"later\" must be",
+            "inbound.routes[3].dedupe: \"body\" must be header:NAME or json:/pointer",
+            "inbound.routes[3].respond_with.status: 302 must be 2xx",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! was not listening, or shutdown came first) or, if this process dies, reaped when its lease
 //! lapses; none is dropped, and a down app costs no attempts.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,13 +25,12 @@ const EXCERPT: usize = 4096;
 /// The longest wait before looking again after the app refused a connection.
 const DOWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 const REAP_EVERY: Duration = Duration::from_secs(5);
-const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// Longer than a pool checkout may wait (10 s), so a slow settle does not outlive its lease.
+const LEASE_MARGIN: Duration = Duration::from_secs(15);
 
 pub struct ForwardSettings {
     /// The app, `http://host:port`.
     pub upstream: String,
-    /// Routes whose messages Postern forwards.
-    pub routes: Vec<String>,
     pub timeout: Duration,
     pub retry: RetryPolicy,
     pub poll_interval: Duration,
@@ -85,7 +84,7 @@ impl Forwarder {
     pub async fn run(self, cancel: CancellationToken) {
         // An attempt's time and a margin to record it: past that, another replica may take it.
         let lease = self.settings.timeout + LEASE_MARGIN;
-        let in_flight: Arc<Mutex<HashSet<i64>>> = Arc::default();
+        let in_flight: Arc<Mutex<HashMap<i64, i32>>> = Arc::default();
         let mut tasks: JoinSet<Sent> = JoinSet::new();
         let mut down_delay = Duration::ZERO;
         let mut resume_at = Instant::now();
@@ -104,18 +103,22 @@ impl Forwarder {
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "inbox reap failed"),
                 }
             }
-            let room = CONCURRENCY - tasks.len();
+            // While the app has been refusing connections, one message probes it at a time.
+            let room = if down_delay.is_zero() {
+                CONCURRENCY - tasks.len()
+            } else {
+                usize::from(tasks.is_empty())
+            };
             let mut full = false;
             if room > 0 && Instant::now() >= resume_at {
-                match self
-                    .store
-                    .claim(self.owner, &self.settings.routes, room as i64, lease)
-                    .await
-                {
+                match self.store.claim(self.owner, room as i64, lease).await {
                     Ok(claimed) => {
                         full = claimed.len() == room;
                         for m in claimed {
-                            in_flight.lock().expect("not poisoned").insert(m.id);
+                            in_flight
+                                .lock()
+                                .expect("not poisoned")
+                                .insert(m.id, m.attempt);
                             tasks.spawn(self.attempt(m, in_flight.clone()));
                         }
                     }
@@ -138,10 +141,12 @@ impl Forwarder {
                 _ = self.wake.notified(), if Instant::now() >= resume_at => {}
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     match done {
-                        Ok(Sent::AppDown) => {
+                        // One doubling per round of refusals, not per refused message.
+                        Ok(Sent::AppDown) if Instant::now() >= resume_at => {
                             down_delay = (down_delay * 2).clamp(Duration::from_millis(250), DOWN_BACKOFF_MAX);
                             resume_at = Instant::now() + down_delay;
                         }
+                        Ok(Sent::AppDown) => {}
                         Ok(Sent::Settled) => down_delay = Duration::ZERO,
                         Err(e) => tracing::error!(error = %e, "an inbox attempt task failed"),
                     }
@@ -153,7 +158,7 @@ impl Forwarder {
     }
 
     /// Lets in-flight requests finish within the drain time, then hands back the rest.
-    async fn drain(&self, mut tasks: JoinSet<Sent>, in_flight: Arc<Mutex<HashSet<i64>>>) {
+    async fn drain(&self, mut tasks: JoinSet<Sent>, in_flight: Arc<Mutex<HashMap<i64, i32>>>) {
         let deadline = tokio::time::sleep(self.settings.drain);
         tokio::pin!(deadline);
         while !tasks.is_empty() {
@@ -163,11 +168,11 @@ impl Forwarder {
             }
         }
         tasks.abort_all();
-        let left: Vec<i64> = in_flight
+        let left: Vec<(i64, i32)> = in_flight
             .lock()
             .expect("not poisoned")
             .iter()
-            .copied()
+            .map(|(id, attempt)| (*id, *attempt))
             .collect();
         if let Err(e) = self.store.hand_back(self.owner, &left).await {
             tracing::warn!(error = %format!("{e:#}"), messages = left.len(), "inbox hand-back failed; the leases will lapse");
@@ -178,7 +183,7 @@ impl Forwarder {
     fn attempt(
         &self,
         m: Claimed,
-        in_flight: Arc<Mutex<HashSet<i64>>>,
+        in_flight: Arc<Mutex<HashMap<i64, i32>>>,
     ) -> impl std::future::Future<Output = Sent> + Send + 'static {
         let (store, http, settings, owner, metrics) = (
             self.store.clone(),
@@ -202,7 +207,7 @@ impl Forwarder {
                         .inbox_forwards
                         .get_or_create(&label("app_unavailable"))
                         .inc();
-                    if let Err(e) = store.hand_back(owner, &[m.id]).await {
+                    if let Err(e) = store.hand_back(owner, &[(m.id, m.attempt)]).await {
                         tracing::warn!(error = %format!("{e:#}"), "inbox hand-back failed; the lease will lapse");
                     }
                     Sent::AppDown

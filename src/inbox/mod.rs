@@ -81,6 +81,8 @@ pub struct Message {
     pub header_names: Vec<String>,
     pub header_values: Vec<Vec<u8>>,
     pub body: bytes::Bytes,
+    /// `forward` or `sql`: who hands it to the app.
+    pub consume: &'static str,
 }
 
 /// What the provider is told about its request once it is stored.

@@ -54,14 +54,14 @@ impl InboxStore {
             claim: schema.sql(
                 "WITH c AS (
                     SELECT id FROM __SCHEMA__.inbox
-                    WHERE status = 'pending' AND next_attempt_at <= now() AND route = ANY($2)
+                    WHERE status = 'pending' AND consume = 'forward' AND next_attempt_at <= now()
                     ORDER BY next_attempt_at
-                    LIMIT $3
+                    LIMIT $2
                     FOR UPDATE SKIP LOCKED
                  )
                  UPDATE __SCHEMA__.inbox m
                  SET status = 'delivering', attempts = m.attempts + 1, lease_owner = $1,
-                     lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
+                     lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
                  FROM c WHERE m.id = c.id
                  RETURNING m.id, m.route, m.method, m.path, m.query, m.header_names,
                            m.header_values, m.body, m.attempts, m.replayed_after",
@@ -83,9 +83,11 @@ impl InboxStore {
             // The app was not listening: no attempt is counted, and the message is due again.
             hand_back: schema.sql(
                 "UPDATE __SCHEMA__.inbox
-                 SET status = 'pending', attempts = attempts - 1, lease_owner = NULL,
+                 SET status = 'pending', attempts = inbox.attempts - 1, lease_owner = NULL,
                      lease_expires_at = NULL, next_attempt_at = now(), updated_at = now()
-                 WHERE id = ANY($2) AND lease_owner = $1 AND status = 'delivering'",
+                 FROM unnest($2::bigint[], $3::int[]) AS h(id, attempt)
+                 WHERE inbox.id = h.id AND inbox.attempts = h.attempt AND lease_owner = $1
+                   AND status = 'delivering'",
             ),
             // A replica died holding these: they count as attempted (the app may have got them).
             reap: schema.sql(
@@ -103,16 +105,12 @@ impl InboxStore {
     pub async fn claim(
         &self,
         owner: Uuid,
-        routes: &[String],
         limit: i64,
         lease: Duration,
     ) -> anyhow::Result<Vec<Claimed>> {
         let client = self.pool.get().await?;
         let rows = client
-            .query(
-                &self.claim,
-                &[&owner, &routes, &limit, &lease.as_secs_f64()],
-            )
+            .query(&self.claim, &[&owner, &limit, &lease.as_secs_f64()])
             .await?;
         Ok(rows
             .iter()
@@ -154,12 +152,42 @@ impl InboxStore {
         Ok(n > 0)
     }
 
-    pub async fn hand_back(&self, owner: Uuid, ids: &[i64]) -> anyhow::Result<u64> {
-        if ids.is_empty() {
+    /// `items`: (id, attempt) of claims this replica still holds.
+    pub async fn hand_back(&self, owner: Uuid, items: &[(i64, i32)]) -> anyhow::Result<u64> {
+        if items.is_empty() {
             return Ok(0);
         }
+        let ids: Vec<i64> = items.iter().map(|i| i.0).collect();
+        let attempts: Vec<i32> = items.iter().map(|i| i.1).collect();
         let client = self.pool.get().await?;
-        Ok(client.execute(&self.hand_back, &[&owner, &ids]).await?)
+        Ok(client
+            .execute(&self.hand_back, &[&owner, &ids, &attempts])
+            .await?)
+    }
+
+    /// Brings open messages of each inbox route up to its configured `consume` (a message taken
+    /// by SQL that now goes to the forwarder becomes pending again).
+    pub async fn reconcile(
+        &self,
+        schema: &Schema,
+        routes: &[(String, &str)],
+    ) -> anyhow::Result<u64> {
+        let client = self.pool.get().await?;
+        let names: Vec<&str> = routes.iter().map(|r| r.0.as_str()).collect();
+        let modes: Vec<&str> = routes.iter().map(|r| r.1).collect();
+        Ok(client
+            .execute(
+                &schema.sql(
+                    "UPDATE __SCHEMA__.inbox m
+                     SET consume = r.consume, taken_until = NULL, updated_at = now(),
+                         status = CASE WHEN m.status = 'taken' THEN 'pending' ELSE m.status END
+                     FROM unnest($1::text[], $2::text[]) AS r(route, consume)
+                     WHERE m.route = r.route AND m.consume <> r.consume
+                       AND m.status IN ('pending', 'delivering', 'taken')",
+                ),
+                &[&names, &modes],
+            )
+            .await?)
     }
 
     pub async fn reap(&self) -> anyhow::Result<u64> {

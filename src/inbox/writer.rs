@@ -87,12 +87,16 @@ pub async fn run(
 ) {
     let insert = schema.sql(
         "INSERT INTO __SCHEMA__.inbox
-            (route, provider, dedupe_key, method, path, query, header_names, header_values, body)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            (route, provider, dedupe_key, method, path, query, header_names, header_values, body,
+             consume)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          ON CONFLICT (route, dedupe_key) DO NOTHING
          RETURNING id",
     );
-    let find = schema.sql("SELECT id FROM __SCHEMA__.inbox WHERE route = $1 AND dedupe_key = $2");
+    let find = schema.sql(
+        "SELECT k.n, m.id FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(route, key, n)
+         JOIN __SCHEMA__.inbox m ON m.route = k.route AND m.dedupe_key = k.key",
+    );
     let queue = Arc::new(Mutex::new(queue.0));
     let committers: Vec<_> = (0..COMMITTERS)
         .map(|_| {
@@ -141,20 +145,29 @@ async fn next_batch(queue: &Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
     Some(batch)
 }
 
-/// One transaction for the batch: the inserts pipelined in one round trip, then the ids of the
-/// duplicates (visible once the conflicting insert, here or elsewhere, has committed).
+/// One transaction for the batch: the inserts pipelined in one round trip (in key order, so two
+/// transactions inserting the same keys wait on each other instead of deadlocking), then the ids
+/// of the duplicates in one query (visible once the conflicting insert, here or elsewhere, has
+/// committed). Answers come back in the batch's order.
 async fn commit(
     pool: &Pool,
     insert: &str,
     find: &str,
     batch: &[Job],
 ) -> anyhow::Result<Vec<Accepted>> {
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&batch[a].message, &batch[b].message);
+        (&a.route, &a.dedupe_key).cmp(&(&b.route, &b.dedupe_key))
+    });
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let stmt = tx.prepare_cached(insert).await?;
     let (txr, stmt) = (&tx, &stmt);
-    let inserted = try_join_all(batch.iter().map(|j| async move {
-        let m = &j.message;
+    // Durable whatever the session's default (a pooler may hand out any server session).
+    let durable = txr.batch_execute("SET LOCAL synchronous_commit = on");
+    let inserts = try_join_all(order.iter().map(|&i| async move {
+        let m = &batch[i].message;
         let body: &[u8] = &m.body;
         txr.query_opt(
             stmt,
@@ -168,27 +181,41 @@ async fn commit(
                 &m.header_names,
                 &m.header_values,
                 &body,
+                &m.consume,
             ],
         )
         .await
-    }))
-    .await?;
-    let find = tx.prepare_cached(find).await?;
-    let mut accepted = Vec::with_capacity(batch.len());
-    for (job, row) in batch.iter().zip(inserted) {
-        accepted.push(match row {
-            Some(row) => Accepted {
-                id: row.get(0),
-                duplicate: false,
-            },
-            None => Accepted {
-                id: tx
-                    .query_one(&find, &[&job.message.route, &job.message.dedupe_key])
-                    .await?
-                    .get(0),
-                duplicate: true,
-            },
-        });
+    }));
+    let (durable, inserted) = tokio::join!(durable, inserts);
+    durable?;
+    let mut accepted = vec![
+        Accepted {
+            id: 0,
+            duplicate: true
+        };
+        batch.len()
+    ];
+    let (mut routes, mut keys, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+    for (&i, row) in order.iter().zip(inserted?) {
+        match row {
+            Some(row) => {
+                accepted[i] = Accepted {
+                    id: row.get(0),
+                    duplicate: false,
+                }
+            }
+            None => {
+                routes.push(batch[i].message.route.as_str());
+                keys.push(batch[i].message.dedupe_key.as_str());
+                slots.push(i);
+            }
+        }
+    }
+    if !slots.is_empty() {
+        for row in tx.query(find, &[&routes, &keys]).await? {
+            let n: i64 = row.get(0);
+            accepted[slots[n as usize - 1]].id = row.get(1);
+        }
     }
     tx.commit().await?;
     Ok(accepted)

@@ -711,6 +711,69 @@ async fn three_sql_consumers_take_a_thousand_messages_each_handled_once() {
         "a message taken and abandoned did not come back"
     );
     tx.commit().await.unwrap();
+    // A message the app cannot handle is set aside, not handed back first forever.
+    let poison = s.stripe("evt_poison").await;
+    assert_eq!(poison.0, 200);
+    let tx = consumer.transaction().await.unwrap();
+    let taken = tx
+        .query(
+            "SELECT id, attempts FROM postern.inbox_take('stripe', 10)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    let (id, attempt): (i64, i32) = (taken[0].get(0), taken[0].get(1));
+    let stale: bool = tx
+        .query_one(
+            "SELECT postern.inbox_fail($1, 'cannot parse', $2)",
+            &[&id, &(attempt - 1)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !stale,
+        "a fenced call with an old attempt changed the message"
+    );
+    let failed: bool = tx
+        .query_one(
+            "SELECT postern.inbox_fail($1, 'cannot parse', $2)",
+            &[&id, &attempt],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(failed);
+    tx.commit().await.unwrap();
+    let left = consumer
+        .query("SELECT id FROM postern.inbox_take('stripe', 10)", &[])
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "a failed message came back");
+    assert_eq!(
+        scalar(&c, &format!("SELECT count(*) FROM postern.inbox WHERE id = {id} AND status = 'failed' AND last_error = 'cannot parse'")).await,
+        1
+    );
+    // A forward route's messages are not the consumers' to take.
+    let gh_body = br#"{"zen":"Keep it logically awesome."}"#.to_vec();
+    let gh_sig = format!(
+        "sha256={}",
+        hex::encode(signing::hmac_sha256(GITHUB_SECRET.as_bytes(), &[&gh_body]))
+    );
+    let headers = vec![
+        ("x-hub-signature-256".to_string(), gh_sig),
+        ("x-github-delivery".to_string(), "d-1".to_string()),
+    ];
+    assert_eq!(s.post("/wh/github", &headers, gh_body).await.0, 200);
+    let stolen = consumer
+        .query("SELECT id FROM postern.inbox_take('github', 10)", &[])
+        .await
+        .unwrap();
+    assert!(
+        stolen.is_empty(),
+        "a consumer took a forward route's message"
+    );
     // Nothing was forwarded: the app takes sql routes' messages itself.
     assert!(std::net::TcpStream::connect(("127.0.0.1", app_port)).is_err());
 }
