@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use futures_util::future::try_join_all;
 use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -22,7 +21,7 @@ const QUEUE: usize = 4096;
 const BATCH: usize = 256;
 const BATCH_BYTES: usize = 16 << 20;
 /// Committer tasks (and connections): while one waits for its flush, the next fills a batch.
-pub const COMMITTERS: usize = 3;
+pub const COMMITTERS: usize = 2;
 
 /// Why a message was not stored. Every variant means "not acknowledged": the provider retries.
 #[derive(Debug, thiserror::Error)]
@@ -86,12 +85,18 @@ pub async fn run(
     drain: Duration,
 ) {
     let insert = schema.sql(
+        // One statement for the batch: the headers of every message come as two flat arrays,
+        // each message's share sliced out by its bounds.
         "INSERT INTO __SCHEMA__.inbox
             (route, provider, dedupe_key, method, path, query, header_names, header_values, body,
              consume)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         SELECT k.route, k.provider, k.key, k.method, k.path, k.query,
+                ($7::text[])[k.first:k.last], ($8::bytea[])[k.first:k.last], k.body, k.consume
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $9::bytea[], $10::text[], $11::int[], $12::int[])
+              AS k(route, provider, key, method, path, query, body, consume, first, last)
          ON CONFLICT (route, dedupe_key) DO NOTHING
-         RETURNING id",
+         RETURNING id, route, dedupe_key",
     );
     let find = schema.sql(
         "SELECT k.n, m.id FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(route, key, n)
@@ -145,10 +150,10 @@ async fn next_batch(queue: &Mutex<mpsc::Receiver<Job>>) -> Option<Vec<Job>> {
     Some(batch)
 }
 
-/// One transaction for the batch: the inserts pipelined in one round trip (in key order, so two
-/// transactions inserting the same keys wait on each other instead of deadlocking), then the ids
-/// of the duplicates in one query (visible once the conflicting insert, here or elsewhere, has
-/// committed). Answers come back in the batch's order.
+/// One transaction, one insert for the batch (rows in key order, so two transactions inserting
+/// the same keys wait on each other instead of deadlocking; a key twice in the batch is inserted
+/// once), then the ids of the duplicates in one query (visible once the conflicting insert, here
+/// or elsewhere, has committed). Answers come back in the batch's order.
 async fn commit(
     pool: &Pool,
     insert: &str,
@@ -156,69 +161,123 @@ async fn commit(
     batch: &[Job],
 ) -> anyhow::Result<Vec<Accepted>> {
     let mut order: Vec<usize> = (0..batch.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (a, b) = (&batch[a].message, &batch[b].message);
-        (&a.route, &a.dedupe_key).cmp(&(&b.route, &b.dedupe_key))
-    });
+    let key = |i: usize| (&batch[i].message.route, &batch[i].message.dedupe_key);
+    order.sort_by(|&a, &b| key(a).cmp(&key(b)));
+    let n = batch.len();
+    let mut rows = Rows::with_capacity(n);
+    for (pos, &i) in order.iter().enumerate() {
+        if pos > 0 && key(order[pos - 1]) == key(i) {
+            continue;
+        }
+        rows.push(&batch[i].message);
+    }
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let stmt = tx.prepare_cached(insert).await?;
-    let (txr, stmt) = (&tx, &stmt);
     // Durable whatever the session's default (a pooler may hand out any server session).
-    let durable = txr.batch_execute("SET LOCAL synchronous_commit = on");
-    let inserts = try_join_all(order.iter().map(|&i| async move {
-        let m = &batch[i].message;
-        let body: &[u8] = &m.body;
-        txr.query_opt(
-            stmt,
-            &[
-                &m.route,
-                &m.provider,
-                &m.dedupe_key,
-                &m.method,
-                &m.path,
-                &m.query,
-                &m.header_names,
-                &m.header_values,
-                &body,
-                &m.consume,
-            ],
-        )
-        .await
-    }));
-    let (durable, inserted) = tokio::join!(durable, inserts);
-    durable?;
-    let mut accepted = vec![
-        Accepted {
-            id: 0,
-            duplicate: true
-        };
-        batch.len()
+    let durable = tx.batch_execute("SET LOCAL synchronous_commit = on");
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+        &rows.route,
+        &rows.provider,
+        &rows.key,
+        &rows.method,
+        &rows.path,
+        &rows.query,
+        &rows.header_names,
+        &rows.header_values,
+        &rows.body,
+        &rows.consume,
+        &rows.first,
+        &rows.last,
     ];
+    let (durable, inserted) = tokio::join!(durable, tx.query(&stmt, &params));
+    durable?;
+    let mut ids: std::collections::HashMap<(String, String), i64> = inserted?
+        .iter()
+        .map(|r| ((r.get(1), r.get(2)), r.get(0)))
+        .collect();
+    let mut accepted = Vec::with_capacity(n);
     let (mut routes, mut keys, mut slots) = (Vec::new(), Vec::new(), Vec::new());
-    for (&i, row) in order.iter().zip(inserted?) {
-        match row {
-            Some(row) => {
-                accepted[i] = Accepted {
-                    id: row.get(0),
-                    duplicate: false,
-                }
-            }
+    for (i, job) in batch.iter().enumerate() {
+        let m = &job.message;
+        // The first job of a key inserted it; any other job of that key is its duplicate.
+        match ids.remove(&(m.route.clone(), m.dedupe_key.clone())) {
+            Some(id) => accepted.push(Accepted {
+                id,
+                duplicate: false,
+            }),
             None => {
-                routes.push(batch[i].message.route.as_str());
-                keys.push(batch[i].message.dedupe_key.as_str());
+                accepted.push(Accepted {
+                    id: 0,
+                    duplicate: true,
+                });
+                routes.push(m.route.as_str());
+                keys.push(m.dedupe_key.as_str());
                 slots.push(i);
             }
         }
     }
     if !slots.is_empty() {
         for row in tx.query(find, &[&routes, &keys]).await? {
-            let n: i64 = row.get(0);
-            accepted[slots[n as usize - 1]].id = row.get(1);
+            let k: i64 = row.get(0);
+            accepted[slots[k as usize - 1]].id = row.get(1);
         }
     }
     tx.commit().await?;
     Ok(accepted)
+}
+
+/// A batch as the insert's column arrays.
+struct Rows<'a> {
+    route: Vec<&'a str>,
+    provider: Vec<&'a str>,
+    key: Vec<&'a str>,
+    method: Vec<&'a str>,
+    path: Vec<&'a str>,
+    query: Vec<Option<&'a str>>,
+    header_names: Vec<&'a str>,
+    header_values: Vec<&'a [u8]>,
+    body: Vec<&'a [u8]>,
+    consume: Vec<&'a str>,
+    /// Each message's headers: 1-based inclusive bounds into the flat arrays.
+    first: Vec<i32>,
+    last: Vec<i32>,
+}
+
+impl<'a> Rows<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            route: Vec::with_capacity(n),
+            provider: Vec::with_capacity(n),
+            key: Vec::with_capacity(n),
+            method: Vec::with_capacity(n),
+            path: Vec::with_capacity(n),
+            query: Vec::with_capacity(n),
+            header_names: Vec::with_capacity(n * 12),
+            header_values: Vec::with_capacity(n * 12),
+            body: Vec::with_capacity(n),
+            consume: Vec::with_capacity(n),
+            first: Vec::with_capacity(n),
+            last: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, m: &'a Message) {
+        self.route.push(&m.route);
+        self.provider.push(&m.provider);
+        self.key.push(&m.dedupe_key);
+        self.method.push(&m.method);
+        self.path.push(&m.path);
+        self.query.push(m.query.as_deref());
+        self.first.push(self.header_names.len() as i32 + 1);
+        self.header_names
+            .extend(m.header_names.iter().map(String::as_str));
+        self.header_values
+            .extend(m.header_values.iter().map(Vec::as_slice));
+        self.last.push(self.header_names.len() as i32);
+        self.body.push(&m.body);
+        self.consume.push(m.consume);
+    }
 }
 
 fn answer(

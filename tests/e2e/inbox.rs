@@ -390,6 +390,34 @@ async fn a_provider_retry_is_stored_once_and_forged_or_stale_requests_never() {
     assert_eq!(answers[1]["duplicate"], true);
     assert_eq!(answers[2]["duplicate"], true);
     assert_eq!(answers[0]["id"], answers[2]["id"]);
+    // The same delivery ten times at once (several may share a commit): stored once.
+    let body = stripe_event("evt_burst");
+    let burst: Vec<(u16, Value)> = futures_util::stream::iter(0..10)
+        .map(|_| {
+            let body = body.clone();
+            let s = &s;
+            async move {
+                s.post("/wh/stripe", &stripe_headers(&body, now()), body.clone())
+                    .await
+            }
+        })
+        .buffer_unordered(10)
+        .collect()
+        .await;
+    assert!(burst.iter().all(|(st, _)| *st == 200), "{burst:?}");
+    assert_eq!(
+        burst
+            .iter()
+            .filter(|(_, v)| v["duplicate"] == false)
+            .count(),
+        1,
+        "{burst:?}"
+    );
+    let ids: HashSet<i64> = burst
+        .iter()
+        .map(|(_, v)| v["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "{burst:?}");
     // GitHub redelivers with the same X-GitHub-Delivery.
     let gh_body = br#"{"action":"opened","number":7}"#.to_vec();
     let gh_sig = format!(
@@ -434,10 +462,10 @@ async fn a_provider_retry_is_stored_once_and_forged_or_stale_requests_never() {
     );
 
     let c = db.client().await;
-    assert_eq!(scalar(&c, "SELECT count(*) FROM postern.inbox").await, 2);
-    app.wait_count(2, Duration::from_secs(10)).await;
+    assert_eq!(scalar(&c, "SELECT count(*) FROM postern.inbox").await, 3);
+    app.wait_count(3, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(app.count(), 2, "a duplicate was forwarded");
+    assert_eq!(app.count(), 3, "a duplicate was forwarded");
     let gh = app
         .requests()
         .into_iter()
@@ -450,7 +478,7 @@ async fn a_provider_retry_is_stored_once_and_forged_or_stale_requests_never() {
     wait_sql(
         &c,
         "SELECT count(*) FROM postern.inbox WHERE status = 'done'",
-        2,
+        3,
         Duration::from_secs(10),
     )
     .await;
@@ -482,7 +510,7 @@ async fn a_provider_retry_is_stored_once_and_forged_or_stale_requests_never() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("postern_inbox_duplicates_total{route=\"stripe\"} 2"),
+        metrics.contains("postern_inbox_duplicates_total{route=\"stripe\"} 11"),
         "{metrics}"
     );
 }
