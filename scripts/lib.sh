@@ -29,7 +29,8 @@ ensure_build_tools() {
 
 # What the tests run beside Postern: pgbouncer (the test that runs Postern behind it).
 ensure_test_tools() {
-  PATH="$PATH:/usr/sbin" need_packages pgbouncer:pgbouncer
+  # pgbouncer for its tests; Debian's chromium and chromium-driver for the dashboard's browser tests.
+  PATH="$PATH:/usr/sbin" need_packages pgbouncer:pgbouncer chromium:chromium chromedriver:chromium-driver
 }
 
 # Whether a Postgres answers at $DATABASE_URL.

@@ -4,6 +4,7 @@
 //! OpenAPI document is generated from the handlers, so it cannot drift from them.
 
 pub mod admin;
+mod dashboard;
 mod deliveries;
 mod endpoint_checks;
 mod endpoints;
@@ -11,6 +12,7 @@ mod error;
 mod events;
 mod inbox;
 mod ordering;
+mod views;
 
 use std::sync::Arc;
 
@@ -35,6 +37,7 @@ pub struct ApiState {
     pub vault: SecretBox,
     pub guard: Arc<Guard>,
     pub ordering: Arc<crate::delivery::state::ordering::Ordering>,
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 #[derive(OpenApi)]
@@ -65,7 +68,8 @@ pub fn routes() -> (axum::Router<ApiState>, utoipa::openapi::OpenApi) {
         .merge(deliveries::routes())
         .merge(events::routes())
         .merge(ordering::routes())
-        .merge(inbox::routes());
+        .merge(inbox::routes())
+        .merge(views::routes());
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", v1)
         .split_for_parts()
@@ -121,6 +125,7 @@ pub fn router(state: ApiState, tokens: Vec<String>) -> axum::Router {
         )
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(tokens, require_token))
+        .merge(dashboard::routes())
         .with_state(state)
 }
 

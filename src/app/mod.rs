@@ -135,6 +135,7 @@ pub async fn run(
                 vault: vault.clone(),
                 guard: Arc::new(Guard::new(config.outbound.allow_private_networks.clone())),
                 ordering: Arc::new(Ordering::new(&schema, config.outbound.ordering.on_failure)),
+                metrics: metrics.clone(),
             };
             let tokens = api.tokens.iter().map(|t| t.expose().to_string()).collect();
             let router = crate::api::router(state, tokens);

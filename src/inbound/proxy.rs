@@ -31,6 +31,7 @@ use super::refusal::{
 };
 use super::upstream::{send_request, HOP_BY_HOP};
 use super::{Inbound, Route};
+use crate::telemetry::inbound_tally::RouteTally;
 use crate::telemetry::{InboundLabels, Metrics};
 
 /// How long a kept-alive connection may wait for its next request's first byte.
@@ -83,25 +84,30 @@ impl Outcome {
     }
 }
 
-/// The request counters of one route (or of "no route"), one per outcome, resolved once so
-/// that counting a request neither allocates labels nor looks the series up.
-struct RouteCounters([Counter; 6]);
+/// The request counters of one route (or of "no route"), one per outcome, and its 24-hour
+/// tally, resolved once so that counting a request neither allocates labels nor looks the series
+/// up.
+struct RouteCounters([Counter; 6], Arc<RouteTally>);
 
 impl RouteCounters {
     fn new(metrics: &Metrics, route: &str) -> Self {
-        Self(Outcome::ALL.map(|outcome| {
-            metrics
-                .inbound_requests
-                .get_or_create(&InboundLabels {
-                    route: route.to_string(),
-                    outcome: outcome.as_str(),
-                })
-                .clone()
-        }))
+        Self(
+            Outcome::ALL.map(|outcome| {
+                metrics
+                    .inbound_requests
+                    .get_or_create(&InboundLabels {
+                        route: route.to_string(),
+                        outcome: outcome.as_str(),
+                    })
+                    .clone()
+            }),
+            metrics.inbound_tally.route(route),
+        )
     }
 
-    fn count(&self, outcome: Outcome) {
+    fn count(&self, outcome: Outcome, error: Option<&str>) {
         self.0[outcome as usize].inc();
+        self.1.count(outcome.as_str(), error);
     }
 }
 
@@ -510,7 +516,7 @@ impl VerifyingProxy {
             .route
             .and_then(|r| self.counters.get(&r.path))
             .unwrap_or(&self.unrouted)
-            .count(decision.outcome);
+            .count(decision.outcome, decision.error);
         self.metrics.inbound_duration.observe(elapsed.as_secs_f64());
         tracing::info!(
             route = decision.route.map_or("-", |r| r.path.as_str()),

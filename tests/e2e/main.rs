@@ -5,6 +5,7 @@
 mod api;
 mod cli;
 mod common;
+mod dashboard;
 mod deploy;
 mod flow;
 mod hardening;
