@@ -1050,3 +1050,107 @@ async fn legacy_rotation_signs_with_the_older_secret_until_its_grace_ends() {
         "after the grace: the new secret"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboards_reads_count_outcomes_find_events_and_refuse_bad_windows() {
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let good = Receiver::ok().await;
+    let bad = Receiver::start(|_, _| Reply::status(500)).await;
+    let ok_ep = ops.create(&good.url, json!({"events": ["order.*"]})).await;
+    let bad_ep = ops.create(&bad.url, json!({"events": ["order.*"]})).await;
+    let c = ops.db.client().await;
+    let event: uuid::Uuid = c
+        .query_one(
+            "INSERT INTO postern.outbox (event_type, payload) VALUES ('order.created', '{}') RETURNING event_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // The test config allows three attempts: the failing endpoint's delivery dies after them.
+    wait_sql(
+        &c,
+        "SELECT count(*) FROM postern.deliveries WHERE status IN ('delivered', 'failed')",
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
+    let sum = |v: &Value, key: &str| -> i64 {
+        v["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b[key].as_i64().unwrap())
+            .sum()
+    };
+    let (s, all) = ops.call("GET", "/stats/timeseries?bucket=60", None).await;
+    assert_eq!(s, 200, "{all}");
+    assert_eq!(
+        (
+            sum(&all, "delivered"),
+            sum(&all, "retried"),
+            sum(&all, "failed")
+        ),
+        (1, 2, 1),
+        "{all}"
+    );
+    assert_eq!(all["buckets"].as_array().unwrap().len(), 24 * 60 + 1);
+    let path = format!(
+        "/stats/timeseries?bucket=3600&endpoint_id={}",
+        bad_ep["id"].as_str().unwrap()
+    );
+    let (_, one) = ops.call("GET", &path, None).await;
+    assert_eq!(
+        (
+            sum(&one, "delivered"),
+            sum(&one, "retried"),
+            sum(&one, "failed")
+        ),
+        (0, 2, 1),
+        "{one}"
+    );
+    for bad_query in [
+        "/stats/timeseries?bucket=10",
+        "/stats/timeseries?since=2020-01-01T00:00:00Z",
+        "/stats/timeseries?bucket=60&since=2026-01-01T00:00:00Z",
+    ] {
+        let (s, v) = ops.call("GET", bad_query, None).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (400, Some("bad_request")),
+            "{bad_query}: {v}"
+        );
+    }
+
+    let (s, found) = ops.call("GET", &format!("/events/{event}"), None).await;
+    assert_eq!(s, 200, "{found}");
+    assert_eq!(found["type"], "order.created");
+    let endpoints: HashSet<&str> = found["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["endpoint_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        endpoints,
+        HashSet::from([
+            ok_ep["id"].as_str().unwrap(),
+            bad_ep["id"].as_str().unwrap()
+        ])
+    );
+    assert_eq!(ops.call("GET", "/events/not-an-id", None).await.0, 404);
+    assert_eq!(
+        ops.call("GET", &format!("/events/{}", uuid::Uuid::new_v4()), None)
+            .await
+            .0,
+        404
+    );
+    let (_, types) = ops.call("GET", "/event-types", None).await;
+    assert_eq!(types["event_types"], json!(["order.created"]));
+    let (s, inbound) = ops.call("GET", "/inbound/stats", None).await;
+    assert_eq!(
+        (s, inbound["window_hours"].as_i64()),
+        (200, Some(24)),
+        "{inbound}"
+    );
+}
