@@ -58,6 +58,7 @@ const enc = encodeURIComponent;
 const badge = (s) => h("span", { class: "badge " + s }, s);
 const when = (t) => (t ? new Date(t).toLocaleString() : "–");
 const link = (href, text) => h("a", { href }, text);
+const age = (s) => (s < 90 ? `${s.toFixed(0)} s` : s < 5400 ? `${(s / 60).toFixed(0)} min` : `${(s / 3600).toFixed(1)} h`);
 
 function show(...nodes) {
   main.replaceChildren(...nodes);
@@ -167,12 +168,13 @@ async function overview() {
       h("td", {}, badge(e.circuit.state)),
       h("td", {}, s ? `${s.success_rate.toFixed(1)} %` : "–"),
       h("td", {}, s ? `${s.latency_ms.p50.toFixed(0)} / ${s.latency_ms.p95.toFixed(0)} ms` : "–"),
-      h("td", {}, s ? String(s.pending) : "–"));
+      h("td", {}, s ? String(s.pending) : "–"),
+      h("td", {}, s ? `${s.due}${s.due ? ` (oldest ${age(s.oldest_due_s)})` : ""}` : "–"));
   });
   show(h("h1", {}, "Overview"),
     h("section", {}, h("h2", {}, "Deliveries per hour, last 24 h, all endpoints"), chart(series)),
     h("table", { id: "overview" },
-      h("tr", {}, ...["Endpoint", "URL", "State", "Circuit", "Success (24 h)", "p50 / p95", "Unfinished"].map((t) => h("th", {}, t))),
+      h("tr", {}, ...["Endpoint", "URL", "State", "Circuit", "Success (24 h)", "p50 / p95", "Unfinished (24 h)", "Due now"].map((t) => h("th", {}, t))),
       ...rows));
 }
 
@@ -354,12 +356,13 @@ async function deliveryDetail(id) {
     h("h2", {}, "Payload"),
     h("pre", { id: "payload" }, event ? JSON.stringify(event.payload, null, 2) : "(the event was pruned)"),
     h("h2", {}, "Attempts"),
-    h("p", { class: "muted" }, `Each request carried webhook-id: ${d.event_id}, a webhook-timestamp and a webhook-signature computed for that attempt (the secret itself is never sent or shown).`),
+    h("p", { class: "muted" }, "Signature headers as sent; the endpoint's custom header values are redacted and the secret is never shown."),
     h("table", { id: "attempts" },
-      h("tr", {}, ...["#", "Started", "Duration", "Status", "Error", "Response body"].map((t) => h("th", {}, t))),
+      h("tr", {}, ...["#", "Started", "Duration", "Status", "Error", "Request headers", "Response body"].map((t) => h("th", {}, t))),
       ...d.attempt_log.map((a) => h("tr", {},
         h("td", {}, String(a.attempt)), h("td", {}, when(a.started_at)), h("td", {}, `${a.duration_ms} ms`),
         h("td", {}, a.status_code ? String(a.status_code) : "–"), h("td", { class: "attempt-error" }, a.error || "–"),
+        h("td", {}, h("pre", { class: "attempt-headers" }, a.request_headers.map((x) => `${x.name}: ${x.value}`).join("\n") || "–")),
         h("td", {}, h("pre", { class: "attempt-body" }, a.response_body || ""))))));
 }
 

@@ -78,6 +78,15 @@ struct Attempt {
     #[serde(skip_serializing_if = "Option::is_none")]
     response_body_base64: Option<String>,
     error: Option<String>,
+    /// The headers the request carried (signature headers as sent, custom header values
+    /// `<redacted>`); empty for attempts recorded before this was kept.
+    request_headers: Vec<RequestHeader>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct RequestHeader {
+    name: String,
+    value: String,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -238,7 +247,8 @@ async fn get_delivery(
         .query(
             &state.schema.sql(
                 "SELECT attempt, started_at, duration_ms, status_code,
-                        COALESCE(response_excerpt, convert_to(response_body, 'UTF8')), error
+                        COALESCE(response_excerpt, convert_to(response_body, 'UTF8')), error,
+                        request_headers
                  FROM __SCHEMA__.attempts WHERE delivery_id = $1 ORDER BY attempt",
             ),
             &[&uuid],
@@ -259,6 +269,16 @@ async fn get_delivery(
                 response_body: excerpt.map(|b| String::from_utf8_lossy(&b).into_owned()),
                 response_body_base64: base64,
                 error: r.get(5),
+                request_headers: r
+                    .get::<_, Option<String>>(6)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.split_once(": "))
+                    .map(|(name, value)| RequestHeader {
+                        name: name.to_string(),
+                        value: value.to_string(),
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -400,6 +420,10 @@ struct Stats {
     success_rate: f64,
     /// Over the attempts started in the window; nearest-rank percentiles.
     latency_ms: Latency,
+    /// Now, whatever the window: deliveries due and not yet claimed (the backlog), capped at
+    /// 100,000, and how long the oldest of them has been due, in seconds (0 when none).
+    due: i64,
+    oldest_due_s: f64,
 }
 
 /// Counts, success rate and attempt latency over a window.
@@ -424,6 +448,15 @@ async fn stats(
                 count(*) FILTER (WHERE status IN ('pending', 'delivering', 'paused'))
          FROM __SCHEMA__.deliveries WHERE endpoint_id = $1 AND created_at >= $2",
     );
+    // The backlog through the claim's own index: one range of it, capped.
+    let due_sql = state.schema.sql(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM __SCHEMA__.deliveries
+                  WHERE endpoint_id = $1 AND status = 'pending' AND next_attempt_at <= now()
+                  LIMIT 100000) x),
+                COALESCE((SELECT date_part('epoch', now() - min(next_attempt_at))
+                  FROM __SCHEMA__.deliveries
+                  WHERE endpoint_id = $1 AND status = 'pending' AND next_attempt_at <= now()), 0)",
+    );
     let latency_sql = state.schema.sql(
         "SELECT COALESCE(avg(a.duration_ms), 0)::float8,
                 COALESCE(percentile_disc(0.5) WITHIN GROUP (ORDER BY a.duration_ms), 0),
@@ -438,6 +471,7 @@ async fn stats(
         c1.query_one(&counts_sql, &params),
         c2.query_one(&latency_sql, &params),
     )?;
+    let due = c1.query_one(&due_sql, &[&id]).await?;
     let (total, delivered): (i64, i64) = (counts.get(0), counts.get(1));
     Ok(Json(Stats {
         total,
@@ -454,5 +488,7 @@ async fn stats(
             p50: f64::from(latency.get::<_, i32>(1)),
             p95: f64::from(latency.get::<_, i32>(2)),
         },
+        due: due.get(0),
+        oldest_due_s: due.get(1),
     }))
 }

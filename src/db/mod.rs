@@ -28,6 +28,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "ordering", include_str!("migrations/0004_ordering.sql")),
     (5, "flow", include_str!("migrations/0005_flow.sql")),
     (6, "inbox", include_str!("migrations/0006_inbox.sql")),
+    (
+        7,
+        "attempt_headers",
+        include_str!("migrations/0007_attempt_headers.sql"),
+    ),
 ];
 
 /// The schema version this binary needs.

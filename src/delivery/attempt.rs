@@ -56,6 +56,8 @@ impl AttemptContext {
             .unwrap_or_else(|| self.settings.default_retry.clone());
         let body = envelope(&d);
 
+        // What the request carried, for the attempt log (set once the headers are built).
+        let sent = std::sync::OnceLock::<String>::new();
         let finish = |settle: Settle,
                       code: Option<u16>,
                       response_body: Option<Bytes>,
@@ -74,6 +76,7 @@ impl AttemptContext {
                 status_code: code.map(i32::from),
                 response_body,
                 error,
+                request_headers: sent.get().cloned(),
             },
         };
 
@@ -105,6 +108,7 @@ impl AttemptContext {
             }
         };
 
+        let _ = sent.set(describe(&headers, &d));
         let retry_at = |retry_after: Option<Duration>| {
             policy
                 .next_delay(d.attempt as u32, retry_after)
@@ -194,6 +198,30 @@ pub fn envelope(d: &Claimed) -> Bytes {
         r#"{{"id":"{}","type":{},"timestamp":"{}","data":{}}}"#,
         d.event_id, event_type, timestamp, d.payload
     ))
+}
+
+/// The request's headers as the attempt log keeps them, one `name: value` per line: signature
+/// headers as sent (they prove nothing without the secret), the endpoint's custom header values
+/// redacted (they often carry credentials).
+fn describe(headers: &HeaderMap, d: &Claimed) -> String {
+    let custom = d.headers.as_object();
+    let mut out = String::with_capacity(256);
+    for (name, value) in headers {
+        let redacted =
+            custom.is_some_and(|c| c.keys().any(|k| k.eq_ignore_ascii_case(name.as_str())));
+        let value = if redacted {
+            crate::config::REDACTED
+        } else {
+            value.to_str().unwrap_or("<not text>")
+        };
+        out.push_str(name.as_str());
+        out.push_str(": ");
+        out.push_str(value);
+        out.push('\n');
+    }
+    out.push_str("user-agent: ");
+    out.push_str(&super::client::user_agent());
+    out
 }
 
 /// Content type, the endpoint's custom headers, then the signature headers (last, so a custom

@@ -34,6 +34,7 @@ pub(super) fn cut_short(id: Uuid, attempt: i32, endpoint: &str) -> Ack {
             error: Some(
                 "cut short at shutdown (the drain deadline passed): outcome unknown".into(),
             ),
+            request_headers: None,
         },
     }
 }

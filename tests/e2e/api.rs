@@ -1056,7 +1056,12 @@ async fn the_dashboards_reads_count_outcomes_find_events_and_refuse_bad_windows(
     let ops = start_ops(TestDb::create().await, None, "").await;
     let good = Receiver::ok().await;
     let bad = Receiver::start(|_, _| Reply::status(500)).await;
-    let ok_ep = ops.create(&good.url, json!({"events": ["order.*"]})).await;
+    let ok_ep = ops
+        .create(
+            &good.url,
+            json!({"events": ["order.*"], "headers": {"x-api-key": "k-123-secret"}}),
+        )
+        .await;
     let bad_ep = ops.create(&bad.url, json!({"events": ["order.*"]})).await;
     let c = ops.db.client().await;
     let event: uuid::Uuid = c
@@ -1138,6 +1143,44 @@ async fn the_dashboards_reads_count_outcomes_find_events_and_refuse_bad_windows(
             bad_ep["id"].as_str().unwrap()
         ])
     );
+    // Each attempt keeps what its request carried; a custom header's value is not among it.
+    let ok_delivery = found["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["endpoint_id"] == ok_ep["id"])
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, d) = ops
+        .call("GET", &format!("/deliveries/{ok_delivery}"), None)
+        .await;
+    let sent: Vec<(String, String)> = d["attempt_log"][0]["request_headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap().to_string(),
+                h["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let value = |n: &str| sent.iter().find(|h| h.0 == n).map(|h| h.1.clone());
+    assert_eq!(value("webhook-id"), Some(event.to_string()), "{sent:?}");
+    assert_eq!(
+        value("webhook-signature"),
+        good.requests()[0]
+            .header("webhook-signature")
+            .map(str::to_string)
+    );
+    assert_eq!(
+        value("x-api-key").as_deref(),
+        Some("<redacted>"),
+        "{sent:?}"
+    );
+    assert!(!d.to_string().contains("k-123-secret"));
     assert_eq!(ops.call("GET", "/events/not-an-id", None).await.0, 404);
     assert_eq!(
         ops.call("GET", &format!("/events/{}", uuid::Uuid::new_v4()), None)

@@ -347,9 +347,12 @@ async fn readyz_is_cheap_and_steady_with_two_million_pending_deliveries() {
             slowest
         }
     };
+    // The bound tells "answered from memory" from "waited on a query over the backlog" (seconds,
+    // before the prober was split off); it is not a performance figure, and the suite shares two
+    // cores with a browser and other Postern processes.
     let slowest = sample(40).await;
     assert!(
-        slowest < Duration::from_millis(50),
+        slowest < Duration::from_millis(500),
         "slowest /readyz took {slowest:?}"
     );
     // Even a table nobody can read (a long migration, say) does not make the pod unready.
@@ -361,7 +364,7 @@ async fn readyz_is_cheap_and_steady_with_two_million_pending_deliveries() {
     let slowest = sample(40).await;
     tx.rollback().await.unwrap();
     assert!(
-        slowest < Duration::from_millis(50),
+        slowest < Duration::from_millis(500),
         "slowest /readyz took {slowest:?}"
     );
 }

@@ -179,6 +179,8 @@ pub struct AttemptRecord {
     /// The head of the response body, the receiver's exact bytes (stored as `bytea`).
     pub response_body: Option<bytes::Bytes>,
     pub error: Option<String>,
+    /// The headers the request carried (custom header values redacted), one per line.
+    pub request_headers: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -169,8 +169,9 @@ impl DeliveryStore {
             ack: schema.sql(
                 "WITH u AS (
                     SELECT * FROM unnest($2::uuid[], $3::int[], $4::text[], $5::timestamptz[], $6::int[],
-                                         $7::text[], $8::timestamptz[], $9::int[], $10::bytea[])
-                      AS u(id, attempt, status, next_at, status_code, error, started_at, duration_ms, response_excerpt)
+                                         $7::text[], $8::timestamptz[], $9::int[], $10::bytea[], $13::text[])
+                      AS u(id, attempt, status, next_at, status_code, error, started_at, duration_ms,
+                           response_excerpt, request_headers)
                  ), upd AS (
                     UPDATE __SCHEMA__.deliveries d
                     SET status = CASE
@@ -197,8 +198,10 @@ impl DeliveryStore {
                     WHERE f.endpoint_id = l.endpoint_id
                  )
                  INSERT INTO __SCHEMA__.attempts
-                    (delivery_id, attempt, started_at, duration_ms, status_code, response_excerpt, error)
-                 SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.status_code, u.response_excerpt, u.error
+                    (delivery_id, attempt, started_at, duration_ms, status_code, response_excerpt, error,
+                     request_headers)
+                 SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.status_code, u.response_excerpt,
+                        u.error, u.request_headers
                  FROM u JOIN upd ON upd.id = u.id",
             ),
             disable_gone: schema.sql(
@@ -390,6 +393,7 @@ impl DeliveryStore {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
+        let mut sent: Vec<Option<&str>> = Vec::with_capacity(n);
         let (mut codes, mut errors, mut started, mut durations, mut bodies) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -414,6 +418,7 @@ impl DeliveryStore {
             started.push(a.record.started_at);
             durations.push(a.record.duration_ms);
             bodies.push(a.record.response_body.as_deref());
+            sent.push(a.record.request_headers.as_deref());
         }
         let mut flow = flow::FlowBatch::of(acks);
         let mut gone: Vec<&str> = acks
@@ -439,7 +444,7 @@ impl DeliveryStore {
             // healthy endpoints go through `record_flow` with the rest, not the ack statement.
             flow.fold_healthy_into_record();
         }
-        let params: [&(dyn ToSql + Sync); 12] = [
+        let params: [&(dyn ToSql + Sync); 13] = [
             &owner,
             &ids,
             &attempts,
@@ -452,6 +457,7 @@ impl DeliveryStore {
             &bodies,
             &flow.healthy,
             &flow.healthy_attempts,
+            &sent,
         ];
         if alone {
             // The usual case: one statement in a transaction of its own, sent as one pipelined
