@@ -85,6 +85,9 @@ async function act(out, fn, done, reload = true) {
 // ---- sign-in ----
 
 async function signedIn() {
+  const auth = await (await fetch("/api/v1/auth")).json();
+  if (!auth.token_required) return true;
+  if (!sessionStorage.getItem(TOKEN_KEY)) return false;
   try {
     await api("GET", "/endpoints?limit=1");
     return true;

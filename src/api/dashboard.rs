@@ -1,4 +1,4 @@
-//! The dashboard: three files embedded in the binary, served at `/` by the API listener. The page
+//! The dashboard: four files embedded in the binary, served at `/` by the API listener. The page
 //! holds no data; it reads the REST API with the operator's token. Invariant: every answer carries
 //! a Content-Security-Policy that allows only these files (no inline script or style, no other
 //! origin), and is never framed.
@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 const INDEX: &str = include_str!("../../assets/dashboard/index.html");
 const APP: &str = include_str!("../../assets/dashboard/app.js");
 const STYLE: &str = include_str!("../../assets/dashboard/style.css");
+const ICON: &str = include_str!("../../assets/dashboard/icon.svg");
 
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; \
@@ -49,5 +50,14 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
         .route(
             "/assets/style.css",
             axum::routing::get(|| async { asset(STYLE, "text/css; charset=utf-8") }),
+        )
+        // Browsers ask for an icon on their own; without one they would meet the token layer.
+        .route(
+            "/assets/icon.svg",
+            axum::routing::get(|| async { asset(ICON, "image/svg+xml") }),
+        )
+        .route(
+            "/favicon.ico",
+            axum::routing::get(|| async { asset(ICON, "image/svg+xml") }),
         )
 }

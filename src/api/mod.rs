@@ -109,6 +109,7 @@ async fn require_token(
 pub fn router(state: ApiState, tokens: Vec<String>) -> axum::Router {
     let (routes, openapi) = routes();
     let openapi = Arc::new(openapi);
+    let token_required = !tokens.is_empty();
     let tokens = Arc::new(
         tokens
             .into_iter()
@@ -125,6 +126,14 @@ pub fn router(state: ApiState, tokens: Vec<String>) -> axum::Router {
         )
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(axum::middleware::from_fn_with_state(tokens, require_token))
+        // Outside the token layer: whether a token is needed at all (the dashboard asks, so a
+        // page without a token never draws a 401).
+        .route(
+            "/api/v1/auth",
+            axum::routing::get(move || async move {
+                axum::Json(serde_json::json!({"token_required": token_required}))
+            }),
+        )
         .merge(dashboard::routes())
         .with_state(state)
 }

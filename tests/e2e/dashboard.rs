@@ -11,6 +11,27 @@ use serde_json::{json, Value};
 use crate::api::{start_ops, Ops, TOKEN};
 use crate::common::*;
 
+/// chromedriver's command for the browser's console log (read and cleared).
+#[derive(Debug)]
+struct BrowserLog;
+
+impl fantoccini::wd::WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base_url.join(&format!(
+            "session/{}/se/log",
+            session_id.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (http::Method::POST, Some(r#"{"type":"browser"}"#.into()))
+    }
+}
+
 /// chromedriver on a port of its own and a headless Chromium session through it.
 struct Browser {
     client: Client,
@@ -53,6 +74,7 @@ impl Browser {
             json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                             "--disable-dev-shm-usage", "--window-size=1280,1000"]}),
         );
+        caps.insert("goog:loggingPrefs".into(), json!({"browser": "ALL"}));
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let client = ClientBuilder::new(connector)
             .capabilities(caps)
@@ -167,8 +189,22 @@ impl Browser {
         self.text("#overview").await;
     }
 
-    /// The page reported no script error and no Content-Security-Policy violation.
+    /// Errors in the browser's console since it was last read (reading clears it).
+    async fn console_errors(&self) -> Vec<String> {
+        let log = self.client.issue_cmd(BrowserLog).await.unwrap();
+        log.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["level"] == "SEVERE")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// Nothing went wrong on the page: no error in the browser's console, no script error and no
+    /// Content-Security-Policy violation (the page records those itself too).
     async fn assert_quiet(&self, page: &str) {
+        let console = self.console_errors().await;
+        assert!(console.is_empty(), "console errors on {page}: {console:?}");
         let errors = self
             .client
             .execute("return window.__posternErrors || ['no error list']", vec![])
@@ -215,6 +251,12 @@ async fn sign_in_create_an_endpoint_and_see_its_secret_once() {
     b.click("#sign-in button[type=submit]").await;
     let refused = b.text("#sign-in [role=alert]").await;
     assert!(refused.contains("refused"), "{refused}");
+    // The refused token's 401 is the one console error a page may show.
+    let refusal = b.console_errors().await;
+    assert!(
+        refusal.len() == 1 && refusal[0].contains("401"),
+        "{refusal:?}"
+    );
     b.sign_in().await;
     b.assert_quiet("overview").await;
 
