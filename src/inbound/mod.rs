@@ -3,6 +3,7 @@
 //! answered by Postern with a JSON error and never forwarded.
 
 mod body;
+mod decision;
 pub mod dedupe;
 mod inbox;
 pub mod providers;

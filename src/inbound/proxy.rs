@@ -21,9 +21,9 @@ use pingora::protocols::http::ServerSession as Session;
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
-use prometheus_client::metrics::counter::Counter;
 
 use super::body::{linger, read_body, BodyBudget};
+use super::decision::{Decision, Outcome, RouteCounters};
 use super::inbox;
 use super::providers::Incoming;
 use super::refusal::{
@@ -31,8 +31,7 @@ use super::refusal::{
 };
 use super::upstream::{send_request, HOP_BY_HOP};
 use super::{Inbound, Route};
-use crate::telemetry::inbound_tally::RouteTally;
-use crate::telemetry::{InboundLabels, Metrics};
+use crate::telemetry::Metrics;
 
 /// How long a kept-alive connection may wait for its next request's first byte.
 const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -42,74 +41,6 @@ pub const VERIFIED_HEADER: &str = "x-postern-verified";
 /// Idle connections to the app kept for reuse (pingora's default is 128): above that many
 /// concurrent requests, every extra connection would be opened and closed per request.
 const UPSTREAM_IDLE_CONNECTIONS: usize = 256;
-
-/// What happened to one request, for the log line and the metrics.
-struct Decision<'r> {
-    route: Option<&'r Route>,
-    outcome: Outcome,
-    error: Option<&'static str>,
-    status: u16,
-}
-
-#[derive(Clone, Copy)]
-enum Outcome {
-    Forwarded,
-    Refused,
-    UpstreamError,
-    /// Inbox routes: committed, a provider's retry of a stored request, or not stored (503).
-    Stored,
-    Duplicate,
-    Unstored,
-}
-
-impl Outcome {
-    const ALL: [Outcome; 6] = [
-        Outcome::Forwarded,
-        Outcome::Refused,
-        Outcome::UpstreamError,
-        Outcome::Stored,
-        Outcome::Duplicate,
-        Outcome::Unstored,
-    ];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Forwarded => "forwarded",
-            Outcome::Refused => "refused",
-            Outcome::UpstreamError => "upstream_error",
-            Outcome::Stored => "stored",
-            Outcome::Duplicate => "duplicate",
-            Outcome::Unstored => "unstored",
-        }
-    }
-}
-
-/// The request counters of one route (or of "no route"), one per outcome, and its 24-hour
-/// tally, resolved once so that counting a request neither allocates labels nor looks the series
-/// up.
-struct RouteCounters([Counter; 6], Arc<RouteTally>);
-
-impl RouteCounters {
-    fn new(metrics: &Metrics, route: &str) -> Self {
-        Self(
-            Outcome::ALL.map(|outcome| {
-                metrics
-                    .inbound_requests
-                    .get_or_create(&InboundLabels {
-                        route: route.to_string(),
-                        outcome: outcome.as_str(),
-                    })
-                    .clone()
-            }),
-            metrics.inbound_tally.route(route),
-        )
-    }
-
-    fn count(&self, outcome: Outcome, error: Option<&str>) {
-        self.0[outcome as usize].inc();
-        self.1.count(outcome.as_str(), error);
-    }
-}
 
 pub struct VerifyingProxy {
     inbound: Arc<Inbound>,
