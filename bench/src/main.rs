@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio_postgres::NoTls;
 
 mod inbox;
+mod latency;
 
 #[derive(Parser, Clone)]
 #[command(about = "Postern's benchmark harness (see BENCHMARKS.md)")]
@@ -60,6 +61,8 @@ struct Sizes {
     live_secs: f64,
     latency_secs: f64,
     rates: Vec<u32>,
+    /// Events committed as fast as 16 writers can, for the burst's latency.
+    burst: u64,
     inbound_secs: f64,
     inbound_rounds: usize,
 }
@@ -74,6 +77,7 @@ impl Sizes {
                 live_secs: 2.0,
                 latency_secs: 2.0,
                 rates: vec![200],
+                burst: 500,
                 inbound_secs: 2.0,
                 inbound_rounds: 1,
             }
@@ -84,7 +88,8 @@ impl Sizes {
                 backlog: 20_000,
                 live_secs: 20.0,
                 latency_secs: 20.0,
-                rates: vec![200, 1000],
+                rates: vec![20, 200, 1000],
+                burst: 10_000,
                 inbound_secs: 15.0,
                 inbound_rounds: 3,
             }
@@ -652,98 +657,6 @@ async fn live(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
-    b.reset_database().await?;
-    b.set_notify("throttled").await?;
-    let (config, admin) = b.config(1, None);
-    let running = b.start_postern(&config, admin).await?;
-    for &rate in &b.sizes.rates {
-        *b.sink.receipts.lock().unwrap() = Some(HashMap::new());
-        b.sink.expect(u64::MAX);
-        let commits: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let writers = 8usize;
-        let n = (rate as f64 * b.sizes.latency_secs) as u64;
-        let start = Instant::now() + Duration::from_millis(100);
-        let mut tasks = Vec::new();
-        for w in 0..writers {
-            let mut client = connect(&b.db_url).await?;
-            let commits = commits.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut i = w as u64;
-                while i < n {
-                    tokio::time::sleep_until(
-                        (start + Duration::from_secs_f64(i as f64 / rate as f64)).into(),
-                    )
-                    .await;
-                    if let Ok(id) = app_commit(&mut client, false).await {
-                        commits
-                            .lock()
-                            .unwrap()
-                            .insert(id.to_string(), Instant::now());
-                    }
-                    i += writers as u64;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await?;
-        }
-        let expected = commits.lock().unwrap().len() as u64;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while b
-            .sink
-            .receipts
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map_or(0, |m| m.len() as u64)
-            < expected
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let receipts = b.sink.receipts.lock().unwrap().take().unwrap_or_default();
-        let commits = commits.lock().unwrap();
-        let mut ms: Vec<f64> = commits
-            .iter()
-            .filter_map(|(id, at)| {
-                receipts
-                    .get(id)
-                    .map(|r| r.saturating_duration_since(*at).as_secs_f64() * 1000.0)
-            })
-            .collect();
-        ms.sort_by(|a, b| a.total_cmp(b));
-        out.push(
-            Figure::new(
-                format!("latency at {rate}/s: p50"),
-                percentile(&ms, 50.0),
-                "ms",
-            )
-            .at_most(10.0),
-        );
-        out.push(Figure::new(
-            format!("latency at {rate}/s: p95"),
-            percentile(&ms, 95.0),
-            "ms",
-        ));
-        out.push(
-            Figure::new(
-                format!("latency at {rate}/s: p99"),
-                percentile(&ms, 99.0),
-                "ms",
-            )
-            .at_most(50.0),
-        );
-        out.push(Figure::new(
-            format!("latency at {rate}/s: received / committed"),
-            ms.len() as f64 / expected.max(1) as f64,
-            "x",
-        ));
-    }
-    running.stop();
-    Ok(())
-}
-
 /// 64 keep-alive connections posting `body` with `headers` to `url` for `secs`.
 /// 64 keep-alive connections posting `body` for `secs`; the latency of every request, in ms.
 async fn load(
@@ -1164,7 +1077,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted(4) {
         let mut f = Vec::new();
-        latency(&bench, &mut f).await?;
+        latency::latency(&bench, &mut f).await?;
         sections.push(("4. latency", f));
     }
     if wanted(5) {
