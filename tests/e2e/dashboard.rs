@@ -421,4 +421,34 @@ async fn pause_resume_rotate_and_look_an_event_up() {
     b.open("#/inbound").await;
     b.text("#inbound-routes").await;
     b.assert_quiet("inbound").await;
+
+    // Edit, filter the deliveries, delete (confirming what happens to unfinished ones).
+    b.open(&format!("#/endpoints/{id}")).await;
+    b.fill("#edit input[name=description]", "edited in the browser")
+        .await;
+    b.click("#edit button[type=submit]").await;
+    b.wait_text("#action-result", "Saved", Duration::from_secs(30))
+        .await;
+    let (_, e) = ops.call("GET", &format!("/endpoints/{id}"), None).await;
+    assert_eq!(e["description"], "edited in the browser");
+    b.open(&format!("#/endpoints/{id}?status=failed")).await;
+    let none = b.text("#deliveries").await;
+    assert!(!none.contains("delivered"), "{none}");
+    b.open(&format!("#/endpoints/{id}?status=delivered")).await;
+    b.wait_text("#deliveries", "delivered", Duration::from_secs(30))
+        .await;
+    b.click("#delete").await;
+    let question = b.client.get_alert_text().await.unwrap();
+    assert!(question.contains("cancelled"), "{question}");
+    b.client.accept_alert().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _) = ops.call("GET", &format!("/endpoints/{id}"), None).await;
+        if status == 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the endpoint was not deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.assert_quiet("after delete").await;
 }
