@@ -427,11 +427,37 @@ async fn pause_resume_rotate_and_look_an_event_up() {
     b.fill("#edit input[name=description]", "edited in the browser")
         .await;
     b.click("#edit button[type=submit]").await;
-    b.wait_text("#action-result", "Saved", Duration::from_secs(30))
-        .await;
-    let (_, e) = ops.call("GET", &format!("/endpoints/{id}"), None).await;
-    assert_eq!(e["description"], "edited in the browser");
+    // The notice lasts until the page renders again (300 ms): the API is what to wait on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, e) = ops.call("GET", &format!("/endpoints/{id}"), None).await;
+        if e["description"] == "edited in the browser" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edit was not saved: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     b.open(&format!("#/endpoints/{id}?status=failed")).await;
+    // The route renders afresh for the new hash: wait for the filtered page, then read it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let shown = b
+            .client
+            .execute(
+                "const s = document.querySelector('#delivery-filter select'); return s ? s.value : ''",
+                vec![],
+            )
+            .await
+            .unwrap();
+        if shown == json!("failed") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the filtered page never rendered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let none = b.text("#deliveries").await;
     assert!(!none.contains("delivered"), "{none}");
     b.open(&format!("#/endpoints/{id}?status=delivered")).await;
