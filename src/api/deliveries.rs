@@ -9,8 +9,8 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::endpoints::{decode_cursor, encode_cursor, page_limit};
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::paging::{decode_cursor, encode_cursor, next_page, page_limit};
 use super::ApiState;
 use crate::delivery::state::{self, DeliveryStatus};
 
@@ -189,14 +189,9 @@ async fn list_deliveries(
         )
         .await?;
     let mut deliveries: Vec<Delivery> = rows.iter().map(from_row).collect();
-    let next_cursor = if deliveries.len() as i64 > limit {
-        deliveries.truncate(limit as usize);
-        deliveries
-            .last()
-            .map(|d| encode_cursor(d.created_at, &d.id.to_string()))
-    } else {
-        None
-    };
+    let next_cursor = next_page(&mut deliveries, limit, |d| {
+        encode_cursor(d.created_at, &d.id.to_string())
+    });
     Ok(Json(DeliveryList {
         deliveries,
         next_cursor,

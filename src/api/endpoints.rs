@@ -6,8 +6,6 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -18,6 +16,7 @@ use super::endpoint_checks::{
     check_breaker, check_events, check_headers, check_retry, check_tenant, check_url,
 };
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::paging::{decode_cursor, encode_cursor, next_page, page_limit};
 use super::ApiState;
 use crate::config::{
     BreakerConfig, Dur, OnFailure, OrderingConfig, RateLimit, RetryConfig, SignatureScheme,
@@ -288,26 +287,6 @@ struct EndpointList {
     next_cursor: Option<String>,
 }
 
-pub(super) fn encode_cursor(at: DateTime<Utc>, id: &str) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}:{id}", at.timestamp_micros()))
-}
-
-pub(super) fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, String), ApiError> {
-    let bad = || ApiError::bad_request("cursor: not a cursor this API returned");
-    let text =
-        String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?).map_err(|_| bad())?;
-    let (micros, id) = text.split_once(':').ok_or_else(bad)?;
-    let at = DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
-    Ok((at, id.to_string()))
-}
-
-pub(super) fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
-    match limit.unwrap_or(50) {
-        n @ 1..=250 => Ok(n),
-        _ => Err(ApiError::bad_request("limit: must be 1 to 250")),
-    }
-}
-
 /// List endpoints, oldest first, with keyset pagination (stable under concurrent inserts).
 #[utoipa::path(get, path = "/endpoints", tag = "endpoints", params(ListEndpoints),
     responses((status = 200, body = EndpointList), (status = 400, body = ErrorBody)))]
@@ -336,12 +315,9 @@ async fn list_endpoints(
         )
         .await?;
     let mut endpoints: Vec<Endpoint> = rows.iter().map(from_row).collect();
-    let next_cursor = if endpoints.len() as i64 > limit {
-        endpoints.truncate(limit as usize);
-        endpoints.last().map(|e| encode_cursor(e.created_at, &e.id))
-    } else {
-        None
-    };
+    let next_cursor = next_page(&mut endpoints, limit, |e| {
+        encode_cursor(e.created_at, &e.id)
+    });
     Ok(Json(EndpointList {
         endpoints,
         next_cursor,

@@ -10,8 +10,8 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::endpoints::{decode_cursor, encode_cursor, page_limit};
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::paging::{decode_cursor, encode_cursor, next_page, page_limit};
 use super::ApiState;
 use crate::inbox::InboxStatus;
 
@@ -146,14 +146,9 @@ async fn list_messages(
         )
         .await?;
     let mut messages: Vec<InboxMessage> = rows.iter().map(from_row).collect();
-    let next_cursor = if messages.len() as i64 > limit {
-        messages.truncate(limit as usize);
-        messages
-            .last()
-            .map(|m| encode_cursor(m.received_at, &m.id.to_string()))
-    } else {
-        None
-    };
+    let next_cursor = next_page(&mut messages, limit, |m| {
+        encode_cursor(m.received_at, &m.id.to_string())
+    });
     Ok(Json(MessageList {
         messages,
         next_cursor,

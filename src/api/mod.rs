@@ -12,6 +12,7 @@ mod error;
 mod events;
 mod inbox;
 mod ordering;
+mod paging;
 mod views;
 
 use std::sync::Arc;

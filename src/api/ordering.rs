@@ -10,8 +10,8 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::deliveries::{endpoint_exists, from_row, parse_id, reload, Delivery, COLUMNS};
-use super::endpoints::page_limit;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
+use super::paging::page_limit;
 use super::ApiState;
 use crate::delivery::state::{self, DeliveryStatus};
 
