@@ -3,8 +3,6 @@
 //! `consume = "sql"`, so only accepting is measured), alternating; then the inbox route paced at
 //! 500 requests/s for its accept latency.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -30,53 +28,16 @@ fn event(n: u64, tag: &str) -> (Bytes, String) {
 
 /// 64 connections sending distinct events as fast as answers come, for `secs`.
 async fn closed_loop(url: &str, tag: &str, secs: f64) -> anyhow::Result<Vec<f64>> {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(64)
-        .build()?;
-    let counter = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
-    for _ in 0..64 {
-        let (client, url, counter, tag) = (
-            client.clone(),
-            url.to_string(),
-            counter.clone(),
-            tag.to_string(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let (mut lat, mut errors) = (Vec::new(), 0u64);
-            while Instant::now() < deadline {
-                let (body, sig) = event(counter.fetch_add(1, Ordering::Relaxed), &tag);
-                let t = Instant::now();
-                let sent = client
-                    .post(&url)
-                    .header("stripe-signature", sig)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
-                match sent {
-                    Ok(r) if r.status().is_success() => {
-                        let _ = r.bytes().await;
-                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                    }
-                    _ => errors += 1,
-                }
-            }
-            (lat, errors)
-        }));
-    }
-    let (mut all, mut errors) = (Vec::new(), 0);
-    for t in tasks {
-        let (lat, e) = t.await?;
-        all.extend(lat);
-        errors += e;
-    }
-    if errors > 0 {
-        bail!("{errors} requests to {url} failed");
-    }
-    Ok(all)
+    let tag = tag.to_string();
+    crate::load_with(url, secs, move |n| {
+        let (body, sig) = event(n, &tag);
+        let headers = vec![
+            ("stripe-signature".to_string(), sig),
+            ("content-type".to_string(), "application/json".to_string()),
+        ];
+        (body, headers)
+    })
+    .await
 }
 
 /// Requests started at `rate`/s whatever the answers do (open loop), for `secs`.

@@ -657,33 +657,48 @@ async fn live(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 64 keep-alive connections posting `body` with `headers` to `url` for `secs`.
-/// 64 keep-alive connections posting `body` for `secs`; the latency of every request, in ms.
+/// 64 keep-alive connections posting `body` with `headers` to `url` for `secs`; the latency of
+/// every request, in ms.
 async fn load(
     url: &str,
     headers: &[(String, String)],
     body: &Bytes,
     secs: f64,
 ) -> anyhow::Result<Vec<f64>> {
+    let (headers, body) = (headers.to_vec(), body.clone());
+    load_with(url, secs, move |_| (body.clone(), headers.clone())).await
+}
+
+/// 64 keep-alive connections posting, as fast as answers come, for `secs`: request `n` (counted
+/// over all connections) carries `request(n)`'s body and headers. The latency of every request,
+/// in ms; any failure fails the run.
+async fn load_with(
+    url: &str,
+    secs: f64,
+    request: impl Fn(u64) -> (Bytes, Vec<(String, String)>) + Send + Sync + 'static,
+) -> anyhow::Result<Vec<f64>> {
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(64)
         .build()?;
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let counter = Arc::new(AtomicU64::new(0));
+    let request = Arc::new(request);
     let mut tasks = Vec::new();
     for _ in 0..64 {
-        let (client, url, headers, body) = (
+        let (client, url, counter, request) = (
             client.clone(),
             url.to_string(),
-            headers.to_vec(),
-            body.clone(),
+            counter.clone(),
+            request.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
             while Instant::now() < deadline {
+                let (body, headers) = request(counter.fetch_add(1, Ordering::Relaxed));
                 let t = Instant::now();
-                let mut req = client.post(&url).body(body.clone());
+                let mut req = client.post(&url).body(body);
                 for (k, v) in &headers {
                     req = req.header(k, v);
                 }
