@@ -462,11 +462,13 @@ async fn stats(
     );
     let (c1, c2) = tokio::try_join!(state.pool.get(), state.pool.get())?;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&id, &since];
-    let (counts, latency) = tokio::try_join!(
+    let due_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&id];
+    // The backlog probe is pipelined behind the counts on the same connection.
+    let (counts, latency, due) = tokio::try_join!(
         c1.query_one(&counts_sql, &params),
         c2.query_one(&latency_sql, &params),
+        c1.query_one(&due_sql, &due_params),
     )?;
-    let due = c1.query_one(&due_sql, &[&id]).await?;
     let (total, delivered): (i64, i64) = (counts.get(0), counts.get(1));
     Ok(Json(Stats {
         total,
