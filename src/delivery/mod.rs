@@ -96,6 +96,44 @@ const LEASE_MARGIN: Duration = Duration::from_secs(1);
 pub struct Handoff {
     pub delivery: Claimed,
     pub hold: Hold,
+    /// The fan-out's commit, still on the wire when the delivery is handed over.
+    pub commit: FanOutCommit,
+}
+
+/// Whether the fan-out that inserted a handed-off delivery committed. The dispatcher hands its
+/// deliveries over as soon as it has taken their events and sent its commit, so the request
+/// starts without waiting for the commit's answer; the outcome is written only once the commit is
+/// known. When it is not (the commit failed, or its answer was lost), the outcome is dropped: the
+/// event is fanned out again (rolled back) or the lease lapses (committed after all), and the
+/// receiver gets the event again under the same `webhook-id`, as after any crash.
+#[derive(Clone)]
+pub struct FanOutCommit(futures_util::future::Shared<tokio::sync::oneshot::Receiver<bool>>);
+
+/// The dispatcher's end of a [`FanOutCommit`]; dropped unsent means not committed.
+pub struct FanOutCommitted(tokio::sync::oneshot::Sender<bool>);
+
+impl FanOutCommit {
+    pub fn new() -> (FanOutCommitted, Self) {
+        use futures_util::FutureExt;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (FanOutCommitted(tx), Self(rx.shared()))
+    }
+
+    /// Already known not to have committed: the delivery does not exist, so it is not sent.
+    fn failed(&self) -> bool {
+        matches!(self.0.peek(), Some(Ok(false) | Err(_)))
+    }
+
+    /// Waits for the commit's answer.
+    async fn committed(self) -> bool {
+        self.0.await.unwrap_or(false)
+    }
+}
+
+impl FanOutCommitted {
+    pub fn settle(self, committed: bool) {
+        let _ = self.0.send(committed);
+    }
 }
 
 /// A finished (or handed back) delivery on its way to the database, with the hold it releases
@@ -254,7 +292,7 @@ impl Worker {
                                     len,
                                     claimed_at,
                                 ) {
-                                    Some(hold) => attempts.start(delivery, hold),
+                                    Some(hold) => attempts.start(delivery, hold, None),
                                     // Over the memory budget: back for later (or another replica).
                                     None => attempts.hand_back(&delivery),
                                 }
@@ -304,6 +342,9 @@ impl Worker {
         let return_handoffs = async {
             while let Some(batch) = handoffs.recv().await {
                 for h in batch {
+                    if !h.commit.committed().await {
+                        continue;
+                    }
                     let report = Report::HandBack(h.delivery.id, h.delivery.attempt);
                     let _ = report_tx.send(Done {
                         report,
@@ -344,10 +385,11 @@ impl Attempts {
     fn start_handoffs(&self, batch: Vec<Handoff>) {
         batch
             .into_iter()
-            .for_each(|h| self.start(h.delivery, h.hold));
+            .for_each(|h| self.start(h.delivery, h.hold, Some(h.commit)));
     }
 
-    fn start(&self, delivery: Claimed, hold: Hold) {
+    /// `commit`: for a handed-off delivery, its fan-out's commit (see [`FanOutCommit`]).
+    fn start(&self, delivery: Claimed, hold: Hold, commit: Option<FanOutCommit>) {
         let (context, reports, abort, stop) = (
             self.context.clone(),
             self.reports.clone(),
@@ -358,6 +400,9 @@ impl Attempts {
         let timeout = context.settings.request_timeout;
         let claimed_at = Instant::now();
         self.tracker.spawn(async move {
+            if commit.as_ref().is_some_and(FanOutCommit::failed) {
+                return;
+            }
             let (id, attempt) = (delivery.id, delivery.attempt);
             // Waiting for a request slot is not starting: on shutdown such a delivery goes
             // straight back to the others.
@@ -394,6 +439,26 @@ impl Attempts {
                     _ = abort.cancelled() => Report::Settled(cut_short(id, attempt, &hold.endpoint)),
                 },
             };
+            if let Some(commit) = commit {
+                // The commit's answer normally comes within milliseconds; past the drain
+                // deadline it gets one second more, so a hung database cannot hold shutdown.
+                let committed = tokio::select! {
+                    biased;
+                    committed = commit.clone().committed() => committed,
+                    _ = abort.cancelled() => {
+                        tokio::time::timeout(Duration::from_secs(1), commit.committed())
+                            .await
+                            .unwrap_or(false)
+                    }
+                };
+                if !committed {
+                    tracing::warn!(
+                        delivery.id = %id,
+                        "the fan-out that made this delivery did not commit; its outcome is not recorded and the event is delivered again"
+                    );
+                    return;
+                }
+            }
             let _ = reports.send(Done {
                 report,
                 _hold: Some(hold),

@@ -15,7 +15,10 @@ use super::glob::Subscription;
 use crate::db::Schema;
 use crate::delivery::state::ordering::{Keys, Ordering};
 use crate::delivery::state::{Claimed, DeliveryStatus};
-use crate::delivery::{Capacity, Handoff};
+use crate::delivery::{Capacity, FanOutCommit, Handoff};
+
+/// Whether any event waits to be fanned out: one probe of the undispatched-rows index.
+const WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL)";
 
 /// Whether keyed events wait to be fanned out: one probe of a partial index.
 const KEYED_WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox
@@ -90,6 +93,7 @@ pub struct Dispatcher {
     default_limited: bool,
     take: String,
     keyed_waiting: String,
+    waiting: String,
     take_keyed: String,
     endpoints: String,
     insert: String,
@@ -143,6 +147,7 @@ impl Dispatcher {
             // Whether keyed events wait (one probe of a partial index), when no endpoint row
             // carried the answer.
             keyed_waiting: schema.sql(KEYED_WAITING),
+            waiting: schema.sql(WAITING),
             // Keyed events, only when some wait (their statement costs more to plan and run). Per
             // ordering key they are fanned out in `id` order: a keyed event is left (locked
             // until this transaction ends, untouched) when an earlier undispatched event of its
@@ -212,31 +217,52 @@ impl Dispatcher {
 
     /// Fans out one batch. Call again while it returns a full batch.
     /// Only events with an `id` above `after` (0: all).
+    ///
+    /// Two round trips when there is something to fan out: the transaction's start, the lock, the
+    /// take and the endpoint read go out together; the deliveries' insert and the commit go out
+    /// together. The transaction is opened by hand (`BEGIN` pipelined with the rest), so every
+    /// way out of it before the commit rolls it back before the connection returns to the pool.
     pub async fn dispatch_once(&self, after: i64) -> anyhow::Result<Dispatched> {
-        let mut client = self.pool.get().await?;
+        let client = self.pool.get().await?;
+        let result = self.pass(&client, after).await;
+        if result.is_err() && !client.is_closed() {
+            // Outside a transaction this only warns; a broken connection is dropped on return.
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        result
+    }
+
+    async fn pass(
+        &self,
+        client: &deadpool_postgres::Client,
+        after: i64,
+    ) -> anyhow::Result<Dispatched> {
         let (lock, take, endpoints, insert) = futures_util::try_join!(
             client.prepare_cached("SELECT pg_advisory_xact_lock_shared(hashtext($1))"),
             client.prepare_cached(&self.take),
             client.prepare_cached(&self.endpoints),
             client.prepare_cached(&self.insert),
         )?;
-        let tx = client.transaction().await?;
-        // Pipelined: all three go out before any answer is awaited, and run in order. The lock
+        // Pipelined: all of these go out before any answer is awaited, and run in order. The lock
         // (shared; an endpoint change takes it exclusively, see `endpoints::exclude_fan_out`)
         // comes first, so the endpoints read next are not about to change under this pass. They
         // are read inside the transaction, so an endpoint created before the event committed is
         // seen.
+        // The pass runs on cached plans: planning the take cost more than running it. Its plan is
+        // made (and remade after the outbox is analyzed) with sequential scans off, so a plan
+        // cached while the outbox was small cannot keep scanning the whole table once it is large:
+        // the take always walks the undispatched-rows index in `id` order.
         let take_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
         let lock_params: [&(dyn ToSql + Sync); 1] = [&self.lock_key];
         let endpoint_params: [&(dyn ToSql + Sync); 1] = [&self.default_limited];
-        // The pipeline's sessions plan each statement afresh (the take's plan depends on the
-        // outbox's size); the rest of the pass (the endpoint read, the insert) does not, and its
-        // planning cost more than its running: from here to the commit, cached plans.
-        let (_, mut rows, _, endpoint_rows) = futures_util::try_join!(
-            tx.execute(&lock, &lock_params),
-            tx.query(&take, &take_params),
-            tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan"),
-            tx.query(&endpoints, &endpoint_params)
+        let (_, _, mut rows, _, endpoint_rows) = futures_util::try_join!(
+            client.batch_execute(
+                "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off"
+            ),
+            client.execute(&lock, &lock_params),
+            client.query(&take, &take_params),
+            client.batch_execute("SET LOCAL enable_seqscan = on"),
+            client.query(&endpoints, &endpoint_params)
         )?;
         // Claims take the gated statement only while some endpoint has a policy in force (seen
         // on every pass, empty ones included, so a policy that starts while no event comes is
@@ -250,19 +276,20 @@ impl Dispatcher {
         // Every endpoint row carries whether keyed events wait; with none, ask.
         let keyed_waiting = match endpoint_rows.first() {
             Some(r) => r.get::<_, bool>(10),
-            None => tx.query_one(&self.keyed_waiting, &[]).await?.get(0),
+            None => client.query_one(&self.keyed_waiting, &[]).await?.get(0),
         };
         let (mut held_back, mut scanned, mut last_id) = (0, 0, 0);
         if keyed_waiting {
             // Keyed events may bring as much again into memory, at most half as much.
             let half = self.batch_bytes / 2;
             let params: [&(dyn ToSql + Sync); 3] = [&self.batch, &half, &after];
-            let stmt = tx.prepare_cached(&self.take_keyed).await?;
-            // Planned for the outbox as it is now, like the take, then cached plans again.
+            let stmt = client.prepare_cached(&self.take_keyed).await?;
+            // Planned for the outbox as it is now (its plan depends on how many keys wait), then
+            // cached plans again.
             let (_, keyed_rows, _) = futures_util::try_join!(
-                tx.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
-                tx.query(&stmt, &params),
-                tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan"),
+                client.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
+                client.query(&stmt, &params),
+                client.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan"),
             )?;
             // One row even when nothing was taken, for the counts.
             if let Some(r) = keyed_rows.first() {
@@ -279,13 +306,14 @@ impl Dispatcher {
         // RETURNING keeps no order; fan out in commit-id order.
         rows.sort_unstable_by_key(|r| r.get::<_, i64>(0));
         if rows.is_empty() {
-            tx.commit().await?;
-            return Ok(Dispatched {
+            client.batch_execute("COMMIT").await?;
+            let done = Dispatched {
                 held_back,
                 scanned,
                 last_id,
                 ..Dispatched::default()
-            });
+            };
+            return Ok(done);
         }
         let targets: Vec<Target> = endpoint_rows
             .iter()
@@ -306,6 +334,7 @@ impl Dispatcher {
         let mut new = NewDeliveries::default();
         let mut keys = Keys::default();
         let mut handoffs = Vec::new();
+        let (committed, commit) = FanOutCommit::new();
         let mut lags = Vec::with_capacity(rows.len());
         for r in &rows {
             let id: i64 = r.get(0);
@@ -369,7 +398,11 @@ impl Dispatcher {
                         ordering_key: None,
                         probe: false,
                     };
-                    handoffs.push(Handoff { delivery, hold });
+                    handoffs.push(Handoff {
+                        delivery,
+                        hold,
+                        commit: commit.clone(),
+                    });
                 }
             }
         }
@@ -380,23 +413,34 @@ impl Dispatcher {
             .iter()
             .filter(|s| **s == DeliveryStatus::Pending)
             .count();
-        if deliveries > 0 {
-            let insert_params: [&(dyn ToSql + Sync); 9] = [
-                &new.ids,
-                &new.outbox_ids,
-                &new.event_ids,
-                &new.event_types,
-                &new.endpoints,
-                &new.statuses,
-                &owner,
-                &lease,
-                &new.ordering_keys,
-            ];
-            tx.execute(&insert, &insert_params).await?;
-        }
-        // Keys with no head get one: their earliest queued delivery becomes due.
-        pending += self.ordering.advance(&tx, &keys, &[]).await? as usize;
-        tx.commit().await?;
+        // Keys with no head get one: their earliest queued delivery becomes due. Then the
+        // commit, in the same round trip.
+        let second = async {
+            futures_util::try_join!(
+                async {
+                    if deliveries > 0 {
+                        let insert_params: [&(dyn ToSql + Sync); 9] = [
+                            &new.ids,
+                            &new.outbox_ids,
+                            &new.event_ids,
+                            &new.event_types,
+                            &new.endpoints,
+                            &new.statuses,
+                            &owner,
+                            &lease,
+                            &new.ordering_keys,
+                        ];
+                        client.execute(&insert, &insert_params).await?;
+                    }
+                    anyhow::Ok(())
+                },
+                self.ordering.advance(client, &keys, &[]),
+                async { Ok(client.batch_execute("COMMIT").await?) },
+            )
+        };
+        tokio::pin!(second);
+        // Polled once, the round trip is on the wire; the requests start now, beside it.
+        let first_poll = futures_util::poll!(&mut second);
         // Only a stopped worker drops the receiver; the leases then lapse and the reaper makes
         // these deliveries due again.
         if !handoffs.is_empty() && self.fast.handoff.send(handoffs).is_err() {
@@ -404,7 +448,14 @@ impl Dispatcher {
                 "the delivery worker has stopped; fresh deliveries wait for their lease to lapse"
             );
         }
-        Ok(Dispatched {
+        let outcome = match first_poll {
+            std::task::Poll::Ready(outcome) => outcome,
+            std::task::Poll::Pending => second.await,
+        };
+        committed.settle(outcome.is_ok());
+        let (_, heads, _) = outcome?;
+        pending += heads as usize;
+        let done = Dispatched {
             events: rows.len(),
             deliveries,
             pending,
@@ -412,7 +463,16 @@ impl Dispatcher {
             held_back,
             scanned,
             last_id,
-        })
+        };
+        Ok(done)
+    }
+
+    /// Whether any event waits (taken or not by a pass in progress): one round trip, no
+    /// transaction, no lock; what decides whether a pass is worth running while events flow.
+    pub async fn waiting(&self) -> anyhow::Result<bool> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(&self.waiting).await?;
+        Ok(client.query_one(&stmt, &[]).await?.get(0))
     }
 
     pub fn batch(&self) -> usize {

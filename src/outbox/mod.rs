@@ -167,9 +167,10 @@ fn endpoint_changed(capacity: &Capacity, sweep_now: &Notify, payload: &str) {
     sweep_now.notify_one();
 }
 
-/// While events are flowing, the next pass comes this soon after one that found some, rather than
-/// at the end of the throttle window (commits inside a window are not announced).
-const FLOWING_GAP: Duration = Duration::from_millis(2);
+/// While events flow (a notification's throttle window is open, or the last pass found events),
+/// the outbox is probed this often, and a pass runs when the probe finds an event: commits inside
+/// a window are not announced, and a probe (one index lookup) costs a fraction of a pass.
+const PROBE_EVERY: Duration = Duration::from_millis(1);
 
 /// How soon a pass that left keyed events for another replica's pass looks again.
 const HELD_BACK_RETRY: Duration = Duration::from_millis(20);
@@ -183,32 +184,53 @@ pub async fn dispatch_loop(
     throttle: Duration,
     cancel: CancellationToken,
 ) {
-    // Three reasons for a pass, each with its own time: the poll timer (the backstop); the end of
-    // the throttle window after a notification (commits inside it were not announced); and, while
-    // passes keep finding events, soon after the last one.
+    // Three reasons for a pass: a notification (at once); the poll timer (the backstop); and,
+    // while events flow, a probe that found one. Events flow from a notification until the end
+    // of its throttle window (commits inside it were not announced), and for as long as passes
+    // or probes keep finding events.
     let mut poll_at = Instant::now();
     let mut window_end: Option<Instant> = None;
-    let mut flowing_at: Option<Instant> = None;
+    let mut flowing = false;
+    let mut probe_at: Option<Instant> = None;
     let mut failures = 0u32;
     loop {
-        let next_pass = [Some(poll_at), window_end, flowing_at]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(poll_at);
-        tokio::select! {
+        let next = probe_at.map_or(poll_at, |p| p.min(poll_at));
+        let pass_now = tokio::select! {
             _ = cancel.cancelled() => return,
             _ = signals.outbox_changed.notified() => {
                 window_end = Some(Instant::now() + throttle + Duration::from_millis(1));
+                true
             }
-            _ = tokio::time::sleep_until(next_pass) => {
+            _ = tokio::time::sleep_until(next) => {
                 let now = Instant::now();
-                window_end = window_end.filter(|t| *t > now);
-                flowing_at = flowing_at.filter(|t| *t > now);
                 if poll_at <= now {
                     poll_at = now + poll_interval;
+                    true
+                } else {
+                    let open = window_end.is_some_and(|t| t > now);
+                    if !open && !flowing {
+                        probe_at = None;
+                        false
+                    } else {
+                        match dispatcher.waiting().await {
+                            Ok(true) => true,
+                            Ok(false) => {
+                                flowing = false;
+                                probe_at = open.then(|| Instant::now() + PROBE_EVERY);
+                                false
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %format!("{e:#}"), "outbox probe failed");
+                                probe_at = None;
+                                false
+                            }
+                        }
+                    }
                 }
             }
+        };
+        if !pass_now {
+            continue;
         }
         let mut found = false;
         // Where the next pass starts: past a batch that was held back whole (see `take`).
@@ -255,13 +277,13 @@ pub async fn dispatch_loop(
                     let backoff = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
                     tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "dispatch failed");
                     poll_at = Instant::now() + backoff;
-                    (window_end, flowing_at, found) = (None, None, false);
+                    (window_end, found) = (None, false);
                     break;
                 }
             }
         }
-        if found {
-            flowing_at = Some(Instant::now() + FLOWING_GAP);
-        }
+        flowing = found;
+        let open = window_end.is_some_and(|t| t > Instant::now());
+        probe_at = (flowing || open).then(|| Instant::now() + PROBE_EVERY);
     }
 }

@@ -95,6 +95,53 @@ async fn notify_wakes_delivery_well_under_a_second() {
     );
 }
 
+/// Issue 16: a commit after a quiet period is announced at once, and one inside a throttle
+/// window (not announced) is found by the probes while the window is open, not at its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_after_a_quiet_period_is_announced_at_once_and_one_inside_a_window_found_soon() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    // A window of 3 s and a poll interval of 30 s: a delivery within half a second can only come
+    // from a notification or from the probes that follow one.
+    let config = base_config(&db)
+        .replace("poll_interval = \"200ms\"", "poll_interval = \"30s\"")
+        .replace(
+            "[outbound]\n",
+            "[outbound]\nnotify = \"throttled\"\nnotify_throttle = \"3s\"\n",
+        )
+        + &endpoint("e", &receiver.url, &["*"], "");
+    let postern = Postern::start(&config).await;
+    postern
+        .wait_log("listening for outbox notifications", Duration::from_secs(5))
+        .await;
+    let client = db.client().await;
+    // Past the window a startup pass may have opened.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let bound = Duration::from_millis(500);
+    let mut took = Vec::new();
+    for (i, pause) in [(0, 0), (1, 0), (2, 3200)] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let committed = Instant::now();
+        publish_one(&client, "order.created", json!({ "i": i })).await;
+        receiver.wait_count(i + 1, Duration::from_secs(10)).await;
+        took.push(receiver.requests()[i].at - committed);
+    }
+    // The first commit after a quiet period, announced at once.
+    assert!(took[0] < bound, "first commit took {:?}", took[0]);
+    // Committed inside the first one's window: no notification, found by a probe.
+    assert!(
+        took[1] < bound,
+        "commit inside the window took {:?}",
+        took[1]
+    );
+    // After another quiet period (the window closed, the probes stopped): announced at once.
+    assert!(
+        took[2] < bound,
+        "commit after a quiet period took {:?}",
+        took[2]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_delivers_without_notify() {
     let db = TestDb::create().await;
