@@ -335,3 +335,79 @@ async fn an_attempt_cut_short_at_shutdown_counts_with_an_unknown_outcome() {
     assert_eq!(row.get::<_, i32>(1), 1);
     assert!(row.get::<_, String>(2).contains("outcome unknown"));
 }
+
+/// Issue 16: a fresh delivery's request starts while its fan-out's commit is still on the wire.
+/// When that commit fails, the attempt's outcome is not written (its delivery does not exist),
+/// nothing is lost (the event stays undispatched and is fanned out again) and the receiver gets
+/// the event again under the same `webhook-id`; once fan-outs commit, it is recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_beside_a_fan_out_that_fails_to_commit_loses_nothing() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
+    let postern = Postern::start(&config).await;
+    let client = db.client().await;
+    // The deliveries' insert (the fan-out's second round trip) fails, slowly, while the flag
+    // row exists: the request is on its way before the failure is known.
+    client
+        .batch_execute(
+            "CREATE TABLE public.refuse_fan_out (x int);
+             INSERT INTO public.refuse_fan_out VALUES (1);
+             CREATE FUNCTION public.refuse_fan_out() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                 IF EXISTS (SELECT 1 FROM public.refuse_fan_out) THEN
+                   PERFORM pg_sleep(0.3);
+                   RAISE EXCEPTION 'fan-out refused by the test';
+                 END IF;
+                 RETURN NEW;
+               END $$;
+             CREATE TRIGGER refuse_fan_out BEFORE INSERT ON postern.deliveries
+               FOR EACH ROW EXECUTE FUNCTION public.refuse_fan_out();",
+        )
+        .await
+        .unwrap();
+    publish_one(&client, "order.created", json!({ "n": 1 })).await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    postern
+        .wait_log("did not commit", Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM postern.deliveries").await,
+        0
+    );
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL"
+        )
+        .await,
+        1
+    );
+    client
+        .batch_execute("DELETE FROM public.refuse_fan_out")
+        .await
+        .unwrap();
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let requests = receiver.requests();
+    assert!(requests.len() >= 2, "{} requests", requests.len());
+    let ids: std::collections::HashSet<String> = requests.iter().map(|r| r.event_id()).collect();
+    assert_eq!(ids.len(), 1, "one event, one webhook-id: {ids:?}");
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM postern.deliveries").await,
+        1
+    );
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM postern.attempts").await,
+        1
+    );
+    assert_eq!(
+        scalar(&client, "SELECT attempts::bigint FROM postern.deliveries").await,
+        1
+    );
+}
