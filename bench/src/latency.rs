@@ -19,17 +19,35 @@ pub async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
     b.set_notify("throttled").await?;
     let (config, admin) = b.config(1, None);
     let running = b.start_postern(&config, admin).await?;
+    // Idle cost: what Postern asks of the database with no events (transactions, every
+    // statement outside one counting as one), after a second to settle.
+    let db = connect(&b.db_url).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_secs = if b.sizes.rates.len() > 1 { 10.0 } else { 2.0 };
+    let before = transactions(&db).await?;
+    tokio::time::sleep(Duration::from_secs_f64(idle_secs)).await;
+    let idle = (transactions(&db).await? - before - 1) as f64 / idle_secs;
+    out.push(Figure::new(
+        "idle: Postern's transactions against the database".to_string(),
+        idle,
+        "/s",
+    ));
     for &rate in &b.sizes.rates {
         let commits = start_recording(b);
+        let cpu = postgres_cpu_seconds();
         paced(b, rate, commits.clone()).await?;
         let ms = receipts(b, &commits).await;
-        report(
-            b,
-            &format!("{rate}/s"),
-            ms,
-            commits.lock().unwrap().len(),
-            out,
-        )?;
+        let n = commits.lock().unwrap().len();
+        // All of Postgres's processes (the app's writers included, the same in every run),
+        // over the paced run and the wait for its last receipts.
+        if let (Some(before), Some(after)) = (cpu, postgres_cpu_seconds()) {
+            out.push(Figure::new(
+                format!("latency at {rate}/s: Postgres CPU per event"),
+                (after - before) / n.max(1) as f64 * 1e6,
+                "us",
+            ));
+        }
+        report(b, &format!("{rate}/s"), ms, n, out)?;
     }
     let commits = start_recording(b);
     burst(b, b.sizes.burst, commits.clone()).await?;
@@ -38,6 +56,44 @@ pub async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
     report(b, &label, ms, commits.lock().unwrap().len(), out)?;
     running.stop();
     Ok(())
+}
+
+/// Committed and rolled-back transactions of the bench database so far (this query included).
+async fn transactions(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    // A fresh snapshot of the statistics each time, not the one cached in this transaction.
+    db.batch_execute("SELECT pg_stat_clear_snapshot()").await?;
+    let row = db
+        .query_one(
+            "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database
+             WHERE datname = current_database()",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// User and system CPU seconds of every process named `postgres` on this machine (Linux), or
+/// none where /proc cannot tell.
+fn postgres_cpu_seconds() -> Option<f64> {
+    let ticks = 100.0; // USER_HZ on Linux
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ... utime stime: fields 14 and 15, counted after the comm.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if !head.ends_with("(postgres") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        total += utime + stime;
+    }
+    Some(total as f64 / ticks)
 }
 
 fn start_recording(b: &Bench) -> Commits {
