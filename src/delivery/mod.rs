@@ -420,6 +420,10 @@ impl Attempts {
             // An endpoint stopped while this delivery waited (410, paused, deleted): not sent.
             let request = request
                 .filter(|_| !capacity.is_stopped(&hold.endpoint) && !capacity.is_revoked(&hold));
+            // Nor is one whose fan-out failed to commit while it waited: it does not exist.
+            if commit.as_ref().is_some_and(FanOutCommit::failed) {
+                return;
+            }
             let report = match request {
                 None => Report::HandBack(id, attempt),
                 Some(_request) => tokio::select! {

@@ -223,11 +223,18 @@ impl Dispatcher {
     /// together. The transaction is opened by hand (`BEGIN` pipelined with the rest), so every
     /// way out of it before the commit rolls it back before the connection returns to the pool.
     pub async fn dispatch_once(&self, after: i64) -> anyhow::Result<Dispatched> {
-        let client = self.pool.get().await?;
-        let result = self.pass(&client, after).await;
-        if result.is_err() && !client.is_closed() {
-            // Outside a transaction this only warns; a broken connection is dropped on return.
-            let _ = client.batch_execute("ROLLBACK").await;
+        let mut guard = InTransaction(Some(self.pool.get().await?));
+        let client = guard.0.as_ref().expect("just set");
+        let result = self.pass(client, after).await;
+        // Outside a transaction `ROLLBACK` only warns. A connection that cannot confirm it
+        // promptly leaves the pool with the guard.
+        let clean = result.is_ok()
+            || (!client.is_closed()
+                && tokio::time::timeout(ROLLBACK_WAIT, client.batch_execute("ROLLBACK"))
+                    .await
+                    .is_ok_and(|r| r.is_ok()));
+        if clean {
+            drop(guard.0.take());
         }
         result
     }
@@ -237,11 +244,14 @@ impl Dispatcher {
         client: &deadpool_postgres::Client,
         after: i64,
     ) -> anyhow::Result<Dispatched> {
-        let (lock, take, endpoints, insert) = futures_util::try_join!(
+        // Everything the pass runs is prepared before it starts, so each round trip goes out
+        // whole on its first poll (`advance` included: see `Ordering::advance_sql`).
+        let (lock, take, endpoints, insert, _) = futures_util::try_join!(
             client.prepare_cached("SELECT pg_advisory_xact_lock_shared(hashtext($1))"),
             client.prepare_cached(&self.take),
             client.prepare_cached(&self.endpoints),
             client.prepare_cached(&self.insert),
+            client.prepare_cached(self.ordering.advance_sql()),
         )?;
         // Pipelined: all of these go out before any answer is awaited, and run in order. The lock
         // (shared; an endpoint change takes it exclusively, see `endpoints::exclude_fan_out`)
@@ -477,6 +487,24 @@ impl Dispatcher {
 
     pub fn batch(&self) -> usize {
         self.batch as usize
+    }
+}
+
+/// How long a failed pass waits for its `ROLLBACK` before giving the connection up.
+const ROLLBACK_WAIT: Duration = Duration::from_secs(2);
+
+/// A pooled connection in a transaction opened by hand. Unless the pass takes it back out (its
+/// transaction committed or rolled back), dropping the guard (a panic, a dropped future, a
+/// rollback that did not answer) takes the connection out of the pool and closes it: going back
+/// with the transaction open, the next user's `COMMIT` would commit this pass's take without its
+/// deliveries.
+struct InTransaction(Option<deadpool_postgres::Client>);
+
+impl Drop for InTransaction {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
     }
 }
 

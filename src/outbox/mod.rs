@@ -192,13 +192,21 @@ pub async fn dispatch_loop(
     let mut window_end: Option<Instant> = None;
     let mut flowing = false;
     let mut probe_at: Option<Instant> = None;
+    // A probe answers "some event waits", not "one this replica can take": rows locked by
+    // another pass, keyed events held back. When a pass a probe started took nothing, probing
+    // stops until the next notification (`probe_misled`).
+    let mut probe_misled = false;
     let mut failures = 0u32;
     loop {
+        let mut probed = false;
         let next = probe_at.map_or(poll_at, |p| p.min(poll_at));
         let pass_now = tokio::select! {
             _ = cancel.cancelled() => return,
             _ = signals.outbox_changed.notified() => {
-                window_end = Some(Instant::now() + throttle + Duration::from_millis(1));
+                // Past the trigger's window by two probe intervals, so the last probe comes
+                // after the window a commit could have gone unannounced in.
+                window_end = Some(Instant::now() + throttle + 2 * PROBE_EVERY);
+                probe_misled = false;
                 true
             }
             _ = tokio::time::sleep_until(next) => {
@@ -207,21 +215,27 @@ pub async fn dispatch_loop(
                     poll_at = now + poll_interval;
                     true
                 } else {
-                    let open = window_end.is_some_and(|t| t > now);
+                    let open = window_end.is_some_and(|t| t > now) && !probe_misled;
                     if !open && !flowing {
                         probe_at = None;
                         false
                     } else {
                         match dispatcher.waiting().await {
-                            Ok(true) => true,
+                            Ok(true) => {
+                                probed = true;
+                                true
+                            }
                             Ok(false) => {
                                 flowing = false;
                                 probe_at = open.then(|| Instant::now() + PROBE_EVERY);
                                 false
                             }
                             Err(e) => {
+                                // Probing goes on to the window's end; the poll timer covers
+                                // the rest.
                                 tracing::debug!(error = %format!("{e:#}"), "outbox probe failed");
-                                probe_at = None;
+                                flowing = false;
+                                probe_at = open.then(|| Instant::now() + PROBE_EVERY);
                                 false
                             }
                         }
@@ -283,7 +297,8 @@ pub async fn dispatch_loop(
             }
         }
         flowing = found;
-        let open = window_end.is_some_and(|t| t > Instant::now());
+        probe_misled |= probed && !found;
+        let open = window_end.is_some_and(|t| t > Instant::now()) && !probe_misled;
         probe_at = (flowing || open).then(|| Instant::now() + PROBE_EVERY);
     }
 }

@@ -527,3 +527,70 @@ async fn events_held_by_a_stuck_pass_do_not_keep_other_events_waiting() {
     let ks = seqs(&receiver.requests(), "k", false);
     assert_eq!(ks, (0..=1600).collect::<Vec<i64>>());
 }
+
+/// A keyed fan-out is one transaction: choosing the key's head (`advance_ordering_keys`) runs
+/// before the commit, not after it. When choosing the head fails, nothing of the pass stays: no
+/// deliveries, the event still undispatched; once it succeeds, the event is delivered. (Seen
+/// failing when the head was chosen after the commit: a queued delivery with no head, the event
+/// marked dispatched.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_fan_out_whose_head_cannot_be_chosen_leaves_nothing_behind() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
+    let postern = Postern::start(&config).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE public.refuse_heads (x int);
+             INSERT INTO public.refuse_heads VALUES (1);
+             CREATE FUNCTION public.refuse_heads() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                 IF EXISTS (SELECT 1 FROM public.refuse_heads) THEN
+                   RAISE EXCEPTION 'key heads refused by the test';
+                 END IF;
+                 RETURN NEW;
+               END $$;
+             CREATE TRIGGER refuse_heads BEFORE INSERT OR UPDATE ON postern.ordering_keys
+               FOR EACH ROW EXECUTE FUNCTION public.refuse_heads();",
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO postern.outbox (event_type, payload, ordering_key)
+             VALUES ('order.changed', '{}', 'k-1')",
+            &[],
+        )
+        .await
+        .unwrap();
+    postern
+        .wait_log("key heads refused by the test", Duration::from_secs(10))
+        .await;
+    // Past the failing pass's rollback.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM postern.deliveries").await,
+        0
+    );
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL"
+        )
+        .await,
+        1
+    );
+    client
+        .batch_execute("DELETE FROM public.refuse_heads")
+        .await
+        .unwrap();
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+}

@@ -100,6 +100,13 @@ impl Ordering {
         Ok(())
     }
 
+    /// The statement `advance` runs. A caller that pipelines `advance` with what follows it (the
+    /// fan-out's commit) prepares it first: a statement prepared on first use waits for its
+    /// description, and so would run after what was queued behind it.
+    pub fn advance_sql(&self) -> &str {
+        &self.advance
+    }
+
     /// Moves the keys on (see the module notes); `failed` are deliveries that just failed, which
     /// block their key where the endpoint says so. Returns how many heads it made.
     pub async fn advance(
@@ -111,9 +118,10 @@ impl Ordering {
         if keys.is_empty() {
             return Ok(0);
         }
+        let stmt = tx.prepare_cached(&self.advance).await?;
         let row = tx
             .query_one(
-                &self.advance,
+                &stmt,
                 &[
                     &keys.endpoints,
                     &keys.keys,
