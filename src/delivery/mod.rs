@@ -120,8 +120,11 @@ impl FanOutCommit {
     }
 
     /// Already known not to have committed: the delivery does not exist, so it is not sent.
+    /// (Polled once, without waiting: `Shared::peek` alone sees only an answer some clone has
+    /// already polled out of the channel.)
     fn failed(&self) -> bool {
-        matches!(self.0.peek(), Some(Ok(false) | Err(_)))
+        use futures_util::FutureExt;
+        matches!(self.0.clone().now_or_never(), Some(Ok(false) | Err(_)))
     }
 
     /// Waits for the commit's answer.
@@ -476,5 +479,29 @@ impl Attempts {
             report: Report::HandBack(delivery.id, delivery.attempt),
             _hold: None,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FanOutCommit;
+
+    #[test]
+    fn a_fan_out_commit_is_known_failed_once_answered_so_or_abandoned() {
+        let (pending_tx, pending) = FanOutCommit::new();
+        assert!(!pending.failed(), "no answer yet: not known to have failed");
+        pending_tx.settle(false);
+        assert!(pending.failed());
+
+        let (ok_tx, ok) = FanOutCommit::new();
+        ok_tx.settle(true);
+        assert!(!ok.failed());
+
+        let (dropped_tx, dropped) = FanOutCommit::new();
+        drop(dropped_tx);
+        assert!(
+            dropped.failed(),
+            "a dispatcher gone without an answer did not commit"
+        );
     }
 }
