@@ -608,6 +608,15 @@ async fn legacy_signatures_and_custom_headers() {
     mac.update(&r.body);
     let want = format!("v1={}", hex::encode(mac.finalize().into_bytes()));
     assert_eq!(r.header("x-webhook-signature"), Some(want.as_str()));
+    // The request may arrive before the fan-out's commit is answered (issue 16): the row shows
+    // up moments later.
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries",
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
     let delivery_id: uuid::Uuid = client
         .query_one("SELECT id FROM postern.deliveries", &[])
         .await
