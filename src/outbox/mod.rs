@@ -225,15 +225,12 @@ pub async fn dispatch_loop(
                                 probed = true;
                                 true
                             }
-                            Ok(false) => {
-                                flowing = false;
-                                probe_at = open.then(|| Instant::now() + PROBE_EVERY);
-                                false
-                            }
-                            Err(e) => {
-                                // Probing goes on to the window's end; the poll timer covers
-                                // the rest.
-                                tracing::debug!(error = %format!("{e:#}"), "outbox probe failed");
+                            answer => {
+                                // After a failed probe too, probing goes on to the window's
+                                // end; the poll timer covers the rest.
+                                if let Err(e) = answer {
+                                    tracing::debug!(error = %format!("{e:#}"), "outbox probe failed");
+                                }
                                 flowing = false;
                                 probe_at = open.then(|| Instant::now() + PROBE_EVERY);
                                 false

@@ -524,6 +524,59 @@ pub async fn wait_sql(client: &tokio_postgres::Client, sql: &str, want: i64, tim
     }
 }
 
+/// Makes `ops` (e.g. `INSERT OR UPDATE`) on `table` fail with `message`, after `delay_s` seconds,
+/// until [`allow_writes`] is called with the same `name`: a database refusing one part of a pass.
+pub async fn refuse_writes(
+    client: &tokio_postgres::Client,
+    name: &str,
+    ops: &str,
+    table: &str,
+    delay_s: f64,
+    message: &str,
+) {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE public.{name} (x int);
+             INSERT INTO public.{name} VALUES (1);
+             CREATE FUNCTION public.{name}() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                 IF EXISTS (SELECT 1 FROM public.{name}) THEN
+                   PERFORM pg_sleep({delay_s});
+                   RAISE EXCEPTION '{message}';
+                 END IF;
+                 RETURN NEW;
+               END $$;
+             CREATE TRIGGER {name} BEFORE {ops} ON {table}
+               FOR EACH ROW EXECUTE FUNCTION public.{name}();"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Ends what [`refuse_writes`] started under `name`.
+pub async fn allow_writes(client: &tokio_postgres::Client, name: &str) {
+    client
+        .batch_execute(&format!("DELETE FROM public.{name}"))
+        .await
+        .unwrap();
+}
+
+/// Asserts that no event has been fanned out: no deliveries, `undispatched` events waiting.
+pub async fn assert_nothing_fanned_out(client: &tokio_postgres::Client, undispatched: i64) {
+    assert_eq!(
+        scalar(client, "SELECT count(*) FROM postern.deliveries").await,
+        0
+    );
+    assert_eq!(
+        scalar(
+            client,
+            "SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL"
+        )
+        .await,
+        undispatched
+    );
+}
+
 pub async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }

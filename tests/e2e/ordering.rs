@@ -540,22 +540,15 @@ async fn a_keyed_fan_out_whose_head_cannot_be_chosen_leaves_nothing_behind() {
     let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
     let postern = Postern::start(&config).await;
     let client = db.client().await;
-    client
-        .batch_execute(
-            "CREATE TABLE public.refuse_heads (x int);
-             INSERT INTO public.refuse_heads VALUES (1);
-             CREATE FUNCTION public.refuse_heads() RETURNS trigger LANGUAGE plpgsql AS $$
-               BEGIN
-                 IF EXISTS (SELECT 1 FROM public.refuse_heads) THEN
-                   RAISE EXCEPTION 'key heads refused by the test';
-                 END IF;
-                 RETURN NEW;
-               END $$;
-             CREATE TRIGGER refuse_heads BEFORE INSERT OR UPDATE ON postern.ordering_keys
-               FOR EACH ROW EXECUTE FUNCTION public.refuse_heads();",
-        )
-        .await
-        .unwrap();
+    refuse_writes(
+        &client,
+        "refuse_heads",
+        "INSERT OR UPDATE",
+        "postern.ordering_keys",
+        0.0,
+        "key heads refused by the test",
+    )
+    .await;
     client
         .execute(
             "INSERT INTO postern.outbox (event_type, payload, ordering_key)
@@ -569,22 +562,8 @@ async fn a_keyed_fan_out_whose_head_cannot_be_chosen_leaves_nothing_behind() {
         .await;
     // Past the failing pass's rollback.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        scalar(&client, "SELECT count(*) FROM postern.deliveries").await,
-        0
-    );
-    assert_eq!(
-        scalar(
-            &client,
-            "SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL"
-        )
-        .await,
-        1
-    );
-    client
-        .batch_execute("DELETE FROM public.refuse_heads")
-        .await
-        .unwrap();
+    assert_nothing_fanned_out(&client, 1).await;
+    allow_writes(&client, "refuse_heads").await;
     receiver.wait_count(1, Duration::from_secs(10)).await;
     wait_sql(
         &client,

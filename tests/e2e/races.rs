@@ -349,44 +349,22 @@ async fn a_request_sent_beside_a_fan_out_that_fails_to_commit_loses_nothing() {
     let client = db.client().await;
     // The deliveries' insert (the fan-out's second round trip) fails, slowly, while the flag
     // row exists: the request is on its way before the failure is known.
-    client
-        .batch_execute(
-            "CREATE TABLE public.refuse_fan_out (x int);
-             INSERT INTO public.refuse_fan_out VALUES (1);
-             CREATE FUNCTION public.refuse_fan_out() RETURNS trigger LANGUAGE plpgsql AS $$
-               BEGIN
-                 IF EXISTS (SELECT 1 FROM public.refuse_fan_out) THEN
-                   PERFORM pg_sleep(0.3);
-                   RAISE EXCEPTION 'fan-out refused by the test';
-                 END IF;
-                 RETURN NEW;
-               END $$;
-             CREATE TRIGGER refuse_fan_out BEFORE INSERT ON postern.deliveries
-               FOR EACH ROW EXECUTE FUNCTION public.refuse_fan_out();",
-        )
-        .await
-        .unwrap();
+    refuse_writes(
+        &client,
+        "refuse_fan_out",
+        "INSERT",
+        "postern.deliveries",
+        0.3,
+        "fan-out refused by the test",
+    )
+    .await;
     publish_one(&client, "order.created", json!({ "n": 1 })).await;
     receiver.wait_count(1, Duration::from_secs(10)).await;
     postern
         .wait_log("did not commit", Duration::from_secs(10))
         .await;
-    assert_eq!(
-        scalar(&client, "SELECT count(*) FROM postern.deliveries").await,
-        0
-    );
-    assert_eq!(
-        scalar(
-            &client,
-            "SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL"
-        )
-        .await,
-        1
-    );
-    client
-        .batch_execute("DELETE FROM public.refuse_fan_out")
-        .await
-        .unwrap();
+    assert_nothing_fanned_out(&client, 1).await;
+    allow_writes(&client, "refuse_fan_out").await;
     wait_sql(
         &client,
         "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
