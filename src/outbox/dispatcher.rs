@@ -92,12 +92,13 @@ pub struct Dispatcher {
     /// `outbound.rate_limit` is set: every endpoint is limited, none takes the fast path.
     default_limited: bool,
     take: String,
+    /// Opens a pass: the transaction, its planner settings, the shared fan-out lock.
+    begin: String,
     keyed_waiting: String,
     waiting: String,
     take_keyed: String,
     endpoints: String,
     insert: String,
-    lock_key: String,
 }
 
 impl Dispatcher {
@@ -199,7 +200,13 @@ impl Dispatcher {
                         ({KEYED_WAITING})
                  FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL"
             )),
-            lock_key: schema.fan_out_lock_key(),
+            // The lock's key is made of the schema's name, an identifier; quoted all the same.
+            begin: format!(
+                "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;
+                 SET LOCAL enable_seqscan = off;
+                 SELECT pg_advisory_xact_lock_shared(hashtext('{}'))",
+                schema.fan_out_lock_key().replace('\'', "''")
+            ),
             insert: schema.sql(
                 "INSERT INTO __SCHEMA__.deliveries
                     (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner,
@@ -246,33 +253,32 @@ impl Dispatcher {
     ) -> anyhow::Result<Dispatched> {
         // Everything the pass runs is prepared before it starts, so each round trip goes out
         // whole on its first poll (`advance` included: see `Ordering::advance_sql`).
-        let (lock, take, endpoints, insert, _) = futures_util::try_join!(
-            client.prepare_cached("SELECT pg_advisory_xact_lock_shared(hashtext($1))"),
+        let (take, endpoints, insert, _) = futures_util::try_join!(
             client.prepare_cached(&self.take),
             client.prepare_cached(&self.endpoints),
             client.prepare_cached(&self.insert),
             client.prepare_cached(self.ordering.advance_sql()),
         )?;
-        // Pipelined: all of these go out before any answer is awaited, and run in order. The lock
-        // (shared; an endpoint change takes it exclusively, see `endpoints::exclude_fan_out`)
-        // comes first, so the endpoints read next are not about to change under this pass. They
-        // are read inside the transaction, so an endpoint created before the event committed is
-        // seen.
+        // Pipelined, four messages: all go out before any answer is awaited, and run in order.
+        // The lock (shared; an endpoint change takes it exclusively, see
+        // `endpoints::exclude_fan_out`) comes first, so the endpoints are not about to change
+        // under this pass. They are read inside the transaction, so an endpoint created before
+        // an event committed is seen by the pass that takes the event.
         // The pass runs on cached plans: planning the take cost more than running it. Its plan is
         // made (and remade after the outbox is analyzed) with sequential scans off, so a plan
         // cached while the outbox was small cannot keep scanning the whole table once it is large:
-        // the take always walks the undispatched-rows index in `id` order.
+        // the take always walks the undispatched-rows index in `id` order. Not the endpoint read:
+        // its table has no index to use instead, and a plan costed with sequential scans off is
+        // costed so high that the server compiles it (JIT) on every run. Every message is one more
+        // answer the server flushes and this side wakes for, so the settings and the lock share
+        // the first.
         let take_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
-        let lock_params: [&(dyn ToSql + Sync); 1] = [&self.lock_key];
         let endpoint_params: [&(dyn ToSql + Sync); 1] = [&self.default_limited];
-        let (_, _, mut rows, _, endpoint_rows) = futures_util::try_join!(
-            client.batch_execute(
-                "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off"
-            ),
-            client.execute(&lock, &lock_params),
+        let (_, mut rows, _, endpoint_rows) = futures_util::try_join!(
+            client.batch_execute(&self.begin),
             client.query(&take, &take_params),
             client.batch_execute("SET LOCAL enable_seqscan = on"),
-            client.query(&endpoints, &endpoint_params)
+            client.query(&endpoints, &endpoint_params),
         )?;
         // Claims take the gated statement only while some endpoint has a policy in force (seen
         // on every pass, empty ones included, so a policy that starts while no event comes is
