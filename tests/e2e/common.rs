@@ -291,10 +291,38 @@ impl Receiver {
     }
 }
 
-/// A port with nothing listening (bound, then released).
+/// A port with nothing listening, for Postern to bind (or for a connection to be refused on).
 pub async fn dead_port() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
+    unused_port()
+}
+
+/// A loopback port nothing listens on, taken below the kernel's ephemeral range. A port bound to 0
+/// and released lies inside that range, where any outgoing connection on the machine (to Postgres,
+/// to a receiver) may take it as its local port before Postern binds it: seen in `.ci/run` as
+/// "api.listen: cannot bind ...: Address already in use". A process-wide counter keeps this run's
+/// picks apart, the process id spreads concurrent runs, and each pick is checked by binding it.
+pub fn unused_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const SPAN: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low < SPAN + 1_024 {
+        // An unusual range leaves no room below it: fall back to the kernel's pick.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        return l.local_addr().unwrap().port();
+    }
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (ephemeral_low - SPAN + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below {ephemeral_low}");
 }
 
 /// The standard part of a test config; tests append `[[endpoints]]` tables.

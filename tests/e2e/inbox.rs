@@ -57,11 +57,7 @@ fn config(
     consume: &str,
     extra: &str,
 ) -> (String, u16) {
-    let inbound_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let inbound_port = unused_port();
     let (api_port, admin_port) = (free_port(), free_port());
     let base = base_config(db).replace(
         &format!("url = \"{}\"", db.url),
@@ -105,11 +101,7 @@ upstream_path = "/internal/github"
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    unused_port()
 }
 
 impl Service {
