@@ -325,13 +325,17 @@ async fn a_failed_head_blocks_only_its_key_until_retried_or_skips_it() {
             .await
             .unwrap();
     }
-    // Skip: 0, 2, 3 delivered in order, 1 failed (3 attempts) and visible as failed.
+    // Skip: 0, 2, 3 delivered in order, 1 failed (3 attempts) and visible as failed. The untroubled
+    // key goes at its own pace, one delivery per settle, so it is waited for too, not assumed done
+    // first (seen failing so in `.ci/run`: its last request was in flight when the skipping key's
+    // arrived).
     receiver
-        .wait_for(Duration::from_secs(30), "the skipping key", |r| {
-            seqs(r, "s-1", true) == [0, 2, 3]
-        })
+        .wait_for(
+            Duration::from_secs(30),
+            "the skipping key and the untroubled key",
+            |r| seqs(r, "s-1", true) == [0, 2, 3] && seqs(r, "b-2", false) == [0, 1, 2],
+        )
         .await;
-    assert_eq!(seqs(&receiver.requests(), "b-2", false), [0, 1, 2]);
     // Block: 0 delivered, 1 failed, 2 and 3 wait.
     wait_sql(
         &client,
