@@ -325,6 +325,16 @@ pub fn unused_port() -> u16 {
     panic!("no free loopback port below {ephemeral_low}");
 }
 
+/// A test database, a receiver answering 200, and Postern running with one endpoint `e` that takes
+/// every event.
+pub async fn one_endpoint() -> (TestDb, Receiver, Postern) {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
+    let postern = Postern::start(&config).await;
+    (db, receiver, postern)
+}
+
 /// The standard part of a test config; tests append `[[endpoints]]` tables.
 pub fn base_config(db: &TestDb) -> String {
     format!(

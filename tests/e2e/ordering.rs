@@ -539,10 +539,7 @@ async fn events_held_by_a_stuck_pass_do_not_keep_other_events_waiting() {
 /// marked dispatched.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_fan_out_whose_head_cannot_be_chosen_leaves_nothing_behind() {
-    let db = TestDb::create().await;
-    let receiver = Receiver::ok().await;
-    let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
-    let postern = Postern::start(&config).await;
+    let (db, receiver, postern) = one_endpoint().await;
     let client = db.client().await;
     refuse_writes(
         &client,

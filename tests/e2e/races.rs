@@ -342,10 +342,7 @@ async fn an_attempt_cut_short_at_shutdown_counts_with_an_unknown_outcome() {
 /// the event again under the same `webhook-id`; once fan-outs commit, it is recorded once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_sent_beside_a_fan_out_that_fails_to_commit_loses_nothing() {
-    let db = TestDb::create().await;
-    let receiver = Receiver::ok().await;
-    let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
-    let postern = Postern::start(&config).await;
+    let (db, receiver, postern) = one_endpoint().await;
     let client = db.client().await;
     // The deliveries' insert (the fan-out's second round trip) fails, slowly, while the flag
     // row exists: the request is on its way before the failure is known.

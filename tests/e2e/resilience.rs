@@ -167,10 +167,7 @@ async fn polling_delivers_without_notify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_listener_reconnects_and_polling_covers_the_gap() {
-    let db = TestDb::create().await;
-    let receiver = Receiver::ok().await;
-    let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
-    let postern = Postern::start(&config).await;
+    let (db, receiver, postern) = one_endpoint().await;
     postern
         .wait_log("listening for outbox notifications", Duration::from_secs(5))
         .await;
