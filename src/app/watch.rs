@@ -152,7 +152,7 @@ async fn connect_probe(
     mode: db::SessionMode,
     name: &str,
 ) -> Option<tokio_postgres::Client> {
-    let mut config: tokio_postgres::Config = url.parse().ok()?;
+    let mut config = db::parse_url(url).ok()?;
     config
         .application_name(name)
         .connect_timeout(std::time::Duration::from_secs(2));

@@ -29,7 +29,8 @@ pub struct DatabaseConfig {
     #[serde(default = "defaults::pool_size")]
     pub pool_size: usize,
     /// Verify the server's TLS certificate and host name (libpq's verify-full) against the Mozilla
-    /// roots. Whether to use TLS at all is the URL's `sslmode` (disable / prefer / require).
+    /// roots. Whether to use TLS at all is the URL's `sslmode` (disable / prefer / require; with
+    /// none, `prefer`, except on loopback: see [`tls_skipped`]).
     #[serde(default)]
     pub tls_verify: bool,
     /// PEM CA certificates to verify the server against (implies `tls_verify`), e.g. a cloud
@@ -81,4 +82,35 @@ impl DatabaseConfig {
             _ => self.url(),
         }
     }
+}
+
+/// Whether a connection to `url` goes without TLS although the URL does not say `sslmode=disable`:
+/// it names no `sslmode` and every host is on this machine (a loopback address, `localhost` or a
+/// Unix socket). There libpq's default, `prefer`, protects nothing (it verifies nothing, falls back
+/// to plain text when the server declines, and loopback traffic never leaves the host) and costs
+/// every round trip an encryption on each side. A URL that names any `sslmode` is followed as
+/// written.
+pub fn tls_skipped(url: &str) -> bool {
+    if url.contains("sslmode") {
+        return false;
+    }
+    let Ok(pg) = url.parse::<tokio_postgres::Config>() else {
+        return false;
+    };
+    let local = |host: &tokio_postgres::config::Host| match host {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        #[cfg(unix)]
+        tokio_postgres::config::Host::Unix(_) => true,
+    };
+    let hosts = pg.get_hosts();
+    !hosts.is_empty()
+        && hosts.iter().all(local)
+        && pg.get_hostaddrs().iter().all(|ip| ip.is_loopback())
 }

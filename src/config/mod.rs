@@ -13,7 +13,7 @@ mod operations;
 mod outbound;
 mod values;
 
-pub use database::DatabaseConfig;
+pub use database::{tls_skipped, DatabaseConfig};
 pub use endpoints::{EndpointConfig, SignatureScheme};
 pub use flow::{breaker_defaults, BreakerConfig, RateLimit};
 pub use inbound::{InboundConfig, RespondWith, RouteConfig};
@@ -284,6 +284,18 @@ impl Config {
                         "database.listen_url: not a Postgres connection string ({e})"
                     ));
                 }
+            }
+        }
+        let verify = self.database.tls_verify || self.database.ca_file.is_some();
+        let listen_url = self.database.listen_url.as_ref().map(Secret::expose);
+        for (key, url) in [
+            ("url", Some(self.database.url())),
+            ("listen_url", listen_url),
+        ] {
+            if verify && url.is_some_and(tls_skipped) {
+                p.push(format!(
+                    "database.{key}: names a database on this machine and no sslmode, so Postern would not use TLS, but tls_verify or ca_file asks for a verified certificate: add sslmode=require to the URL (or drop the verification)"
+                ));
             }
         }
         if !is_schema_name(&self.database.schema) {

@@ -131,3 +131,50 @@ fn url_passwords_are_masked() {
         assert!(!shown.contains("secret"), "{shown}");
     }
 }
+
+#[test]
+fn tls_is_skipped_only_on_this_machine_and_only_when_no_sslmode_is_named() {
+    for local in [
+        "postgres://u@127.0.0.1:5432/db",
+        "postgres://u@127.0.0.2/db",
+        "postgres://u@localhost/db?application_name=x",
+        "postgres://u@[::1]:5432/db",
+        "host=127.0.0.1 user=u dbname=db",
+        "host=/var/run/postgresql user=u",
+        "host=localhost,127.0.0.1 user=u",
+    ] {
+        assert!(super::tls_skipped(local), "{local}");
+    }
+    for kept in [
+        // Named, whatever it says.
+        "postgres://u@127.0.0.1/db?sslmode=prefer",
+        "postgres://u@127.0.0.1/db?sslmode=require",
+        "host=localhost sslmode=prefer",
+        // Another machine, or one of several hosts elsewhere.
+        "postgres://u@db.internal/db",
+        "postgres://u@10.0.0.5/db",
+        "host=localhost,db.internal user=u",
+        // Named localhost, connecting to an address elsewhere.
+        "host=localhost hostaddr=10.0.0.5 user=u",
+        // Not a connection string: left to the parser's own error.
+        "not a url at all",
+    ] {
+        assert!(!super::tls_skipped(kept), "{kept}");
+    }
+}
+
+#[test]
+fn verification_asked_where_tls_would_be_skipped_is_refused_by_key() {
+    let err = Config::from_toml_str(&format!("{MINIMAL}tls_verify = true\n")).unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.starts_with("database.url: names a database on this machine and no sslmode")),
+        "{err}"
+    );
+    let named = MINIMAL.replace("/postgres\"", "/postgres?sslmode=require\"");
+    assert!(Config::from_toml_str(&format!("{named}tls_verify = true\n")).is_ok());
+    let elsewhere = MINIMAL.replace("127.0.0.1", "db.internal");
+    assert!(Config::from_toml_str(&format!("{elsewhere}ca_file = \"/ca.pem\"\n")).is_ok());
+}

@@ -104,6 +104,17 @@ impl SessionMode {
     }
 }
 
+/// Parses a connection string as every connection of Postern reads it: as libpq would, except
+/// that a database on this machine named with no `sslmode` is reached without TLS
+/// ([`crate::config::tls_skipped`]).
+pub fn parse_url(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+    let mut pg: tokio_postgres::Config = url.parse()?;
+    if crate::config::tls_skipped(url) {
+        pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
+    Ok(pg)
+}
+
 /// Prepares a connection config: the TCP keepalives, and `settings` as startup options (in
 /// `Startup` mode). Returns the `SET` statements to run after connecting (in `Set` mode).
 pub fn bound_session(
@@ -149,7 +160,7 @@ pub fn pool_with(
     tls: &tls::Tls,
     mode: SessionMode,
 ) -> anyhow::Result<Pool> {
-    let mut pg: tokio_postgres::Config = url.parse().context("database.url")?;
+    let mut pg = parse_url(url).context("database.url")?;
     let set = bound_session(&mut pg, SESSION_SETTINGS, mode);
     build_pool(pg, size, tls, set)
 }
@@ -162,7 +173,7 @@ pub fn inbox_pool(
     tls: &tls::Tls,
     mode: SessionMode,
 ) -> anyhow::Result<Pool> {
-    let mut pg: tokio_postgres::Config = url.parse().context("database.url")?;
+    let mut pg = parse_url(url).context("database.url")?;
     let settings: Vec<(&str, &str)> = SESSION_SETTINGS
         .iter()
         .copied()
@@ -198,7 +209,7 @@ pub fn pipeline_pool(url: &str, tls: &tls::Tls) -> anyhow::Result<Pool> {
 
 /// [`pipeline_pool`], with the session settings applied as `mode` says.
 pub fn pipeline_pool_with(url: &str, tls: &tls::Tls, mode: SessionMode) -> anyhow::Result<Pool> {
-    let mut pg: tokio_postgres::Config = url.parse().context("database.url")?;
+    let mut pg = parse_url(url).context("database.url")?;
     let settings: Vec<(&str, &str)> = SESSION_SETTINGS
         .iter()
         .copied()

@@ -89,7 +89,7 @@ async fn listen_once(
     metrics: &Metrics,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut config: tokio_postgres::Config = url.parse()?;
+    let mut config = crate::db::parse_url(url)?;
     config
         .application_name("postern-listener")
         .connect_timeout(Duration::from_secs(5));

@@ -410,6 +410,15 @@ async fn retention_prunes_what_is_old_and_nothing_else() {
     );
 }
 
+/// Postern's connections that are encrypted (`true`) or not, by application name.
+async fn postern_connections(client: &tokio_postgres::Client, name: &str, ssl: bool) -> i64 {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+         WHERE a.application_name = '{name}' AND a.datname = current_database() AND s.ssl = {ssl}"
+    );
+    scalar(client, &sql).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connections_use_tls_when_offered_and_verify_when_asked() {
     let db = TestDb::create().await;
@@ -417,22 +426,65 @@ async fn postgres_connections_use_tls_when_offered_and_verify_when_asked() {
     let ssl_on: String = client.query_one("SHOW ssl", &[]).await.unwrap().get(0);
     let receiver = Receiver::ok().await;
     let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
+    let host = url::Url::parse(&db.url)
+        .unwrap()
+        .host_str()
+        .unwrap()
+        .to_string();
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let prefer = config.replace(&db.url, &format!("{}?sslmode=prefer", db.url));
     if ssl_on == "on" {
-        // sslmode=prefer (the default): encrypted.
-        let postern = Postern::start(&config).await;
+        if loopback {
+            // A database on this machine and no sslmode: no TLS, which protects nothing there.
+            let postern = Postern::start(&config).await;
+            postern
+                .wait_log("listening for outbox notifications", Duration::from_secs(5))
+                .await;
+            publish_one(&client, "tls.plain", serde_json::json!({})).await;
+            receiver.wait_count(1, Duration::from_secs(5)).await;
+            assert_eq!(
+                postern_connections(&client, "postern-listener", false).await,
+                1
+            );
+            assert!(postern_connections(&client, "postern-pipeline", false).await >= 1);
+            assert_eq!(
+                postern_connections(&client, "postern-listener", true).await,
+                0
+            );
+            assert_eq!(
+                postern_connections(&client, "postern-pipeline", true).await,
+                0
+            );
+            drop(postern);
+            // ... and verification asked without an sslmode is refused by name, not ignored.
+            let verify = config.replace("pool_size = 4\n", "pool_size = 4\ntls_verify = true\n");
+            let mut postern = Postern::spawn(&verify, &[]);
+            assert!(!postern.wait_exit(Duration::from_secs(10)).await.success());
+            assert!(
+                postern
+                    .logs()
+                    .contains("database.url: names a database on this machine and no sslmode"),
+                "{}",
+                postern.logs()
+            );
+        }
+        // sslmode=prefer, named: encrypted.
+        let postern = Postern::start(&prefer).await;
         postern
             .wait_log("listening for outbox notifications", Duration::from_secs(5))
             .await;
-        let encrypted = scalar(
-            &client,
-            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
-             WHERE a.application_name = 'postern-listener' AND a.datname = current_database() AND s.ssl",
-        )
-        .await;
-        assert_eq!(encrypted, 1, "the listener connection is not encrypted");
+        assert_eq!(
+            postern_connections(&client, "postern-listener", true).await,
+            1,
+            "the listener connection is not encrypted"
+        );
         drop(postern);
         // Verification on: this server's self-signed certificate is refused, and said so.
-        let verify = config.replace("pool_size = 4\n", "pool_size = 4\ntls_verify = true\n");
+        let verify = prefer.replace("pool_size = 4\n", "pool_size = 4\ntls_verify = true\n");
         let postern = Postern::spawn(&verify, &[]);
         postern
             .wait_log("database unreachable; retrying", Duration::from_secs(10))
