@@ -84,7 +84,7 @@ async fn listen_once(
     tls: &Tls,
     mode: crate::db::SessionMode,
     channels: &Channels,
-    signals: &Signals,
+    signals: &Arc<Signals>,
     capacity: &Capacity,
     metrics: &Metrics,
     cancel: &CancellationToken,
@@ -95,12 +95,19 @@ async fn listen_once(
         .connect_timeout(Duration::from_secs(5));
     let set = crate::db::bound_session(&mut config, crate::db::SESSION_SETTINGS, mode);
     let (client, mut connection) = config.connect(tls.clone()).await?;
-    // The connection's plain Future drops notifications; poll_message hands them to us.
+    // The connection's plain Future drops notifications; poll_message hands them to us. An outbox
+    // wake-up rings the dispatcher from here, the task that read it: it is the hot path from the
+    // app's commit to a delivery, and every task it passes through is one more wake-up.
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let outbox_channel = channels.outbox.clone();
+    let wake = signals.clone();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
+                Ok(AsyncMessage::Notification(n)) if n.channel() == outbox_channel => {
+                    wake.outbox_changed.notify_one();
+                }
                 Ok(AsyncMessage::Notification(n)) => {
                     if tx.send(n).is_err() {
                         break;
@@ -131,8 +138,7 @@ async fn listen_once(
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 message = rx.recv() => match message {
-                    Some(n) if n.channel() == channels.endpoints => endpoint_changed(capacity, &signals.sweep_now, n.payload()),
-                    Some(_) => signals.outbox_changed.notify_one(),
+                    Some(n) => endpoint_changed(capacity, &signals.sweep_now, n.payload()),
                     None => anyhow::bail!("listener connection closed"),
                 },
                 // A silently dead connection would never deliver another notification.
