@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::{app_commit, connect, percentile, Bench, Figure};
 
 /// Commit times by event id.
-type Commits = Arc<Mutex<HashMap<String, Instant>>>;
+pub(crate) type Commits = Arc<Mutex<HashMap<String, Instant>>>;
 
 pub async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
     b.reset_database().await?;
@@ -96,14 +96,14 @@ fn postgres_cpu_seconds() -> Option<f64> {
     Some(total as f64 / ticks)
 }
 
-fn start_recording(b: &Bench) -> Commits {
+pub(crate) fn start_recording(b: &Bench) -> Commits {
     *b.sink.receipts.lock().unwrap() = Some(HashMap::new());
     b.sink.expect(u64::MAX);
     Arc::default()
 }
 
 /// 8 writers committing at `rate` in total, each at its own slot, for the scenario's time.
-async fn paced(b: &Bench, rate: u32, commits: Commits) -> anyhow::Result<()> {
+pub(crate) async fn paced(b: &Bench, rate: u32, commits: Commits) -> anyhow::Result<()> {
     let writers = 8usize;
     let n = (rate as f64 * b.sizes.latency_secs) as u64;
     let start = Instant::now() + Duration::from_millis(100);
@@ -162,7 +162,7 @@ async fn burst(b: &Bench, n: u64, commits: Commits) -> anyhow::Result<()> {
 }
 
 /// Waits (at most 30 s) for every committed event, then each one's latency in ms, sorted.
-async fn receipts(b: &Bench, commits: &Commits) -> Vec<f64> {
+pub(crate) async fn receipts(b: &Bench, commits: &Commits) -> Vec<f64> {
     let expected = commits.lock().unwrap().len();
     let deadline = Instant::now() + Duration::from_secs(30);
     while b

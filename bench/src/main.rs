@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_postgres::NoTls;
 
+mod floor;
 mod inbox;
 mod latency;
 
@@ -42,7 +43,7 @@ struct Args {
     /// Where the JSON results go.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
-    /// Run only these scenarios (1-7); default all.
+    /// Run only these scenarios (1-8); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u32>,
     /// The notify throttle of the throttled trigger in every scenario but the write path (which
@@ -52,6 +53,10 @@ struct Args {
     /// Leave the scratch database behind after the run, for inspection.
     #[arg(long)]
     keep_database: bool,
+    /// Scenario 8's relay makes its round trip in the shape of Postern's first one (a transaction,
+    /// a planner setting, a shared lock, the take, an endpoint read), not a single statement.
+    #[arg(long)]
+    floor_postern_shape: bool,
     /// An nginx binary: scenario 5 then also sends the same load through nginx proxying to the
     /// same upstream (no verification), a reference for what any proxy costs on this machine.
     #[arg(long)]
@@ -1112,6 +1117,16 @@ async fn main() -> anyhow::Result<()> {
         let mut f = Vec::new();
         latency::latency(&bench, &mut f).await?;
         sections.push(("4. latency", f));
+    }
+    if wanted(8) {
+        let mut f = Vec::new();
+        floor::floor(&bench, &mut f).await?;
+        let title = if bench.args.floor_postern_shape {
+            "8. floor: Postern's first round trip after each commit, no Postern"
+        } else {
+            "8. floor: one statement after each commit, no Postern"
+        };
+        sections.push((title, f));
     }
     if wanted(5) {
         let mut f = Vec::new();
