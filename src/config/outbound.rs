@@ -10,7 +10,8 @@ use super::{defaults, BreakerConfig, ByteSize, Dur, RateLimit};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NotifyMode {
-    /// At most one NOTIFY per `notify_throttle`, clocked by a sequence (no row lock held).
+    /// Each commit of a sparse stream announced; a dense one at most once per `notify_throttle`,
+    /// clocked by a sequence (no row lock held).
     #[default]
     Throttled,
     /// One NOTIFY per INSERT statement: simplest, costly under concurrent writers.

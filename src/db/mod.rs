@@ -33,6 +33,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "attempt_headers",
         include_str!("migrations/0007_attempt_headers.sql"),
     ),
+    (
+        8,
+        "notify_mark",
+        include_str!("migrations/0008_notify_mark.sql"),
+    ),
 ];
 
 /// The schema version this binary needs.
@@ -351,7 +356,8 @@ pub async fn migrate(
                  ON __SCHEMA__.outbox TO \"{role}\";
              GRANT SELECT (event_id) ON __SCHEMA__.outbox TO \"{role}\";
              GRANT EXECUTE ON FUNCTION __SCHEMA__.publish(text, jsonb, text, text, text, jsonb) TO \"{role}\";
-             GRANT USAGE, SELECT, UPDATE ON SEQUENCE __SCHEMA__.notify_clock TO \"{role}\";"
+             GRANT USAGE, SELECT, UPDATE ON SEQUENCE __SCHEMA__.notify_clock, __SCHEMA__.notify_mark, __SCHEMA__.notify_mark_at TO \"{role}\";
+             GRANT SELECT ON SEQUENCE __SCHEMA__.outbox_id_seq TO \"{role}\";"
         ));
         tx.batch_execute(&grant)
             .await
@@ -432,8 +438,13 @@ impl NotifySetting {
 
 /// The shape of the trigger this build installs, recorded with the setting: an upgrade replaces a
 /// trigger an earlier build installed even when mode and throttle are unchanged. 2: the throttle
-/// compares window numbers (1 compared milliseconds with a sliding window).
-const TRIGGER_SHAPE: u32 = 2;
+/// compared window numbers (1 compared milliseconds with a sliding window). 3: a deadline, with a
+/// short window after a wake-up that covered one event.
+const TRIGGER_SHAPE: u32 = 3;
+
+/// The window after a wake-up that covered a single event (capped by the throttle): commits further
+/// apart than this, up to about 500/s, are each announced at once.
+pub const SPARSE_WINDOW: Duration = Duration::from_millis(2);
 
 /// Installs the outbox trigger for `wanted`. With `force` (the `migrate` command) it always
 /// installs; otherwise (startup) it installs only when none was installed yet and returns the
@@ -471,14 +482,19 @@ pub async fn install_notify(
     // deciding to call the function at all: inside a window (nearly every commit under load) no
     // plpgsql runs. Postgres parses the clause from its stored node text on every INSERT statement,
     // so its size is a cost on the app's commit path (3.7 kB of node text for a sliding window
-    // cost 6 % of the bare insert rate against 1.4 kB for this): the clock is a window number,
-    // compared once, with a typed constant that needs no cast node. The sequence remembers the
-    // last window a wake-up was sent in; a clock never set or set to another window (by hand, or
-    // the system clock stepped) is simply different, so nothing can silence wake-ups.
-    let window = format!(
-        "(date_part('epoch', clock_timestamp()) * '{:?}'::float8)::bigint",
-        1000.0 / wanted.throttle_ms as f64
-    );
+    // cost 6 % of the bare insert rate against 1.4 kB for window numbers): one clock read, one
+    // subtraction, one shift. The sequence holds the last microsecond of the current window; the
+    // clause is false (no wake-up) only while that lies between now and now + 2^bits, the first
+    // power of two of microseconds past the longest window, so a clock never set, or set ahead
+    // (by hand, or the system clock stepped back), cannot silence wake-ups for longer than that.
+    // The function picks the next window: short when the commits since the previous wake-up came
+    // further apart on average than the short window (the outbox identity moved by at most one
+    // per short window since then: a sparse stream, announced commit by commit), the throttle
+    // otherwise, and tells listeners which in the payload.
+    let now = "(date_part('epoch', clock_timestamp()) * '1000000'::float8)::bigint";
+    let long = wanted.throttle_ms.max(1) * 1000;
+    let short = (SPARSE_WINDOW.as_micros() as u64).min(long);
+    let bits = 64 - (long - 1).leading_zeros();
     let (body, when) = match wanted.mode.as_str() {
         "statement" => (
             format!("BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END"),
@@ -486,15 +502,23 @@ pub async fn install_notify(
         ),
         "throttled" => (
             format!(
-                "BEGIN
-                   PERFORM setval('__SCHEMA__.notify_clock', {window});
-                   PERFORM pg_notify('{channel}', '');
+                "DECLARE
+                   now_us bigint := {now};
+                   events bigint := pg_sequence_last_value('__SCHEMA__.outbox_id_seq'::regclass);
+                   since bigint := events - coalesce(pg_sequence_last_value('__SCHEMA__.notify_mark'::regclass), 0);
+                   elapsed bigint := now_us - coalesce(pg_sequence_last_value('__SCHEMA__.notify_mark_at'::regclass), 0);
+                   window_us bigint := CASE WHEN elapsed >= since * {short} THEN {short} ELSE {long} END;
+                 BEGIN
+                   PERFORM setval('__SCHEMA__.notify_mark', events);
+                   PERFORM setval('__SCHEMA__.notify_mark_at', now_us);
+                   PERFORM setval('__SCHEMA__.notify_clock', now_us + window_us - 1);
+                   PERFORM pg_notify('{channel}', window_us::text);
                    RETURN NULL;
                  END"
             ),
             format!(
-                "WHEN (pg_sequence_last_value('__SCHEMA__.notify_clock'::regclass)
-                       IS DISTINCT FROM {window})"
+                "WHEN (((pg_sequence_last_value('__SCHEMA__.notify_clock'::regclass) - {now}) >> {bits})
+                       IS DISTINCT FROM 0)"
             ),
         ),
         _ => (String::new(), String::new()),

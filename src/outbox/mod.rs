@@ -6,6 +6,7 @@
 pub mod dispatcher;
 pub mod glob;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,9 @@ use dispatcher::Dispatcher;
 pub struct Signals {
     /// Rung by the listener: something was committed to the outbox.
     pub outbox_changed: Notify,
+    /// The window the last wake-up opened, in microseconds, as its payload said (0: not said, an
+    /// earlier build's trigger: the configured throttle).
+    pub outbox_window_us: AtomicU64,
     /// Rung by the dispatcher: new deliveries wait in the table to be claimed.
     pub deliveries_ready: Arc<Notify>,
     /// Rung by the worker when an endpoint answered 410: the housekeeper pauses its backlog now.
@@ -106,6 +110,8 @@ async fn listen_once(
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(n)) if n.channel() == outbox_channel => {
+                    let window = n.payload().parse().unwrap_or(0);
+                    wake.outbox_window_us.store(window, Ordering::Relaxed);
                     wake.outbox_changed.notify_one();
                 }
                 Ok(AsyncMessage::Notification(n)) => {
@@ -211,7 +217,11 @@ pub async fn dispatch_loop(
             _ = signals.outbox_changed.notified() => {
                 // Past the trigger's window by two probe intervals, so the last probe comes
                 // after the window a commit could have gone unannounced in.
-                window_end = Some(Instant::now() + throttle + 2 * PROBE_EVERY);
+                let window = match signals.outbox_window_us.load(Ordering::Relaxed) {
+                    0 => throttle,
+                    us => Duration::from_micros(us).min(throttle),
+                };
+                window_end = Some(Instant::now() + window + 2 * PROBE_EVERY);
                 probe_misled = false;
                 true
             }

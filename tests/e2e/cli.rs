@@ -487,7 +487,8 @@ async fn count_notifications(url: &str) -> (tokio_postgres::Client, Arc<AtomicUs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_throttled_trigger_announces_once_per_window_and_upgrades_replace_an_old_one() {
+async fn the_throttled_trigger_announces_sparse_commits_throttles_dense_ones_and_upgrades_replace_an_old_one(
+) {
     let db = TestDb::create().await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
@@ -510,27 +511,47 @@ async fn the_throttled_trigger_announces_once_per_window_and_upgrades_replace_an
         }
     };
 
-    // A burst of commits inside well under one window: one wake-up, two if it straddles a
-    // window's edge; never one per commit.
+    // Sparse commits (further apart than the short window after a wake-up that covered one event)
+    // are each announced at once.
+    for i in 0..3 {
+        publish_one(&client, "order.created", json!({ "i": i })).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(settle(3).await, 3);
+    // A dense stream (1,000 events in 50 ms, far more than one per short window) is throttled:
+    // its wake-up opens the whole 400 ms window, and the commits inside it are not announced.
+    client
+        .batch_execute(
+            "INSERT INTO postern.outbox (event_type, payload)
+             SELECT 'order.created', '{}' FROM generate_series(1, 1000)",
+        )
+        .await
+        .unwrap();
+    let dense = std::time::Instant::now();
     for i in 0..10 {
         publish_one(&client, "order.created", json!({ "i": i })).await;
     }
-    let burst = settle(1).await;
     assert!(
-        (1..=2).contains(&burst),
-        "{burst} notifications for 10 commits"
+        dense.elapsed() < Duration::from_millis(300),
+        "the commits took {:?}, not inside the window",
+        dense.elapsed()
     );
-    // A commit in a later window is announced again.
+    assert_eq!(
+        settle(4).await,
+        4,
+        "a commit inside the window was announced"
+    );
+    // A commit after the window is announced again.
     tokio::time::sleep(Duration::from_millis(900)).await;
     publish_one(&client, "order.created", json!({})).await;
-    assert_eq!(settle(burst + 1).await, burst + 1);
+    assert_eq!(settle(5).await, 5);
     // A clock set ahead (by hand, or a stepped system clock) cannot silence wake-ups.
     client
         .batch_execute("SELECT setval('postern.notify_clock', 9000000000000000)")
         .await
         .unwrap();
     publish_one(&client, "order.created", json!({})).await;
-    assert_eq!(settle(burst + 2).await, burst + 2);
+    assert_eq!(settle(6).await, 6);
 
     // A database whose trigger an earlier build installed for the same setting: the next start
     // replaces it (not only `migrate`), and records the shape it installed.
@@ -562,7 +583,7 @@ async fn the_throttled_trigger_announces_once_per_window_and_upgrades_replace_an
         .get(0);
     assert!(definition.contains("IS DISTINCT FROM"), "{definition}");
     let setting = notify_setting(&client).await;
-    assert_eq!(setting, "throttled:400:2");
+    assert_eq!(setting, "throttled:400:3");
     assert!(!postern
         .logs()
         .contains("differs from the trigger installed"));
