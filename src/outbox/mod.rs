@@ -28,8 +28,9 @@ use dispatcher::Dispatcher;
 pub struct Signals {
     /// Rung by the listener: something was committed to the outbox.
     pub outbox_changed: Notify,
-    /// The window the last wake-up opened, in microseconds, as its payload said (0: not said, an
-    /// earlier build's trigger: the configured throttle).
+    /// The window the last wake-up opened, in microseconds, as its payload said (0: none, the
+    /// stream is sparse and every commit is announced; `u64::MAX`: not said, an earlier build's
+    /// trigger, so the configured throttle).
     pub outbox_window_us: AtomicU64,
     /// Rung by the dispatcher: new deliveries wait in the table to be claimed.
     pub deliveries_ready: Arc<Notify>,
@@ -110,7 +111,7 @@ async fn listen_once(
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(n)) if n.channel() == outbox_channel => {
-                    let window = n.payload().parse().unwrap_or(0);
+                    let window = n.payload().parse().unwrap_or(u64::MAX);
                     wake.outbox_window_us.store(window, Ordering::Relaxed);
                     wake.outbox_changed.notify_one();
                 }
@@ -217,10 +218,8 @@ pub async fn dispatch_loop(
             _ = signals.outbox_changed.notified() => {
                 // Past the trigger's window by two probe intervals, so the last probe comes
                 // after the window a commit could have gone unannounced in.
-                let window = match signals.outbox_window_us.load(Ordering::Relaxed) {
-                    0 => throttle,
-                    us => Duration::from_micros(us).min(throttle),
-                };
+                let said = signals.outbox_window_us.load(Ordering::Relaxed);
+                let window = Duration::from_micros(said).min(throttle);
                 window_end = Some(Instant::now() + window + 2 * PROBE_EVERY);
                 probe_misled = false;
                 true
