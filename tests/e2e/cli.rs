@@ -511,8 +511,8 @@ async fn the_throttled_trigger_announces_sparse_commits_throttles_dense_ones_and
         }
     };
 
-    // Sparse commits (further apart than the short window after a wake-up that covered one event)
-    // are each announced at once.
+    // Sparse commits (further apart than 2 ms on average since the previous wake-up) are each
+    // announced at once.
     for i in 0..3 {
         publish_one(&client, "order.created", json!({ "i": i })).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
