@@ -1,4 +1,5 @@
-//! The database: the connection pool, the embedded versioned migrations and the notify trigger.
+//! The database: the connection pool and the embedded versioned migrations (the notify trigger in
+//! `notify`).
 //! Invariant: every SQL text that names Postern's schema is built here from a validated schema
 //! name, and migrations run one replica at a time under a transaction-scoped advisory lock (which
 //! works through pgbouncer too).
@@ -7,10 +8,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+mod notify;
 pub mod tls;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{is_schema_name, Config, NotifyMode};
+use crate::config::is_schema_name;
+pub use notify::{install_notify, listens, NotifySetting, SPARSE_GAP};
 
 /// Embedded migrations, applied in order; a version once released never changes.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -402,172 +405,6 @@ pub async fn schema_version(
         )
         .await?;
     Ok(row.get(0))
-}
-
-/// What the database's trigger does now, as `migrate` installed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NotifySetting {
-    pub mode: String,
-    pub throttle_ms: u64,
-}
-
-impl NotifySetting {
-    pub fn from_config(config: &Config) -> Self {
-        Self {
-            mode: config.outbound.notify.as_str().to_string(),
-            throttle_ms: config.outbound.notify_throttle.0.as_millis().max(1) as u64,
-        }
-    }
-
-    fn encode(&self) -> String {
-        format!("{}:{}:{TRIGGER_SHAPE}", self.mode, self.throttle_ms)
-    }
-
-    /// The setting and the shape of the trigger that was installed for it (1 when not recorded).
-    fn decode(s: &str) -> Option<(Self, u32)> {
-        let mut parts = s.split(':');
-        let mode = parts.next()?.to_string();
-        let throttle_ms = parts.next()?.parse().ok()?;
-        let shape = match parts.next() {
-            None => 1,
-            Some(v) => v.parse().ok()?,
-        };
-        Some((Self { mode, throttle_ms }, shape))
-    }
-}
-
-/// The shape of the trigger this build installs, recorded with the setting: an upgrade replaces a
-/// trigger an earlier build installed even when mode and throttle are unchanged. 2: the throttle
-/// compares window numbers (1 compared milliseconds with a sliding window); 3: as 2, and no
-/// window at all while the stream is sparse.
-const TRIGGER_SHAPE: u32 = 3;
-
-/// A stream whose events came at most one per this long on average since the previous wake-up is
-/// sparse: each of its commits is announced (capped by the throttle). So a stream of up to about
-/// 500 events/s is announced commit by commit.
-pub const SPARSE_GAP: Duration = Duration::from_millis(2);
-
-/// Installs the outbox trigger for `wanted`. With `force` (the `migrate` command) it always
-/// installs; otherwise (startup) it installs only when none was installed yet and returns the
-/// installed setting when it differs, so replicas configured differently warn instead of fighting.
-pub async fn install_notify(
-    pool: &Pool,
-    schema: &Schema,
-    wanted: &NotifySetting,
-    force: bool,
-) -> anyhow::Result<Option<NotifySetting>> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&format!("postern.migrate.{}", schema.name())],
-    )
-    .await?;
-    let current = tx
-        .query_opt(
-            &schema.sql("SELECT value FROM __SCHEMA__.settings WHERE key = 'notify'"),
-            &[],
-        )
-        .await?
-        .and_then(|r| NotifySetting::decode(r.get(0)));
-    if let Some((current, shape)) = &current {
-        if current == wanted && *shape == TRIGGER_SHAPE {
-            return Ok(None);
-        }
-        if current != wanted && !force {
-            return Ok(Some(current.clone()));
-        }
-    }
-    let channel = schema.channel();
-    // The throttle lives in the trigger's WHEN clause, which the executor evaluates before
-    // deciding to call the function at all: inside a window (nearly every commit under load) no
-    // plpgsql runs. Postgres parses the clause from its stored node text on every INSERT statement,
-    // so its size is a cost on the app's commit path (3.7 kB of node text for a sliding window
-    // cost 6 % of the bare insert rate against 1.4 kB for this, and a deadline compared with two
-    // more operators cost about 2 % of the app-shaped rate): the clock is a window number,
-    // compared once, with a typed constant that needs no cast node. The sequence remembers the
-    // last window a wake-up was sent in; a clock never set or set to another window (by hand, or
-    // the system clock stepped) is simply different, so nothing can silence wake-ups.
-    // The function first closes the window (so few commits race it through), then looks at what
-    // happened since the previous wake-up: when the events came further apart on average than
-    // `SPARSE_GAP` (a sparse stream), it sets the clock to 0, a window that never comes, so the
-    // next commit is announced too, whenever it comes; the first commit that comes sooner than
-    // that after the previous one finds the stream dense and leaves the window closed. A commit
-    // that raced the previous wake-up through the clause (the identity has not moved since) counts
-    // as dense. The payload says which: `0` for sparse, the window in microseconds for dense.
-    let window = format!(
-        "(date_part('epoch', clock_timestamp()) * '{:?}'::float8)::bigint",
-        1000.0 / wanted.throttle_ms as f64
-    );
-    let now = "(date_part('epoch', clock_timestamp()) * '1000000'::float8)::bigint";
-    let long = wanted.throttle_ms.max(1) * 1000;
-    let gap = (SPARSE_GAP.as_micros() as u64).min(long);
-    let (body, when) = match wanted.mode.as_str() {
-        "statement" => (
-            format!("BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END"),
-            String::new(),
-        ),
-        "throttled" => (
-            format!(
-                "DECLARE
-                   now_us bigint := {now};
-                   events bigint;
-                   since bigint;
-                   window_us bigint := {long};
-                 BEGIN
-                   PERFORM setval('__SCHEMA__.notify_clock', {window});
-                   events := pg_sequence_last_value('__SCHEMA__.outbox_id_seq'::regclass);
-                   since := events - coalesce(pg_sequence_last_value('__SCHEMA__.notify_mark'::regclass), 0);
-                   IF since > 0 AND now_us - coalesce(pg_sequence_last_value('__SCHEMA__.notify_mark_at'::regclass), 0)
-                                    >= since * {gap} THEN
-                     window_us := 0;
-                     PERFORM setval('__SCHEMA__.notify_clock', 0);
-                   END IF;
-                   PERFORM setval('__SCHEMA__.notify_mark', events);
-                   PERFORM setval('__SCHEMA__.notify_mark_at', now_us);
-                   PERFORM pg_notify('{channel}', window_us::text);
-                   RETURN NULL;
-                 END"
-            ),
-            format!(
-                "WHEN (pg_sequence_last_value('__SCHEMA__.notify_clock'::regclass)
-                       IS DISTINCT FROM {window})"
-            ),
-        ),
-        _ => (String::new(), String::new()),
-    };
-    tx.batch_execute(&schema.sql("DROP TRIGGER IF EXISTS outbox_notify ON __SCHEMA__.outbox;"))
-        .await?;
-    if !body.is_empty() {
-        // Invoker's rights and no SET clause: a function-level SET costs a configuration save and
-        // restore on every call, on the app's commit path. Publishers get rights on the clock
-        // sequence instead (see `migrate`).
-        tx.batch_execute(&schema.sql(&format!(
-            "CREATE OR REPLACE FUNCTION __SCHEMA__.outbox_notify() RETURNS trigger
-               LANGUAGE plpgsql
-             AS $fn$ {body} $fn$;
-             REVOKE EXECUTE ON FUNCTION __SCHEMA__.outbox_notify() FROM PUBLIC;
-             CREATE TRIGGER outbox_notify AFTER INSERT ON __SCHEMA__.outbox
-               FOR EACH STATEMENT {when} EXECUTE FUNCTION __SCHEMA__.outbox_notify();"
-        )))
-        .await
-        .context("installing the outbox notify trigger")?;
-    }
-    tx.execute(
-        &schema.sql(
-            "INSERT INTO __SCHEMA__.settings (key, value) VALUES ('notify', $1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        ),
-        &[&wanted.encode()],
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(None)
-}
-
-/// Whether the notify mode needs a LISTEN connection at all.
-pub fn listens(mode: NotifyMode) -> bool {
-    mode != NotifyMode::None
 }
 
 /// The outbox's payload limit, named so the app's error says what it broke: an INSERT over it
