@@ -91,17 +91,24 @@ impl Browser {
             .unwrap();
     }
 
-    /// Waits for `css` and returns its text.
+    /// Waits for `css` and returns its text (found afresh until read: a re-render between
+    /// finding the element and reading it leaves a stale reference).
     async fn text(&self, css: &str) -> String {
-        match self
-            .client
-            .wait()
-            .at_most(Duration::from_secs(20))
-            .for_element(Locator::Css(css))
-            .await
-        {
-            Ok(e) => e.text().await.unwrap(),
-            Err(e) => panic!("no {css}: {e}; the page says:\n{}", self.page_text().await),
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let error = match self.client.find(Locator::Css(css)).await {
+                Ok(e) => match e.text().await {
+                    Ok(t) => return t,
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                Instant::now() < deadline,
+                "no {css}: {error}; the page says:\n{}",
+                self.page_text().await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
