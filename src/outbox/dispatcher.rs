@@ -92,8 +92,14 @@ pub struct Dispatcher {
     /// `outbound.rate_limit` is set: every endpoint is limited, none takes the fast path.
     default_limited: bool,
     take: String,
-    /// Opens a pass: the transaction, its planner settings, the shared fan-out lock.
+    /// The shared fan-out lock.
+    lock: String,
+    /// Opens a pass: the transaction, its planner settings unless the session carries them
+    /// (`db::fan_out_pool_with`), the lock.
     begin: String,
+    /// After the take, when the transaction set the planner's settings: sequential scans on
+    /// again for the endpoint read.
+    reset: Option<&'static str>,
     keyed_waiting: String,
     waiting: String,
     take_keyed: String,
@@ -201,12 +207,12 @@ impl Dispatcher {
                  FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL"
             )),
             // The lock's key is made of the schema's name, an identifier; quoted all the same.
-            begin: format!(
-                "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;
-                 SET LOCAL enable_seqscan = off;
-                 SELECT pg_advisory_xact_lock_shared(hashtext('{}'))",
+            lock: format!(
+                "SELECT pg_advisory_xact_lock_shared(hashtext('{}'))",
                 schema.fan_out_lock_key().replace('\'', "''")
             ),
+            begin: String::new(),
+            reset: None,
             insert: schema.sql(
                 "INSERT INTO __SCHEMA__.deliveries
                     (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner,
@@ -220,6 +226,24 @@ impl Dispatcher {
                    AS u(id, outbox_id, event_id, event_type, endpoint_id, status, ordering_key)",
             ),
         }
+        .session_planned(false)
+    }
+
+    /// Whether the pool's sessions carry the pass's planner settings (`db::fan_out_pool_with`);
+    /// if not, each pass sets them in its transaction.
+    pub fn session_planned(mut self, planned: bool) -> Self {
+        if planned {
+            self.begin = format!("BEGIN; {}", self.lock);
+            self.reset = None;
+        } else {
+            self.begin = format!(
+                "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;
+                 SET LOCAL enable_seqscan = off; {}",
+                self.lock
+            );
+            self.reset = Some("SET LOCAL enable_seqscan = on");
+        }
+        self
     }
 
     /// Fans out one batch. Call again while it returns a full batch.
@@ -259,7 +283,8 @@ impl Dispatcher {
             client.prepare_cached(&self.insert),
             client.prepare_cached(self.ordering.advance_sql()),
         )?;
-        // Pipelined, four messages: all go out before any answer is awaited, and run in order.
+        // Pipelined, three or four messages: all go out before any answer is awaited, and run in
+        // order.
         // The lock (shared; an endpoint change takes it exclusively, see
         // `endpoints::exclude_fan_out`) comes first, so the endpoints are not about to change
         // under this pass. They are read inside the transaction, so an endpoint created before
@@ -269,15 +294,21 @@ impl Dispatcher {
         // cached while the outbox was small cannot keep scanning the whole table once it is large:
         // the take always walks the undispatched-rows index in `id` order. Not the endpoint read:
         // its table has no index to use instead, and a plan costed with sequential scans off is
-        // costed so high that the server compiles it (JIT) on every run. Every message is one more
-        // answer the server flushes and this side wakes for, so the settings and the lock share
-        // the first.
+        // costed so high that the server compiles it (JIT) on every run: sequential scans are on
+        // again for it, unless the session has JIT off (`db::fan_out_pool_with`), which also sets
+        // the plan settings once instead of in every pass. Every message is one more answer the
+        // server flushes and this side wakes for, so the settings and the lock share the first.
         let take_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
         let endpoint_params: [&(dyn ToSql + Sync); 1] = [&self.default_limited];
         let (_, mut rows, _, endpoint_rows) = futures_util::try_join!(
             client.batch_execute(&self.begin),
             client.query(&take, &take_params),
-            client.batch_execute("SET LOCAL enable_seqscan = on"),
+            async {
+                match self.reset {
+                    Some(reset) => client.batch_execute(reset).await,
+                    None => Ok(()),
+                }
+            },
             client.query(&endpoints, &endpoint_params),
         )?;
         // Claims take the gated statement only while some endpoint has a policy in force (seen
@@ -454,9 +485,9 @@ impl Dispatcher {
                 async { Ok(client.batch_execute("COMMIT").await?) },
             )
         };
-        tokio::pin!(second);
-        // Polled once, the round trip is on the wire; the requests start now, beside it.
-        let first_poll = futures_util::poll!(&mut second);
+        // The requests start first: they wait for nothing the second round trip does (an attempt
+        // records its outcome only once this commit is known, see `FanOutCommit`), and the
+        // worker picks them up while this task sends it.
         // Only a stopped worker drops the receiver; the leases then lapse and the reaper makes
         // these deliveries due again.
         if !handoffs.is_empty() && self.fast.handoff.send(handoffs).is_err() {
@@ -464,10 +495,7 @@ impl Dispatcher {
                 "the delivery worker has stopped; fresh deliveries wait for their lease to lapse"
             );
         }
-        let outcome = match first_poll {
-            std::task::Poll::Ready(outcome) => outcome,
-            std::task::Poll::Pending => second.await,
-        };
+        let outcome = second.await;
         committed.settle(outcome.is_ok());
         let (_, heads, _) = outcome?;
         pending += heads as usize;
