@@ -351,7 +351,6 @@ pub fn start(
     let o = &config.outbound;
     let mode = db::SessionMode::from_config(&config.database);
     let pool = db::pipeline_pool_with(config.database.url(), &tls, mode)?;
-    let fan_out_pool = db::fan_out_pool_with(config.database.url(), &tls, mode, DISPATCHERS)?;
     let signals = Arc::new(Signals::default());
     let mut tasks = Pipeline::new();
     let owner = Uuid::new_v4();
@@ -387,16 +386,14 @@ pub fn start(
         // Each loop's pass brings at most a sixteenth of the memory budget's worth of payloads
         // into memory (with the copies made from it, an eighth; two loops, a quarter).
         let dispatcher = Dispatcher::new(
-            fan_out_pool.clone(),
+            pool.clone(),
             schema,
             o.dispatch_batch,
             o.memory_budget.0 / 16,
-            o.max_payload.0,
             fast_path.clone(),
             Ordering::new(schema, o.ordering.on_failure),
             o.rate_limit.is_some(),
-        )
-        .session_planned(db::fan_out_session_planned(mode));
+        );
         tasks.spawn(
             "dispatcher",
             outbox::dispatch_loop(

@@ -194,12 +194,8 @@ pub fn inbox_pool(
     build_pool(pg, size, tls, set)
 }
 
-/// Connections the delivery pipeline keeps besides the fan-out's (claims, outcomes, housekeeping).
-pub const PIPELINE_CONNECTIONS: usize = 3;
-
-/// The pipeline's session settings, beside [`SESSION_SETTINGS`].
-const PIPELINE_SETTINGS: &[(&str, &str)] =
-    &[("synchronous_commit", "off"), ("enable_bitmapscan", "off")];
+/// Connections the delivery pipeline keeps (two fan-out loops, claims, outcomes, housekeeping).
+pub const PIPELINE_CONNECTIONS: usize = 5;
 
 /// The pipeline's own pool, whose sessions commit with `synchronous_commit = off`. Everything
 /// the pipeline writes can be derived again from rows the app committed durably: if the database
@@ -221,61 +217,21 @@ pub fn pipeline_pool(url: &str, tls: &tls::Tls) -> anyhow::Result<Pool> {
 
 /// [`pipeline_pool`], with the session settings applied as `mode` says.
 pub fn pipeline_pool_with(url: &str, tls: &tls::Tls, mode: SessionMode) -> anyhow::Result<Pool> {
-    let settings = [("plan_cache_mode", "force_custom_plan")];
-    pipeline_sessions(url, tls, mode, &settings, PIPELINE_CONNECTIONS)
-}
-
-/// The fan-out's pool, one connection per fan-out loop: the pipeline's sessions, on cached plans
-/// made with sequential scans off, and no JIT. Everything the fan-out runs takes a few rows by
-/// index or reads a small table, so a plan cached while the outbox was small can never scan it
-/// whole once it is large; a plan costed with sequential scans off is costed so high that JIT
-/// would compile it on every run, hence no JIT. Set once per session, these cost the fan-out's
-/// first round trip their messages. Behind pgbouncer (`SessionMode::Set`), where a
-/// transaction-pooled `SET` lands on whichever server connection answers it (and stays there for
-/// other clients), they are not set for the session: the fan-out sets them in each transaction
-/// instead ([`fan_out_session_planned`]).
-pub fn fan_out_pool_with(
-    url: &str,
-    tls: &tls::Tls,
-    mode: SessionMode,
-    size: usize,
-) -> anyhow::Result<Pool> {
-    let planned: &[(&str, &str)] = if fan_out_session_planned(mode) {
-        &[
-            ("plan_cache_mode", "force_generic_plan"),
-            ("enable_seqscan", "off"),
-            ("jit", "off"),
-        ]
-    } else {
-        &[]
-    };
-    pipeline_sessions(url, tls, mode, planned, size)
-}
-
-/// Whether the fan-out's sessions carry its planner settings (see [`fan_out_pool_with`]).
-pub fn fan_out_session_planned(mode: SessionMode) -> bool {
-    mode == SessionMode::Startup
-}
-
-fn pipeline_sessions(
-    url: &str,
-    tls: &tls::Tls,
-    mode: SessionMode,
-    extra: &[(&str, &str)],
-    size: usize,
-) -> anyhow::Result<Pool> {
     let mut pg = parse_url(url).context("database.url")?;
     let settings: Vec<(&str, &str)> = SESSION_SETTINGS
         .iter()
-        .chain(PIPELINE_SETTINGS)
-        .chain(extra)
         .copied()
+        .chain([
+            ("synchronous_commit", "off"),
+            ("plan_cache_mode", "force_custom_plan"),
+            ("enable_bitmapscan", "off"),
+        ])
         .collect();
     let set = bound_session(&mut pg, &settings, mode);
     if pg.get_application_name().is_none() {
         pg.application_name("postern-pipeline");
     }
-    build_pool(pg, size, tls, set)
+    build_pool(pg, PIPELINE_CONNECTIONS, tls, set)
 }
 
 /// `set`: statements each new connection runs first (the session settings in `Set` mode).

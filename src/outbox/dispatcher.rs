@@ -92,18 +92,8 @@ pub struct Dispatcher {
     /// `outbound.rate_limit` is set: every endpoint is limited, none takes the fast path.
     default_limited: bool,
     take: String,
-    /// The take for a pass that expects few events: at most `small_batch` rows, no byte count.
-    take_small: String,
-    /// As many payloads as the byte budget holds at `outbound.max_payload` each (at least one).
-    small_batch: i64,
-    /// The shared fan-out lock.
-    lock: String,
-    /// Opens a pass: the transaction, its planner settings unless the session carries them
-    /// (`db::fan_out_pool_with`), the lock.
+    /// Opens a pass: the transaction, its planner settings, the shared fan-out lock.
     begin: String,
-    /// After the take, when the transaction set the planner's settings: sequential scans on
-    /// again for the endpoint read.
-    reset: Option<&'static str>,
     keyed_waiting: String,
     waiting: String,
     take_keyed: String,
@@ -112,15 +102,11 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// `batch_bytes`: the payload bytes a pass may take into memory, at least `max_payload`
-    /// (`outbound.max_payload`, which the outbox's constraint holds every new payload to).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: Pool,
         schema: &Schema,
         batch: usize,
         batch_bytes: u64,
-        max_payload: u64,
         fast: FastPath,
         ordering: Ordering,
         default_limited: bool,
@@ -129,7 +115,6 @@ impl Dispatcher {
             pool,
             batch: batch as i64,
             batch_bytes: batch_bytes.min(i64::MAX as u64) as i64,
-            small_batch: small_batch(batch, batch_bytes, max_payload),
             fast,
             ordering,
             default_limited,
@@ -156,19 +141,6 @@ impl Dispatcher {
                                WHERE dispatched_at IS NULL AND ordering_key IS NULL
                                ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) batch) s
                      WHERE before < $2))
-                 RETURNING id, event_id, event_type, tenant, target_endpoint,
-                        extract(epoch FROM clock_timestamp() - created_at)::float8,
-                        payload::text, created_at, metadata, ordering_key",
-            ),
-            // Rows bounded by count alone: `small_batch` payloads of at most `max_payload` each fit
-            // the byte budget, so the running byte count (a sort and a window over the batch, a
-            // third of this statement's time for one row) is not needed.
-            take_small: schema.sql(
-                "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
-                 WHERE ctid = ANY(ARRAY(
-                     SELECT ctid FROM __SCHEMA__.outbox
-                     WHERE dispatched_at IS NULL AND ordering_key IS NULL
-                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
                  RETURNING id, event_id, event_type, tenant, target_endpoint,
                         extract(epoch FROM clock_timestamp() - created_at)::float8,
                         payload::text, created_at, metadata, ordering_key",
@@ -229,12 +201,12 @@ impl Dispatcher {
                  FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL"
             )),
             // The lock's key is made of the schema's name, an identifier; quoted all the same.
-            lock: format!(
-                "SELECT pg_advisory_xact_lock_shared(hashtext('{}'))",
+            begin: format!(
+                "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;
+                 SET LOCAL enable_seqscan = off;
+                 SELECT pg_advisory_xact_lock_shared(hashtext('{}'))",
                 schema.fan_out_lock_key().replace('\'', "''")
             ),
-            begin: String::new(),
-            reset: None,
             insert: schema.sql(
                 "INSERT INTO __SCHEMA__.deliveries
                     (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner,
@@ -248,38 +220,19 @@ impl Dispatcher {
                    AS u(id, outbox_id, event_id, event_type, endpoint_id, status, ordering_key)",
             ),
         }
-        .session_planned(false)
     }
 
-    /// Whether the pool's sessions carry the pass's planner settings (`db::fan_out_pool_with`);
-    /// if not, each pass sets them in its transaction.
-    pub fn session_planned(mut self, planned: bool) -> Self {
-        if planned {
-            self.begin = format!("BEGIN; {}", self.lock);
-            self.reset = None;
-        } else {
-            self.begin = format!(
-                "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;
-                 SET LOCAL enable_seqscan = off; {}",
-                self.lock
-            );
-            self.reset = Some("SET LOCAL enable_seqscan = on");
-        }
-        self
-    }
-
-    /// Fans out one batch. Call again while it returns a full batch ([`Dispatcher::batch`], or
-    /// [`Dispatcher::small_batch`] for a `small` pass: one that expects few events).
-    /// Only keyed events with an `id` above `after` (0: all).
+    /// Fans out one batch. Call again while it returns a full batch.
+    /// Only events with an `id` above `after` (0: all).
     ///
     /// Two round trips when there is something to fan out: the transaction's start, the lock, the
     /// take and the endpoint read go out together; the deliveries' insert and the commit go out
     /// together. The transaction is opened by hand (`BEGIN` pipelined with the rest), so every
     /// way out of it before the commit rolls it back before the connection returns to the pool.
-    pub async fn dispatch_once(&self, after: i64, small: bool) -> anyhow::Result<Dispatched> {
+    pub async fn dispatch_once(&self, after: i64) -> anyhow::Result<Dispatched> {
         let mut guard = InTransaction(Some(self.pool.get().await?));
         let client = guard.0.as_ref().expect("just set");
-        let result = self.pass(client, after, small).await;
+        let result = self.pass(client, after).await;
         // Outside a transaction `ROLLBACK` only warns. A connection that cannot confirm it
         // promptly leaves the pool with the guard.
         let clean = result.is_ok()
@@ -297,19 +250,16 @@ impl Dispatcher {
         &self,
         client: &deadpool_postgres::Client,
         after: i64,
-        small: bool,
     ) -> anyhow::Result<Dispatched> {
         // Everything the pass runs is prepared before it starts, so each round trip goes out
         // whole on its first poll (`advance` included: see `Ordering::advance_sql`).
-        let take_sql = if small { &self.take_small } else { &self.take };
         let (take, endpoints, insert, _) = futures_util::try_join!(
-            client.prepare_cached(take_sql),
+            client.prepare_cached(&self.take),
             client.prepare_cached(&self.endpoints),
             client.prepare_cached(&self.insert),
             client.prepare_cached(self.ordering.advance_sql()),
         )?;
-        // Pipelined, three or four messages: all go out before any answer is awaited, and run in
-        // order.
+        // Pipelined, four messages: all go out before any answer is awaited, and run in order.
         // The lock (shared; an endpoint change takes it exclusively, see
         // `endpoints::exclude_fan_out`) comes first, so the endpoints are not about to change
         // under this pass. They are read inside the transaction, so an endpoint created before
@@ -319,23 +269,15 @@ impl Dispatcher {
         // cached while the outbox was small cannot keep scanning the whole table once it is large:
         // the take always walks the undispatched-rows index in `id` order. Not the endpoint read:
         // its table has no index to use instead, and a plan costed with sequential scans off is
-        // costed so high that the server compiles it (JIT) on every run: sequential scans are on
-        // again for it, unless the session has JIT off (`db::fan_out_pool_with`), which also sets
-        // the plan settings once instead of in every pass. Every message is one more answer the
-        // server flushes and this side wakes for, so the settings and the lock share the first.
-        let full_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
-        let small_params: [&(dyn ToSql + Sync); 1] = [&self.small_batch];
-        let take_params: &[&(dyn ToSql + Sync)] = if small { &small_params } else { &full_params };
+        // costed so high that the server compiles it (JIT) on every run. Every message is one more
+        // answer the server flushes and this side wakes for, so the settings and the lock share
+        // the first.
+        let take_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
         let endpoint_params: [&(dyn ToSql + Sync); 1] = [&self.default_limited];
         let (_, mut rows, _, endpoint_rows) = futures_util::try_join!(
             client.batch_execute(&self.begin),
-            client.query(&take, take_params),
-            async {
-                match self.reset {
-                    Some(reset) => client.batch_execute(reset).await,
-                    None => Ok(()),
-                }
-            },
+            client.query(&take, &take_params),
+            client.batch_execute("SET LOCAL enable_seqscan = on"),
             client.query(&endpoints, &endpoint_params),
         )?;
         // Claims take the gated statement only while some endpoint has a policy in force (seen
@@ -512,9 +454,9 @@ impl Dispatcher {
                 async { Ok(client.batch_execute("COMMIT").await?) },
             )
         };
-        // The requests start first: they wait for nothing the second round trip does (an attempt
-        // records its outcome only once this commit is known, see `FanOutCommit`), and the
-        // worker picks them up while this task sends it.
+        tokio::pin!(second);
+        // Polled once, the round trip is on the wire; the requests start now, beside it.
+        let first_poll = futures_util::poll!(&mut second);
         // Only a stopped worker drops the receiver; the leases then lapse and the reaper makes
         // these deliveries due again.
         if !handoffs.is_empty() && self.fast.handoff.send(handoffs).is_err() {
@@ -522,7 +464,10 @@ impl Dispatcher {
                 "the delivery worker has stopped; fresh deliveries wait for their lease to lapse"
             );
         }
-        let outcome = second.await;
+        let outcome = match first_poll {
+            std::task::Poll::Ready(outcome) => outcome,
+            std::task::Poll::Pending => second.await,
+        };
         committed.settle(outcome.is_ok());
         let (_, heads, _) = outcome?;
         pending += heads as usize;
@@ -549,16 +494,6 @@ impl Dispatcher {
     pub fn batch(&self) -> usize {
         self.batch as usize
     }
-
-    pub fn small_batch(&self) -> usize {
-        self.small_batch as usize
-    }
-}
-
-/// How many payloads of at most `max_payload` bytes fit in `batch_bytes`: at least one (a pass
-/// always takes its first row) and at most `batch`.
-fn small_batch(batch: usize, batch_bytes: u64, max_payload: u64) -> i64 {
-    (batch_bytes / max_payload.max(1)).clamp(1, batch.max(1) as u64) as i64
 }
 
 /// How long a failed pass waits for its `ROLLBACK` before giving the connection up.
@@ -630,17 +565,6 @@ mod tests {
             retry: None,
             secrets: Vec::new(),
         }
-    }
-
-    #[test]
-    fn a_small_take_stays_within_the_byte_budget_at_the_largest_payload() {
-        const MIB: u64 = 1 << 20;
-        // The defaults: a 4 MiB budget per pass, 1 MiB payloads at most.
-        assert_eq!(small_batch(500, 4 * MIB, MIB), 4);
-        assert_eq!(small_batch(500, 4 * MIB, 2 * MIB), 2);
-        assert_eq!(small_batch(500, 4 * MIB, 3 * MIB), 1);
-        assert_eq!(small_batch(3, 4 * MIB, 1024), 3);
-        assert_eq!(small_batch(500, MIB, 2 * MIB), 1);
     }
 
     #[test]

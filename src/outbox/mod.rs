@@ -210,9 +210,6 @@ pub async fn dispatch_loop(
     // stops until the next notification (`probe_misled`).
     let mut probe_misled = false;
     let mut failures = 0u32;
-    // The last pass found few events: the next starts with the small take (no byte count), and
-    // goes on with full ones if it fills.
-    let mut expect_few = true;
     loop {
         let mut probed = false;
         let next = probe_at.map_or(poll_at, |p| p.min(poll_at));
@@ -264,10 +261,9 @@ pub async fn dispatch_loop(
         let mut found = false;
         // Where the next pass starts: past a batch that was held back whole (see `take`).
         let mut after = 0;
-        let mut small = expect_few;
         while !cancel.is_cancelled() {
             let started = Instant::now();
-            match dispatcher.dispatch_once(after, small).await {
+            match dispatcher.dispatch_once(after).await {
                 Ok(done) => {
                     failures = 0;
                     if done.pending > 0 {
@@ -288,7 +284,6 @@ pub async fn dispatch_loop(
                         );
                     }
                     found |= done.events > 0;
-                    expect_few = done.events < dispatcher.small_batch();
                     if done.held_back > 0 && done.scanned == dispatcher.batch() {
                         after = done.last_id;
                         continue;
@@ -299,15 +294,9 @@ pub async fn dispatch_loop(
                         // once it has had time to commit.
                         poll_at = poll_at.min(Instant::now() + HELD_BACK_RETRY);
                     }
-                    let full = if small {
-                        dispatcher.small_batch()
-                    } else {
-                        dispatcher.batch()
-                    };
-                    if done.events < full {
+                    if done.events < dispatcher.batch() {
                         break;
                     }
-                    small = false;
                 }
                 Err(e) => {
                     failures += 1;

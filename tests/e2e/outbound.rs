@@ -647,9 +647,7 @@ async fn a_changed_config_secret_signs_beside_the_old_one() {
 }
 
 /// The pipeline's sessions commit asynchronously, plan each statement for the table as it is and
-/// use no bitmap scans; the fan-out's sessions run cached plans made with sequential scans off and
-/// no JIT, except behind pgbouncer, where a session `SET` could reach other clients; the API's pool
-/// keeps the server's defaults (durable commits).
+/// use no bitmap scans; the API's pool keeps the server's defaults (durable commits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_sessions_carry_their_settings_and_the_api_pool_does_not() {
     let db = TestDb::create().await;
@@ -673,36 +671,9 @@ async fn pipeline_sessions_carry_their_settings_and_the_api_pool_does_not() {
         setting(pipeline, "application_name").await,
         "postern-pipeline"
     );
-    use postern::db::SessionMode;
-    let fan_out = postern::db::fan_out_pool_with(&db.url, &tls, SessionMode::Startup, 1).unwrap();
-    for (name, value) in [
-        ("plan_cache_mode", "force_generic_plan"),
-        ("enable_seqscan", "off"),
-        ("jit", "off"),
-        ("synchronous_commit", "off"),
-        ("enable_bitmapscan", "off"),
-        ("application_name", "postern-pipeline"),
-    ] {
-        assert_eq!(setting(fan_out.clone(), name).await, value, "{name}");
-    }
-    let behind_pgbouncer =
-        postern::db::fan_out_pool_with(&db.url, &tls, SessionMode::Set, 1).unwrap();
-    for (name, value) in [
-        ("plan_cache_mode", "auto"),
-        ("enable_seqscan", "on"),
-        ("synchronous_commit", "off"),
-    ] {
-        assert_eq!(
-            setting(behind_pgbouncer.clone(), name).await,
-            value,
-            "{name}"
-        );
-    }
     // Every session is bounded, so a frozen replica cannot hold locks for long.
     for pool in [
         postern::db::pipeline_pool(&db.url, &tls).unwrap(),
-        fan_out,
-        behind_pgbouncer,
         postern::db::pool(&db.url, 2, &tls).unwrap(),
     ] {
         assert_eq!(setting(pool.clone(), "statement_timeout").await, "30s");
