@@ -265,14 +265,7 @@ pub async fn sync_config_endpoints(
         announce(&tx, schema, &missing, Announce::Stop).await?;
         outcome.retired = missing;
     }
-    tx.execute(
-        &schema.sql(
-            "INSERT INTO __SCHEMA__.settings (key, value) VALUES ('config_generation', $1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        ),
-        &[&generation.to_string()],
-    )
-    .await?;
+    crate::db::put_setting(&tx, schema, "config_generation", &generation.to_string()).await?;
     tx.commit().await?;
     Ok(outcome)
 }

@@ -156,6 +156,38 @@ pub fn bound_session(
     }
 }
 
+/// Takes the schema's migration lock until `tx` ends: migrations, the notify trigger and the
+/// payload limit change the schema one replica at a time.
+async fn take_migration_lock(
+    tx: &impl deadpool_postgres::GenericClient,
+    schema: &Schema,
+) -> anyhow::Result<()> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&format!("postern.migrate.{}", schema.name())],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records `key = value` in the schema's settings table, replacing an earlier value.
+pub async fn put_setting(
+    tx: &impl deadpool_postgres::GenericClient,
+    schema: &Schema,
+    key: &str,
+    value: &str,
+) -> anyhow::Result<()> {
+    tx.execute(
+        &schema.sql(
+            "INSERT INTO __SCHEMA__.settings (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        ),
+        &[&key, &value],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Builds the pool. Connections are made lazily, so this does not touch the network.
 pub fn pool(url: &str, size: usize, tls: &tls::Tls) -> anyhow::Result<Pool> {
     pool_with(url, size, tls, SessionMode::Startup)
@@ -311,11 +343,7 @@ pub async fn migrate(
     // A migration may take longer than the sessions' statement bound.
     tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     // Replicas starting together take turns here; the lock ends with the transaction.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&format!("postern.migrate.{}", schema.name())],
-    )
-    .await?;
+    take_migration_lock(&tx, schema).await?;
     tx.batch_execute(&schema.sql(
         "CREATE SCHEMA IF NOT EXISTS __SCHEMA__;
          CREATE TABLE IF NOT EXISTS __SCHEMA__.schema_migrations (
@@ -430,11 +458,7 @@ pub async fn install_payload_limit(
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     tx.batch_execute("SET LOCAL lock_timeout = '2s'").await?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&format!("postern.migrate.{}", schema.name())],
-    )
-    .await?;
+    take_migration_lock(&tx, schema).await?;
     let wanted = payload_constraint(max_payload);
     let existing: Vec<String> = tx
         .query(

@@ -65,11 +65,7 @@ pub async fn install_notify(
 ) -> anyhow::Result<Option<NotifySetting>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&format!("postern.migrate.{}", schema.name())],
-    )
-    .await?;
+    super::take_migration_lock(&tx, schema).await?;
     let current = tx
         .query_opt(
             &schema.sql("SELECT value FROM __SCHEMA__.settings WHERE key = 'notify'"),
@@ -160,14 +156,7 @@ pub async fn install_notify(
         .await
         .context("installing the outbox notify trigger")?;
     }
-    tx.execute(
-        &schema.sql(
-            "INSERT INTO __SCHEMA__.settings (key, value) VALUES ('notify', $1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        ),
-        &[&wanted.encode()],
-    )
-    .await?;
+    super::put_setting(&tx, schema, "notify", &wanted.encode()).await?;
     tx.commit().await?;
     Ok(None)
 }
