@@ -166,6 +166,27 @@ impl Browser {
         }
     }
 
+    /// Clicks the link `css` until `then` is on the page: the list the link is in re-renders on
+    /// its own, and a click that lands as it is replaced navigates nowhere.
+    async fn follow(&self, css: &str, then: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.click(css).await;
+            let arrived = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < arrived {
+                if self.client.find(Locator::Css(then)).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "following {css} never showed {then}; the page says:\n{}",
+                self.page_text().await
+            );
+        }
+    }
+
     async fn fill(&self, css: &str, text: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -331,7 +352,7 @@ async fn a_failed_delivery_is_read_retried_and_delivered_and_payloads_stay_text(
     b.open(&format!("#/endpoints/{id}")).await;
     b.wait_text("#deliveries", "failed", Duration::from_secs(30))
         .await;
-    b.click("#deliveries a").await;
+    b.follow("#deliveries a", "#attempts").await;
     let attempts = b.text("#attempts").await;
     assert!(attempts.contains("500"), "{attempts}");
     assert!(
