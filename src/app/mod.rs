@@ -390,6 +390,7 @@ pub fn start(
             schema,
             o.dispatch_batch,
             o.memory_budget.0 / 16,
+            o.max_payload.0,
             fast_path.clone(),
             Ordering::new(schema, o.ordering.on_failure),
             o.rate_limit.is_some(),

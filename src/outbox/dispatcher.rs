@@ -92,6 +92,11 @@ pub struct Dispatcher {
     /// `outbound.rate_limit` is set: every endpoint is limited, none takes the fast path.
     default_limited: bool,
     take: String,
+    /// The take of a pass woken by a sparse stream's notification: at most `small_batch` rows,
+    /// no byte count.
+    take_small: String,
+    /// As many payloads as the byte budget holds at `outbound.max_payload` each (at least one).
+    small_batch: i64,
     /// Opens a pass: the transaction, its planner settings, the shared fan-out lock.
     begin: String,
     keyed_waiting: String,
@@ -102,11 +107,15 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// `batch_bytes`: the payload bytes a pass may take into memory, at least `max_payload`
+    /// (`outbound.max_payload`, which the outbox's constraint holds every new payload to).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: Pool,
         schema: &Schema,
         batch: usize,
         batch_bytes: u64,
+        max_payload: u64,
         fast: FastPath,
         ordering: Ordering,
         default_limited: bool,
@@ -115,16 +124,10 @@ impl Dispatcher {
             pool,
             batch: batch as i64,
             batch_bytes: batch_bytes.min(i64::MAX as u64) as i64,
+            small_batch: small_batch(batch, batch_bytes, max_payload),
             fast,
             ordering,
             default_limited,
-            // Taking a batch marks it dispatched in the same statement (the transaction makes that
-            // one with the deliveries' insert): one statement per pass instead of two. The locked
-            // rows are found again by `ctid`, which cannot change while this transaction holds
-            // their locks.
-            // The batch stops at `$2` bytes of payload (the first row always), so one pass never
-            // brings more into memory than that; rows past it stay locked until this
-            // transaction ends and go in the next pass.
             // Events without an ordering key, in `id` order. Taking a batch marks it dispatched in
             // the same statement (the transaction makes that one with the deliveries' insert): one
             // statement per pass instead of two. The locked rows are found again by `ctid`, which
@@ -141,6 +144,20 @@ impl Dispatcher {
                                WHERE dispatched_at IS NULL AND ordering_key IS NULL
                                ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) batch) s
                      WHERE before < $2))
+                 RETURNING id, event_id, event_type, tenant, target_endpoint,
+                        extract(epoch FROM clock_timestamp() - created_at)::float8,
+                        payload::text, created_at, metadata, ordering_key",
+            ),
+            // A sparse stream's wake-up announces a commit or two: rows bounded by count alone
+            // (`small_batch` payloads of at most `max_payload` each fit the byte budget), so the
+            // running byte count, a sort and a window over the batch and a third of the take's
+            // time for one row, is left out where a pass's time is a delivery's latency.
+            take_small: schema.sql(
+                "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
+                 WHERE ctid = ANY(ARRAY(
+                     SELECT ctid FROM __SCHEMA__.outbox
+                     WHERE dispatched_at IS NULL AND ordering_key IS NULL
+                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
                  RETURNING id, event_id, event_type, tenant, target_endpoint,
                         extract(epoch FROM clock_timestamp() - created_at)::float8,
                         payload::text, created_at, metadata, ordering_key",
@@ -222,17 +239,18 @@ impl Dispatcher {
         }
     }
 
-    /// Fans out one batch. Call again while it returns a full batch.
-    /// Only events with an `id` above `after` (0: all).
+    /// Fans out one batch. Call again while it returns a full batch ([`Dispatcher::batch`], or
+    /// [`Dispatcher::small_batch`] for a `small` pass: one woken by a sparse stream).
+    /// Only keyed events with an `id` above `after` (0: all).
     ///
     /// Two round trips when there is something to fan out: the transaction's start, the lock, the
     /// take and the endpoint read go out together; the deliveries' insert and the commit go out
     /// together. The transaction is opened by hand (`BEGIN` pipelined with the rest), so every
     /// way out of it before the commit rolls it back before the connection returns to the pool.
-    pub async fn dispatch_once(&self, after: i64) -> anyhow::Result<Dispatched> {
+    pub async fn dispatch_once(&self, after: i64, small: bool) -> anyhow::Result<Dispatched> {
         let mut guard = InTransaction(Some(self.pool.get().await?));
         let client = guard.0.as_ref().expect("just set");
-        let result = self.pass(client, after).await;
+        let result = self.pass(client, after, small).await;
         // Outside a transaction `ROLLBACK` only warns. A connection that cannot confirm it
         // promptly leaves the pool with the guard.
         let clean = result.is_ok()
@@ -250,11 +268,13 @@ impl Dispatcher {
         &self,
         client: &deadpool_postgres::Client,
         after: i64,
+        small: bool,
     ) -> anyhow::Result<Dispatched> {
         // Everything the pass runs is prepared before it starts, so each round trip goes out
         // whole on its first poll (`advance` included: see `Ordering::advance_sql`).
+        let take_sql = if small { &self.take_small } else { &self.take };
         let (take, endpoints, insert, _) = futures_util::try_join!(
-            client.prepare_cached(&self.take),
+            client.prepare_cached(take_sql),
             client.prepare_cached(&self.endpoints),
             client.prepare_cached(&self.insert),
             client.prepare_cached(self.ordering.advance_sql()),
@@ -272,11 +292,13 @@ impl Dispatcher {
         // costed so high that the server compiles it (JIT) on every run. Every message is one more
         // answer the server flushes and this side wakes for, so the settings and the lock share
         // the first.
-        let take_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
+        let full_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
+        let small_params: [&(dyn ToSql + Sync); 1] = [&self.small_batch];
+        let take_params: &[&(dyn ToSql + Sync)] = if small { &small_params } else { &full_params };
         let endpoint_params: [&(dyn ToSql + Sync); 1] = [&self.default_limited];
         let (_, mut rows, _, endpoint_rows) = futures_util::try_join!(
             client.batch_execute(&self.begin),
-            client.query(&take, &take_params),
+            client.query(&take, take_params),
             client.batch_execute("SET LOCAL enable_seqscan = on"),
             client.query(&endpoints, &endpoint_params),
         )?;
@@ -494,6 +516,16 @@ impl Dispatcher {
     pub fn batch(&self) -> usize {
         self.batch as usize
     }
+
+    pub fn small_batch(&self) -> usize {
+        self.small_batch as usize
+    }
+}
+
+/// How many payloads of at most `max_payload` bytes fit in `batch_bytes`: at least one (a pass
+/// always takes its first row) and at most `batch`.
+fn small_batch(batch: usize, batch_bytes: u64, max_payload: u64) -> i64 {
+    (batch_bytes / max_payload.max(1)).clamp(1, batch.max(1) as u64) as i64
 }
 
 /// How long a failed pass waits for its `ROLLBACK` before giving the connection up.
@@ -564,6 +596,21 @@ mod tests {
             signature: "standard".into(),
             retry: None,
             secrets: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_small_take_stays_within_the_byte_budget_at_the_largest_payload() {
+        const MIB: u64 = 1 << 20;
+        // The defaults: a 4 MiB budget per pass, 1 MiB payloads at most.
+        assert_eq!(small_batch(500, 4 * MIB, MIB), 4);
+        // A payload larger than the budget still goes, alone.
+        assert_eq!(small_batch(500, MIB, 4 * MIB), 1);
+        // Never more than a full batch.
+        assert_eq!(small_batch(2, 4 * MIB, 1024), 2);
+        for (batch, bytes, max) in [(500, 4 * MIB, MIB), (100, 3 * MIB + 5, MIB), (7, 999, 100)] {
+            let n = small_batch(batch, bytes, max) as u64;
+            assert!(n * max <= bytes.max(max), "{n} x {max} > {bytes}");
         }
     }
 

@@ -135,8 +135,10 @@ async fn listen_once(
             .await?;
         metrics.listener_connected.set(1);
         tracing::info!(channel = %channels.outbox, "listening for outbox notifications");
-        // Notifications sent while we were away are lost: scan once now, and distrust what is
-        // held (an endpoint may have been paused or re-tenanted meanwhile).
+        // Notifications sent while we were away are lost: scan once now (with full takes: a
+        // backlog may wait), and distrust what is held (an endpoint may have been paused or
+        // re-tenanted meanwhile).
+        signals.outbox_window_us.store(u64::MAX, Ordering::Relaxed);
         signals.outbox_changed.notify_one();
         capacity.revoke_all();
         let mut health = tokio::time::interval(Duration::from_secs(15));
@@ -212,6 +214,9 @@ pub async fn dispatch_loop(
     let mut failures = 0u32;
     loop {
         let mut probed = false;
+        // Woken by a sparse stream's notification: a commit or two wait, taken without the byte
+        // count (`Dispatcher::small_batch`); full takes follow if it fills.
+        let mut small = false;
         let next = probe_at.map_or(poll_at, |p| p.min(poll_at));
         let pass_now = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -222,6 +227,7 @@ pub async fn dispatch_loop(
                 let window = Duration::from_micros(said).min(throttle);
                 window_end = Some(Instant::now() + window + 2 * PROBE_EVERY);
                 probe_misled = false;
+                small = said == 0;
                 true
             }
             _ = tokio::time::sleep_until(next) => {
@@ -263,7 +269,7 @@ pub async fn dispatch_loop(
         let mut after = 0;
         while !cancel.is_cancelled() {
             let started = Instant::now();
-            match dispatcher.dispatch_once(after).await {
+            match dispatcher.dispatch_once(after, small).await {
                 Ok(done) => {
                     failures = 0;
                     if done.pending > 0 {
@@ -294,9 +300,15 @@ pub async fn dispatch_loop(
                         // once it has had time to commit.
                         poll_at = poll_at.min(Instant::now() + HELD_BACK_RETRY);
                     }
-                    if done.events < dispatcher.batch() {
+                    let full = if small {
+                        dispatcher.small_batch()
+                    } else {
+                        dispatcher.batch()
+                    };
+                    if done.events < full {
                         break;
                     }
+                    small = false;
                 }
                 Err(e) => {
                     failures += 1;

@@ -96,7 +96,9 @@ async fn notify_wakes_delivery_well_under_a_second() {
 }
 
 /// Issue 16: a commit after a quiet period is announced at once, and one inside a throttle
-/// window (not announced) is found by the probes while the window is open, not at its end.
+/// window (not announced) is found by the probes while the window is open, not at its end. A
+/// commit of more events than a sparse wake-up's first take holds (one, with this budget) is
+/// delivered whole at once too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_after_a_quiet_period_is_announced_at_once_and_one_inside_a_window_found_soon() {
     let db = TestDb::create().await;
@@ -107,7 +109,8 @@ async fn a_commit_after_a_quiet_period_is_announced_at_once_and_one_inside_a_win
         .replace("poll_interval = \"200ms\"", "poll_interval = \"30s\"")
         .replace(
             "[outbound]\n",
-            "[outbound]\nnotify = \"throttled\"\nnotify_throttle = \"3s\"\n",
+            "[outbound]\nnotify = \"throttled\"\nnotify_throttle = \"3s\"\n\
+             max_payload = \"64KiB\"\nmemory_budget = \"1MiB\"\n",
         )
         + &endpoint("e", &receiver.url, &["*"], "");
     let postern = Postern::start(&config).await;
@@ -139,6 +142,23 @@ async fn a_commit_after_a_quiet_period_is_announced_at_once_and_one_inside_a_win
         took[2] < bound,
         "commit after a quiet period took {:?}",
         took[2]
+    );
+    // Ten events in one statement after a quiet period: one wake-up (a sparse one), whose first
+    // take holds one payload at `max_payload`; the rest follow in the same burst of passes.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let committed = Instant::now();
+    client
+        .batch_execute(
+            "INSERT INTO postern.outbox (event_type, payload)
+             SELECT 'order.created', jsonb_build_object('i', g) FROM generate_series(3, 12) g",
+        )
+        .await
+        .unwrap();
+    receiver.wait_count(13, Duration::from_secs(10)).await;
+    let last = receiver.requests().iter().map(|r| r.at).max().unwrap() - committed;
+    assert!(
+        last < bound,
+        "ten events after a quiet period took {last:?}"
     );
 }
 
