@@ -30,7 +30,7 @@ pub struct Signals {
     pub outbox_changed: Notify,
     /// The window the last wake-up opened, in microseconds, as its payload said (0: none, the
     /// stream is sparse and every commit is announced; `u64::MAX`: not said, an earlier build's
-    /// trigger, so the configured throttle).
+    /// trigger or a reconnect's catch-up, so the configured throttle).
     pub outbox_window_us: AtomicU64,
     /// Rung by the dispatcher: new deliveries wait in the table to be claimed.
     pub deliveries_ready: Arc<Notify>,
