@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::glob::Subscription;
+use super::target::Target;
 use crate::db::Schema;
 use crate::delivery::state::ordering::{Keys, Ordering};
 use crate::delivery::state::{Claimed, DeliveryStatus};
@@ -20,40 +20,14 @@ use crate::delivery::{Capacity, FanOutCommit, Handoff};
 /// Whether any event waits to be fanned out: one probe of the undispatched-rows index.
 const WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL)";
 
+/// What every take returns per event, in this order (the pass reads the columns by position).
+const TAKEN: &str = "id, event_id, event_type, tenant, target_endpoint,
+    extract(epoch FROM clock_timestamp() - created_at)::float8,
+    payload::text, created_at, metadata, ordering_key";
+
 /// Whether keyed events wait to be fanned out: one probe of a partial index.
 const KEYED_WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox
                                 WHERE dispatched_at IS NULL AND ordering_key IS NOT NULL)";
-
-/// An endpoint as the matcher sees it, with what a fast-path delivery to it needs.
-struct Target {
-    id: String,
-    tenant: Option<String>,
-    active: bool,
-    /// No rate limit, back pressure or open circuit: the fast path may skip the claim.
-    unhindered: bool,
-    subscription: Subscription,
-    url: String,
-    headers: serde_json::Value,
-    signature: String,
-    retry: Option<serde_json::Value>,
-    secrets: Vec<String>,
-}
-
-impl Target {
-    /// An event naming a target goes to that endpoint alone, whatever its subscription (that is
-    /// how a test event reaches it). Otherwise the tenant rules (`T` gets tenant T only; no
-    /// tenant gets untenanted events only; `*` gets all) and the event patterns decide.
-    fn wants(&self, event_type: &str, tenant: Option<&str>, target: Option<&str>) -> bool {
-        if let Some(target) = target {
-            return target == self.id;
-        }
-        let tenant_ok = match self.tenant.as_deref() {
-            Some("*") => true,
-            mine => mine == tenant,
-        };
-        tenant_ok && self.subscription.matches(event_type)
-    }
-}
 
 /// What one dispatcher pass did.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -134,7 +108,7 @@ impl Dispatcher {
             // cannot change while this transaction holds their locks. The batch stops at `$2`
             // bytes of payload (the first row always), so one pass never brings more into memory
             // than that; rows past it stay locked until this transaction ends and go in the next.
-            take: schema.sql(
+            take: schema.sql(&format!(
                 "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
                  WHERE ctid = ANY(ARRAY(
                      SELECT ctid FROM (
@@ -144,24 +118,20 @@ impl Dispatcher {
                                WHERE dispatched_at IS NULL AND ordering_key IS NULL
                                ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) batch) s
                      WHERE before < $2))
-                 RETURNING id, event_id, event_type, tenant, target_endpoint,
-                        extract(epoch FROM clock_timestamp() - created_at)::float8,
-                        payload::text, created_at, metadata, ordering_key",
-            ),
+                 RETURNING {TAKEN}"
+            )),
             // A sparse stream's wake-up announces a commit or two: rows bounded by count alone
             // (`small_batch` payloads of at most `max_payload` each fit the byte budget), so the
             // running byte count, a sort and a window over the batch and a third of the take's
             // time for one row, is left out where a pass's time is a delivery's latency.
-            take_small: schema.sql(
+            take_small: schema.sql(&format!(
                 "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
                  WHERE ctid = ANY(ARRAY(
                      SELECT ctid FROM __SCHEMA__.outbox
                      WHERE dispatched_at IS NULL AND ordering_key IS NULL
                      ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
-                 RETURNING id, event_id, event_type, tenant, target_endpoint,
-                        extract(epoch FROM clock_timestamp() - created_at)::float8,
-                        payload::text, created_at, metadata, ordering_key",
-            ),
+                 RETURNING {TAKEN}"
+            )),
             // Whether keyed events wait (one probe of a partial index), when no endpoint row
             // carried the answer.
             keyed_waiting: schema.sql(KEYED_WAITING),
@@ -174,7 +144,7 @@ impl Dispatcher {
             // the events left so and the rows looked at, and give the batch's highest id, from
             // which the next pass goes on (`$3`) when a whole batch was held back, so events held
             // by a stuck pass never keep others waiting.
-            take_keyed: schema.sql(
+            take_keyed: schema.sql(&format!(
                 "WITH batch AS MATERIALIZED (
                     SELECT ctid, id, payload, ordering_key FROM __SCHEMA__.outbox
                     WHERE dispatched_at IS NULL AND ordering_key IS NOT NULL AND id > $3
@@ -197,15 +167,13 @@ impl Dispatcher {
                                          - octet_length(payload::text) AS before
                             FROM ok) s
                         WHERE before < $2))
-                    RETURNING id, event_id, event_type, tenant, target_endpoint,
-                           extract(epoch FROM clock_timestamp() - created_at)::float8,
-                           payload::text, created_at, metadata, ordering_key
+                    RETURNING {TAKEN}
                  )
                  SELECT t.*, h.n, h.scanned, h.last FROM (
                     SELECT (SELECT count(*) FROM batch) - (SELECT count(*) FROM ok) AS n,
                            (SELECT count(*) FROM batch) AS scanned, (SELECT max(id) FROM batch) AS last) h
-                 LEFT JOIN taken t ON true",
-            ),
+                 LEFT JOIN taken t ON true"
+            )),
             endpoints: schema.sql(&format!(
                 "SELECT e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
                         ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
@@ -353,21 +321,7 @@ impl Dispatcher {
             };
             return Ok(done);
         }
-        let targets: Vec<Target> = endpoint_rows
-            .iter()
-            .map(|r| Target {
-                id: r.get(0),
-                tenant: r.get(1),
-                active: r.get(2),
-                subscription: Subscription::new(&r.get::<_, Vec<String>>(3)),
-                url: r.get(4),
-                headers: r.get(5),
-                signature: r.get(6),
-                retry: r.get(7),
-                secrets: r.get(8),
-                unhindered: r.get(9),
-            })
-            .collect();
+        let targets: Vec<Target> = endpoint_rows.iter().map(Target::from_row).collect();
 
         let mut new = NewDeliveries::default();
         let mut keys = Keys::default();
@@ -584,21 +538,6 @@ impl<'a> NewDeliveries<'a> {
 mod tests {
     use super::*;
 
-    fn target(id: &str, tenant: Option<&str>, events: &[&str]) -> Target {
-        Target {
-            id: id.into(),
-            tenant: tenant.map(Into::into),
-            active: true,
-            unhindered: true,
-            subscription: Subscription::new(events),
-            url: format!("http://127.0.0.1/{id}"),
-            headers: serde_json::json!({}),
-            signature: "standard".into(),
-            retry: None,
-            secrets: Vec::new(),
-        }
-    }
-
     #[test]
     fn a_small_take_stays_within_the_byte_budget_at_the_largest_payload() {
         const MIB: u64 = 1 << 20;
@@ -612,28 +551,5 @@ mod tests {
             let n = small_batch(batch, bytes, max) as u64;
             assert!(n * max <= bytes.max(max), "{n} x {max} > {bytes}");
         }
-    }
-
-    #[test]
-    fn tenant_rules() {
-        let acme = target("a", Some("acme"), &["*"]);
-        let none = target("n", None, &["*"]);
-        let all = target("s", Some("*"), &["*"]);
-        assert!(acme.wants("x", Some("acme"), None));
-        assert!(!acme.wants("x", Some("other"), None));
-        assert!(!acme.wants("x", None, None));
-        assert!(none.wants("x", None, None));
-        assert!(!none.wants("x", Some("acme"), None));
-        assert!(all.wants("x", Some("acme"), None));
-        assert!(all.wants("x", None, None));
-    }
-
-    #[test]
-    fn target_endpoint_narrows() {
-        let a = target("a", None, &["order.*"]);
-        assert!(a.wants("order.created", None, Some("a")));
-        assert!(!a.wants("order.created", None, Some("b")));
-        // A targeted event bypasses the subscription and tenant filters.
-        assert!(a.wants("postern.test", Some("acme"), Some("a")));
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod dispatcher;
 pub mod glob;
+mod target;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
