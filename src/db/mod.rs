@@ -41,6 +41,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "notify_mark",
         include_str!("migrations/0008_notify_mark.sql"),
     ),
+    (
+        9,
+        "endpoints_version",
+        include_str!("migrations/0009_endpoints_version.sql"),
+    ),
 ];
 
 /// The schema version this binary needs.

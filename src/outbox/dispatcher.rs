@@ -3,9 +3,11 @@
 //! one transaction, so an event is fanned out exactly once even with several replicas (rows are
 //! taken with `FOR UPDATE SKIP LOCKED`, never by a high-water mark: `id` order is not commit order).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
@@ -26,7 +28,7 @@ const TAKEN: &str = "id, event_id, event_type, tenant, target_endpoint,
     payload::text, created_at, metadata, ordering_key";
 
 /// Whether keyed events wait to be fanned out: one probe of a partial index.
-const KEYED_WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox
+pub(super) const KEYED_WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox
                                 WHERE dispatched_at IS NULL AND ordering_key IS NOT NULL)";
 
 /// What one dispatcher pass did.
@@ -73,11 +75,21 @@ pub struct Dispatcher {
     small_batch: i64,
     /// Opens a pass: the transaction, its planner settings, the shared fan-out lock.
     begin: String,
-    keyed_waiting: String,
     waiting: String,
     take_keyed: String,
     endpoints: String,
     insert: String,
+    /// The endpoints as a pass last read them: passes read them again only when they changed.
+    known: Mutex<Option<Known>>,
+}
+
+/// The endpoints a pass read, the version they were read at, and when they must be read again
+/// though the version has not moved.
+struct Known {
+    version: Uuid,
+    /// The earliest expiry among the secrets in use (a secret's grace ends by the clock alone).
+    next_expiry: Option<DateTime<Utc>>,
+    targets: Arc<[Target]>,
 }
 
 impl Dispatcher {
@@ -132,9 +144,6 @@ impl Dispatcher {
                      ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
                  RETURNING {TAKEN}"
             )),
-            // Whether keyed events wait (one probe of a partial index), when no endpoint row
-            // carried the answer.
-            keyed_waiting: schema.sql(KEYED_WAITING),
             waiting: schema.sql(WAITING),
             // Keyed events, only when some wait (their statement costs more to plan and run). Per
             // ordering key they are fanned out in `id` order: a keyed event is left (locked
@@ -174,21 +183,40 @@ impl Dispatcher {
                            (SELECT count(*) FROM batch) AS scanned, (SELECT max(id) FROM batch) AS last) h
                  LEFT JOIN taken t ON true"
             )),
+            // What every pass needs besides the events, in one row: the endpoints' version
+            // (moved by every committed change to them, see migration 9), whether keyed events
+            // wait, and the endpoints whose back pressure, pause or open circuit is in force (so
+            // a policy that starts while no event comes is seen within a poll interval). Then
+            // the endpoints themselves, only when the version differs from the one known (`$1`,
+            // NULL: none known) or a secret in use has expired since (`$2`): one snapshot for the
+            // version and the rows, so what is kept under a version is what that version holds.
             endpoints: schema.sql(&format!(
-                "SELECT e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
-                        ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
-                              WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
-                              ORDER BY s.id DESC),
-                        e.rate_limit IS NULL AND NOT $1::bool AND NOT EXISTS (
-                            SELECT 1 FROM __SCHEMA__.endpoint_flow f WHERE f.endpoint_id = e.id
-                              AND (f.backoff_rate IS NOT NULL OR f.paused_until > now() OR f.opened_at IS NOT NULL)),
-                        ({KEYED_WAITING})
-                 FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL"
+                "SELECT h.version, h.read, h.keyed, h.hindered,
+                        e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
+                        e.secrets, e.rate_limited, e.next_expiry
+                 FROM (SELECT v.version,
+                              $1::uuid IS NULL OR v.version IS DISTINCT FROM $1
+                                  OR coalesce($2::timestamptz <= now(), false) AS read,
+                              ({KEYED_WAITING}) AS keyed,
+                              ARRAY(SELECT f.endpoint_id FROM __SCHEMA__.endpoint_flow f
+                                    WHERE f.backoff_rate IS NOT NULL OR f.paused_until > now()
+                                       OR f.opened_at IS NOT NULL) AS hindered
+                       FROM (SELECT (SELECT version FROM __SCHEMA__.endpoints_version) AS version) v) h
+                 LEFT JOIN LATERAL (
+                     SELECT e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
+                            ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
+                                  WHERE s.endpoint_id = e.id
+                                    AND (s.expires_at IS NULL OR s.expires_at > now())
+                                  ORDER BY s.id DESC) AS secrets,
+                            e.rate_limit IS NOT NULL AS rate_limited,
+                            (SELECT min(s.expires_at) FROM __SCHEMA__.endpoint_secrets s
+                             WHERE s.endpoint_id = e.id AND s.expires_at > now()) AS next_expiry
+                     FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL AND h.read) e ON true"
             )),
             // The lock's key is made of the schema's name, an identifier; quoted all the same.
             begin: format!(
                 "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;
-                 SET LOCAL enable_seqscan = off;
+                 SET LOCAL enable_seqscan = off; SET LOCAL jit = off;
                  SELECT pg_advisory_xact_lock_shared(hashtext('{}'))",
                 schema.fan_out_lock_key().replace('\'', "''")
             ),
@@ -204,6 +232,7 @@ impl Dispatcher {
                  FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $9::text[])
                    AS u(id, outbox_id, event_id, event_type, endpoint_id, status, ordering_key)",
             ),
+            known: Mutex::new(None),
         }
     }
 
@@ -247,53 +276,82 @@ impl Dispatcher {
             client.prepare_cached(&self.insert),
             client.prepare_cached(self.ordering.advance_sql()),
         )?;
-        // Pipelined, four messages: all go out before any answer is awaited, and run in order.
+        // Pipelined, three messages: all go out before any answer is awaited, and run in order.
         // The lock (shared; an endpoint change takes it exclusively, see
         // `endpoints::exclude_fan_out`) comes first, so the endpoints are not about to change
-        // under this pass. They are read inside the transaction, so an endpoint created before
-        // an event committed is seen by the pass that takes the event.
-        // The pass runs on cached plans: planning the take cost more than running it. Its plan is
-        // made (and remade after the outbox is analyzed) with sequential scans off, so a plan
+        // under this pass. Their version is read after the take, inside the transaction, so an
+        // endpoint created before an event committed is seen by the pass that takes the event.
+        // The pass runs on cached plans: planning the take cost more than running it. Every plan
+        // is made (and remade after the outbox is analyzed) with sequential scans off, so a plan
         // cached while the outbox was small cannot keep scanning the whole table once it is large:
-        // the take always walks the undispatched-rows index in `id` order. Not the endpoint read:
-        // its table has no index to use instead, and a plan costed with sequential scans off is
-        // costed so high that the server compiles it (JIT) on every run. Every message is one more
-        // answer the server flushes and this side wakes for, so the settings and the lock share
-        // the first.
+        // the take always walks the undispatched-rows index in `id` order. The endpoint tables
+        // have no index to use instead; costed with sequential scans off, their read would be
+        // compiled (JIT) on every run, so JIT is off. Every message is one more answer the server
+        // flushes and this side wakes for, so the settings and the lock share the first.
         let full_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
         let small_params: [&(dyn ToSql + Sync); 1] = [&self.small_batch];
         let take_params: &[&(dyn ToSql + Sync)] = if small { &small_params } else { &full_params };
-        let endpoint_params: [&(dyn ToSql + Sync); 1] = [&self.default_limited];
-        let (_, mut rows, _, endpoint_rows) = futures_util::try_join!(
+        let known = self
+            .known
+            .lock()
+            .expect("never poisoned")
+            .as_ref()
+            .map(|k| (k.version, k.next_expiry, k.targets.clone()));
+        let known_version = known.as_ref().map(|k| k.0);
+        let known_expiry = known.as_ref().and_then(|k| k.1);
+        let endpoint_params: [&(dyn ToSql + Sync); 2] = [&known_version, &known_expiry];
+        let (_, mut rows, endpoint_rows) = futures_util::try_join!(
             client.batch_execute(&self.begin),
             client.query(&take, take_params),
-            client.batch_execute("SET LOCAL enable_seqscan = on"),
             client.query(&endpoints, &endpoint_params),
         )?;
-        // Claims take the gated statement only while some endpoint has a policy in force (seen
-        // on every pass, empty ones included, so a policy that starts while no event comes is
-        // seen within a poll interval; until then a claim just skips that endpoint).
-        self.fast.capacity.set_hindered(
-            self.default_limited
-                || endpoint_rows
-                    .iter()
-                    .any(|r| r.get::<_, bool>(2) && !r.get::<_, bool>(9)),
-        );
-        // Every endpoint row carries whether keyed events wait; with none, ask.
-        let keyed_waiting = match endpoint_rows.first() {
-            Some(r) => r.get::<_, bool>(10),
-            None => client.query_one(&self.keyed_waiting, &[]).await?.get(0),
+        let head = endpoint_rows
+            .first()
+            .context("the endpoint read returned no row")?;
+        let targets = if head.get("read") {
+            let targets: Arc<[Target]> = endpoint_rows
+                .iter()
+                .filter(|r| r.get::<_, Option<&str>>("id").is_some())
+                .map(Target::from_row)
+                .collect();
+            // Without a version row (removed by hand) nothing is kept: every pass reads.
+            *self.known.lock().expect("never poisoned") =
+                head.get::<_, Option<Uuid>>("version").map(|version| Known {
+                    version,
+                    next_expiry: endpoint_rows
+                        .iter()
+                        .filter_map(|r| r.get::<_, Option<DateTime<Utc>>>("next_expiry"))
+                        .min(),
+                    targets: targets.clone(),
+                });
+            targets
+        } else {
+            known
+                .context("the endpoints were not read, and none are known")?
+                .2
         };
+        let hindered: Vec<&str> = head.get("hindered");
+        let unhindered = |t: &Target| {
+            !self.default_limited && !t.rate_limited && !hindered.contains(&t.id.as_str())
+        };
+        // Claims take the gated statement only while some endpoint has a policy in force (seen
+        // on every pass, empty ones included; until then a claim just skips that endpoint).
+        self.fast.capacity.set_hindered(
+            self.default_limited || targets.iter().any(|t| t.active && !unhindered(t)),
+        );
+        let keyed_waiting: bool = head.get("keyed");
         let (mut held_back, mut scanned, mut last_id) = (0, 0, 0);
         if keyed_waiting {
             // Keyed events may bring as much again into memory, at most half as much.
             let half = self.batch_bytes / 2;
             let params: [&(dyn ToSql + Sync); 3] = [&self.batch, &half, &after];
             let stmt = client.prepare_cached(&self.take_keyed).await?;
-            // Planned for the outbox as it is now (its plan depends on how many keys wait), then
-            // cached plans again.
+            // Planned for the outbox as it is now (its plan depends on how many keys wait), with
+            // sequential scans allowed, then cached plans again.
             let (_, keyed_rows, _) = futures_util::try_join!(
-                client.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan"),
+                client.batch_execute(
+                    "SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL enable_seqscan = on"
+                ),
                 client.query(&stmt, &params),
                 client.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan"),
             )?;
@@ -321,7 +379,6 @@ impl Dispatcher {
             };
             return Ok(done);
         }
-        let targets: Vec<Target> = endpoint_rows.iter().map(Target::from_row).collect();
 
         let mut new = NewDeliveries::default();
         let mut keys = Keys::default();
@@ -361,7 +418,7 @@ impl Dispatcher {
                     keys.push(&t.id, key);
                     continue;
                 }
-                let hold = (t.active && t.unhindered)
+                let hold = (t.active && unhindered(t))
                     .then(|| self.fast.capacity.try_hold(&t.id, payload.len()))
                     .flatten();
                 // Inactive endpoints still get their deliveries, paused, so re-activating one

@@ -11,8 +11,8 @@ pub(super) struct Target {
     pub(super) id: String,
     pub(super) tenant: Option<String>,
     pub(super) active: bool,
-    /// No rate limit, back pressure or open circuit: the fast path may skip the claim.
-    pub(super) unhindered: bool,
+    /// Its own rate limit is set: every claim of its deliveries takes the gated statement.
+    pub(super) rate_limited: bool,
     pub(super) subscription: Subscription,
     pub(super) url: String,
     pub(super) headers: serde_json::Value,
@@ -22,19 +22,20 @@ pub(super) struct Target {
 }
 
 impl Target {
-    /// From a row of the fan-out's endpoint read (`Dispatcher`'s `endpoints` statement).
+    /// From a row of the fan-out's endpoint read (`Dispatcher`'s `endpoints` statement), by
+    /// column name.
     pub(super) fn from_row(r: &Row) -> Self {
         Self {
-            id: r.get(0),
-            tenant: r.get(1),
-            active: r.get(2),
-            subscription: Subscription::new(&r.get::<_, Vec<String>>(3)),
-            url: r.get(4),
-            headers: r.get(5),
-            signature: r.get(6),
-            retry: r.get(7),
-            secrets: r.get(8),
-            unhindered: r.get(9),
+            id: r.get("id"),
+            tenant: r.get("tenant"),
+            active: r.get("active"),
+            subscription: Subscription::new(&r.get::<_, Vec<String>>("events")),
+            url: r.get("url"),
+            headers: r.get("headers"),
+            signature: r.get("signature"),
+            retry: r.get("retry"),
+            secrets: r.get("secrets"),
+            rate_limited: r.get("rate_limited"),
         }
     }
 
@@ -67,7 +68,7 @@ mod tests {
             id: id.into(),
             tenant: tenant.map(Into::into),
             active: true,
-            unhindered: true,
+            rate_limited: false,
             subscription: Subscription::new(events),
             url: format!("http://127.0.0.1/{id}"),
             headers: serde_json::json!({}),

@@ -386,3 +386,63 @@ async fn a_request_sent_beside_a_fan_out_that_fails_to_commit_loses_nothing() {
         1
     );
 }
+
+/// Issue 16: fan-out passes keep the endpoints they read and read them again only when their
+/// version moved. Changes made in SQL, behind the API's and the config's back, move it too: each
+/// event after a change committed goes where the change says, never where the kept copy did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_changed_in_sql_are_seen_by_the_next_event() {
+    let (db, first, _postern) = one_endpoint().await;
+    let second = Receiver::ok().await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({ "n": 1 })).await;
+    first.wait_count(1, Duration::from_secs(10)).await;
+
+    // A new URL.
+    client
+        .execute(
+            "UPDATE postern.endpoints SET url = $1 WHERE id = 'e'",
+            &[&second.url],
+        )
+        .await
+        .unwrap();
+    publish_one(&client, "order.created", json!({ "n": 2 })).await;
+    second.wait_count(1, Duration::from_secs(10)).await;
+    assert_eq!(second.requests()[0].json()["data"]["n"], 2);
+
+    // A secret added beside the config's: the next request carries both signatures.
+    client
+        .execute(
+            "INSERT INTO postern.endpoint_secrets (endpoint_id, secret) VALUES ('e', $1)",
+            &[&SECRET_2],
+        )
+        .await
+        .unwrap();
+    publish_one(&client, "order.created", json!({ "n": 3 })).await;
+    second.wait_count(2, Duration::from_secs(10)).await;
+    let third = &second.requests()[1];
+    assert_eq!(third.json()["data"]["n"], 3);
+    assert!(verify_independently(SECRET, third) && verify_independently(SECRET_2, third));
+
+    // Deleted: the next event is fanned out to no one.
+    client
+        .execute(
+            "UPDATE postern.endpoints SET deleted_at = now() WHERE id = 'e'",
+            &[],
+        )
+        .await
+        .unwrap();
+    publish_one(&client, "order.created", json!({ "n": 4 })).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL",
+        0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM postern.deliveries").await,
+        3
+    );
+    assert_eq!(first.count() + second.count(), 3);
+}
