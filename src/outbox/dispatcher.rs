@@ -3,17 +3,16 @@
 //! one transaction, so an event is fanned out exactly once even with several replicas (rows are
 //! taken with `FOR UPDATE SKIP LOCKED`, never by a high-water mark: `id` order is not commit order).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::target::Target;
+use super::target::{Known, Target};
 use crate::db::Schema;
 use crate::delivery::state::ordering::{Keys, Ordering};
 use crate::delivery::state::{Claimed, DeliveryStatus};
@@ -80,16 +79,7 @@ pub struct Dispatcher {
     endpoints: String,
     insert: String,
     /// The endpoints as a pass last read them: passes read them again only when they changed.
-    known: Mutex<Option<Known>>,
-}
-
-/// The endpoints a pass read, the version they were read at, and when they must be read again
-/// though the version has not moved.
-struct Known {
-    version: Uuid,
-    /// The earliest expiry among the secrets in use (a secret's grace ends by the clock alone).
-    next_expiry: Option<DateTime<Utc>>,
-    targets: Arc<[Target]>,
+    known: Known,
 }
 
 impl Dispatcher {
@@ -183,36 +173,7 @@ impl Dispatcher {
                            (SELECT count(*) FROM batch) AS scanned, (SELECT max(id) FROM batch) AS last) h
                  LEFT JOIN taken t ON true"
             )),
-            // What every pass needs besides the events, in one row: the endpoints' version
-            // (moved by every committed change to them, see migration 9), whether keyed events
-            // wait, and the endpoints whose back pressure, pause or open circuit is in force (so
-            // a policy that starts while no event comes is seen within a poll interval). Then
-            // the endpoints themselves, only when the version differs from the one known (`$1`,
-            // NULL: none known) or a secret in use has expired since (`$2`): one snapshot for the
-            // version and the rows, so what is kept under a version is what that version holds.
-            endpoints: schema.sql(&format!(
-                "SELECT h.version, h.read, h.keyed, h.hindered,
-                        e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
-                        e.secrets, e.rate_limited, e.next_expiry
-                 FROM (SELECT v.version,
-                              $1::uuid IS NULL OR v.version IS DISTINCT FROM $1
-                                  OR coalesce($2::timestamptz <= now(), false) AS read,
-                              ({KEYED_WAITING}) AS keyed,
-                              ARRAY(SELECT f.endpoint_id FROM __SCHEMA__.endpoint_flow f
-                                    WHERE f.backoff_rate IS NOT NULL OR f.paused_until > now()
-                                       OR f.opened_at IS NOT NULL) AS hindered
-                       FROM (SELECT (SELECT version FROM __SCHEMA__.endpoints_version) AS version) v) h
-                 LEFT JOIN LATERAL (
-                     SELECT e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
-                            ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
-                                  WHERE s.endpoint_id = e.id
-                                    AND (s.expires_at IS NULL OR s.expires_at > now())
-                                  ORDER BY s.id DESC) AS secrets,
-                            e.rate_limit IS NOT NULL AS rate_limited,
-                            (SELECT min(s.expires_at) FROM __SCHEMA__.endpoint_secrets s
-                             WHERE s.endpoint_id = e.id AND s.expires_at > now()) AS next_expiry
-                     FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL AND h.read) e ON true"
-            )),
+            endpoints: super::target::read_sql(schema),
             // The lock's key is made of the schema's name, an identifier; quoted all the same.
             begin: format!(
                 "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;
@@ -232,7 +193,7 @@ impl Dispatcher {
                  FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $9::text[])
                    AS u(id, outbox_id, event_id, event_type, endpoint_id, status, ordering_key)",
             ),
-            known: Mutex::new(None),
+            known: Known::default(),
         }
     }
 
@@ -291,15 +252,8 @@ impl Dispatcher {
         let full_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
         let small_params: [&(dyn ToSql + Sync); 1] = [&self.small_batch];
         let take_params: &[&(dyn ToSql + Sync)] = if small { &small_params } else { &full_params };
-        let known = self
-            .known
-            .lock()
-            .expect("never poisoned")
-            .as_ref()
-            .map(|k| (k.version, k.next_expiry, k.targets.clone()));
-        let known_version = known.as_ref().map(|k| k.0);
-        let known_expiry = known.as_ref().and_then(|k| k.1);
-        let endpoint_params: [&(dyn ToSql + Sync); 2] = [&known_version, &known_expiry];
+        let (known, known_params) = self.known.current();
+        let endpoint_params: [&(dyn ToSql + Sync); 2] = [&known_params.0, &known_params.1];
         let (_, mut rows, endpoint_rows) = futures_util::try_join!(
             client.batch_execute(&self.begin),
             client.query(&take, take_params),
@@ -308,28 +262,7 @@ impl Dispatcher {
         let head = endpoint_rows
             .first()
             .context("the endpoint read returned no row")?;
-        let targets = if head.get("read") {
-            let targets: Arc<[Target]> = endpoint_rows
-                .iter()
-                .filter(|r| r.get::<_, Option<&str>>("id").is_some())
-                .map(Target::from_row)
-                .collect();
-            // Without a version row (removed by hand) nothing is kept: every pass reads.
-            *self.known.lock().expect("never poisoned") =
-                head.get::<_, Option<Uuid>>("version").map(|version| Known {
-                    version,
-                    next_expiry: endpoint_rows
-                        .iter()
-                        .filter_map(|r| r.get::<_, Option<DateTime<Utc>>>("next_expiry"))
-                        .min(),
-                    targets: targets.clone(),
-                });
-            targets
-        } else {
-            known
-                .context("the endpoints were not read, and none are known")?
-                .2
-        };
+        let targets = self.known.targets(&endpoint_rows, known)?;
         let hindered: Vec<&str> = head.get("hindered");
         let unhindered = |t: &Target| {
             !self.default_limited && !t.rate_limited && !hindered.contains(&t.id.as_str())

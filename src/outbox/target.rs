@@ -1,10 +1,104 @@
-//! Who gets an event: an endpoint as the fan-out sees it, and the routing rules (an explicit
-//! target, then tenant, then event patterns). Invariant: an event naming a target goes to that
-//! endpoint alone; otherwise an endpoint gets only its own tenant's events (`*`: all).
+//! Who gets an event: the endpoints as the fan-out reads and keeps them, and the routing rules
+//! (an explicit target, then tenant, then event patterns). Invariants: an event naming a target
+//! goes to that endpoint alone; otherwise an endpoint gets only its own tenant's events (`*`:
+//! all); endpoints kept from an earlier pass are used only while their version has not moved and
+//! no secret kept with them has expired.
 
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
+use uuid::Uuid;
 
+use super::dispatcher::KEYED_WAITING;
 use super::glob::Subscription;
+use crate::db::Schema;
+
+/// What every pass needs besides the events, in one row: the endpoints' version (moved by every
+/// committed change to them, see migration 9), whether keyed events wait, and the endpoints whose
+/// back pressure, pause or open circuit is in force (so a policy that starts while no event comes
+/// is seen within a poll interval). Then the endpoints themselves, only when the version differs
+/// from the one known (`$1`, NULL: none known) or a secret in use has expired since (`$2`): one
+/// snapshot for the version and the rows, so what is kept under a version is what it holds.
+pub(super) fn read_sql(schema: &Schema) -> String {
+    schema.sql(&format!(
+        "SELECT h.version, h.read, h.keyed, h.hindered,
+                e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
+                e.secrets, e.rate_limited, e.next_expiry
+         FROM (SELECT v.version,
+                      $1::uuid IS NULL OR v.version IS DISTINCT FROM $1
+                          OR coalesce($2::timestamptz <= now(), false) AS read,
+                      ({KEYED_WAITING}) AS keyed,
+                      ARRAY(SELECT f.endpoint_id FROM __SCHEMA__.endpoint_flow f
+                            WHERE f.backoff_rate IS NOT NULL OR f.paused_until > now()
+                               OR f.opened_at IS NOT NULL) AS hindered
+               FROM (SELECT (SELECT version FROM __SCHEMA__.endpoints_version) AS version) v) h
+         LEFT JOIN LATERAL (
+             SELECT e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
+                    ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
+                          WHERE s.endpoint_id = e.id
+                            AND (s.expires_at IS NULL OR s.expires_at > now())
+                          ORDER BY s.id DESC) AS secrets,
+                    e.rate_limit IS NOT NULL AS rate_limited,
+                    (SELECT min(s.expires_at) FROM __SCHEMA__.endpoint_secrets s
+                     WHERE s.endpoint_id = e.id AND s.expires_at > now()) AS next_expiry
+             FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL AND h.read) e ON true"
+    ))
+}
+
+/// The endpoints as a pass last read them, kept for the passes after it.
+#[derive(Default)]
+pub(super) struct Known(Mutex<Option<Kept>>);
+
+struct Kept {
+    version: Uuid,
+    /// The earliest expiry among the secrets in use (a secret's grace ends by the clock alone).
+    next_expiry: Option<DateTime<Utc>>,
+    targets: Arc<[Target]>,
+}
+
+/// The endpoint read's parameters: the version known and the earliest expiry kept.
+pub(super) type KnownParams = (Option<Uuid>, Option<DateTime<Utc>>);
+
+impl Known {
+    /// What is kept now, and what the endpoint read is told about it.
+    pub(super) fn current(&self) -> (Option<Arc<[Target]>>, KnownParams) {
+        match &*self.0.lock().expect("never poisoned") {
+            Some(k) => (Some(k.targets.clone()), (Some(k.version), k.next_expiry)),
+            None => (None, (None, None)),
+        }
+    }
+
+    /// This pass's endpoints from the endpoint read's rows: the rows when it read them (they are
+    /// kept then), else `kept`, what [`Known::current`] gave before the read.
+    pub(super) fn targets(
+        &self,
+        rows: &[Row],
+        kept: Option<Arc<[Target]>>,
+    ) -> anyhow::Result<Arc<[Target]>> {
+        let head = rows.first().context("the endpoint read returned no row")?;
+        if !head.get::<_, bool>("read") {
+            return kept.context("the endpoints were not read, and none are kept");
+        }
+        let targets: Arc<[Target]> = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<&str>>("id").is_some())
+            .map(Target::from_row)
+            .collect();
+        // Without a version row (removed by hand) nothing is kept: every pass reads.
+        *self.0.lock().expect("never poisoned") =
+            head.get::<_, Option<Uuid>>("version").map(|version| Kept {
+                version,
+                next_expiry: rows
+                    .iter()
+                    .filter_map(|r| r.get::<_, Option<DateTime<Utc>>>("next_expiry"))
+                    .min(),
+                targets: targets.clone(),
+            });
+        Ok(targets)
+    }
+}
 
 /// An endpoint as the matcher sees it, with what a fast-path delivery to it needs.
 pub(super) struct Target {
