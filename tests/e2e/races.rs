@@ -398,7 +398,18 @@ async fn endpoints_changed_in_sql_are_seen_by_the_next_event() {
     publish_one(&client, "order.created", json!({ "n": 1 })).await;
     first.wait_count(1, Duration::from_secs(10)).await;
 
-    // A new URL.
+    // A new URL, set by a role that may change endpoints and nothing else (the version moves
+    // all the same: its trigger runs as its owner).
+    client
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE postern_test_endpoint_editor;
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             GRANT USAGE ON SCHEMA postern TO postern_test_endpoint_editor;
+             GRANT SELECT, UPDATE ON postern.endpoints TO postern_test_endpoint_editor;
+             SET ROLE postern_test_endpoint_editor",
+        )
+        .await
+        .unwrap();
     client
         .execute(
             "UPDATE postern.endpoints SET url = $1 WHERE id = 'e'",
@@ -406,6 +417,7 @@ async fn endpoints_changed_in_sql_are_seen_by_the_next_event() {
         )
         .await
         .unwrap();
+    client.batch_execute("RESET ROLE").await.unwrap();
     publish_one(&client, "order.created", json!({ "n": 2 })).await;
     second.wait_count(1, Duration::from_secs(10)).await;
     assert_eq!(second.requests()[0].json()["data"]["n"], 2);

@@ -9,8 +9,9 @@ CREATE TABLE IF NOT EXISTS __SCHEMA__.endpoints_version (
 );
 INSERT INTO __SCHEMA__.endpoints_version DEFAULT VALUES ON CONFLICT DO NOTHING;
 
+-- As its owner: a role allowed to change endpoints in SQL needs no grant on the version.
 CREATE OR REPLACE FUNCTION __SCHEMA__.endpoints_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     UPDATE __SCHEMA__.endpoints_version SET version = gen_random_uuid();
     RETURN NULL;
