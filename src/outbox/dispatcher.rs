@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
@@ -259,10 +258,9 @@ impl Dispatcher {
             client.query(&take, take_params),
             client.query(&endpoints, &endpoint_params),
         )?;
-        let head = endpoint_rows
-            .first()
-            .context("the endpoint read returned no row")?;
         let targets = self.known.targets(&endpoint_rows, known)?;
+        // `targets` has checked that the read returned its row.
+        let head = &endpoint_rows[0];
         let hindered: Vec<&str> = head.get("hindered");
         let unhindered = |t: &Target| {
             !self.default_limited && !t.rate_limited && !hindered.contains(&t.id.as_str())
