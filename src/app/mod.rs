@@ -394,6 +394,8 @@ pub fn start(
             fast_path.clone(),
             Ordering::new(schema, o.ordering.on_failure),
             o.rate_limit.is_some(),
+            // pgbouncer's transaction pooling keeps no session's SQL-prepared statements.
+            config.database.pgbouncer,
         );
         tasks.spawn(
             "dispatcher",

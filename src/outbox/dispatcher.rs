@@ -11,6 +11,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
+use super::cells::Cells;
+use super::opening::{Opening, Taken, TAKEN};
 use super::target::{Known, Target};
 use crate::db::Schema;
 use crate::delivery::state::ordering::{Keys, Ordering};
@@ -19,11 +21,6 @@ use crate::delivery::{Capacity, FanOutCommit, Handoff};
 
 /// Whether any event waits to be fanned out: one probe of the undispatched-rows index.
 const WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL)";
-
-/// What every take returns per event, in this order (the pass reads the columns by position).
-const TAKEN: &str = "id, event_id, event_type, tenant, target_endpoint,
-    extract(epoch FROM clock_timestamp() - created_at)::float8,
-    payload::text, created_at, metadata, ordering_key";
 
 /// Whether keyed events wait to be fanned out: one probe of a partial index.
 pub(super) const KEYED_WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox
@@ -65,17 +62,12 @@ pub struct Dispatcher {
     ordering: Ordering,
     /// `outbound.rate_limit` is set: every endpoint is limited, none takes the fast path.
     default_limited: bool,
-    take: String,
-    /// The take of a pass woken by a sparse stream's notification: at most `small_batch` rows,
-    /// no byte count.
-    take_small: String,
     /// As many payloads as the byte budget holds at `outbound.max_payload` each (at least one).
     small_batch: i64,
-    /// Opens a pass: the transaction, its planner settings, the shared fan-out lock.
-    begin: String,
+    /// The first round trip: the transaction's start, the take, the endpoint read.
+    opening: Opening,
     waiting: String,
     take_keyed: String,
-    endpoints: String,
     insert: String,
     /// The endpoints as a pass last read them: passes read them again only when they changed.
     known: Known,
@@ -84,6 +76,7 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// `batch_bytes`: the payload bytes a pass may take into memory, at least `max_payload`
     /// (`outbound.max_payload`, which the outbox's constraint holds every new payload to).
+    /// `pipelined`: the first round trip as three messages (behind pgbouncer), not one.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: Pool,
@@ -94,6 +87,7 @@ impl Dispatcher {
         fast: FastPath,
         ordering: Ordering,
         default_limited: bool,
+        pipelined: bool,
     ) -> Self {
         Self {
             pool,
@@ -103,36 +97,7 @@ impl Dispatcher {
             fast,
             ordering,
             default_limited,
-            // Events without an ordering key, in `id` order. Taking a batch marks it dispatched in
-            // the same statement (the transaction makes that one with the deliveries' insert): one
-            // statement per pass instead of two. The locked rows are found again by `ctid`, which
-            // cannot change while this transaction holds their locks. The batch stops at `$2`
-            // bytes of payload (the first row always), so one pass never brings more into memory
-            // than that; rows past it stay locked until this transaction ends and go in the next.
-            take: schema.sql(&format!(
-                "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
-                 WHERE ctid = ANY(ARRAY(
-                     SELECT ctid FROM (
-                         SELECT ctid, sum(octet_length(payload::text)) OVER (ORDER BY id)
-                                      - octet_length(payload::text) AS before
-                         FROM (SELECT ctid, id, payload FROM __SCHEMA__.outbox
-                               WHERE dispatched_at IS NULL AND ordering_key IS NULL
-                               ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) batch) s
-                     WHERE before < $2))
-                 RETURNING {TAKEN}"
-            )),
-            // A sparse stream's wake-up announces a commit or two: rows bounded by count alone
-            // (`small_batch` payloads of at most `max_payload` each fit the byte budget), so the
-            // running byte count, a sort and a window over the batch and a third of the take's
-            // time for one row, is left out where a pass's time is a delivery's latency.
-            take_small: schema.sql(&format!(
-                "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
-                 WHERE ctid = ANY(ARRAY(
-                     SELECT ctid FROM __SCHEMA__.outbox
-                     WHERE dispatched_at IS NULL AND ordering_key IS NULL
-                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
-                 RETURNING {TAKEN}"
-            )),
+            opening: Opening::new(schema, pipelined),
             waiting: schema.sql(WAITING),
             // Keyed events, only when some wait (their statement costs more to plan and run). Per
             // ordering key they are fanned out in `id` order: a keyed event is left (locked
@@ -172,14 +137,6 @@ impl Dispatcher {
                            (SELECT count(*) FROM batch) AS scanned, (SELECT max(id) FROM batch) AS last) h
                  LEFT JOIN taken t ON true"
             )),
-            endpoints: super::target::read_sql(schema),
-            // The lock's key is made of the schema's name, an identifier; quoted all the same.
-            begin: format!(
-                "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;
-                 SET LOCAL enable_seqscan = off; SET LOCAL jit = off;
-                 SELECT pg_advisory_xact_lock_shared(hashtext('{}'))",
-                schema.fan_out_lock_key().replace('\'', "''")
-            ),
             insert: schema.sql(
                 "INSERT INTO __SCHEMA__.deliveries
                     (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner,
@@ -202,7 +159,7 @@ impl Dispatcher {
     ///
     /// Two round trips when there is something to fan out: the transaction's start, the lock, the
     /// take and the endpoint read go out together; the deliveries' insert and the commit go out
-    /// together. The transaction is opened by hand (`BEGIN` pipelined with the rest), so every
+    /// together. The transaction is opened by hand (`BEGIN` sent with the rest), so every
     /// way out of it before the commit rolls it back before the connection returns to the pool.
     pub async fn dispatch_once(&self, after: i64, small: bool) -> anyhow::Result<Dispatched> {
         let mut guard = InTransaction(Some(self.pool.get().await?));
@@ -229,14 +186,10 @@ impl Dispatcher {
     ) -> anyhow::Result<Dispatched> {
         // Everything the pass runs is prepared before it starts, so each round trip goes out
         // whole on its first poll (`advance` included: see `Ordering::advance_sql`).
-        let take_sql = if small { &self.take_small } else { &self.take };
-        let (take, endpoints, insert, _) = futures_util::try_join!(
-            client.prepare_cached(take_sql),
-            client.prepare_cached(&self.endpoints),
+        let (insert, _) = futures_util::try_join!(
             client.prepare_cached(&self.insert),
             client.prepare_cached(self.ordering.advance_sql()),
         )?;
-        // Pipelined, three messages: all go out before any answer is awaited, and run in order.
         // The lock (shared; an endpoint change takes it exclusively, see
         // `endpoints::exclude_fan_out`) comes first, so the endpoints are not about to change
         // under this pass. Their version is read after the take, inside the transaction, so an
@@ -247,32 +200,23 @@ impl Dispatcher {
         // the take always walks the undispatched-rows index in `id` order. The endpoint tables
         // have no index to use instead; costed with sequential scans off, their read would be
         // compiled (JIT) on every run, so JIT is off. Every message is one more answer the server
-        // flushes and this side wakes for, so the settings and the lock share the first.
-        let full_params: [&(dyn ToSql + Sync); 2] = [&self.batch, &self.batch_bytes];
-        let small_params: [&(dyn ToSql + Sync); 1] = [&self.small_batch];
-        let take_params: &[&(dyn ToSql + Sync)] = if small { &small_params } else { &full_params };
-        let (known, known_params) = self.known.current();
-        let endpoint_params: [&(dyn ToSql + Sync); 2] = [&known_params.0, &known_params.1];
-        let (_, mut rows, endpoint_rows) = futures_util::try_join!(
-            client.batch_execute(&self.begin),
-            client.query(&take, take_params),
-            client.query(&endpoints, &endpoint_params),
-        )?;
-        let targets = self.known.targets(&endpoint_rows, known)?;
-        // `targets` has checked that the read returned its row.
-        let head = &endpoint_rows[0];
-        let hindered: Vec<&str> = head.get("hindered");
-        let unhindered = |t: &Target| {
-            !self.default_limited && !t.rate_limited && !hindered.contains(&t.id.as_str())
+        // flushes and this side wakes for: all of it goes as one message where it can.
+        let take = if small {
+            vec![self.small_batch]
+        } else {
+            vec![self.batch, self.batch_bytes]
         };
+        let opened = self.opening.open(client, small, &take, &self.known).await?;
+        let (head, targets, mut rows) = (opened.head, opened.targets, opened.taken);
+        let unhindered =
+            |t: &Target| !self.default_limited && !t.rate_limited && !head.hindered.contains(&t.id);
         // Claims take the gated statement only while some endpoint has a policy in force (seen
         // on every pass, empty ones included; until then a claim just skips that endpoint).
         self.fast.capacity.set_hindered(
             self.default_limited || targets.iter().any(|t| t.active && !unhindered(t)),
         );
-        let keyed_waiting: bool = head.get("keyed");
         let (mut held_back, mut scanned, mut last_id) = (0, 0, 0);
-        if keyed_waiting {
+        if head.keyed {
             // Keyed events may bring as much again into memory, at most half as much.
             let half = self.batch_bytes / 2;
             let params: [&(dyn ToSql + Sync); 3] = [&self.batch, &half, &after];
@@ -288,18 +232,18 @@ impl Dispatcher {
             )?;
             // One row even when nothing was taken, for the counts.
             if let Some(r) = keyed_rows.first() {
-                held_back = r.get::<_, i64>(10) as usize;
-                scanned = r.get::<_, i64>(11) as usize;
-                last_id = r.get::<_, Option<i64>>(12).unwrap_or(0);
+                held_back = r.try_get::<_, i64>("n")? as usize;
+                scanned = r.try_get::<_, i64>("scanned")? as usize;
+                last_id = r.try_get::<_, Option<i64>>("last")?.unwrap_or(0);
             }
-            rows.extend(
-                keyed_rows
-                    .into_iter()
-                    .filter(|r| r.get::<_, Option<i64>>(0).is_some()),
-            );
+            for r in &keyed_rows {
+                if r.cell("id")?.is_some() {
+                    rows.push(Taken::from_cells(r)?);
+                }
+            }
         }
         // RETURNING keeps no order; fan out in commit-id order.
-        rows.sort_unstable_by_key(|r| r.get::<_, i64>(0));
+        rows.sort_unstable_by_key(|r| r.id);
         if rows.is_empty() {
             client.batch_execute("COMMIT").await?;
             let done = Dispatched {
@@ -317,23 +261,14 @@ impl Dispatcher {
         let (committed, commit) = FanOutCommit::new();
         let mut lags = Vec::with_capacity(rows.len());
         for r in &rows {
-            let id: i64 = r.get(0);
-            let event_id: Uuid = r.get(1);
-            let event_type: &str = r.get(2);
-            let tenant: Option<&str> = r.get(3);
-            let target: Option<&str> = r.get(4);
-            let ordering_key: Option<&str> = r.get(9);
-            lags.push(r.get::<_, f64>(5));
-            // One copy of the payload however many endpoints get it.
-            let mut payload: Option<std::sync::Arc<str>> = None;
+            let (id, event_id) = (r.id, r.event_id);
+            let (event_type, ordering_key) = (r.event_type.as_str(), r.ordering_key.as_deref());
+            lags.push(r.lag);
             for t in targets
                 .iter()
-                .filter(|t| t.wants(event_type, tenant, target))
+                .filter(|t| t.wants(event_type, r.tenant.as_deref(), r.target.as_deref()))
             {
                 let delivery_id = Uuid::now_v7();
-                let payload = payload
-                    .get_or_insert_with(|| r.get::<_, String>(6).into())
-                    .clone();
                 // A keyed delivery waits its turn: the key's head is chosen below, under its lock.
                 if let Some(key) = ordering_key {
                     let queued = DeliveryStatus::Queued;
@@ -350,7 +285,7 @@ impl Dispatcher {
                     continue;
                 }
                 let hold = (t.active && unhindered(t))
-                    .then(|| self.fast.capacity.try_hold(&t.id, payload.len()))
+                    .then(|| self.fast.capacity.try_hold(&t.id, r.payload.len()))
                     .flatten();
                 // Inactive endpoints still get their deliveries, paused, so re-activating one
                 // loses nothing.
@@ -367,13 +302,13 @@ impl Dispatcher {
                         endpoint_id: t.id.clone(),
                         event_id,
                         event_type: event_type.to_string(),
-                        payload,
-                        created_at: r.get(7),
+                        payload: r.payload.clone(),
+                        created_at: r.created_at,
                         url: t.url.clone(),
                         headers: t.headers.clone(),
                         signature: t.signature.clone(),
                         retry: t.retry.clone(),
-                        metadata: r.get(8),
+                        metadata: r.metadata.clone(),
                         secrets: t.secrets.clone(),
                         ordering_key: None,
                         probe: false,

@@ -3,8 +3,10 @@
 //! a lost notification, a dead listener or `notify = "none"` delays a pass by at most one poll
 //! interval, and every (re)connect does LISTEN first and then a catch-up pass.
 
+mod cells;
 pub mod dispatcher;
 pub mod glob;
+mod opening;
 mod target;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use tokio_postgres::Row;
 use uuid::Uuid;
 
+use super::cells::Cells;
 use super::dispatcher::KEYED_WAITING;
 use super::glob::Subscription;
 use crate::db::Schema;
@@ -21,11 +21,15 @@ use crate::db::Schema;
 /// is seen within a poll interval). Then the endpoints themselves, only when the version differs
 /// from the one known (`$1`, NULL: none known) or a secret in use has expired since (`$2`): one
 /// snapshot for the version and the rows, so what is kept under a version is what it holds.
+/// Every column is text (see `cells`).
 pub(super) fn read_sql(schema: &Schema) -> String {
     schema.sql(&format!(
-        "SELECT h.version, h.read, h.keyed, h.hindered,
-                e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
-                e.secrets, e.rate_limited, e.next_expiry
+        "SELECT h.version::text AS version, h.read::text AS read, h.keyed::text AS keyed,
+                to_json(h.hindered)::text AS hindered,
+                e.id, e.tenant, e.active::text AS active, to_json(e.events)::text AS events, e.url,
+                e.headers::text AS headers, e.signature, e.retry::text AS retry,
+                to_json(e.secrets)::text AS secrets, e.rate_limited::text AS rate_limited,
+                extract(epoch FROM e.next_expiry)::text AS next_expiry
          FROM (SELECT v.version,
                       $1::uuid IS NULL OR v.version IS DISTINCT FROM $1
                           OR coalesce($2::timestamptz <= now(), false) AS read,
@@ -71,33 +75,50 @@ impl Known {
     }
 
     /// This pass's endpoints from the endpoint read's rows: the rows when it read them (they are
-    /// kept then), else `kept`, what [`Known::current`] gave before the read.
+    /// kept then), else `kept`, what [`Known::current`] gave before the read. With them, what
+    /// the read's first row says of every pass.
     pub(super) fn targets(
         &self,
-        rows: &[Row],
+        rows: &[impl Cells],
         kept: Option<Arc<[Target]>>,
-    ) -> anyhow::Result<Arc<[Target]>> {
-        let head = rows.first().context("the endpoint read returned no row")?;
-        if !head.get::<_, bool>("read") {
-            return kept.context("the endpoints were not read, and none are kept");
+    ) -> anyhow::Result<(Head, Arc<[Target]>)> {
+        let first = rows.first().context("the endpoint read returned no row")?;
+        let head = Head {
+            keyed: first.flag("keyed")?,
+            hindered: first.json("hindered")?.unwrap_or_default(),
+        };
+        if !first.flag("read")? {
+            let kept = kept.context("the endpoints were not read, and none are kept")?;
+            return Ok((head, kept));
         }
-        let targets: Arc<[Target]> = rows
-            .iter()
-            .filter(|r| r.get::<_, Option<&str>>("id").is_some())
-            .map(Target::from_row)
-            .collect();
+        let mut targets = Vec::with_capacity(rows.len());
+        let mut next_expiry: Option<DateTime<Utc>> = None;
+        for r in rows {
+            if r.cell("id")?.is_some() {
+                targets.push(Target::from_cells(r)?);
+                next_expiry = match (next_expiry, r.epoch("next_expiry")?) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        let targets: Arc<[Target]> = targets.into();
         // Without a version row (removed by hand) nothing is kept: every pass reads.
-        *self.0.lock().expect("never poisoned") =
-            head.get::<_, Option<Uuid>>("version").map(|version| Kept {
-                version,
-                next_expiry: rows
-                    .iter()
-                    .filter_map(|r| r.get::<_, Option<DateTime<Utc>>>("next_expiry"))
-                    .min(),
-                targets: targets.clone(),
-            });
-        Ok(targets)
+        *self.0.lock().expect("never poisoned") = first.uuid("version")?.map(|version| Kept {
+            version,
+            next_expiry,
+            targets: targets.clone(),
+        });
+        Ok((head, targets))
     }
+}
+
+/// What the endpoint read says of every pass, read or kept.
+pub(super) struct Head {
+    /// Keyed events wait to be fanned out.
+    pub(super) keyed: bool,
+    /// The endpoints whose back pressure, pause or open circuit is in force.
+    pub(super) hindered: Vec<String>,
 }
 
 /// An endpoint as the matcher sees it, with what a fast-path delivery to it needs.
@@ -116,21 +137,20 @@ pub(super) struct Target {
 }
 
 impl Target {
-    /// From a row of the fan-out's endpoint read (`Dispatcher`'s `endpoints` statement), by
-    /// column name.
-    pub(super) fn from_row(r: &Row) -> Self {
-        Self {
-            id: r.get("id"),
-            tenant: r.get("tenant"),
-            active: r.get("active"),
-            subscription: Subscription::new(&r.get::<_, Vec<String>>("events")),
-            url: r.get("url"),
-            headers: r.get("headers"),
-            signature: r.get("signature"),
-            retry: r.get("retry"),
-            secrets: r.get("secrets"),
-            rate_limited: r.get("rate_limited"),
-        }
+    /// From a row of the fan-out's endpoint read (`read_sql`), by column name.
+    pub(super) fn from_cells(r: &impl Cells) -> anyhow::Result<Self> {
+        Ok(Self {
+            id: r.text("id")?.to_owned(),
+            tenant: r.cell("tenant")?.map(str::to_owned),
+            active: r.flag("active")?,
+            subscription: Subscription::new(&r.json::<Vec<String>>("events")?.unwrap_or_default()),
+            url: r.text("url")?.to_owned(),
+            headers: r.json("headers")?.unwrap_or_default(),
+            signature: r.text("signature")?.to_owned(),
+            retry: r.json("retry")?,
+            secrets: r.json("secrets")?.unwrap_or_default(),
+            rate_limited: r.flag("rate_limited")?,
+        })
     }
 
     /// An event naming a target goes to that endpoint alone, whatever its subscription (that is
