@@ -64,11 +64,13 @@ pub struct Dispatcher {
     default_limited: bool,
     /// As many payloads as the byte budget holds at `outbound.max_payload` each (at least one).
     small_batch: i64,
-    /// The first round trip: the transaction's start, the take, the endpoint read.
+    /// The first round trip: the transaction's start, the take, the pass's head.
     opening: Opening,
     waiting: String,
     take_keyed: String,
     insert: String,
+    /// Marks what a small take locked (and did not mark) dispatched.
+    mark: String,
     /// The endpoints as a pass last read them: passes read them again only when they changed.
     known: Known,
 }
@@ -149,17 +151,20 @@ impl Dispatcher {
                  FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $9::text[])
                    AS u(id, outbox_id, event_id, event_type, endpoint_id, status, ordering_key)",
             ),
+            mark: schema.sql(
+                "UPDATE __SCHEMA__.outbox SET dispatched_at = now() WHERE id = ANY($1::bigint[])",
+            ),
             known: Known::default(),
         }
     }
 
     /// Fans out one batch. Call again while it returns a full batch ([`Dispatcher::batch`], or
-    /// [`Dispatcher::small_batch`] for a `small` pass: one woken by a sparse stream).
+    /// [`Dispatcher::small_batch`] for a `small` pass: one woken by a notification or a probe).
     /// Only keyed events with an `id` above `after` (0: all).
     ///
-    /// Two round trips when there is something to fan out: the transaction's start, the lock, the
-    /// take and the endpoint read go out together; the deliveries' insert and the commit go out
-    /// together. The transaction is opened by hand (`BEGIN` sent with the rest), so every
+    /// Two round trips when there is something to fan out (three when the endpoints changed):
+    /// the transaction's start, the lock, the take and the pass's head go out together; the
+    /// deliveries' insert, a small take's marking and the commit go out together. The transaction is opened by hand (`BEGIN` sent with the rest), so every
     /// way out of it before the commit rolls it back before the connection returns to the pool.
     pub async fn dispatch_once(&self, after: i64, small: bool) -> anyhow::Result<Dispatched> {
         let mut guard = InTransaction(Some(self.pool.get().await?));
@@ -186,8 +191,9 @@ impl Dispatcher {
     ) -> anyhow::Result<Dispatched> {
         // Everything the pass runs is prepared before it starts, so each round trip goes out
         // whole on its first poll (`advance` included: see `Ordering::advance_sql`).
-        let (insert, _) = futures_util::try_join!(
+        let (insert, mark, _) = futures_util::try_join!(
             client.prepare_cached(&self.insert),
+            client.prepare_cached(&self.mark),
             client.prepare_cached(self.ordering.advance_sql()),
         )?;
         // The lock (shared; an endpoint change takes it exclusively, see
@@ -208,6 +214,11 @@ impl Dispatcher {
         };
         let opened = self.opening.open(client, small, &take, &self.known).await?;
         let (head, targets, mut rows) = (opened.head, opened.targets, opened.taken);
+        // Events a small take locked without marking them: marked in the second round trip.
+        let unmarked: Vec<i64> = match opened.marked {
+            true => Vec::new(),
+            false => rows.iter().map(|r| r.id).collect(),
+        };
         let unhindered =
             |t: &Target| !self.default_limited && !t.rate_limited && !head.hindered.contains(&t.id);
         // Claims take the gated statement only while some endpoint has a policy in force (seen
@@ -333,6 +344,12 @@ impl Dispatcher {
         let second = async {
             futures_util::try_join!(
                 async {
+                    if !unmarked.is_empty() {
+                        client.execute(&mark, &[&unmarked]).await?;
+                    }
+                    anyhow::Ok(())
+                },
+                async {
                     if deliveries > 0 {
                         let insert_params: [&(dyn ToSql + Sync); 9] = [
                             &new.ids,
@@ -368,7 +385,7 @@ impl Dispatcher {
             std::task::Poll::Pending => second.await,
         };
         committed.settle(outcome.is_ok());
-        let (_, heads, _) = outcome?;
+        let (_, _, heads, _) = outcome?;
         pending += heads as usize;
         let done = Dispatched {
             events: rows.len(),

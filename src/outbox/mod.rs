@@ -239,8 +239,9 @@ pub async fn dispatch_loop(
     let mut failures = 0u32;
     loop {
         let mut probed = false;
-        // Woken by a sparse stream's notification: a commit or two wait, taken without the byte
-        // count (`Dispatcher::small_batch`); full takes follow if it fills.
+        // Woken by a notification or a probe: a commit or two wait, taken without the byte count
+        // and marked dispatched after the take (`Dispatcher::small_batch`, `opening`); full takes
+        // follow if it fills. The poll timer (the backstop, after a reconnect) takes full batches.
         let mut small = false;
         let next = probe_at.map_or(poll_at, |p| p.min(poll_at));
         let pass_now = tokio::select! {
@@ -250,7 +251,7 @@ pub async fn dispatch_loop(
                 let window = Duration::from_micros(said).min(throttle);
                 window_end = Some(Instant::now() + window + WINDOW_MARGIN);
                 probe_misled = false;
-                small = said == 0;
+                small = true;
                 true
             }
             _ = sleep_until(next) => {
@@ -266,7 +267,7 @@ pub async fn dispatch_loop(
                     } else {
                         match dispatcher.waiting().await {
                             Ok(true) => {
-                                probed = true;
+                                (probed, small) = (true, true);
                                 true
                             }
                             answer => {

@@ -1,5 +1,5 @@
 //! A fan-out pass's first round trip: its transaction's start, the take of undispatched events
-//! and the endpoint read, sent as one simple-query message (the statements prepared once per
+//! and the pass's head (see `target::head_sql`), sent as one simple-query message (the statements prepared once per
 //! connection with SQL `PREPARE`), or pipelined as three messages behind pgbouncer, whose
 //! transaction pooling does not keep a session's SQL-prepared statements. Invariant: both send
 //! the same statements, in the same order, in one transaction opened by the first, and give the
@@ -17,7 +17,7 @@ use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 use uuid::Uuid;
 
 use super::cells::Cells;
-use super::target::{Head, Known, Target};
+use super::target::{head_sql, read_sql, Head, Known, Target};
 use crate::db::Schema;
 
 /// What every take returns per event, every column text.
@@ -39,6 +39,11 @@ pub(super) struct Taken {
     pub(super) created_at: DateTime<Utc>,
     pub(super) metadata: Option<serde_json::Value>,
     pub(super) ordering_key: Option<String>,
+}
+
+/// Every row of a take.
+fn decode(rows: &[impl Cells]) -> anyhow::Result<Vec<Taken>> {
+    rows.iter().map(Taken::from_cells).collect()
 }
 
 impl Taken {
@@ -63,6 +68,8 @@ impl Taken {
 /// What the first round trip brought: the events taken, and the endpoints they may go to.
 pub(super) struct Opened {
     pub(super) taken: Vec<Taken>,
+    /// The take marked them dispatched; if not (a small take), the pass does, before it commits.
+    pub(super) marked: bool,
     pub(super) head: Head,
     pub(super) targets: Arc<[Target]>,
 }
@@ -91,7 +98,9 @@ pub(super) struct Opening {
     take: Statement,
     /// The take of a pass woken by a sparse stream: at most `small_batch` rows, no byte count.
     take_small: Statement,
-    read: Statement,
+    head: Statement,
+    /// The endpoints, read only when the head says the kept ones are out of date.
+    read: String,
     /// Pipelined (pgbouncer) instead of one message.
     pipelined: bool,
     /// The connections this opening has prepared its statements on (by their statement cache,
@@ -130,30 +139,31 @@ impl Opening {
                 )),
                 "bigint, bigint",
             ),
-            // A sparse stream's wake-up announces a commit or two: rows bounded by count alone
-            // (`small_batch` payloads of at most `max_payload` each fit the byte budget), so the
-            // running byte count, a sort and a window over the batch and a third of the take's
-            // time for one row, is left out where a pass's time is a delivery's latency.
+            // A pass woken by a notification or a probe finds a commit or two: rows bounded by
+            // count alone (`small_batch` payloads of at most `max_payload` each fit the byte
+            // budget), without the running byte count (a sort and a window over the batch). Only
+            // locked, not marked dispatched: the pass marks them in its second round trip, which
+            // is on the wire when the first request starts, while an update here (a new row
+            // version, an entry in each index) was most of the take's time.
             take_small: Statement::new(
                 schema.sql(&format!(
-                    "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
-                     WHERE ctid = ANY(ARRAY(
-                         SELECT ctid FROM __SCHEMA__.outbox
-                         WHERE dispatched_at IS NULL AND ordering_key IS NULL
-                         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
-                     RETURNING {TAKEN}"
+                    "SELECT {TAKEN} FROM __SCHEMA__.outbox
+                     WHERE dispatched_at IS NULL AND ordering_key IS NULL
+                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
                 )),
                 "bigint",
             ),
-            read: Statement::new(super::target::read_sql(schema), "uuid, timestamptz"),
+            head: Statement::new(head_sql(schema), "uuid, timestamptz"),
+            read: read_sql(schema),
             pipelined,
             prepared: Mutex::default(),
         }
     }
 
     /// Opens the pass's transaction on `client`, takes events (`take`: the take's arguments,
-    /// `[batch, bytes]`, or `[rows]` for a `small` pass) and reads the endpoints (or keeps
-    /// `known`'s). An error leaves the transaction to the caller to roll back.
+    /// `[batch, bytes]`, or `[rows]` for a `small` pass) and reads the pass's head, then the
+    /// endpoints if the ones `known` keeps are out of date (a round trip more). An error leaves
+    /// the transaction to the caller to roll back.
     pub(super) async fn open(
         &self,
         client: &deadpool_postgres::Client,
@@ -163,30 +173,27 @@ impl Opening {
     ) -> anyhow::Result<Opened> {
         let statement = if small { &self.take_small } else { &self.take };
         let (kept, (version, expiry)) = known.current();
-        let (taken, targets) = if self.pipelined {
-            let (rows, read) = self
+        let (taken, head) = if self.pipelined {
+            let (rows, head) = self
                 .pipelined(client, statement, take, version, expiry)
                 .await?;
-            (
-                rows.iter()
-                    .map(Taken::from_cells)
-                    .collect::<anyhow::Result<Vec<_>>>(),
-                known.targets(&read, kept)?,
-            )
+            (decode(&rows)?, Head::from_rows(&head)?)
         } else {
-            let (rows, read) = self
+            let (rows, head) = self
                 .one_message(client, statement, take, version, expiry)
                 .await?;
-            (
-                rows.iter()
-                    .map(Taken::from_cells)
-                    .collect::<anyhow::Result<Vec<_>>>(),
-                known.targets(&read, kept)?,
-            )
+            (decode(&rows)?, Head::from_rows(&head)?)
         };
-        let (head, targets) = targets;
+        let targets = match kept {
+            Some(kept) if !head.read => kept,
+            _ => {
+                let read = client.prepare_cached(&self.read).await?;
+                known.store(&client.query(&read, &[]).await?)?
+            }
+        };
         Ok(Opened {
-            taken: taken?,
+            taken,
+            marked: !small,
             head,
             targets,
         })
@@ -201,19 +208,19 @@ impl Opening {
         version: Option<Uuid>,
         expiry: Option<DateTime<Utc>>,
     ) -> anyhow::Result<(Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>)> {
-        let (take, read) = futures_util::try_join!(
+        let (take, head) = futures_util::try_join!(
             client.prepare_cached(&take.sql),
-            client.prepare_cached(&self.read.sql),
+            client.prepare_cached(&self.head.sql),
         )?;
         let take_args: Vec<&(dyn ToSql + Sync)> =
             args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        let read_args: [&(dyn ToSql + Sync); 2] = [&version, &expiry];
-        let (_, rows, read) = futures_util::try_join!(
+        let head_args: [&(dyn ToSql + Sync); 2] = [&version, &expiry];
+        let (_, rows, head) = futures_util::try_join!(
             client.batch_execute(&self.begin),
             client.query(&take, &take_args),
-            client.query(&read, &read_args),
+            client.query(&head, &head_args),
         )?;
-        Ok((rows, read))
+        Ok((rows, head))
     }
 
     /// One message, one answer: the server flushes once and this side wakes once.
@@ -241,7 +248,7 @@ impl Opening {
             self.begin,
             take.name,
             args.join(", "),
-            self.read.name
+            self.head.name
         );
         let messages = match client.simple_query(&sql).await {
             Ok(messages) => messages,
@@ -258,7 +265,7 @@ impl Opening {
                 return Err(e.into());
             }
         };
-        // Each statement's rows end with its completion; the take and the read are the last two.
+        // Each statement's rows end with its completion; the take and the head are the last two.
         let mut statements: Vec<Vec<SimpleQueryRow>> = vec![Vec::new()];
         for m in messages {
             match m {
@@ -268,9 +275,9 @@ impl Opening {
             }
         }
         statements.pop();
-        let read = statements.pop().context("no answer to the endpoint read")?;
+        let head = statements.pop().context("no answer to the pass's head")?;
         let rows = statements.pop().context("no answer to the take")?;
-        Ok((rows, read))
+        Ok((rows, head))
     }
 
     /// Prepares the statements on `client` unless this opening already did.
@@ -282,7 +289,7 @@ impl Opening {
         if listed(&self.prepared.lock().expect("never poisoned")) {
             return Ok(());
         }
-        let all = [&self.take, &self.take_small, &self.read];
+        let all = [&self.take, &self.take_small, &self.head];
         // The other dispatcher loop may have prepared them on this connection.
         let names: Vec<String> = all.iter().map(|s| format!("'{}'", s.name)).collect();
         let present: Vec<String> = client
@@ -411,7 +418,24 @@ mod tests {
         let (one_known, piped_known) = (Known::default(), Known::default());
         let mut seen = Vec::new();
         for (opening, known) in [(&one, &one_known), (&piped, &piped_known)] {
+            // A small take: the same events, locked, not marked.
+            let client = s.pool.get().await.unwrap();
+            let o = opening.open(&client, true, &[4], known).await.unwrap();
+            let marked = client
+                .query_one(
+                    &s.schema.sql(
+                        "SELECT count(*) FROM __SCHEMA__.outbox WHERE dispatched_at IS NOT NULL",
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0);
+            client.batch_execute("ROLLBACK").await.unwrap();
+            drop(client);
+            assert_eq!((o.taken.len(), o.marked, marked), (2, false, 0));
             let o = open(&s, opening, known).await.unwrap();
+            assert!(o.marked);
             assert!(o.head.keyed);
             assert_eq!(o.head.hindered, ["b"]);
             // The keyed event is not the plain take's.

@@ -15,29 +15,36 @@ use super::dispatcher::KEYED_WAITING;
 use super::glob::Subscription;
 use crate::db::Schema;
 
-/// What every pass needs besides the events, in one row: the endpoints' version (moved by every
-/// committed change to them, see migration 9), whether keyed events wait, and the endpoints whose
-/// back pressure, pause or open circuit is in force (so a policy that starts while no event comes
-/// is seen within a poll interval). Then the endpoints themselves, only when the version differs
-/// from the one known (`$1`, NULL: none known) or a secret in use has expired since (`$2`): one
-/// snapshot for the version and the rows, so what is kept under a version is what it holds.
-/// Every column is text (see `cells`).
-pub(super) fn read_sql(schema: &Schema) -> String {
+/// What every pass needs besides the events, in one row: whether the endpoints must be read
+/// (their version, moved by every committed change to them (migration 9), differs from the one
+/// known, `$1`, NULL: none known; or a secret in use has expired since, `$2`), whether keyed
+/// events wait, and the endpoints whose back pressure, pause or open circuit is in force (so a
+/// policy that starts while no event comes is seen within a poll interval). The endpoints
+/// themselves are a statement of their own ([`read_sql`]): planned into this one, never run,
+/// their tables, indexes and sub-plans were still opened and locked on every pass, a third of
+/// the first round trip's server time. Every column is text (see `cells`).
+pub(super) fn head_sql(schema: &Schema) -> String {
     schema.sql(&format!(
-        "SELECT h.version::text AS version, h.read::text AS read, h.keyed::text AS keyed,
-                to_json(h.hindered)::text AS hindered,
+        "SELECT (v.version IS DISTINCT FROM $1::uuid OR v.version IS NULL
+                 OR coalesce($2::timestamptz <= now(), false))::text AS read,
+                ({KEYED_WAITING})::text AS keyed,
+                to_json(ARRAY(SELECT f.endpoint_id FROM __SCHEMA__.endpoint_flow f
+                              WHERE f.backoff_rate IS NOT NULL OR f.paused_until > now()
+                                 OR f.opened_at IS NOT NULL))::text AS hindered
+         FROM (SELECT (SELECT version FROM __SCHEMA__.endpoints_version) AS version) v"
+    ))
+}
+
+/// The endpoints and their version, in one snapshot, so what is kept under a version is what it
+/// holds: one row per endpoint, at least one row (the version). Every column is text.
+pub(super) fn read_sql(schema: &Schema) -> String {
+    schema.sql(
+        "SELECT v.version::text AS version,
                 e.id, e.tenant, e.active::text AS active, to_json(e.events)::text AS events, e.url,
                 e.headers::text AS headers, e.signature, e.retry::text AS retry,
                 to_json(e.secrets)::text AS secrets, e.rate_limited::text AS rate_limited,
                 extract(epoch FROM e.next_expiry)::text AS next_expiry
-         FROM (SELECT v.version,
-                      $1::uuid IS NULL OR v.version IS DISTINCT FROM $1
-                          OR coalesce($2::timestamptz <= now(), false) AS read,
-                      ({KEYED_WAITING}) AS keyed,
-                      ARRAY(SELECT f.endpoint_id FROM __SCHEMA__.endpoint_flow f
-                            WHERE f.backoff_rate IS NOT NULL OR f.paused_until > now()
-                               OR f.opened_at IS NOT NULL) AS hindered
-               FROM (SELECT (SELECT version FROM __SCHEMA__.endpoints_version) AS version) v) h
+         FROM (SELECT (SELECT version FROM __SCHEMA__.endpoints_version) AS version) v
          LEFT JOIN LATERAL (
              SELECT e.id, e.tenant, e.active, e.events, e.url, e.headers, e.signature, e.retry,
                     ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
@@ -47,8 +54,8 @@ pub(super) fn read_sql(schema: &Schema) -> String {
                     e.rate_limit IS NOT NULL AS rate_limited,
                     (SELECT min(s.expires_at) FROM __SCHEMA__.endpoint_secrets s
                      WHERE s.endpoint_id = e.id AND s.expires_at > now()) AS next_expiry
-             FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL AND h.read) e ON true"
-    ))
+             FROM __SCHEMA__.endpoints e WHERE e.deleted_at IS NULL) e ON true",
+    )
 }
 
 /// The endpoints as a pass last read them, kept for the passes after it.
@@ -62,11 +69,11 @@ struct Kept {
     targets: Arc<[Target]>,
 }
 
-/// The endpoint read's parameters: the version known and the earliest expiry kept.
+/// The head's parameters: the version known and the earliest expiry kept.
 pub(super) type KnownParams = (Option<Uuid>, Option<DateTime<Utc>>);
 
 impl Known {
-    /// What is kept now, and what the endpoint read is told about it.
+    /// What is kept now, and what the pass's head ([`head_sql`]) is told about it.
     pub(super) fn current(&self) -> (Option<Arc<[Target]>>, KnownParams) {
         match &*self.0.lock().expect("never poisoned") {
             Some(k) => (Some(k.targets.clone()), (Some(k.version), k.next_expiry)),
@@ -74,23 +81,9 @@ impl Known {
         }
     }
 
-    /// This pass's endpoints from the endpoint read's rows: the rows when it read them (they are
-    /// kept then), else `kept`, what [`Known::current`] gave before the read. With them, what
-    /// the read's first row says of every pass.
-    pub(super) fn targets(
-        &self,
-        rows: &[impl Cells],
-        kept: Option<Arc<[Target]>>,
-    ) -> anyhow::Result<(Head, Arc<[Target]>)> {
+    /// The endpoints from [`read_sql`]'s rows, kept for the passes after this one.
+    pub(super) fn store(&self, rows: &[impl Cells]) -> anyhow::Result<Arc<[Target]>> {
         let first = rows.first().context("the endpoint read returned no row")?;
-        let head = Head {
-            keyed: first.flag("keyed")?,
-            hindered: first.json("hindered")?.unwrap_or_default(),
-        };
-        if !first.flag("read")? {
-            let kept = kept.context("the endpoints were not read, and none are kept")?;
-            return Ok((head, kept));
-        }
         let mut targets = Vec::with_capacity(rows.len());
         let mut next_expiry: Option<DateTime<Utc>> = None;
         for r in rows {
@@ -109,16 +102,30 @@ impl Known {
             next_expiry,
             targets: targets.clone(),
         });
-        Ok((head, targets))
+        Ok(targets)
     }
 }
 
-/// What the endpoint read says of every pass, read or kept.
+/// What [`head_sql`] says of every pass.
 pub(super) struct Head {
+    /// The endpoints kept are out of date (or none are kept): read them.
+    pub(super) read: bool,
     /// Keyed events wait to be fanned out.
     pub(super) keyed: bool,
     /// The endpoints whose back pressure, pause or open circuit is in force.
     pub(super) hindered: Vec<String>,
+}
+
+impl Head {
+    /// What [`head_sql`]'s row says.
+    pub(super) fn from_rows(rows: &[impl Cells]) -> anyhow::Result<Head> {
+        let first = rows.first().context("the pass's head returned no row")?;
+        Ok(Head {
+            read: first.flag("read")?,
+            keyed: first.flag("keyed")?,
+            hindered: first.json("hindered")?.unwrap_or_default(),
+        })
+    }
 }
 
 /// An endpoint as the matcher sees it, with what a fast-path delivery to it needs.
