@@ -41,9 +41,16 @@ pub(super) struct Taken {
     pub(super) ordering_key: Option<String>,
 }
 
-/// Every row of a take.
-fn decode(rows: &[impl Cells]) -> anyhow::Result<Vec<Taken>> {
-    rows.iter().map(Taken::from_cells).collect()
+/// A take's rows: the head (in every row), and the events taken (the rows with one).
+fn split(rows: &[impl Cells]) -> anyhow::Result<(Head, Vec<Taken>)> {
+    let head = Head::from_rows(rows)?;
+    let mut taken = Vec::with_capacity(rows.len());
+    for r in rows {
+        if r.cell("id")?.is_some() {
+            taken.push(Taken::from_cells(r)?);
+        }
+    }
+    Ok((head, taken))
 }
 
 impl Taken {
@@ -95,10 +102,12 @@ impl Statement {
 pub(super) struct Opening {
     /// The transaction, its planner settings, the shared fan-out lock.
     begin: String,
+    /// Each take returns the pass's head (`target::head_sql`, `$1` and `$2`) in every row, and
+    /// the events taken beside it (none: one row, the head). One statement, not two: each costs
+    /// its executor's start (opening and locking every relation of its plan) on every pass.
     take: Statement,
-    /// The take of a pass woken by a sparse stream: at most `small_batch` rows, no byte count.
+    /// The take of a pass woken by a notification or a probe: at most `small_batch` rows.
     take_small: Statement,
-    head: Statement,
     /// The endpoints, read only when the head says the kept ones are out of date.
     read: String,
     /// Pipelined (pgbouncer) instead of one message.
@@ -110,6 +119,7 @@ pub(super) struct Opening {
 
 impl Opening {
     pub(super) fn new(schema: &Schema, pipelined: bool) -> Self {
+        let head = head_sql(schema);
         Self {
             // The lock's key is made of the schema's name, an identifier; quoted all the same.
             begin: format!(
@@ -118,26 +128,28 @@ impl Opening {
                  SELECT pg_advisory_xact_lock_shared(hashtext('{}'))",
                 schema.fan_out_lock_key().replace('\'', "''")
             ),
-            // Events without an ordering key, in `id` order. Taking a batch marks it dispatched in
-            // the same statement (the transaction makes that one with the deliveries' insert): one
+            // Events without an ordering key, in `id` order, after the head. Taking a batch marks
+            // it dispatched in the same statement (the transaction makes that one with the deliveries' insert): one
             // statement per pass instead of two. The locked rows are found again by `ctid`, which
-            // cannot change while this transaction holds their locks. The batch stops at `$2`
+            // cannot change while this transaction holds their locks. The batch stops at `$4`
             // bytes of payload (the first row always), so one pass never brings more into memory
             // than that; rows past it stay locked until this transaction ends and go in the next.
             take: Statement::new(
                 schema.sql(&format!(
-                    "UPDATE __SCHEMA__.outbox SET dispatched_at = now()
-                     WHERE ctid = ANY(ARRAY(
-                         SELECT ctid FROM (
-                             SELECT ctid, sum(octet_length(payload::text)) OVER (ORDER BY id)
-                                          - octet_length(payload::text) AS before
-                             FROM (SELECT ctid, id, payload FROM __SCHEMA__.outbox
-                                   WHERE dispatched_at IS NULL AND ordering_key IS NULL
-                                   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) batch) s
-                         WHERE before < $2))
-                     RETURNING {TAKEN}"
+                    "WITH taken AS (
+                         UPDATE __SCHEMA__.outbox SET dispatched_at = now()
+                         WHERE ctid = ANY(ARRAY(
+                             SELECT ctid FROM (
+                                 SELECT ctid, sum(octet_length(payload::text)) OVER (ORDER BY id)
+                                              - octet_length(payload::text) AS before
+                                 FROM (SELECT ctid, id, payload FROM __SCHEMA__.outbox
+                                       WHERE dispatched_at IS NULL AND ordering_key IS NULL
+                                       ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) batch) s
+                             WHERE before < $4))
+                         RETURNING {TAKEN})
+                     SELECT h.*, t.* FROM ({head}) h LEFT JOIN taken t ON true"
                 )),
-                "bigint, bigint",
+                "uuid, timestamptz, bigint, bigint",
             ),
             // A pass woken by a notification or a probe finds a commit or two: rows bounded by
             // count alone (`small_batch` payloads of at most `max_payload` each fit the byte
@@ -147,13 +159,13 @@ impl Opening {
             // version, an entry in each index) was most of the take's time.
             take_small: Statement::new(
                 schema.sql(&format!(
-                    "SELECT {TAKEN} FROM __SCHEMA__.outbox
-                     WHERE dispatched_at IS NULL AND ordering_key IS NULL
-                     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+                    "SELECT h.*, t.* FROM ({head}) h LEFT JOIN LATERAL (
+                         SELECT {TAKEN} FROM __SCHEMA__.outbox
+                         WHERE dispatched_at IS NULL AND ordering_key IS NULL
+                         ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) t ON true"
                 )),
-                "bigint",
+                "uuid, timestamptz, bigint",
             ),
-            head: Statement::new(head_sql(schema), "uuid, timestamptz"),
             read: read_sql(schema),
             pipelined,
             prepared: Mutex::default(),
@@ -173,16 +185,16 @@ impl Opening {
     ) -> anyhow::Result<Opened> {
         let statement = if small { &self.take_small } else { &self.take };
         let (kept, (version, expiry)) = known.current();
-        let (taken, head) = if self.pipelined {
-            let (rows, head) = self
+        let (head, taken) = if self.pipelined {
+            let rows = self
                 .pipelined(client, statement, take, version, expiry)
                 .await?;
-            (decode(&rows)?, Head::from_rows(&head)?)
+            split(&rows)?
         } else {
-            let (rows, head) = self
+            let rows = self
                 .one_message(client, statement, take, version, expiry)
                 .await?;
-            (decode(&rows)?, Head::from_rows(&head)?)
+            split(&rows)?
         };
         let targets = match kept {
             Some(kept) if !head.read => kept,
@@ -207,20 +219,15 @@ impl Opening {
         args: &[i64],
         version: Option<Uuid>,
         expiry: Option<DateTime<Utc>>,
-    ) -> anyhow::Result<(Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>)> {
-        let (take, head) = futures_util::try_join!(
-            client.prepare_cached(&take.sql),
-            client.prepare_cached(&self.head.sql),
-        )?;
-        let take_args: Vec<&(dyn ToSql + Sync)> =
-            args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        let head_args: [&(dyn ToSql + Sync); 2] = [&version, &expiry];
-        let (_, rows, head) = futures_util::try_join!(
+    ) -> anyhow::Result<Vec<tokio_postgres::Row>> {
+        let take = client.prepare_cached(&take.sql).await?;
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&version, &expiry];
+        params.extend(args.iter().map(|a| a as &(dyn ToSql + Sync)));
+        let (_, rows) = futures_util::try_join!(
             client.batch_execute(&self.begin),
-            client.query(&take, &take_args),
-            client.query(&head, &head_args),
+            client.query(&take, &params),
         )?;
-        Ok((rows, head))
+        Ok(rows)
     }
 
     /// One message, one answer: the server flushes once and this side wakes once.
@@ -231,7 +238,7 @@ impl Opening {
         args: &[i64],
         version: Option<Uuid>,
         expiry: Option<DateTime<Utc>>,
-    ) -> anyhow::Result<(Vec<SimpleQueryRow>, Vec<SimpleQueryRow>)> {
+    ) -> anyhow::Result<Vec<SimpleQueryRow>> {
         self.prepare(client).await?;
         // Every argument is a number, a uuid or a time this replica formats: nothing from outside
         // is spliced into the statement.
@@ -244,11 +251,10 @@ impl Opening {
             )
         });
         let sql = format!(
-            "{}; EXECUTE {}({}); EXECUTE {}({version}, {expiry})",
+            "{}; EXECUTE {}({version}, {expiry}, {})",
             self.begin,
             take.name,
-            args.join(", "),
-            self.head.name
+            args.join(", ")
         );
         let messages = match client.simple_query(&sql).await {
             Ok(messages) => messages,
@@ -265,7 +271,7 @@ impl Opening {
                 return Err(e.into());
             }
         };
-        // Each statement's rows end with its completion; the take and the head are the last two.
+        // Each statement's rows end with its completion; the take's are the last.
         let mut statements: Vec<Vec<SimpleQueryRow>> = vec![Vec::new()];
         for m in messages {
             match m {
@@ -275,9 +281,7 @@ impl Opening {
             }
         }
         statements.pop();
-        let head = statements.pop().context("no answer to the pass's head")?;
-        let rows = statements.pop().context("no answer to the take")?;
-        Ok((rows, head))
+        statements.pop().context("no answer to the take")
     }
 
     /// Prepares the statements on `client` unless this opening already did.
@@ -289,7 +293,7 @@ impl Opening {
         if listed(&self.prepared.lock().expect("never poisoned")) {
             return Ok(());
         }
-        let all = [&self.take, &self.take_small, &self.head];
+        let all = [&self.take, &self.take_small];
         // The other dispatcher loop may have prepared them on this connection.
         let names: Vec<String> = all.iter().map(|s| format!("'{}'", s.name)).collect();
         let present: Vec<String> = client
