@@ -239,9 +239,10 @@ pub async fn dispatch_loop(
     let mut failures = 0u32;
     loop {
         let mut probed = false;
-        // Woken by a notification or a probe: a commit or two wait, taken without the byte count
-        // and marked dispatched after the take (`Dispatcher::small_batch`, `opening`); full takes
-        // follow if it fills. The poll timer (the backstop, after a reconnect) takes full batches.
+        // Woken by a notification (a reconnect's catch-up included) or a probe: a commit or two
+        // wait, taken without the byte count and marked dispatched after the take
+        // (`Dispatcher::small_batch`, `opening`); full takes follow if it fills. The poll timer
+        // (the backstop) takes full batches.
         let mut small = false;
         let next = probe_at.map_or(poll_at, |p| p.min(poll_at));
         let pass_now = tokio::select! {

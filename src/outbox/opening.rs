@@ -1,9 +1,9 @@
-//! A fan-out pass's first round trip: its transaction's start, the take of undispatched events
-//! and the pass's head (see `target::head_sql`), sent as one simple-query message (the statements prepared once per
-//! connection with SQL `PREPARE`), or pipelined as three messages behind pgbouncer, whose
-//! transaction pooling does not keep a session's SQL-prepared statements. Invariant: both send
-//! the same statements, in the same order, in one transaction opened by the first, and give the
-//! same rows (every column text, see `cells`).
+//! A fan-out pass's first round trip: its transaction's start and the take of undispatched events
+//! with the pass's head (see `target::head_sql`), sent as one simple-query message (the takes
+//! prepared once per connection with SQL `PREPARE`), or pipelined as two messages behind
+//! pgbouncer, whose transaction pooling does not keep a session's SQL-prepared statements.
+//! Invariant: both send the same statements, in the same order, in one transaction opened by the
+//! first, and give the same rows (every column text, see `cells`).
 
 use std::sync::{Arc, Mutex, Weak};
 
@@ -211,7 +211,7 @@ impl Opening {
         })
     }
 
-    /// Three messages, all sent before any answer is awaited; they run in order.
+    /// Two messages, both sent before either answer is awaited; they run in order.
     async fn pipelined(
         &self,
         client: &deadpool_postgres::Client,
