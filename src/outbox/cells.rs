@@ -73,8 +73,8 @@ impl Cells for SimpleQueryRow {
 }
 
 /// `[-]seconds[.fraction]`, exact to the microsecond (the fraction's digits past six dropped,
-/// as the server keeps none).
-fn epoch(s: &str) -> Option<DateTime<Utc>> {
+/// as the server keeps none). `None`: not such a number (`Infinity`, say).
+pub(super) fn epoch(s: &str) -> Option<DateTime<Utc>> {
     let (negative, digits) = match s.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, s),

@@ -16,13 +16,16 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 use uuid::Uuid;
 
-use super::cells::Cells;
+use super::cells::{epoch, Cells};
 use super::target::{head_sql, read_sql, Head, Known, Target};
 use crate::db::Schema;
+use crate::delivery::state::event_time;
 
-/// What every take returns per event, every column text.
+/// What every take returns per event, every column text. The app may write any `created_at`,
+/// infinite included, which a subtraction refuses (and every take with it): no lag for those.
 pub(super) const TAKEN: &str = "id::text AS id, event_id::text AS event_id, event_type, tenant,
-    target_endpoint, extract(epoch FROM clock_timestamp() - created_at)::float8::text AS lag,
+    target_endpoint, CASE WHEN isfinite(created_at)
+        THEN extract(epoch FROM clock_timestamp() - created_at)::float8 ELSE 0 END::text AS lag,
     payload::text AS payload, extract(epoch FROM created_at)::text AS created_at,
     metadata::text AS metadata, ordering_key";
 
@@ -63,9 +66,7 @@ impl Taken {
             target: r.cell("target_endpoint")?.map(str::to_owned),
             lag: r.float("lag")?,
             payload: r.text("payload")?.into(),
-            created_at: r
-                .epoch("created_at")?
-                .context("column created_at is NULL")?,
+            created_at: event_time(r.cell("created_at")?.and_then(epoch)),
             metadata: r.json("metadata")?,
             ordering_key: r.cell("ordering_key")?.map(str::to_owned),
         })

@@ -527,7 +527,9 @@ async fn events_held_by_a_stuck_pass_do_not_keep_other_events_waiting() {
         "key k overtook its held event 0"
     );
     tx.rollback().await.unwrap();
-    receiver.wait_count(1602, Duration::from_secs(90)).await;
+    // One key's events go one at a time: about 20 s alone here, over 90 s beside three other
+    // tests on a slow machine (seen in CI). The order is what is judged, not the pace.
+    receiver.wait_count(1602, Duration::from_secs(240)).await;
     let ks = seqs(&receiver.requests(), "k", false);
     assert_eq!(ks, (0..=1600).collect::<Vec<i64>>());
 }

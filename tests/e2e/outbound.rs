@@ -687,3 +687,48 @@ async fn pipeline_sessions_carry_their_settings_and_the_api_pool_does_not() {
     assert_eq!(setting(api.clone(), "plan_cache_mode").await, "auto");
     assert_eq!(setting(api, "enable_bitmapscan").await, "on");
 }
+
+/// An app may write any `created_at` the column takes: infinite, or past what a timestamp in the
+/// delivery can hold. Such an event is delivered (stamped with the time it was taken) and never
+/// stops the events after it, on the fast path or through a claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impossible_created_at_neither_stalls_the_fan_out_nor_is_lost() {
+    for via_claims in [false, true] {
+        let db = TestDb::create().await;
+        let receiver = Receiver::ok().await;
+        // A default rate limit takes every delivery off the fast path, through a claim.
+        let limit = if via_claims {
+            "rate_limit = \"1000/s\"\n"
+        } else {
+            ""
+        };
+        let config = base_config(&db).replace("[outbound]\n", &format!("[outbound]\n{limit}"))
+            + &endpoint("e", &receiver.url, &["*"], "");
+        let postern = Postern::start(&config).await;
+        let client = db.client().await;
+        for at in [
+            "infinity",
+            "-infinity",
+            "294270-01-01 00:00:00+00",
+            "4713-01-01 00:00:00+00 BC",
+        ] {
+            client
+                .execute(
+                    "INSERT INTO postern.outbox (event_type, payload, created_at)
+                     VALUES ('odd.time', '{}', $1::text::timestamptz)",
+                    &[&at],
+                )
+                .await
+                .unwrap();
+        }
+        publish_one(&client, "plain.event", json!({"n": 1})).await;
+        receiver.wait_count(5, Duration::from_secs(15)).await;
+        for r in receiver.requests() {
+            let at = r.json()["timestamp"].as_str().unwrap().to_string();
+            chrono::DateTime::parse_from_rfc3339(&at).unwrap();
+        }
+        let undispatched = "SELECT count(*) FROM postern.outbox WHERE dispatched_at IS NULL";
+        assert_eq!(scalar(&client, undispatched).await, 0);
+        drop(postern);
+    }
+}

@@ -24,7 +24,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
 use uuid::Uuid;
 
@@ -129,6 +129,14 @@ impl<'a> FromSql<'a> for DeliveryStatus {
     fn accepts(ty: &Type) -> bool {
         <&str as FromSql>::accepts(ty)
     }
+}
+
+/// An event's `created_at` as its deliveries carry it: the app's value, unless no envelope
+/// timestamp can spell it (infinite, unreadable, or outside the years 1-9999); then the time it is
+/// read. The app writes the column, and no value of it may stop a delivery.
+pub fn event_time(at: Option<DateTime<Utc>>) -> DateTime<Utc> {
+    at.filter(|t| (1..=9999).contains(&t.year()))
+        .unwrap_or_else(Utc::now)
 }
 
 /// One delivery claimed for one attempt, with everything needed to make it.

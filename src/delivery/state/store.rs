@@ -363,7 +363,7 @@ impl DeliveryStore {
                 event_id: r.get(3),
                 event_type: r.get(4),
                 payload: r.get::<_, String>(5).into(),
-                created_at: r.get(6),
+                created_at: super::event_time(r.try_get(6).ok()),
                 url: r.get(7),
                 headers: r.get(8),
                 signature: r.get(9),
