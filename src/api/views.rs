@@ -196,7 +196,8 @@ async fn get_event(
         tenant: row.get(2),
         ordering_key: row.get(3),
         payload: row.get(4),
-        created_at: row.get(5),
+        // As the event's deliveries carry it (an app may write any value the column holds).
+        created_at: crate::delivery::state::event_time(row.try_get(5).ok()),
         dispatched_at: row.get(6),
         deliveries,
     }))

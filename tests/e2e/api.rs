@@ -1197,3 +1197,24 @@ async fn the_dashboards_reads_count_outcomes_find_events_and_refuse_bad_windows(
         "{inbound}"
     );
 }
+
+/// An event whose `created_at` the app set beyond what a timestamp can spell is shown, not a
+/// failure: with the time it is read, as its deliveries carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_with_an_impossible_created_at_is_shown() {
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let c = ops.db.client().await;
+    let row = c
+        .query_one(
+            "INSERT INTO postern.outbox (event_type, payload, created_at)
+             VALUES ('odd.time', '{}', 'infinity') RETURNING event_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let event: uuid::Uuid = row.get(0);
+    let (s, found) = ops.call("GET", &format!("/events/{event}"), None).await;
+    assert_eq!(s, 200, "{found}");
+    let at = found["created_at"].as_str().unwrap_or_default();
+    assert!(chrono::DateTime::parse_from_rfc3339(at).is_ok(), "{found}");
+}
