@@ -196,8 +196,8 @@ impl Dispatcher {
         )?;
         // The lock (shared; an endpoint change takes it exclusively, see
         // `endpoints::exclude_fan_out`) comes first, so the endpoints are not about to change
-        // under this pass. Their version is read after the take, inside the transaction, so an
-        // endpoint created before an event committed is seen by the pass that takes the event.
+        // under this pass. Their version is read in the take's own statement (one snapshot), so
+        // an endpoint created before an event committed is seen by the pass that takes the event.
         // The pass runs on cached plans: planning the take cost more than running it. Every plan
         // is made (and remade after the outbox is analyzed) with sequential scans off, so a plan
         // cached while the outbox was small cannot keep scanning the whole table once it is large:

@@ -157,7 +157,7 @@ impl Opening {
             // budget), without the running byte count (a sort and a window over the batch). Only
             // locked, not marked dispatched: the pass marks them in its second round trip, which
             // is on the wire when the first request starts, while an update here (a new row
-            // version, an entry in each index) was most of the take's time.
+            // version, an entry in each index) cost the take about 60 µs more than the lock.
             take_small: Statement::new(
                 schema.sql(&format!(
                     "SELECT h.*, t.* FROM ({head}) h LEFT JOIN LATERAL (
