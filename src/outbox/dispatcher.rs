@@ -11,8 +11,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::cells::Cells;
-use super::opening::{Opening, Taken, TAKEN};
+use super::opening::{taken, Opening, TAKEN};
 use super::target::{Known, Target};
 use crate::db::Schema;
 use crate::delivery::state::ordering::{Keys, Ordering};
@@ -213,9 +212,10 @@ impl Dispatcher {
         let opened = self.opening.open(client, small, &take, &self.known).await?;
         let (head, targets, mut rows) = (opened.head, opened.targets, opened.taken);
         // Events a small take locked without marking them: marked in the second round trip.
-        let unmarked: Vec<i64> = match opened.marked {
-            true => Vec::new(),
-            false => rows.iter().map(|r| r.id).collect(),
+        let unmarked: Vec<i64> = if opened.marked {
+            Vec::new()
+        } else {
+            rows.iter().map(|r| r.id).collect()
         };
         let unhindered =
             |t: &Target| !self.default_limited && !t.rate_limited && !head.hindered.contains(&t.id);
@@ -245,11 +245,7 @@ impl Dispatcher {
                 scanned = r.try_get::<_, i64>("scanned")? as usize;
                 last_id = r.try_get::<_, Option<i64>>("last")?.unwrap_or(0);
             }
-            for r in &keyed_rows {
-                if r.cell("id")?.is_some() {
-                    rows.push(Taken::from_cells(r)?);
-                }
-            }
+            rows.extend(taken(&keyed_rows)?);
         }
         // RETURNING keeps no order; fan out in commit-id order.
         rows.sort_unstable_by_key(|r| r.id);

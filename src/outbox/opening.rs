@@ -17,7 +17,7 @@ use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 use uuid::Uuid;
 
 use super::cells::{epoch, Cells};
-use super::target::{head_sql, read_sql, Head, Known, Target};
+use super::target::{head_sql, read_sql, Head, Known, KnownParams, Target};
 use crate::db::Schema;
 use crate::delivery::state::event_time;
 
@@ -44,16 +44,21 @@ pub(super) struct Taken {
     pub(super) ordering_key: Option<String>,
 }
 
-/// A take's rows: the head (in every row), and the events taken (the rows with one).
+/// A take's rows: the head (in every row), and the events taken.
 fn split(rows: &[impl Cells]) -> anyhow::Result<(Head, Vec<Taken>)> {
-    let head = Head::from_rows(rows)?;
+    Ok((Head::from_rows(rows)?, taken(rows)?))
+}
+
+/// The events among a take's rows (those with one: a take always returns a row, for its counts
+/// or its head).
+pub(super) fn taken(rows: &[impl Cells]) -> anyhow::Result<Vec<Taken>> {
     let mut taken = Vec::with_capacity(rows.len());
     for r in rows {
         if r.cell("id")?.is_some() {
             taken.push(Taken::from_cells(r)?);
         }
     }
-    Ok((head, taken))
+    Ok(taken)
 }
 
 impl Taken {
@@ -185,17 +190,11 @@ impl Opening {
         known: &Known,
     ) -> anyhow::Result<Opened> {
         let statement = if small { &self.take_small } else { &self.take };
-        let (kept, (version, expiry)) = known.current();
+        let (kept, params) = known.current();
         let (head, taken) = if self.pipelined {
-            let rows = self
-                .pipelined(client, statement, take, version, expiry)
-                .await?;
-            split(&rows)?
+            split(&self.pipelined(client, statement, take, params).await?)?
         } else {
-            let rows = self
-                .one_message(client, statement, take, version, expiry)
-                .await?;
-            split(&rows)?
+            split(&self.one_message(client, statement, take, params).await?)?
         };
         let targets = match kept {
             Some(kept) if !head.read => kept,
@@ -218,8 +217,7 @@ impl Opening {
         client: &deadpool_postgres::Client,
         take: &Statement,
         args: &[i64],
-        version: Option<Uuid>,
-        expiry: Option<DateTime<Utc>>,
+        (version, expiry): KnownParams,
     ) -> anyhow::Result<Vec<tokio_postgres::Row>> {
         let take = client.prepare_cached(&take.sql).await?;
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![&version, &expiry];
@@ -237,8 +235,7 @@ impl Opening {
         client: &deadpool_postgres::Client,
         take: &Statement,
         args: &[i64],
-        version: Option<Uuid>,
-        expiry: Option<DateTime<Utc>>,
+        (version, expiry): KnownParams,
     ) -> anyhow::Result<Vec<SimpleQueryRow>> {
         self.prepare(client).await?;
         // Every argument is a number, a uuid or a time this replica formats: nothing from outside
