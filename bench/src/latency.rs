@@ -32,18 +32,37 @@ pub async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
         idle,
         "/s",
     ));
+    let postern_pid = running.child.id();
     for &rate in &b.sizes.rates {
         let commits = start_recording(b);
         let cpu = postgres_cpu_seconds();
+        let (backends, own) = (postern_backends(&db).await?, process_cpu_ticks(postern_pid));
         paced(b, rate, commits.clone()).await?;
         let ms = receipts(b, &commits).await;
         let n = commits.lock().unwrap().len();
-        // All of Postgres's processes (the app's writers included, the same in every run),
-        // over the paced run and the wait for its last receipts.
+        let per_event = |ticks: u64| ticks as f64 / TICKS / n.max(1) as f64 * 1e6;
+        // Every `postgres` process alive at both readings, over the paced run and the wait for
+        // its last receipts: the writers' backends end with the paced run and are not in it, so
+        // this is Postern's backends and the server's own processes.
         if let (Some(before), Some(after)) = (cpu, postgres_cpu_seconds()) {
             out.push(Figure::new(
                 format!("latency at {rate}/s: Postgres CPU per event"),
                 (after - before) / n.max(1) as f64 * 1e6,
+                "us",
+            ));
+        }
+        // Postern's backends alone (without the server's own processes), and Postern's own
+        // process.
+        let spent = backends_spent(&backends, &postern_backends(&db).await?);
+        out.push(Figure::new(
+            format!("latency at {rate}/s: Postern's backends' CPU per event"),
+            per_event(spent),
+            "us",
+        ));
+        if let (Some(before), Some(after)) = (own, process_cpu_ticks(postern_pid)) {
+            out.push(Figure::new(
+                format!("latency at {rate}/s: Postern's process CPU per event"),
+                per_event(after.saturating_sub(before)),
                 "us",
             ));
         }
@@ -72,28 +91,68 @@ async fn transactions(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
     Ok(row.get(0))
 }
 
+/// USER_HZ on Linux: /proc counts CPU time in these.
+const TICKS: f64 = 100.0;
+
 /// User and system CPU seconds of every process named `postgres` on this machine (Linux), or
 /// none where /proc cannot tell.
 fn postgres_cpu_seconds() -> Option<f64> {
-    let ticks = 100.0; // USER_HZ on Linux
     let mut total = 0u64;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        // pid (comm) state ppid ... utime stime: fields 14 and 15, counted after the comm.
-        let Some((head, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        if !head.ends_with("(postgres") {
-            continue;
+        if let Some(("postgres", ticks)) = parse_stat(&stat) {
+            total += ticks;
         }
-        let fields: Vec<&str> = rest.split(' ').collect();
-        let utime: u64 = fields.get(11)?.parse().ok()?;
-        let stime: u64 = fields.get(12)?.parse().ok()?;
-        total += utime + stime;
     }
-    Some(total as f64 / ticks)
+    Some(total as f64 / TICKS)
+}
+
+/// A process's name and its user and system CPU ticks, from its `/proc/<pid>/stat`.
+fn parse_stat(stat: &str) -> Option<(&str, u64)> {
+    // pid (comm) state ppid ... utime stime: fields 14 and 15, counted after the comm.
+    let (head, rest) = stat.rsplit_once(") ")?;
+    let (_, comm) = head.split_once(" (")?;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+/// One process's user and system CPU ticks (all its threads), or none once it is gone.
+fn process_cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat).map(|(_, ticks)| ticks)
+}
+
+/// The backends serving Postern's connections to the bench database (they name themselves
+/// `postern-...`), with their CPU ticks so far.
+async fn postern_backends(db: &tokio_postgres::Client) -> anyhow::Result<HashMap<u32, u64>> {
+    let rows = db
+        .query(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name LIKE 'postern%'",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let pid = r.get::<_, i32>(0) as u32;
+            Some((pid, process_cpu_ticks(pid)?))
+        })
+        .collect())
+}
+
+/// CPU ticks Postern's backends spent between two readings: a backend first seen in the second
+/// started meanwhile and counts whole; one gone by then is not counted (Postern's pools keep
+/// their connections, so that is rare).
+fn backends_spent(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> u64 {
+    after
+        .iter()
+        .map(|(pid, ticks)| ticks.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+        .sum()
 }
 
 pub(crate) fn start_recording(b: &Bench) -> Commits {
@@ -289,4 +348,30 @@ fn histogram(label: &str, ms: &[f64]) -> String {
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_gives_its_name_and_ticks_even_with_spaces_and_parentheses_in_the_name() {
+        let tail = "S 1 1 1 0 -1 4194560 100 0 0 0 1234 567 0 0 20 0 1 0 100 0 0";
+        assert_eq!(
+            parse_stat(&format!("42 (postgres) {tail}")),
+            Some(("postgres", 1801))
+        );
+        assert_eq!(
+            parse_stat(&format!("7 (a (b) c) {tail}")),
+            Some(("a (b) c", 1801))
+        );
+        assert_eq!(parse_stat("7 (short) S 1"), None);
+    }
+
+    #[test]
+    fn backends_spent_counts_new_backends_whole_and_gone_ones_not_at_all() {
+        let before = HashMap::from([(1, 100), (2, 50)]);
+        let after = HashMap::from([(1, 130), (3, 7)]);
+        assert_eq!(backends_spent(&before, &after), 37);
+    }
 }
