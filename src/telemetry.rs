@@ -70,6 +70,8 @@ pub mod names {
     pub const INBOX_FORWARDS: &str = "postern_inbox_forwards";
     pub const DB_POOL_IN_USE: &str = "postern_db_pool_in_use";
     pub const LISTENER_CONNECTED: &str = "postern_listener_connected";
+    pub const OUTBOX_PASSES: &str = "postern_outbox_passes";
+    pub const OUTBOX_PROBES: &str = "postern_outbox_probes";
 }
 
 use std::sync::atomic::AtomicU64;
@@ -85,6 +87,22 @@ use prometheus_client::registry::Registry;
 pub struct OutcomeLabel {
     /// delivered | retry | failed | gone
     pub outcome: &'static str,
+}
+
+/// Why a fan-out pass ran.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PassLabel {
+    /// notification (a wake-up, or a reconnect's catch-up) | probe (a probe found an event) |
+    /// poll (the poll timer) | more (the pass before it filled its batch, or left a whole batch
+    /// of keyed events for another replica's pass)
+    pub reason: &'static str,
+}
+
+/// What a probe of the outbox answered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabel {
+    /// waiting (an event waits) | none | failed
+    pub answer: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -130,6 +148,8 @@ pub struct Metrics {
     pub inbox_forwards: Family<ForwardLabels, Counter>,
     pub db_pool_in_use: Gauge,
     pub listener_connected: Gauge,
+    pub outbox_passes: Family<PassLabel, Counter>,
+    pub outbox_probes: Family<ProbeLabel, Counter>,
     /// Inbound decisions over the last 24 hours, for the dashboard.
     pub inbound_tally: inbound_tally::InboundTally,
 }
@@ -164,6 +184,8 @@ impl Metrics {
             inbox_forwards: Family::default(),
             db_pool_in_use: Gauge::default(),
             listener_connected: Gauge::default(),
+            outbox_passes: Family::default(),
+            outbox_probes: Family::default(),
             inbound_tally: Default::default(),
             registry: Registry::default(),
         };
@@ -191,6 +213,16 @@ impl Metrics {
             names::OLDEST_DUE,
             "Age of the oldest due delivery",
             m.oldest_due_seconds.clone(),
+        );
+        registry.register(
+            names::OUTBOX_PASSES,
+            "Fan-out passes, by what started them",
+            m.outbox_passes.clone(),
+        );
+        registry.register(
+            names::OUTBOX_PROBES,
+            "Probes of the outbox while events flow, by answer",
+            m.outbox_probes.clone(),
         );
         registry.register(
             names::DISPATCH_LAG,

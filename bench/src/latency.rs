@@ -33,10 +33,12 @@ pub async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
         "/s",
     ));
     let postern_pid = running.child.id();
+    let metrics = format!("http://127.0.0.1:{admin}/metrics");
     for &rate in &b.sizes.rates {
         let commits = start_recording(b);
         let cpu = postgres_cpu_seconds();
         let (backends, own) = (postern_backends(&db).await?, process_cpu_ticks(postern_pid));
+        let work = passes_and_probes(&metrics).await;
         paced(b, rate, commits.clone()).await?;
         let ms = receipts(b, &commits).await;
         let n = commits.lock().unwrap().len();
@@ -66,6 +68,19 @@ pub async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
                 "us",
             ));
         }
+        // How much fan-out work each event cost (a build without these counters reports none).
+        if let (Some(before), Some(after)) = (work, passes_and_probes(&metrics).await) {
+            for (what, spent) in [
+                ("passes", after.0 - before.0),
+                ("probes", after.1 - before.1),
+            ] {
+                out.push(Figure::new(
+                    format!("latency at {rate}/s: fan-out {what} per event"),
+                    spent / n.max(1) as f64,
+                    "x",
+                ));
+            }
+        }
         report(b, &format!("{rate}/s"), ms, n, out)?;
     }
     let commits = start_recording(b);
@@ -89,6 +104,25 @@ async fn transactions(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// Postern's fan-out passes and outbox probes so far (`postern_outbox_passes_total`,
+/// `postern_outbox_probes_total`, every label summed), or none when its metrics have no passes.
+async fn passes_and_probes(metrics: &str) -> Option<(f64, f64)> {
+    let http = reqwest::Client::builder().no_proxy().build().ok()?;
+    let text = http.get(metrics).send().await.ok()?.text().await.ok()?;
+    let sum = |family: &str| -> Option<f64> {
+        let values: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(family) && l[family.len()..].starts_with('{'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    };
+    Some((
+        sum("postern_outbox_passes_total")?,
+        sum("postern_outbox_probes_total").unwrap_or(0.0),
+    ))
 }
 
 /// USER_HZ on Linux: /proc counts CPU time in these.

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Capacity;
 use crate::endpoints::Announce;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, PassLabel, ProbeLabel};
 use dispatcher::Dispatcher;
 
 /// Shared between the listener, the dispatcher and the worker of one replica.
@@ -244,6 +244,8 @@ pub async fn dispatch_loop(
         // (`Dispatcher::small_batch`, `opening`); full takes follow if it fills. The poll timer
         // (the backstop) takes full batches.
         let mut small = false;
+        // What started the pass, for `postern_outbox_passes_total`.
+        let mut reason = "notification";
         let next = probe_at.map_or(poll_at, |p| p.min(poll_at));
         let pass_now = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -259,6 +261,7 @@ pub async fn dispatch_loop(
                 let now = Instant::now();
                 if poll_at <= now {
                     poll_at = now + poll_interval;
+                    reason = "poll";
                     true
                 } else {
                     let open = window_end.is_some_and(|t| t > now) && !probe_misled;
@@ -266,9 +269,16 @@ pub async fn dispatch_loop(
                         probe_at = None;
                         false
                     } else {
-                        match dispatcher.waiting().await {
+                        let answer = dispatcher.waiting().await;
+                        let said = match &answer {
+                            Ok(true) => "waiting",
+                            Ok(false) => "none",
+                            Err(_) => "failed",
+                        };
+                        metrics.outbox_probes.get_or_create(&ProbeLabel { answer: said }).inc();
+                        match answer {
                             Ok(true) => {
-                                (probed, small) = (true, true);
+                                (probed, small, reason) = (true, true, "probe");
                                 true
                             }
                             answer => {
@@ -294,6 +304,11 @@ pub async fn dispatch_loop(
         let mut after = 0;
         while !cancel.is_cancelled() {
             let started = Instant::now();
+            metrics
+                .outbox_passes
+                .get_or_create(&PassLabel { reason })
+                .inc();
+            reason = "more";
             match dispatcher.dispatch_once(after, small).await {
                 Ok(done) => {
                     failures = 0;

@@ -1218,3 +1218,60 @@ async fn an_event_with_an_impossible_created_at_is_shown() {
     let at = found["created_at"].as_str().unwrap_or_default();
     assert!(chrono::DateTime::parse_from_rfc3339(at).is_ok(), "{found}");
 }
+
+/// The passes' and probes' counters say what woke the fan-out: a commit's notification starts a
+/// pass (and the probes after it), and the poll timer starts one every `poll_interval` (200 ms
+/// here) whether or not anything waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_fan_out_passes_by_what_started_them() {
+    let receiver = Receiver::ok().await;
+    let ops = start_ops(
+        TestDb::create().await,
+        None,
+        &endpoint("e", &receiver.url, &["*"], ""),
+    )
+    .await;
+    ops.wait_ready(200).await;
+    let count = |samples: &[(String, String, f64)], name: &str, label: &str| {
+        samples
+            .iter()
+            .filter(|(n, l, _)| n == name && l.contains(label))
+            .map(|s| s.2)
+            .sum::<f64>()
+    };
+    let read = || async {
+        let (s, text) = ops.get_text(&format!("{}/metrics", ops.admin)).await;
+        assert_eq!(s, 200);
+        parse_prometheus(&text)
+    };
+    let passes = "postern_outbox_passes_total";
+    let before = read().await;
+    let client = ops.db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    receiver.wait_count(1, Duration::from_secs(5)).await;
+    // The notification's pass runs whichever pass delivered the event; the probes follow it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = read().await;
+        let woken = count(&now, passes, "reason=\"notification\"")
+            > count(&before, passes, "reason=\"notification\"");
+        let probed = count(&now, "postern_outbox_probes_total", "answer=")
+            > count(&before, "postern_outbox_probes_total", "answer=");
+        if woken && probed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no notification pass or probe counted: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // With nothing committed, the poll timer still runs its passes.
+    let polled = count(&read().await, passes, "reason=\"poll\"");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let later = count(&read().await, passes, "reason=\"poll\"");
+    assert!(
+        later >= polled + 2.0,
+        "poll passes went from {polled} to {later}"
+    );
+}
