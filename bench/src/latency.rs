@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::{app_commit, connect, percentile, Bench, Figure};
+use crate::{app_commit, connect, cpu_seconds, percentile, Bench, Figure};
 
 /// Commit times by event id.
 pub(crate) type Commits = Arc<Mutex<HashMap<String, Instant>>>;
@@ -32,17 +32,21 @@ pub async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
         idle,
         "/s",
     ));
-    let postern_pid = running.child.id();
+    let postern_pid = running.child.id().to_string();
     let metrics = format!("http://127.0.0.1:{admin}/metrics");
+    let http = reqwest::Client::builder().no_proxy().build()?;
     for &rate in &b.sizes.rates {
         let commits = start_recording(b);
         let cpu = postgres_cpu_seconds();
-        let (backends, own) = (postern_backends(&db).await?, process_cpu_ticks(postern_pid));
-        let work = passes_and_probes(&metrics).await;
+        let (backends, own) = (
+            postern_backends(&db).await?,
+            cpu_seconds(&postern_pid, false),
+        );
+        let work = passes_and_probes(&http, &metrics).await;
         paced(b, rate, commits.clone()).await?;
         let ms = receipts(b, &commits).await;
         let n = commits.lock().unwrap().len();
-        let per_event = |ticks: u64| ticks as f64 / TICKS / n.max(1) as f64 * 1e6;
+        let per_event = |seconds: f64| seconds / n.max(1) as f64 * 1e6;
         // Every `postgres` process alive at both readings, over the paced run and the wait for
         // its last receipts: the writers' backends end with the paced run and are not in it, so
         // this is Postern's backends and the server's own processes.
@@ -61,15 +65,13 @@ pub async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
             per_event(spent),
             "us",
         ));
-        if let (Some(before), Some(after)) = (own, process_cpu_ticks(postern_pid)) {
-            out.push(Figure::new(
-                format!("latency at {rate}/s: Postern's process CPU per event"),
-                per_event(after.saturating_sub(before)),
-                "us",
-            ));
-        }
+        out.push(Figure::new(
+            format!("latency at {rate}/s: Postern's process CPU per event"),
+            per_event(cpu_seconds(&postern_pid, false) - own),
+            "us",
+        ));
         // How much fan-out work each event cost (a build without these counters reports none).
-        if let (Some(before), Some(after)) = (work, passes_and_probes(&metrics).await) {
+        if let (Some(before), Some(after)) = (work, passes_and_probes(&http, &metrics).await) {
             for (what, spent) in [
                 ("passes", after.0 - before.0),
                 ("probes", after.1 - before.1),
@@ -108,8 +110,7 @@ async fn transactions(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
 
 /// Postern's fan-out passes and outbox probes so far (`postern_outbox_passes_total`,
 /// `postern_outbox_probes_total`, every label summed), or none when its metrics have no passes.
-async fn passes_and_probes(metrics: &str) -> Option<(f64, f64)> {
-    let http = reqwest::Client::builder().no_proxy().build().ok()?;
+async fn passes_and_probes(http: &reqwest::Client, metrics: &str) -> Option<(f64, f64)> {
     let text = http.get(metrics).send().await.ok()?.text().await.ok()?;
     let sum = |family: &str| -> Option<f64> {
         let values: Vec<f64> = text
@@ -154,15 +155,9 @@ fn parse_stat(stat: &str) -> Option<(&str, u64)> {
     Some((comm, utime + stime))
 }
 
-/// One process's user and system CPU ticks (all its threads), or none once it is gone.
-fn process_cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&stat).map(|(_, ticks)| ticks)
-}
-
 /// The backends serving Postern's connections to the bench database (they name themselves
-/// `postern-...`), with their CPU ticks so far.
-async fn postern_backends(db: &tokio_postgres::Client) -> anyhow::Result<HashMap<u32, u64>> {
+/// `postern-...`), with their CPU seconds so far.
+async fn postern_backends(db: &tokio_postgres::Client) -> anyhow::Result<HashMap<i32, f64>> {
     let rows = db
         .query(
             "SELECT pid FROM pg_stat_activity
@@ -172,20 +167,20 @@ async fn postern_backends(db: &tokio_postgres::Client) -> anyhow::Result<HashMap
         .await?;
     Ok(rows
         .iter()
-        .filter_map(|r| {
-            let pid = r.get::<_, i32>(0) as u32;
-            Some((pid, process_cpu_ticks(pid)?))
+        .map(|r| {
+            let pid: i32 = r.get(0);
+            (pid, cpu_seconds(&pid.to_string(), false))
         })
         .collect())
 }
 
-/// CPU ticks Postern's backends spent between two readings: a backend first seen in the second
+/// CPU seconds Postern's backends spent between two readings: a backend first seen in the second
 /// started meanwhile and counts whole; one gone by then is not counted (Postern's pools keep
 /// their connections, so that is rare).
-fn backends_spent(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> u64 {
+fn backends_spent(before: &HashMap<i32, f64>, after: &HashMap<i32, f64>) -> f64 {
     after
         .iter()
-        .map(|(pid, ticks)| ticks.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+        .map(|(pid, spent)| spent - before.get(pid).copied().unwrap_or(0.0))
         .sum()
 }
 
@@ -404,8 +399,8 @@ mod tests {
 
     #[test]
     fn backends_spent_counts_new_backends_whole_and_gone_ones_not_at_all() {
-        let before = HashMap::from([(1, 100), (2, 50)]);
-        let after = HashMap::from([(1, 130), (3, 7)]);
-        assert_eq!(backends_spent(&before, &after), 37);
+        let before = HashMap::from([(1, 1.0), (2, 0.5)]);
+        let after = HashMap::from([(1, 1.25), (3, 0.5)]);
+        assert_eq!(backends_spent(&before, &after), 0.75);
     }
 }

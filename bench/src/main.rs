@@ -996,7 +996,7 @@ impl Drop for Nginx {
 }
 
 /// User + system CPU seconds of `/proc/<pid>` (or of its reaped children), from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: &str, children: bool) -> f64 {
+pub(crate) fn cpu_seconds(pid: &str, children: bool) -> f64 {
     // USER_HZ: the unit of these fields, fixed at 100 on Linux whatever the kernel's HZ.
     const TICKS_PER_SECOND: f64 = 100.0;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
