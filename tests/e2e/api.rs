@@ -1220,8 +1220,8 @@ async fn an_event_with_an_impossible_created_at_is_shown() {
 }
 
 /// The passes' and probes' counters say what woke the fan-out: a commit's notification starts a
-/// pass (and the probes after it), and the poll timer starts one every `poll_interval` (200 ms
-/// here) whether or not anything waits.
+/// pass (probes follow a pass that took events), and the poll timer starts one every
+/// `poll_interval` (200 ms here) whether or not anything waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_fan_out_passes_by_what_started_them() {
     let receiver = Receiver::ok().await;
@@ -1247,11 +1247,14 @@ async fn metrics_count_fan_out_passes_by_what_started_them() {
     let passes = "postern_outbox_passes_total";
     let before = read().await;
     let client = ops.db.client().await;
-    publish_one(&client, "order.created", json!({})).await;
-    receiver.wait_count(1, Duration::from_secs(5)).await;
-    // The notification's pass runs whichever pass delivered the event; the probes follow it.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // A notification's pass that takes the event is followed by probes. The poll timer may take
+    // an event first (its pass then finds none), so events are committed until one is seen.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut published = 0;
     loop {
+        publish_one(&client, "order.created", json!({ "i": published })).await;
+        published += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let now = read().await;
         let woken = count(&now, passes, "reason=\"notification\"")
             > count(&before, passes, "reason=\"notification\"");
@@ -1264,8 +1267,10 @@ async fn metrics_count_fan_out_passes_by_what_started_them() {
             Instant::now() < deadline,
             "no notification pass or probe counted: {now:?}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    receiver
+        .wait_count(published, Duration::from_secs(10))
+        .await;
     // With nothing committed, the poll timer still runs its passes.
     let polled = count(&read().await, passes, "reason=\"poll\"");
     tokio::time::sleep(Duration::from_millis(1000)).await;
