@@ -227,7 +227,9 @@ impl DeliveryStore {
             // endpoint change left to it (large backlogs), and pauses a 410'd endpoint's backlog
             // outside the settle transaction. It runs under the fan-out lock held shared, so an
             // endpoint change (holding it exclusively) never interleaves with a batch. Only
-            // endpoints changed within the hour are looked at: one index probe each.
+            // endpoints changed within the hour are looked at: one index probe each, a constant
+            // status per branch so each probe is of a partial index of waiting deliveries (a
+            // status chosen per endpoint matched none, and scanned every finished delivery).
             fan_out_lock: schema.fan_out_lock_key(),
             // Every replica stops sending to an endpoint that answered 410 (held deliveries back).
             announce_gone: format!(
@@ -236,14 +238,19 @@ impl DeliveryStore {
             ),
             sweep: schema.sql(
                 "WITH s AS MATERIALIZED (
-                    SELECT x.id, x.next FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
-                        SELECT d.id, CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
-                                          WHEN e.active THEN 'pending' ELSE 'paused' END AS next
-                        FROM __SCHEMA__.deliveries d
-                        WHERE d.endpoint_id = e.id
-                          AND d.status = CASE WHEN e.active AND e.deleted_at IS NULL THEN 'paused' ELSE 'pending' END
+                    SELECT x.id, 'pending' AS next FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
+                        SELECT d.id FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id AND d.status = 'paused'
                         LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
-                    WHERE e.updated_at > now() - interval '1 hour'
+                    WHERE e.active AND e.deleted_at IS NULL AND e.updated_at > now() - interval '1 hour'
+                    UNION ALL
+                    SELECT x.id, CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled' ELSE 'paused' END
+                    FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
+                        SELECT d.id FROM __SCHEMA__.deliveries d
+                        WHERE d.endpoint_id = e.id AND d.status = 'pending'
+                        LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
+                    WHERE (NOT e.active OR e.deleted_at IS NOT NULL)
+                      AND e.updated_at > now() - interval '1 hour'
                     UNION ALL
                     SELECT x.id, 'cancelled' FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
                         SELECT d.id FROM __SCHEMA__.deliveries d
@@ -577,3 +584,6 @@ impl DeliveryStore {
         Ok(rows.len() as u64)
     }
 }
+
+#[cfg(test)]
+mod tests;
