@@ -1,6 +1,6 @@
 //! The harness's parts: the receiver and upstream every scenario sends to, the scratch database
-//! and the `postern` process under test, and the app-shaped writers. Invariant: every scenario
-//! starts from a fresh schema and a fresh process, so no run inherits another's state.
+//! and the `postern` process under test, and the app-shaped writers. Invariant: a scenario starts
+//! with `reset_database`, so it never sees another scenario's rows.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -11,6 +11,7 @@ mod deploy;
 mod flow;
 mod hardening;
 mod inbound;
+mod inbound_framing;
 mod inbox;
 mod ordering;
 mod outbound;
