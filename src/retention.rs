@@ -2,8 +2,10 @@
 //! small batches with `SKIP LOCKED`-friendly statements, so it never blocks the pipeline, and only
 //! finished rows older than their retention are deleted.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +36,8 @@ pub struct Retention {
     prune_delivered: String,
     prune_failed: String,
     prune_events: String,
+    /// Where the next batch of event pruning goes on from (`None`: the oldest event).
+    events_from: Mutex<Option<(DateTime<Utc>, i64)>>,
     prune_secrets: String,
     prune_keys: String,
     prune_inbox: String,
@@ -94,17 +98,31 @@ impl Retention {
                  )
                  SELECT count(*) FROM gone",
             ),
+            // Old events without deliveries, walked in `(dispatched_at, id)` order from where
+            // the last batch stopped (`$3`, `$4`; NULL: from the oldest): a batch looks at the
+            // next `$2` old events whatever it deletes, so the events whose dead letters are
+            // kept longer are passed over once per walk, not once per batch. The last columns
+            // say how many it looked at and where it stopped.
             prune_events: schema.sql(
-                "WITH gone AS (
+                "WITH batch AS MATERIALIZED (
+                    SELECT o.id, o.dispatched_at FROM __SCHEMA__.outbox o
+                    WHERE o.dispatched_at < now() - make_interval(secs => $1)
+                      AND o.dispatched_at >= coalesce($3::timestamptz, '-infinity')
+                      AND ($3::timestamptz IS NULL OR o.dispatched_at > $3 OR o.id > $4::bigint)
+                    ORDER BY o.dispatched_at, o.id LIMIT $2
+                 ), gone AS (
                     DELETE FROM __SCHEMA__.outbox WHERE id IN (
-                        SELECT o.id FROM __SCHEMA__.outbox o
-                        WHERE o.dispatched_at < now() - make_interval(secs => $1)
-                          AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.deliveries d WHERE d.outbox_id = o.id)
-                        LIMIT $2 FOR UPDATE SKIP LOCKED)
+                        SELECT o.id FROM __SCHEMA__.outbox o JOIN batch b ON b.id = o.id
+                        WHERE NOT EXISTS (SELECT 1 FROM __SCHEMA__.deliveries d WHERE d.outbox_id = o.id)
+                        FOR UPDATE OF o SKIP LOCKED)
                     RETURNING 1
+                 ), last AS (
+                    SELECT dispatched_at, id FROM batch ORDER BY dispatched_at DESC, id DESC LIMIT 1
                  )
-                 SELECT count(*) FROM gone",
+                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM batch),
+                        (SELECT dispatched_at FROM last), (SELECT id FROM last)",
             ),
+            events_from: Mutex::new(None),
         }
     }
 
@@ -123,11 +141,18 @@ impl Retention {
         ];
         for (sql, age, kind) in steps {
             loop {
-                // Each statement answers with how many rows it deleted.
-                let n = client
-                    .query_one(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
-                    .await?
-                    .get::<_, i64>(0) as u64;
+                // Each statement answers with how many rows it deleted; a batch that deleted a
+                // whole batch may have left more.
+                let (n, more) = match kind {
+                    Kind::Events => self.events_batch(&client, age).await?,
+                    _ => {
+                        let n = client
+                            .query_one(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
+                            .await?
+                            .get::<_, i64>(0) as u64;
+                        (n, n == BATCH as u64)
+                    }
+                };
                 match kind {
                     Kind::Deliveries => pruned.deliveries += n,
                     Kind::Events => pruned.events += n,
@@ -135,12 +160,36 @@ impl Retention {
                     Kind::Keys => pruned.keys += n,
                     Kind::Inbox => pruned.inbox += n,
                 }
-                if n < BATCH as u64 || started.elapsed() > PASS_BUDGET {
+                if !more || started.elapsed() > PASS_BUDGET {
                     break;
                 }
             }
         }
         Ok(pruned)
+    }
+
+    /// One batch of event pruning, from where the last one stopped: how many events it deleted,
+    /// and whether the walk goes on (it looked at a whole batch). A walk that reached the
+    /// youngest old event starts again from the oldest.
+    async fn events_batch(
+        &self,
+        client: &deadpool_postgres::Client,
+        age: Duration,
+    ) -> anyhow::Result<(u64, bool)> {
+        let from = *self.events_from.lock().expect("never poisoned");
+        let (at, id) = (from.map(|f| f.0), from.map_or(0, |f| f.1));
+        let row = client
+            .query_one(
+                self.prune_events.as_str(),
+                &[&age.as_secs_f64(), &BATCH, &at, &id],
+            )
+            .await?;
+        let (deleted, looked): (i64, i64) = (row.get(0), row.get(1));
+        let last: Option<DateTime<Utc>> = row.get(2);
+        let next = last.zip(row.get::<_, Option<i64>>(3));
+        let more = looked == BATCH && next.is_some();
+        *self.events_from.lock().expect("never poisoned") = if more { next } else { None };
+        Ok((deleted as u64, more))
     }
 }
 
@@ -251,3 +300,6 @@ pub async fn housekeeping_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
