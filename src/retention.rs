@@ -144,7 +144,7 @@ impl Retention {
                 // Each statement answers with how many rows it deleted; a batch that deleted a
                 // whole batch may have left more.
                 let (n, more) = match kind {
-                    Kind::Events => self.events_batch(&client, age).await?,
+                    Kind::Events => self.events_batch(&client, sql, age).await?,
                     _ => {
                         let n = client
                             .query_one(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
@@ -174,15 +174,13 @@ impl Retention {
     async fn events_batch(
         &self,
         client: &deadpool_postgres::Client,
+        sql: &str,
         age: Duration,
     ) -> anyhow::Result<(u64, bool)> {
         let from = *self.events_from.lock().expect("never poisoned");
         let (at, id) = (from.map(|f| f.0), from.map_or(0, |f| f.1));
         let row = client
-            .query_one(
-                self.prune_events.as_str(),
-                &[&age.as_secs_f64(), &BATCH, &at, &id],
-            )
+            .query_one(sql, &[&age.as_secs_f64(), &BATCH, &at, &id])
             .await?;
         let (deleted, looked): (i64, i64) = (row.get(0), row.get(1));
         let last: Option<DateTime<Utc>> = row.get(2);

@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 mod notify;
+#[cfg(test)]
+pub(crate) mod scratch;
 pub mod tls;
 use tokio_util::sync::CancellationToken;
 

@@ -336,32 +336,7 @@ impl Opening {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db;
-
-    struct Scratch {
-        pool: deadpool_postgres::Pool,
-        schema: Schema,
-    }
-
-    impl Scratch {
-        async fn new() -> Self {
-            let url = std::env::var("DATABASE_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-            let pool = db::pool(&url, 1, &db::tls::unverified()).unwrap();
-            let schema = Schema::new(&format!("postern_u_{}", Uuid::new_v4().simple())).unwrap();
-            db::migrate(&pool, &schema, &[], &[]).await.unwrap();
-            Self { pool, schema }
-        }
-
-        async fn run(&self, sql: &str) {
-            let client = self.pool.get().await.unwrap();
-            client.batch_execute(&self.schema.sql(sql)).await.unwrap();
-        }
-
-        async fn drop_schema(self) {
-            self.run("DROP SCHEMA __SCHEMA__ CASCADE").await;
-        }
-    }
+    use crate::db::scratch::Scratch;
 
     /// Opens a pass in `opening`'s way, then rolls it back (the events stay undispatched).
     async fn open(s: &Scratch, opening: &Opening, known: &Known) -> anyhow::Result<Opened> {

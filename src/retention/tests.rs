@@ -1,7 +1,7 @@
 //! Against the Postgres at `DATABASE_URL`, in a schema of its own.
 
 use super::*;
-use crate::db;
+use crate::db::scratch::Scratch;
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -10,11 +10,8 @@ const DAY: Duration = Duration::from_secs(86_400);
 /// on `dispatched_at` included); kept, young and undispatched events stay.
 #[tokio::test]
 async fn event_pruning_walks_past_kept_dead_letters_and_deletes_only_what_is_done() {
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let pool = db::pool(&url, 2, &db::tls::unverified()).unwrap();
-    let schema = Schema::new(&format!("postern_u_{}", uuid::Uuid::new_v4().simple())).unwrap();
-    db::migrate(&pool, &schema, &[], &[]).await.unwrap();
+    let s = Scratch::new().await;
+    let (pool, schema) = (s.pool.clone(), s.schema.clone());
     let client = pool.get().await.unwrap();
     // 2,500 ten-day-old events, each with a failed delivery kept (30 days); among them 10 without
     // deliveries, 5 of them dispatched at the same instant as a kept one; 3 young events and 2
@@ -63,8 +60,5 @@ async fn event_pruning_walks_past_kept_dead_letters_and_deletes_only_what_is_don
     // The walk ended, so the next pass starts again from the oldest, and finds nothing to do.
     assert!(retention.events_from.lock().unwrap().is_none());
     assert_eq!(retention.prune().await.unwrap().events, 0);
-    client
-        .batch_execute(&schema.sql("DROP SCHEMA __SCHEMA__ CASCADE"))
-        .await
-        .unwrap();
+    s.drop_schema().await;
 }

@@ -3,20 +3,16 @@
 use super::*;
 use crate::config::{BreakerConfig, OnFailure};
 use crate::db;
+use crate::db::scratch::Scratch;
 
 /// The sweeper runs on every reaper tick for each endpoint changed within the hour: its work must
 /// not grow with the deliveries an endpoint has finished (the table's bulk), or an endpoint's
 /// change makes every tick scan the whole table for an hour.
 #[tokio::test]
 async fn the_sweep_reads_only_waiting_deliveries() {
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let tls = db::tls::unverified();
-    let schema = Schema::new(&format!("postern_u_{}", Uuid::new_v4().simple())).unwrap();
-    db::migrate(&db::pool(&url, 1, &tls).unwrap(), &schema, &[], &[])
-        .await
-        .unwrap();
-    let pool = db::pipeline_pool(&url, &tls).unwrap();
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
     let client = pool.get().await.unwrap();
     // Endpoints in each state the sweep looks at, all changed just now, and 40,000 finished
     // deliveries beside a few waiting ones.
@@ -94,8 +90,5 @@ async fn the_sweep_reads_only_waiting_deliveries() {
         ("on", "pending"),
     ];
     assert_eq!(moved, expected.map(|(e, s)| (e.to_string(), s.to_string())));
-    client
-        .batch_execute(&schema.sql("DROP SCHEMA __SCHEMA__ CASCADE"))
-        .await
-        .unwrap();
+    s.drop_schema().await;
 }
