@@ -10,12 +10,12 @@ use serde_json::{json, Value};
 use crate::common::*;
 use postern::signing;
 
-const STRIPE_SECRET: &str = "whsec_inbox_stripe_test_secret";
-const GITHUB_SECRET: &str = "inbox-github-test-secret";
+pub(super) const STRIPE_SECRET: &str = "whsec_inbox_stripe_test_secret";
+pub(super) const GITHUB_SECRET: &str = "inbox-github-test-secret";
 const TOKEN: &str = "inbox-test-token-0123456789abcdef";
 
 /// A Stripe event of about 1 KiB.
-fn stripe_event(id: &str) -> Vec<u8> {
+pub(super) fn stripe_event(id: &str) -> Vec<u8> {
     json!({
         "id": id,
         "object": "event",
@@ -26,7 +26,7 @@ fn stripe_event(id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn stripe_headers(body: &[u8], ts: i64) -> Vec<(String, String)> {
+pub(super) fn stripe_headers(body: &[u8], ts: i64) -> Vec<(String, String)> {
     let t = ts.to_string();
     let mac = hex::encode(signing::hmac_sha256(
         STRIPE_SECRET.as_bytes(),
@@ -35,22 +35,22 @@ fn stripe_headers(body: &[u8], ts: i64) -> Vec<(String, String)> {
     vec![("stripe-signature".into(), format!("t={t},v1={mac}"))]
 }
 
-fn now() -> i64 {
+pub(super) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
 /// Postern with the API, the admin listener and two inbox routes (`stripe` consumed as
 /// `consume`, `github` forwarded), in front of the app at `app_port`.
-struct Service {
+pub(super) struct Service {
     config: String,
     postern: Postern,
     inbound: String,
     api: String,
-    admin: String,
+    pub(super) admin: String,
     http: reqwest::Client,
 }
 
-fn config(
+pub(super) fn config(
     db: &TestDb,
     database_url: &str,
     app_port: u16,
@@ -100,12 +100,12 @@ upstream_path = "/internal/github"
     (config, inbound_port)
 }
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     unused_port()
 }
 
 impl Service {
-    async fn start(config: String) -> Self {
+    pub(super) async fn start(config: String) -> Self {
         let postern = Postern::spawn(&config, &[]);
         let find = |key: &str, section: &str| -> String {
             let at = config.find(section).unwrap();
@@ -147,7 +147,12 @@ impl Service {
         service
     }
 
-    async fn post(&self, path: &str, headers: &[(String, String)], body: Vec<u8>) -> (u16, Value) {
+    pub(super) async fn post(
+        &self,
+        path: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> (u16, Value) {
         let mut req = self.http.post(format!("{}{path}", self.inbound)).body(body);
         for (k, v) in headers {
             req = req.header(k, v);
@@ -161,13 +166,13 @@ impl Service {
         )
     }
 
-    async fn stripe(&self, id: &str) -> (u16, Value) {
+    pub(super) async fn stripe(&self, id: &str) -> (u16, Value) {
         let body = stripe_event(id);
         self.post("/wh/stripe", &stripe_headers(&body, now()), body)
             .await
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub(super) async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut req = self
             .http
             .request(method.parse().unwrap(), format!("{}{path}", self.api))
@@ -185,7 +190,7 @@ impl Service {
 }
 
 /// Sends `n` Stripe events `evt_{prefix}{i}`, `concurrency` at a time; returns each answer.
-async fn send_many(
+pub(super) async fn send_many(
     s: &Service,
     prefix: &str,
     n: usize,
@@ -350,164 +355,6 @@ async fn an_app_down_for_20_s_gets_every_acknowledged_request_once_when_it_retur
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_provider_retry_is_stored_once_and_forged_or_stale_requests_never() {
-    let db = TestDb::create().await;
-    let app = Receiver::ok().await;
-    let app_port: u16 = app
-        .url
-        .trim_end_matches("/hook")
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let (config, _) = config(&db, &db.url, app_port, "forward", "");
-    let s = Service::start(config).await;
-
-    // Stripe retries an event with a new timestamp and signature: the event id is the key.
-    let body = stripe_event("evt_retried");
-    let mut answers = Vec::new();
-    for delay in [0, 1, 2] {
-        let (st, v) = s
-            .post(
-                "/wh/stripe",
-                &stripe_headers(&body, now() - delay),
-                body.clone(),
-            )
-            .await;
-        assert_eq!(st, 200, "{v}");
-        answers.push(v);
-    }
-    assert_eq!(answers[0]["duplicate"], false);
-    assert_eq!(answers[1]["duplicate"], true);
-    assert_eq!(answers[2]["duplicate"], true);
-    assert_eq!(answers[0]["id"], answers[2]["id"]);
-    // The same delivery ten times at once (several may share a commit): stored once.
-    let body = stripe_event("evt_burst");
-    let burst: Vec<(u16, Value)> = futures_util::stream::iter(0..10)
-        .map(|_| {
-            let body = body.clone();
-            let s = &s;
-            async move {
-                s.post("/wh/stripe", &stripe_headers(&body, now()), body.clone())
-                    .await
-            }
-        })
-        .buffer_unordered(10)
-        .collect()
-        .await;
-    assert!(burst.iter().all(|(st, _)| *st == 200), "{burst:?}");
-    assert_eq!(
-        burst
-            .iter()
-            .filter(|(_, v)| v["duplicate"] == false)
-            .count(),
-        1,
-        "{burst:?}"
-    );
-    let ids: HashSet<i64> = burst
-        .iter()
-        .map(|(_, v)| v["id"].as_i64().unwrap())
-        .collect();
-    assert_eq!(ids.len(), 1, "{burst:?}");
-    // GitHub redelivers with the same X-GitHub-Delivery.
-    let gh_body = br#"{"action":"opened","number":7}"#.to_vec();
-    let gh_sig = format!(
-        "sha256={}",
-        hex::encode(signing::hmac_sha256(GITHUB_SECRET.as_bytes(), &[&gh_body]))
-    );
-    for _ in 0..2 {
-        let headers = vec![
-            ("x-hub-signature-256".to_string(), gh_sig.clone()),
-            (
-                "x-github-delivery".to_string(),
-                "72d3162e-cc78-11e3-81ab-4c9367dc0958".to_string(),
-            ),
-        ];
-        let (st, v) = s.post("/wh/github", &headers, gh_body.clone()).await;
-        assert_eq!(st, 200, "{v}");
-    }
-    // Forged and stale requests are refused exactly as in forward mode, and never stored.
-    let forged = stripe_event("evt_forged");
-    let mut bad = stripe_headers(&forged, now());
-    bad[0].1 = bad[0].1.replace("v1=", "v1=00");
-    let (st, v) = s.post("/wh/stripe", &bad, forged).await;
-    assert_eq!(
-        (st, v["error"].as_str()),
-        (401, Some("signature_mismatch")),
-        "{v}"
-    );
-    let stale = stripe_event("evt_stale");
-    let (st, v) = s
-        .post("/wh/stripe", &stripe_headers(&stale, now() - 3600), stale)
-        .await;
-    assert_eq!(
-        (st, v["error"].as_str()),
-        (401, Some("timestamp_out_of_tolerance")),
-        "{v}"
-    );
-    let (st, v) = s.post("/wh/github", &[], gh_body.clone()).await;
-    assert_eq!(
-        (st, v["error"].as_str()),
-        (401, Some("missing_header")),
-        "{v}"
-    );
-
-    let c = db.client().await;
-    assert_eq!(scalar(&c, "SELECT count(*) FROM postern.inbox").await, 3);
-    app.wait_count(3, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(app.count(), 3, "a duplicate was forwarded");
-    let gh = app
-        .requests()
-        .into_iter()
-        .find(|r| r.uri == "/internal/github")
-        .expect("github at its upstream_path");
-    assert_eq!(gh.body.as_ref(), gh_body.as_slice());
-    assert_eq!(gh.header("x-postern-verified"), Some("github"));
-
-    // Retention prunes handled messages past `retention.inbox` and keeps the rest.
-    wait_sql(
-        &c,
-        "SELECT count(*) FROM postern.inbox WHERE status = 'done'",
-        3,
-        Duration::from_secs(10),
-    )
-    .await;
-    c.execute(
-        "UPDATE postern.inbox SET handled_at = now() - interval '2 days' WHERE route = 'stripe'",
-        &[],
-    )
-    .await
-    .unwrap();
-    wait_sql(
-        &c,
-        "SELECT count(*) FROM postern.inbox",
-        1,
-        Duration::from_secs(15),
-    )
-    .await;
-    assert_eq!(
-        scalar(
-            &c,
-            "SELECT count(*) FROM postern.inbox WHERE route = 'github'"
-        )
-        .await,
-        1
-    );
-    let metrics = reqwest::get(format!("{}/metrics", s.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("postern_inbox_duplicates_total{route=\"stripe\"} 11"),
-        "{metrics}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_after_acknowledging_loses_nothing_the_database_holds_it_all() {
     let db = TestDb::create().await;
     let app_port = free_port();
@@ -596,204 +443,4 @@ async fn with_postgres_unreachable_the_route_answers_503_and_acknowledges_nothin
         acknowledged.iter().all(|a| ids.contains(a))
     })
     .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_sql_consumers_take_a_thousand_messages_each_handled_once() {
-    let db = TestDb::create().await;
-    let c = db.client().await;
-    // A role of the app's that may take messages and nothing else of Postern's.
-    c.batch_execute(
-        "DO $$ BEGIN CREATE ROLE postern_test_consumer LOGIN;
-         EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-         CREATE TABLE handled (inbox_id bigint PRIMARY KEY, event_id text NOT NULL UNIQUE);
-         GRANT SELECT, INSERT ON handled TO postern_test_consumer;",
-    )
-    .await
-    .unwrap();
-    let app_port = free_port();
-    let (config, _) = config(&db, &db.url, app_port, "sql", "");
-    let config = config.replace(
-        "pool_size = 4\n",
-        "pool_size = 4\nconsumer_roles = [\"postern_test_consumer\"]\n",
-    );
-    let s = Service::start(config).await;
-    let answers = send_many(&s, "q", 1000, 32).await;
-    assert!(answers.iter().all(|(_, st, _)| *st == 200));
-
-    let mut consumer_url = url::Url::parse(&db.url).unwrap();
-    consumer_url.set_username("postern_test_consumer").unwrap();
-    let consumer_url = consumer_url.to_string();
-    let probe = connect(&consumer_url).await;
-    let denied = probe.query("SELECT count(*) FROM postern.inbox", &[]).await;
-    assert!(
-        denied.is_err(),
-        "a consumer role reads the inbox table directly"
-    );
-
-    let consumers: Vec<_> = (0..3)
-        .map(|n| {
-            let url = consumer_url.clone();
-            tokio::spawn(async move {
-                let mut client = connect(&url).await;
-                let (mut committed, mut rolled_back, mut round) = (0usize, 0usize, 0usize);
-                loop {
-                    round += 1;
-                    let tx = client.transaction().await.unwrap();
-                    let rows = tx
-                        .query(
-                            "SELECT id, dedupe_key FROM postern.inbox_take('stripe', 10)",
-                            &[],
-                        )
-                        .await
-                        .unwrap();
-                    if rows.is_empty() {
-                        tx.rollback().await.unwrap();
-                        break;
-                    }
-                    for r in &rows {
-                        let (id, key): (i64, String) = (r.get(0), r.get(1));
-                        tx.execute("INSERT INTO handled VALUES ($1, $2)", &[&id, &key])
-                            .await
-                            .unwrap();
-                        let done: bool = tx
-                            .query_one("SELECT postern.inbox_done($1)", &[&id])
-                            .await
-                            .unwrap()
-                            .get(0);
-                        assert!(done);
-                    }
-                    // The first consumer fails every third transaction: its messages go back.
-                    if n == 0 && round % 3 == 0 {
-                        tx.rollback().await.unwrap();
-                        rolled_back += rows.len();
-                    } else {
-                        tx.commit().await.unwrap();
-                        committed += rows.len();
-                    }
-                }
-                (committed, rolled_back)
-            })
-        })
-        .collect();
-    let mut totals = Vec::new();
-    for c in consumers {
-        totals.push(c.await.unwrap());
-    }
-    let committed: usize = totals.iter().map(|t| t.0).sum();
-    assert_eq!(committed, 1000, "{totals:?}");
-    assert!(
-        totals[0].1 > 0,
-        "the failing consumer never rolled back: {totals:?}"
-    );
-    assert_eq!(
-        scalar(&c, "SELECT count(DISTINCT inbox_id) FROM handled").await,
-        1000
-    );
-    assert_eq!(
-        scalar(
-            &c,
-            "SELECT count(*) FROM postern.inbox WHERE status = 'done'"
-        )
-        .await,
-        1000
-    );
-
-    // Taken and committed without `inbox_done`: back after the timeout.
-    let late = s.stripe("evt_late").await;
-    assert_eq!(late.0, 200);
-    let mut consumer = connect(&consumer_url).await;
-    let taken = consumer
-        .query(
-            "SELECT id FROM postern.inbox_take('stripe', 10, interval '1 second')",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(taken.len(), 1);
-    let again = consumer
-        .query("SELECT id FROM postern.inbox_take('stripe', 10)", &[])
-        .await
-        .unwrap();
-    assert!(
-        again.is_empty(),
-        "a taken message was taken again before its timeout"
-    );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let tx = consumer.transaction().await.unwrap();
-    let again = tx
-        .query("SELECT id FROM postern.inbox_take('stripe', 10)", &[])
-        .await
-        .unwrap();
-    assert_eq!(
-        again.len(),
-        1,
-        "a message taken and abandoned did not come back"
-    );
-    tx.commit().await.unwrap();
-    // A message the app cannot handle is set aside, not handed back first forever.
-    let poison = s.stripe("evt_poison").await;
-    assert_eq!(poison.0, 200);
-    let tx = consumer.transaction().await.unwrap();
-    let taken = tx
-        .query(
-            "SELECT id, attempts FROM postern.inbox_take('stripe', 10)",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(taken.len(), 1);
-    let (id, attempt): (i64, i32) = (taken[0].get(0), taken[0].get(1));
-    let stale: bool = tx
-        .query_one(
-            "SELECT postern.inbox_fail($1, 'cannot parse', $2)",
-            &[&id, &(attempt - 1)],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(
-        !stale,
-        "a fenced call with an old attempt changed the message"
-    );
-    let failed: bool = tx
-        .query_one(
-            "SELECT postern.inbox_fail($1, 'cannot parse', $2)",
-            &[&id, &attempt],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(failed);
-    tx.commit().await.unwrap();
-    let left = consumer
-        .query("SELECT id FROM postern.inbox_take('stripe', 10)", &[])
-        .await
-        .unwrap();
-    assert!(left.is_empty(), "a failed message came back");
-    assert_eq!(
-        scalar(&c, &format!("SELECT count(*) FROM postern.inbox WHERE id = {id} AND status = 'failed' AND last_error = 'cannot parse'")).await,
-        1
-    );
-    // A forward route's messages are not the consumers' to take.
-    let gh_body = br#"{"zen":"Keep it logically awesome."}"#.to_vec();
-    let gh_sig = format!(
-        "sha256={}",
-        hex::encode(signing::hmac_sha256(GITHUB_SECRET.as_bytes(), &[&gh_body]))
-    );
-    let headers = vec![
-        ("x-hub-signature-256".to_string(), gh_sig),
-        ("x-github-delivery".to_string(), "d-1".to_string()),
-    ];
-    assert_eq!(s.post("/wh/github", &headers, gh_body).await.0, 200);
-    let stolen = consumer
-        .query("SELECT id FROM postern.inbox_take('github', 10)", &[])
-        .await
-        .unwrap();
-    assert!(
-        stolen.is_empty(),
-        "a consumer took a forward route's message"
-    );
-    // Nothing was forwarded: the app takes sql routes' messages itself.
-    assert!(std::net::TcpStream::connect(("127.0.0.1", app_port)).is_err());
 }
