@@ -192,12 +192,28 @@ fn endpoint_policy(retry: Option<&serde_json::Value>) -> Option<RetryPolicy> {
 /// The body receivers get: `{"id", "type", "timestamp", "data"}` (the seed's envelope). The
 /// payload is spliced in as the JSON text Postgres returned, without a parse.
 pub fn envelope(d: &Claimed) -> Bytes {
+    Bytes::from(envelope_text(d))
+}
+
+/// The envelope in one allocation of exactly its length: it lives as long as its request, once
+/// per delivery in flight, and the memory budget counts it at the payload's size (a `format!`
+/// that grows as it writes ends with twice the payload's capacity).
+fn envelope_text(d: &Claimed) -> String {
     let timestamp = d.created_at.to_rfc3339_opts(SecondsFormat::Millis, true);
     let event_type = serde_json::to_string(&d.event_type).expect("a string serializes");
-    Bytes::from(format!(
-        r#"{{"id":"{}","type":{},"timestamp":"{}","data":{}}}"#,
-        d.event_id, event_type, timestamp, d.payload
-    ))
+    let id = d.event_id.to_string();
+    [
+        r#"{"id":""#,
+        &id,
+        r#"","type":"#,
+        &event_type,
+        r#","timestamp":""#,
+        &timestamp,
+        r#"","data":"#,
+        &d.payload,
+        "}",
+    ]
+    .concat()
 }
 
 /// The request's headers as the attempt log keeps them, one `name: value` per line: signature
@@ -312,4 +328,39 @@ fn build_headers(d: &Claimed, body: &[u8], vault: &SecretBox) -> Result<HeaderMa
         }
     }
     Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_envelope_takes_its_own_length_in_memory_and_nothing_more() {
+        let payload = format!(r#"{{"blob":"{}"}}"#, "x".repeat(1 << 20));
+        let d = Claimed {
+            id: uuid::Uuid::now_v7(),
+            attempt: 1,
+            endpoint_id: "e".into(),
+            event_id: uuid::Uuid::now_v7(),
+            event_type: "order.\"created\"".into(),
+            payload: payload.as_str().into(),
+            created_at: chrono::DateTime::from_timestamp(1_700_000_000, 123_000_000).unwrap(),
+            url: "http://127.0.0.1:1/".into(),
+            headers: serde_json::Value::Null,
+            signature: "standard".into(),
+            retry: None,
+            metadata: None,
+            secrets: Vec::new(),
+            ordering_key: None,
+            probe: false,
+        };
+        let text = envelope_text(&d);
+        assert_eq!(text.capacity(), text.len());
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["id"], d.event_id.to_string());
+        assert_eq!(v["type"], "order.\"created\"");
+        assert_eq!(v["timestamp"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["data"]["blob"].as_str().unwrap().len(), 1 << 20);
+        assert_eq!(&envelope(&d)[..], text.as_bytes());
+    }
 }

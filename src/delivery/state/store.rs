@@ -369,7 +369,8 @@ impl DeliveryStore {
                 endpoint_id: r.get(2),
                 event_id: r.get(3),
                 event_type: r.get(4),
-                payload: r.get::<_, String>(5).into(),
+                // Straight from the row buffer: one copy of the payload, not two.
+                payload: r.get::<_, &str>(5).into(),
                 created_at: super::event_time(r.try_get(6).ok()),
                 url: r.get(7),
                 headers: r.get(8),
