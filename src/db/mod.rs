@@ -48,6 +48,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "endpoints_version",
         include_str!("migrations/0009_endpoints_version.sql"),
     ),
+    (
+        10,
+        "finished_by_class",
+        include_str!("migrations/0010_finished_by_class.sql"),
+    ),
 ];
 
 /// The schema version this binary needs.

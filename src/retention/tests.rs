@@ -62,3 +62,138 @@ async fn event_pruning_walks_past_kept_dead_letters_and_deletes_only_what_is_don
     assert_eq!(retention.prune().await.unwrap().events, 0);
     s.drop_schema().await;
 }
+
+/// Delivered deliveries go a week after they finish, dead letters a month after: the dead letters
+/// kept meanwhile are all older than the delivered ones a batch deletes, and a batch must not read
+/// them (with many, every batch re-read them all and pruning fell behind for good).
+#[tokio::test]
+async fn delivered_pruning_reads_none_of_the_kept_dead_letters() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = crate::db::pipeline_pool(&s.url, &crate::db::tls::unverified()).unwrap();
+    let client = pool.get().await.unwrap();
+    // 40,000 dead letters ten days old (kept: 30 days), 1,500 deliveries delivered eight days ago
+    // (due to go: 7 days), 100 delivered yesterday.
+    client
+        .batch_execute(&schema.sql(
+            "INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status, updated_at)
+             SELECT g, gen_random_uuid(), 't', 'e', (ARRAY['failed', 'cancelled'])[g % 2 + 1],
+                    now() - interval '10 days' - g * interval '1 second'
+             FROM generate_series(1, 40000) g;
+             INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status, updated_at)
+             SELECT g, gen_random_uuid(), 't', 'e', 'delivered', now() - interval '8 days' + g * interval '1 ms'
+             FROM generate_series(1, 1500) g;
+             INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status, updated_at)
+             SELECT g, gen_random_uuid(), 't', 'e', 'delivered', now() - interval '1 day'
+             FROM generate_series(1, 100) g;
+             INSERT INTO __SCHEMA__.attempts (delivery_id, attempt, started_at, duration_ms)
+             SELECT id, 1, updated_at, 1 FROM __SCHEMA__.deliveries;
+             ANALYZE __SCHEMA__.deliveries; ANALYZE __SCHEMA__.attempts",
+        ))
+        .await
+        .unwrap();
+    let retention = Retention::new(pool.clone(), &schema, 7 * DAY, 30 * DAY, 7 * DAY);
+    // One batch of each class, run for its plan inside a transaction rolled back (dead letters
+    // as if kept for 9 days, so that a batch of them is due too). Every row a batch reads is one
+    // it deletes: index scans, nothing filtered out.
+    for (sql, age) in [
+        (&retention.prune_delivered, 7 * DAY),
+        (&retention.prune_failed, 9 * DAY),
+    ] {
+        client.batch_execute("BEGIN").await.unwrap();
+        let plan: serde_json::Value = client
+            .query_one(
+                &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"),
+                &[&age.as_secs_f64(), &BATCH],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        client.batch_execute("ROLLBACK").await.unwrap();
+        let nodes = plan_nodes(&plan[0]["Plan"]);
+        let scans: Vec<&str> = nodes
+            .iter()
+            .filter_map(|n| n["Node Type"].as_str())
+            .collect();
+        let filtered: i64 = nodes
+            .iter()
+            .filter_map(|n| n["Rows Removed by Filter"].as_i64())
+            .sum();
+        assert_eq!(nodes[1]["Actual Rows"], 1000, "a whole batch: {plan:#}");
+        assert!(
+            !scans.contains(&"Seq Scan") && filtered == 0,
+            "a batch read {filtered} rows it did not delete ({scans:?}): {plan:#}"
+        );
+    }
+    // And a pass deletes every delivered delivery due to go, and nothing else.
+    assert_eq!(retention.prune().await.unwrap().deliveries, 1500);
+    let left: Vec<(String, i64)> = client
+        .query(
+            &schema.sql("SELECT status, count(*) FROM __SCHEMA__.deliveries GROUP BY 1 ORDER BY 1"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let want = [("cancelled", 20000), ("delivered", 100), ("failed", 20000)];
+    assert_eq!(left, want.map(|(t, n)| (t.to_string(), n)));
+    let attempts: i64 = client
+        .query_one(&schema.sql("SELECT count(*) FROM __SCHEMA__.attempts"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 40100, "the attempts went with their deliveries");
+    s.drop_schema().await;
+}
+
+/// A step that fails (here the database refuses to delete deliveries) is only that step: the
+/// steps after it (expired secrets here) prune all the same, and the pass counts the failure.
+#[tokio::test]
+async fn a_failing_pruning_step_does_not_stop_the_others() {
+    let s = Scratch::new().await;
+    let (pool, schema) = (s.pool.clone(), s.schema.clone());
+    s.run(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source)
+         VALUES ('e', 'http://127.0.0.1:9/a', '{*}', 'api');
+         INSERT INTO __SCHEMA__.endpoint_secrets (endpoint_id, secret, expires_at)
+         VALUES ('e', 'whsec_old', now() - interval '1 hour');
+         INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status, updated_at)
+         VALUES (1, gen_random_uuid(), 't', 'e', 'delivered', now() - interval '8 days');
+         CREATE FUNCTION __SCHEMA__.refuse() RETURNS trigger LANGUAGE plpgsql
+           AS $$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
+         CREATE TRIGGER refuse BEFORE DELETE ON __SCHEMA__.deliveries
+           FOR EACH ROW EXECUTE FUNCTION __SCHEMA__.refuse();",
+    )
+    .await;
+    let retention = Retention::new(pool.clone(), &schema, 7 * DAY, 30 * DAY, 7 * DAY);
+    let pruned = retention.prune().await.unwrap();
+    assert_eq!(
+        (pruned.deliveries, pruned.secrets, pruned.failed),
+        (0, 1, 1)
+    );
+    let client = pool.get().await.unwrap();
+    let left: (i64, i64) = client
+        .query_one(
+            &schema.sql(
+                "SELECT (SELECT count(*) FROM __SCHEMA__.deliveries),
+                        (SELECT count(*) FROM __SCHEMA__.endpoint_secrets)",
+            ),
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(left, (1, 0));
+    s.drop_schema().await;
+}
+
+/// A plan's nodes, the top one first.
+fn plan_nodes(node: &serde_json::Value) -> Vec<&serde_json::Value> {
+    let mut nodes = vec![node];
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        nodes.extend(plan_nodes(child));
+    }
+    nodes
+}
