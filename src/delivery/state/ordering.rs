@@ -71,12 +71,20 @@ impl Ordering {
             // Up to `$1` keys with queued deliveries after the cursor ($2, $3), in index order, each
             // with whether it has neither a head nor a block (a block whose delivery is gone,
             // pruned or moved by an older release, no longer counts: advancing lifts it): the
-            // sweeper walks every key this way, a batch per pass, and wraps around.
+            // sweeper walks every key this way, a batch per pass, and wraps around. The keys are
+            // found one index probe each, skipping from one to the next (a `DISTINCT` read every
+            // delivery queued behind a key, millions for a hot one, at every tick).
             stalled: schema.sql(
-                "WITH q AS (
-                    SELECT DISTINCT endpoint_id, ordering_key FROM __SCHEMA__.deliveries
-                    WHERE status = 'queued' AND (endpoint_id, ordering_key) > ($2, $3)
-                    ORDER BY 1, 2 LIMIT $1)
+                "WITH RECURSIVE walk AS (
+                    (SELECT endpoint_id, ordering_key FROM __SCHEMA__.deliveries
+                     WHERE status = 'queued' AND (endpoint_id, ordering_key) > ($2, $3)
+                     ORDER BY 1, 2 LIMIT 1)
+                    UNION ALL
+                    SELECT n.endpoint_id, n.ordering_key FROM walk w, LATERAL (
+                        SELECT endpoint_id, ordering_key FROM __SCHEMA__.deliveries
+                        WHERE status = 'queued' AND (endpoint_id, ordering_key) > (w.endpoint_id, w.ordering_key)
+                        ORDER BY 1, 2 LIMIT 1) n
+                 ), q AS (SELECT * FROM walk LIMIT $1)
                  SELECT q.endpoint_id, q.ordering_key,
                         NOT EXISTS (SELECT 1 FROM __SCHEMA__.deliveries h
                                     WHERE h.endpoint_id = q.endpoint_id AND h.ordering_key = q.ordering_key
@@ -160,5 +168,89 @@ impl Ordering {
         let n = self.advance(&tx, &keys, &[]).await?;
         tx.commit().await?;
         Ok((n, next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::scratch::Scratch;
+
+    /// The safety net runs at every tick: it must read one index entry per key, not every
+    /// delivery queued behind a hot key (millions, for a key that is slow to drain).
+    #[tokio::test]
+    async fn the_safety_net_reads_one_entry_per_key_and_mends_only_stalled_keys() {
+        let s = Scratch::new().await;
+        // A hot key with a head and 50,000 queued behind it; `a` and `c` stalled (queued, no
+        // head); `b` with a head in flight.
+        s.run(
+            "INSERT INTO __SCHEMA__.endpoints (id, url, events, source)
+             VALUES ('e', 'http://127.0.0.1:9/a', '{*}', 'api');
+             INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status, ordering_key)
+             SELECT g, gen_random_uuid(), 't', 'e', CASE WHEN g = 1 THEN 'pending' ELSE 'queued' END, 'hot'
+             FROM generate_series(1, 50001) g;
+             INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status, ordering_key)
+             VALUES (60001, gen_random_uuid(), 't', 'e', 'queued', 'a'),
+                    (60002, gen_random_uuid(), 't', 'e', 'queued', 'a'),
+                    (60003, gen_random_uuid(), 't', 'e', 'delivering', 'b'),
+                    (60004, gen_random_uuid(), 't', 'e', 'queued', 'b'),
+                    (60005, gen_random_uuid(), 't', 'e', 'queued', 'c')",
+        )
+        .await;
+        s.run("VACUUM ANALYZE __SCHEMA__.deliveries").await;
+        let ordering = Ordering::new(&s.schema, OnFailure::Skip);
+        let mut client = s.pool.get().await.unwrap();
+        let plan: serde_json::Value = client
+            .query_one(
+                &format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", ordering.stalled),
+                &[&1000i64, &"", &""],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        fn entries_read(node: &serde_json::Value) -> i64 {
+            let own = match node["Index Name"].as_str() {
+                Some("deliveries_queued") => {
+                    node["Actual Rows"].as_i64().unwrap() * node["Actual Loops"].as_i64().unwrap()
+                }
+                _ => 0,
+            };
+            let children = node["Plans"].as_array().into_iter().flatten();
+            own + children.map(entries_read).sum::<i64>()
+        }
+        let read = entries_read(&plan[0]["Plan"]);
+        assert!(
+            read < 100,
+            "read {read} queued entries for 4 keys: {plan:#}"
+        );
+        // Both stalled keys get their earliest queued delivery as head; the others are untouched.
+        let (made, next) = ordering
+            .mend(&mut client, 1000, Default::default())
+            .await
+            .unwrap();
+        assert_eq!((made, next), (2, Default::default()));
+        let heads: Vec<(String, i64)> = client
+            .query(
+                &s.schema.sql(
+                    "SELECT ordering_key, outbox_id FROM __SCHEMA__.deliveries
+                     WHERE status IN ('pending', 'delivering') ORDER BY 1",
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let want = [("a", 60001), ("b", 60003), ("c", 60005), ("hot", 1)];
+        assert_eq!(heads, want.map(|(k, id)| (k.to_string(), id)));
+        // A batch of two stops at its second key, and the next starts after it.
+        let (_, next) = ordering
+            .mend(&mut client, 2, Default::default())
+            .await
+            .unwrap();
+        assert_eq!(next, ("e".to_string(), "b".to_string()));
+        drop(client);
+        s.drop_schema().await;
     }
 }
