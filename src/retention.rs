@@ -245,12 +245,25 @@ fn prune_deliveries(finished: &str) -> String {
     )
 }
 
+/// Which endpoints a sweep looks at.
+#[derive(Clone, Copy)]
+enum Sweep {
+    /// Those changed within the hour: every reaper tick.
+    Recent,
+    /// All of them: every pruning interval, for what the hour did not finish.
+    All,
+}
+
 /// Sweeps in batches until nothing is left or the pass budget is spent (the next tick goes on).
-async fn sweep(store: &DeliveryStore) {
+async fn sweep(store: &DeliveryStore, which: Sweep) {
     let started = tokio::time::Instant::now();
     let mut moved = 0;
     loop {
-        match store.sweep(BATCH).await {
+        let batch = match which {
+            Sweep::Recent => store.sweep(BATCH).await,
+            Sweep::All => store.sweep_all(BATCH).await,
+        };
+        match batch {
             Ok(n) => {
                 moved += n;
                 if n < BATCH as u64 || started.elapsed() > PASS_BUDGET {
@@ -271,8 +284,8 @@ async fn sweep(store: &DeliveryStore) {
     }
 }
 
-/// Reaps lapsed leases and sweeps every `reap_every` (and sweeps at once when `sweep_now` rings),
-/// prunes every `prune_every`, until cancelled.
+/// Reaps lapsed leases and sweeps recently changed endpoints every `reap_every` (and at once when
+/// `sweep_now` rings), prunes and sweeps every endpoint every `prune_every`, until cancelled.
 #[allow(clippy::too_many_arguments)]
 pub async fn housekeeping_loop(
     store: Arc<DeliveryStore>,
@@ -294,7 +307,7 @@ pub async fn housekeeping_loop(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = sweep_now.notified() => sweep(&store).await,
+            _ = sweep_now.notified() => sweep(&store, Sweep::Recent).await,
             _ = reap.tick() => {
                 match store.reap(500, max_lease_lapses as i32).await {
                     Ok(0) => {}
@@ -304,7 +317,7 @@ pub async fn housekeeping_loop(
                     }
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "reaping lapsed leases failed"),
                 }
-                sweep(&store).await;
+                sweep(&store, Sweep::Recent).await;
                 match store.mend_keys(BATCH, std::mem::take(&mut keys_cursor)).await {
                     Ok((mended, next)) => {
                         keys_cursor = next;
@@ -316,11 +329,14 @@ pub async fn housekeeping_loop(
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "mending ordering keys failed"),
                 }
             }
-            _ = prune.tick() => match retention.prune().await {
-                Ok(p) if p == Pruned::default() => {}
-                Ok(p) => tracing::info!(deliveries = p.deliveries, events = p.events, expired_secrets = p.secrets, ordering_keys = p.keys, inbox = p.inbox, failed_steps = p.failed, "retention pruned old rows"),
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "retention pass failed"),
-            },
+            _ = prune.tick() => {
+                match retention.prune().await {
+                    Ok(p) if p == Pruned::default() => {}
+                    Ok(p) => tracing::info!(deliveries = p.deliveries, events = p.events, expired_secrets = p.secrets, ordering_keys = p.keys, inbox = p.inbox, failed_steps = p.failed, "retention pruned old rows"),
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "retention pass failed"),
+                }
+                sweep(&store, Sweep::All).await;
+            }
         }
     }
 }

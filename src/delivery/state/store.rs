@@ -11,6 +11,10 @@ use uuid::Uuid;
 use super::{flow, ordering, storable, Ack, Claimed, DeliveryStatus, Settle};
 use crate::db::Schema;
 
+mod sweep;
+
+use sweep::{sweep_sql, RECENT};
+
 /// Prepared SQL texts for one schema.
 pub struct DeliveryStore {
     pool: Pool,
@@ -23,6 +27,8 @@ pub struct DeliveryStore {
     disable_gone: String,
     hand_back: String,
     sweep: String,
+    /// The sweep of every endpoint, not only those changed within the hour.
+    sweep_all: String,
     fan_out_lock: String,
     announce_gone: String,
     defer: String,
@@ -221,55 +227,14 @@ impl DeliveryStore {
                  WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
                    AND d.lease_owner = $1 AND e.id = d.endpoint_id",
             ),
-            // The sweeper: waiting deliveries whose status does not match their endpoint's state
-            // (inactive: paused; active again: pending; deleted: cancelled), a batch at a time. It
-            // closes the races between fan-out, outcomes and an endpoint's change, finishes what an
-            // endpoint change left to it (large backlogs), and pauses a 410'd endpoint's backlog
-            // outside the settle transaction. It runs under the fan-out lock held shared, so an
-            // endpoint change (holding it exclusively) never interleaves with a batch. Only
-            // endpoints changed within the hour are looked at: one index probe each, a constant
-            // status per branch so each probe is of a partial index of waiting deliveries (a
-            // status chosen per endpoint matched none, and scanned every finished delivery).
             fan_out_lock: schema.fan_out_lock_key(),
             // Every replica stops sending to an endpoint that answered 410 (held deliveries back).
             announce_gone: format!(
                 "SELECT pg_notify('{}', 'stop:' || id) FROM unnest($1::text[]) AS g(id)",
                 schema.endpoints_channel()
             ),
-            sweep: schema.sql(
-                "WITH s AS MATERIALIZED (
-                    SELECT x.id, 'pending' AS next FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
-                        SELECT d.id FROM __SCHEMA__.deliveries d
-                        WHERE d.endpoint_id = e.id AND d.status = 'paused'
-                        LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
-                    WHERE e.active AND e.deleted_at IS NULL AND e.updated_at > now() - interval '1 hour'
-                    UNION ALL
-                    SELECT x.id, CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled' ELSE 'paused' END
-                    FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
-                        SELECT d.id FROM __SCHEMA__.deliveries d
-                        WHERE d.endpoint_id = e.id AND d.status = 'pending'
-                        LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
-                    WHERE (NOT e.active OR e.deleted_at IS NOT NULL)
-                      AND e.updated_at > now() - interval '1 hour'
-                    UNION ALL
-                    SELECT x.id, 'cancelled' FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
-                        SELECT d.id FROM __SCHEMA__.deliveries d
-                        WHERE d.endpoint_id = e.id AND d.status = 'paused'
-                        LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
-                    WHERE e.deleted_at IS NOT NULL AND e.updated_at > now() - interval '1 hour'
-                    UNION ALL
-                    SELECT x.id, 'cancelled' FROM __SCHEMA__.endpoints e CROSS JOIN LATERAL (
-                        SELECT d.id FROM __SCHEMA__.deliveries d
-                        WHERE d.endpoint_id = e.id AND d.status = 'queued'
-                        LIMIT $1 FOR UPDATE OF d SKIP LOCKED) x
-                    WHERE e.deleted_at IS NOT NULL AND e.updated_at > now() - interval '1 hour'
-                    LIMIT $1
-                 )
-                 UPDATE __SCHEMA__.deliveries d
-                 SET status = s.next, next_attempt_at = CASE WHEN s.next = 'pending' THEN now() ELSE d.next_attempt_at END,
-                     updated_at = now()
-                 FROM s WHERE d.id = s.id",
-            ),
+            sweep: schema.sql(&sweep_sql(RECENT)),
+            sweep_all: schema.sql(&sweep_sql("")),
             // Not attempted (no request went out), so the claim's attempt count is undone; due
             // again after a delay, with the reason, in the state its endpoint calls for.
             defer: schema.sql(
@@ -537,6 +502,17 @@ impl DeliveryStore {
 
     /// One sweeper batch (see the statement); returns how many deliveries it moved.
     pub async fn sweep(&self, batch: i64) -> anyhow::Result<u64> {
+        self.sweep_with(&self.sweep, batch).await
+    }
+
+    /// One sweeper batch over every endpoint, however long ago it changed: what the windowed sweep
+    /// left (a backlog larger than an hour of sweeping, replicas down for that hour) still moves.
+    /// Costs an index probe per endpoint and state, so it runs on the pruning interval.
+    pub async fn sweep_all(&self, batch: i64) -> anyhow::Result<u64> {
+        self.sweep_with(&self.sweep_all, batch).await
+    }
+
+    async fn sweep_with(&self, sql: &str, batch: i64) -> anyhow::Result<u64> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         tx.execute(
@@ -544,7 +520,7 @@ impl DeliveryStore {
             &[&self.fan_out_lock],
         )
         .await?;
-        let n = tx.execute(&self.sweep, &[&batch]).await?;
+        let n = tx.execute(sql, &[&batch]).await?;
         tx.commit().await?;
         Ok(n)
     }

@@ -92,3 +92,41 @@ async fn the_sweep_reads_only_waiting_deliveries() {
     assert_eq!(moved, expected.map(|(e, s)| (e.to_string(), s.to_string())));
     s.drop_schema().await;
 }
+
+/// An endpoint re-activated with a backlog larger than its change moved (10,000) leaves the rest
+/// to the sweeper; if that is not done within the hour the sweeper watches changed endpoints for
+/// (replicas down, a huge backlog), the rest must still become due, not stay paused for good.
+#[tokio::test]
+async fn paused_deliveries_of_an_endpoint_active_for_hours_become_due() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    s.run(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source, active, updated_at)
+         VALUES ('on', 'http://127.0.0.1:9/a', '{*}', 'api', true, now() - interval '2 hours');
+         INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status)
+         SELECT g, gen_random_uuid(), 't', 'on', 'paused' FROM generate_series(1, 5) g",
+    )
+    .await;
+    let store = DeliveryStore::new(
+        pool.clone(),
+        &schema,
+        OnFailure::Skip,
+        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
+    );
+    // Outside the window of every tick, inside that of the pruning interval's.
+    assert_eq!(store.sweep(500).await.unwrap(), 0);
+    assert_eq!(store.sweep_all(500).await.unwrap(), 5);
+    let client = pool.get().await.unwrap();
+    let pending: i64 = client
+        .query_one(
+            &schema.sql("SELECT count(*) FROM __SCHEMA__.deliveries WHERE status = 'pending'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 5);
+    drop(client);
+    s.drop_schema().await;
+}
