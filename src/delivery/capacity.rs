@@ -22,7 +22,8 @@ use super::WorkerSettings;
 const HOLDS_PER_ENDPOINT_REQUEST: usize = 16;
 
 /// The same for the whole replica, per request of `concurrency`. Every held delivery has its
-/// payload in memory, so this also bounds memory: 1,024 held deliveries with the defaults.
+/// payload in memory, so this also bounds memory: 1,024 held deliveries with the defaults (and
+/// the reserve's 256; the memory budget bounds their bytes).
 const HOLDS_PER_REQUEST: usize = 4;
 
 /// What holding a delivery costs the memory budget, in KiB: its payload twice (the shared
@@ -37,6 +38,10 @@ fn charge_kib(payload_len: usize) -> u32 {
 /// fan-out) to written outcome; requests are bounded separately, globally and per endpoint.
 pub struct Capacity {
     holds: Arc<Semaphore>,
+    /// Holds beyond `holds` for endpoints holding fewer than their request slots: however many
+    /// deliveries slow endpoints keep waiting (each up to `per_endpoint_held`), another endpoint
+    /// can still be sent to at once. `concurrency` of them, as many as requests can be in flight.
+    reserve: Arc<Semaphore>,
     /// The memory budget in KiB: each held delivery takes its charge (see [`charge_kib`]).
     bytes: Arc<Semaphore>,
     /// The charge of the largest payload allowed: a claim waits until this much is free.
@@ -104,6 +109,7 @@ impl Capacity {
         let budget_kib = (settings.memory_budget / 2 / 1024).clamp(1, u64::from(u32::MAX >> 4));
         Arc::new(Self {
             holds: Arc::new(Semaphore::new(settings.concurrency * HOLDS_PER_REQUEST)),
+            reserve: Arc::new(Semaphore::new(settings.concurrency)),
             bytes: Arc::new(Semaphore::new(budget_kib as usize)),
             max_charge: charge_kib(settings.max_payload as usize).min(budget_kib as u32),
             memory_budget: settings.memory_budget,
@@ -192,14 +198,18 @@ impl Capacity {
             return None;
         }
         let mut map = self.per_endpoint.lock().expect("capacity map");
-        if map
-            .get(endpoint)
-            .is_some_and(|e| e.0 >= self.per_endpoint_held)
-        {
+        let held = map.get(endpoint).map_or(0, |e| e.0);
+        if held >= self.per_endpoint_held {
             return None;
         }
         let bytes = self.take_bytes(payload_len)?;
-        let permit = self.holds.clone().try_acquire_owned().ok()?;
+        let permit = match self.holds.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) if held < self.reserve_per_endpoint() => {
+                self.reserve.clone().try_acquire_owned().ok()?
+            }
+            Err(_) => return None,
+        };
         Some(self.count(&mut map, endpoint, permit, bytes))
     }
 
@@ -274,15 +284,20 @@ impl Capacity {
         }
     }
 
-    /// Takes free holds for a claim of that many: three quarters of them, so the dispatcher's
-    /// fresh deliveries still find room while the claim is out (with every hold taken they would
-    /// go to `pending` and wait for a later claim).
+    /// Takes free holds for a claim of that many (see [`take_most`]).
     pub(super) fn take_free(&self) -> Vec<OwnedSemaphorePermit> {
-        let n = self.holds.available_permits();
-        let n = if n > 1 { n - n / 4 } else { n };
-        std::iter::from_fn(|| self.holds.clone().try_acquire_owned().ok())
-            .take(n)
-            .collect()
+        take_most(&self.holds)
+    }
+
+    /// When no hold is free: holds from the reserve, for a claim that gives each endpoint no
+    /// more than [`Self::reserve_per_endpoint`] in all (what it holds already counted).
+    pub(super) fn take_reserve(&self) -> Vec<OwnedSemaphorePermit> {
+        take_most(&self.reserve)
+    }
+
+    /// How many held deliveries an endpoint may reach with reserve holds: its request slots.
+    pub(super) fn reserve_per_endpoint(&self) -> i32 {
+        self.per_endpoint_requests as i32
     }
 
     pub(super) fn requests_in_flight(&self, concurrency: usize) -> usize {
@@ -318,6 +333,17 @@ impl Capacity {
     }
 }
 
+/// Three quarters of a semaphore's free permits (all of one), so the dispatcher's fresh
+/// deliveries still find room while a claim is out (with every hold taken they would go to
+/// `pending` and wait for a later claim).
+fn take_most(holds: &Arc<Semaphore>) -> Vec<OwnedSemaphorePermit> {
+    let n = holds.available_permits();
+    let n = if n > 1 { n - n / 4 } else { n };
+    std::iter::from_fn(|| holds.clone().try_acquire_owned().ok())
+        .take(n)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,13 +360,20 @@ mod tests {
 
     #[test]
     fn holds_are_bounded_per_endpoint_and_per_replica_and_given_back_on_drop() {
-        // 2 requests -> 8 holds per replica; 1 request per endpoint -> 16 holds per endpoint.
+        // 2 requests -> 8 holds per replica and a reserve of 2; 1 request per endpoint -> 16
+        // holds per endpoint, and 1 from the reserve.
         let cap = capacity(2, 1);
         let a: Vec<Hold> = std::iter::from_fn(|| cap.try_hold("a", 10)).collect();
         assert_eq!(a.len(), 8, "the replica-wide bound applies first");
-        assert!(cap.try_hold("b", 10).is_none());
-        drop(a);
+        // With every hold taken, other endpoints still get one each (their request slots) from
+        // the reserve, until it runs out.
+        let b: Vec<Hold> = std::iter::from_fn(|| cap.try_hold("b", 10)).collect();
+        assert_eq!(b.len(), 1);
+        let c = cap.try_hold("c", 10).expect("the reserve's second hold");
+        assert!(cap.try_hold("d", 10).is_none(), "the reserve is spent");
+        drop((a, b, c));
         assert_eq!(cap.holds.available_permits(), 8);
+        assert_eq!(cap.reserve.available_permits(), 2);
         assert!(cap.held_per_endpoint().is_empty());
 
         // 8 requests -> 32 holds per replica; 1 per endpoint -> 16 holds per endpoint.

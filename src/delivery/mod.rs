@@ -243,10 +243,18 @@ impl Worker {
         let mut next_poll = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             if claim_now {
-                let slots = if self.capacity.has_room_for_a_claim() {
-                    self.capacity.take_free()
+                // With every hold taken (slow endpoints keep theirs waiting for request slots),
+                // the reserve lets endpoints holding fewer than their request slots be claimed.
+                let (slots, per_endpoint_cap) = if !self.capacity.has_room_for_a_claim() {
+                    (Vec::new(), 0)
                 } else {
-                    Vec::new()
+                    match self.capacity.take_free() {
+                        free if free.is_empty() => (
+                            self.capacity.take_reserve(),
+                            self.capacity.reserve_per_endpoint(),
+                        ),
+                        free => (free, self.capacity.per_endpoint_held),
+                    }
                 };
                 if !slots.is_empty() {
                     let claimed_at = std::time::Instant::now();
@@ -255,7 +263,7 @@ impl Worker {
                         self.capacity.any_hindered(),
                         self.owner,
                         slots.len().min(self.capacity.rows_for_room()) as i64,
-                        self.capacity.per_endpoint_held,
+                        per_endpoint_cap,
                         &busy,
                         self.settings.lease,
                         self.capacity.payload_room(),
@@ -280,9 +288,7 @@ impl Worker {
                             claim_failures = 0;
                             // An endpoint at its limit of held deliveries may have more waiting:
                             // the next freed hold is a reason to look again.
-                            let limited = busy
-                                .iter()
-                                .any(|(_, n)| *n >= self.capacity.per_endpoint_held);
+                            let limited = busy.iter().any(|(_, n)| *n >= per_endpoint_cap);
                             backlog = !batch.is_empty() || limited;
                             let full = batch.len() == slots.len()
                                 || batch.len() == self.capacity.rows_for_room();

@@ -171,3 +171,60 @@ async fn an_impossible_created_at_neither_stalls_the_fan_out_nor_is_lost() {
         drop(postern);
     }
 }
+
+/// An endpoint that answers 200, only slowly, keeps every delivery it is given waiting for its
+/// request slots: it must not take every hold the replica has, or another endpoint's fresh
+/// delivery waits for the slow one's queue (seconds per request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_holding_every_hold_does_not_delay_another() {
+    let db = TestDb::create().await;
+    let slow = Receiver::start(|_, _| Reply::status(200).after(Duration::from_secs(3))).await;
+    let healthy = Receiver::ok().await;
+    // 4 requests: 16 holds per replica, and one request per endpoint: 16 holds per endpoint, so
+    // the slow endpoint alone can fill the replica.
+    let config = base_config(&db)
+        .replace(
+            "[outbound]\n",
+            "[outbound]\nconcurrency = 4\nper_endpoint_concurrency = 1\n",
+        )
+        .replace(
+            "request_timeout = \"2s\"\nlease = \"4s\"",
+            "request_timeout = \"6s\"\nlease = \"15s\"",
+        )
+        + &endpoint("slow", &slow.url, &["slow.*"], "")
+        + &endpoint("healthy", &healthy.url, &["live.*"], "");
+    let _postern = Postern::start(&config).await;
+    let mut client = db.client().await;
+    publish_batch(&mut client, "slow.event", 20, 0).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'slow' AND status = 'delivering'",
+        16,
+        Duration::from_secs(5),
+    )
+    .await;
+    publish_one(&client, "live.event", json!({})).await;
+    let committed = Instant::now();
+    healthy.wait_count(1, Duration::from_secs(10)).await;
+    let took = healthy.requests()[0].at - committed;
+    assert!(
+        took < Duration::from_millis(1500),
+        "the healthy endpoint waited {took:?} behind the slow one's holds"
+    );
+    // And through a claim: a due delivery waiting in the table is claimed at once too.
+    client
+        .batch_execute(
+            "INSERT INTO postern.deliveries (outbox_id, event_id, event_type, endpoint_id, status, next_attempt_at)
+             SELECT id, event_id, event_type, 'healthy', 'pending', now() FROM postern.outbox
+             WHERE event_type = 'live.event'",
+        )
+        .await
+        .unwrap();
+    let inserted = Instant::now();
+    healthy.wait_count(2, Duration::from_secs(10)).await;
+    let took = healthy.requests()[1].at - inserted;
+    assert!(
+        took < Duration::from_millis(1500),
+        "a claim for the healthy endpoint waited {took:?} behind the slow one's holds"
+    );
+}
