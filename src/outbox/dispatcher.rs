@@ -137,7 +137,10 @@ impl Dispatcher {
                  LEFT JOIN taken t ON true"
             )),
             // With it, what a small take locked is marked dispatched (`$10`; one statement, not
-            // two: each costs its executor's start on every pass).
+            // two: each costs its executor's start on every pass). Leases run from the insert
+            // (`clock_timestamp()`), not from the transaction's start: the pass may have waited
+            // for the fan-out lock (an endpoint change), and the worker counts the whole lease
+            // from the handoff.
             insert: schema.sql(
                 "WITH marked AS (
                      UPDATE __SCHEMA__.outbox SET dispatched_at = now() WHERE id = ANY($10::bigint[]))
@@ -147,7 +150,7 @@ impl Dispatcher {
                  SELECT u.id, u.outbox_id, u.event_id, u.event_type, u.endpoint_id, u.status,
                         CASE WHEN u.status = 'delivering' THEN 1 ELSE 0 END,
                         CASE WHEN u.status = 'delivering' THEN $7::uuid END,
-                        CASE WHEN u.status = 'delivering' THEN now() + make_interval(secs => $8) END,
+                        CASE WHEN u.status = 'delivering' THEN clock_timestamp() + make_interval(secs => $8) END,
                         u.ordering_key
                  FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $9::text[])
                    AS u(id, outbox_id, event_id, event_type, endpoint_id, status, ordering_key)",

@@ -458,3 +458,49 @@ async fn endpoints_changed_in_sql_are_seen_by_the_next_event() {
     );
     assert_eq!(first.count() + second.count(), 3);
 }
+
+/// A fan-out pass that waited for the fan-out lock (an endpoint change held it) leases its
+/// deliveries from when it inserts them, not from when the pass began: the worker counts on the
+/// whole lease, so the receiver's answer is recorded, not thrown away with the event sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_that_waited_for_the_fan_out_lock_keeps_its_whole_lease() {
+    let db = TestDb::create().await;
+    let slow = Receiver::start(|_, _| Reply::status(200).after(Duration::from_millis(1500))).await;
+    let config = base_config(&db).replace(
+        "request_timeout = \"2s\"\nlease = \"4s\"",
+        "request_timeout = \"2s\"\nlease = \"3s\"",
+    ) + &endpoint("slow", &slow.url, &["*"], "");
+    let _postern = Postern::start(&config).await;
+    // An endpoint change's lock, held for 2.5 s while an event is committed.
+    let mut locker = db.client().await;
+    let change = locker.transaction().await.unwrap();
+    change
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtext('postern.fanout.postern'))",
+            &[],
+        )
+        .await
+        .unwrap();
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    change.commit().await.unwrap();
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Long enough for a lapsed lease to be reaped and the event sent again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(slow.count(), 1, "sent again after its lease lapsed");
+    assert_eq!(
+        scalar(
+            &client,
+            "SELECT count(*) FROM postern.attempts WHERE error LIKE 'lease expired%'"
+        )
+        .await,
+        0
+    );
+}

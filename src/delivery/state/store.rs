@@ -52,7 +52,9 @@ impl DeliveryStore {
             // MATERIALIZED fence stops the planner from re-running the LIMIT subquery. `fit`
             // keeps the payloads within `$7` bytes (the first row always), so a claim never
             // brings more into memory than the budget has room for; rows it leaves are unlocked
-            // at commit, untouched.
+            // at commit, untouched. Leases run from the update (`clock_timestamp()`), not from
+            // the statement's start: the gated claim may wait for other replicas' flow rows, and
+            // the worker counts the whole lease from when the claim was sent.
             // `gate` (see `flow`): endpoints under a rate limit, back pressure or an open circuit,
             // their flow rows locked in id order so replicas take tokens one at a time; each
             // contributes at most `cap` (tokens, 0 while paused, 1 probe when due while open),
@@ -90,7 +92,7 @@ impl DeliveryStore {
                  )
                  UPDATE __SCHEMA__.deliveries d
                  SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
-                     lease_expires_at = now() + make_interval(secs => $6), updated_at = now()
+                     lease_expires_at = clock_timestamp() + make_interval(secs => $6), updated_at = now()
                  FROM fit, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
                  WHERE d.id = fit.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
                  RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
@@ -141,7 +143,7 @@ impl DeliveryStore {
                  ), upd AS (
                     UPDATE __SCHEMA__.deliveries d
                     SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
-                        lease_expires_at = now() + make_interval(secs => $6), updated_at = now()
+                        lease_expires_at = clock_timestamp() + make_interval(secs => $6), updated_at = now()
                     FROM fit, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
                     WHERE d.id = fit.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
                     RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
