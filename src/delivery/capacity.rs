@@ -130,11 +130,13 @@ impl Capacity {
     /// Stops sending to `endpoint` at once: what this replica holds for it is handed back as its
     /// attempts reach their turn (requests already in flight finish).
     pub fn stop(&self, endpoint: &str) {
-        let until = std::time::Instant::now() + self.stop_for;
-        self.stopped
-            .lock()
-            .expect("stopped endpoints")
-            .insert(endpoint.to_string(), until);
+        let now = std::time::Instant::now();
+        let mut stopped = self.stopped.lock().expect("stopped endpoints");
+        // Stops that ran out say nothing any more: without this, every endpoint ever paused,
+        // deleted or answered 410 would stay in the map for the replica's life.
+        stopped.retain(|_, until| *until > now);
+        stopped.insert(endpoint.to_string(), now + self.stop_for);
+        drop(stopped);
         self.revoke(endpoint);
     }
 
@@ -405,6 +407,19 @@ mod tests {
         assert!(cap.try_hold("c", 10).is_none());
         cap.resume("c");
         assert!(cap.try_hold("c", 10).is_some());
+    }
+
+    #[test]
+    fn stops_that_ran_out_are_forgotten() {
+        let cap = capacity(8, 4);
+        let past = std::time::Instant::now() - Duration::from_secs(1);
+        cap.stopped
+            .lock()
+            .unwrap()
+            .extend((0..1000).map(|i| (format!("old{i}"), past)));
+        cap.stop("new");
+        let stopped = cap.stopped.lock().unwrap();
+        assert_eq!(stopped.keys().collect::<Vec<_>>(), vec!["new"]);
     }
 
     #[test]
