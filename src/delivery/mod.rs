@@ -241,18 +241,26 @@ impl Worker {
         // Retries fall due without anyone ringing: claim at least once per poll interval, however
         // busy the handoffs keep this loop.
         let mut next_poll = tokio::time::Instant::now();
+        // When the next claim from the reserve may be made.
+        let mut reserve_at = next_poll;
         while !shutdown.is_cancelled() {
             if claim_now {
                 // With every hold taken (slow endpoints keep theirs waiting for request slots),
-                // the reserve lets endpoints holding fewer than their request slots be claimed.
+                // the reserve lets endpoints holding fewer than their request slots be claimed:
+                // once per poll interval, as a saturated drain would otherwise send a claim that
+                // finds nothing each time it is rung.
+                let now = tokio::time::Instant::now();
                 let (slots, per_endpoint_cap) = if !self.capacity.has_room_for_a_claim() {
                     (Vec::new(), 0)
                 } else {
                     match self.capacity.take_free() {
-                        free if free.is_empty() => (
-                            self.capacity.take_reserve(),
-                            self.capacity.reserve_per_endpoint(),
-                        ),
+                        free if free.is_empty() && now >= reserve_at => {
+                            reserve_at = now + self.settings.poll_interval;
+                            (
+                                self.capacity.take_reserve(),
+                                self.capacity.reserve_per_endpoint(),
+                            )
+                        }
                         free => (free, self.capacity.per_endpoint_held),
                     }
                 };
