@@ -27,6 +27,17 @@ impl Scratch {
         client.batch_execute(&self.schema.sql(sql)).await.unwrap();
     }
 
+    /// The first two columns of `sql`'s rows (`__SCHEMA__` standing for the schema).
+    pub(crate) async fn pairs<A, B>(&self, sql: &str) -> Vec<(A, B)>
+    where
+        A: for<'a> tokio_postgres::types::FromSql<'a>,
+        B: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        let client = self.pool.get().await.unwrap();
+        let rows = client.query(&self.schema.sql(sql), &[]).await.unwrap();
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    }
+
     pub(crate) async fn drop_schema(self) {
         self.run("DROP SCHEMA __SCHEMA__ CASCADE").await;
     }

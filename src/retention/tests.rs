@@ -45,16 +45,9 @@ async fn event_pruning_walks_past_kept_dead_letters_and_deletes_only_what_is_don
     let pruned = retention.prune().await.unwrap();
     assert_eq!(pruned.events, 10);
     assert_eq!(pruned.deliveries, 0);
-    let left: Vec<(String, i64)> = client
-        .query(
-            &schema.sql("SELECT event_type, count(*) FROM __SCHEMA__.outbox GROUP BY 1 ORDER BY 1"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let left: Vec<(String, i64)> = s
+        .pairs("SELECT event_type, count(*) FROM __SCHEMA__.outbox GROUP BY 1 ORDER BY 1")
+        .await;
     let want = [("kept", 2500), ("waiting", 2), ("young", 3)];
     assert_eq!(left, want.map(|(t, n)| (t.to_string(), n)));
     // The walk ended, so the next pass starts again from the oldest, and finds nothing to do.
@@ -127,16 +120,9 @@ async fn delivered_pruning_reads_none_of_the_kept_dead_letters() {
     }
     // And a pass deletes every delivered delivery due to go, and nothing else.
     assert_eq!(retention.prune().await.unwrap().deliveries, 1500);
-    let left: Vec<(String, i64)> = client
-        .query(
-            &schema.sql("SELECT status, count(*) FROM __SCHEMA__.deliveries GROUP BY 1 ORDER BY 1"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let left: Vec<(String, i64)> = s
+        .pairs("SELECT status, count(*) FROM __SCHEMA__.deliveries GROUP BY 1 ORDER BY 1")
+        .await;
     let want = [("cancelled", 20000), ("delivered", 100), ("failed", 20000)];
     assert_eq!(left, want.map(|(t, n)| (t.to_string(), n)));
     let attempts: i64 = client

@@ -229,19 +229,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((made, next), (2, Default::default()));
-        let heads: Vec<(String, i64)> = client
-            .query(
-                &s.schema.sql(
-                    "SELECT ordering_key, outbox_id FROM __SCHEMA__.deliveries
-                     WHERE status IN ('pending', 'delivering') ORDER BY 1",
-                ),
-                &[],
+        let heads: Vec<(String, i64)> = s
+            .pairs(
+                "SELECT ordering_key, outbox_id FROM __SCHEMA__.deliveries
+                 WHERE status IN ('pending', 'delivering') ORDER BY 1",
             )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+            .await;
         let want = [("a", 60001), ("b", 60003), ("c", 60005), ("hot", 1)];
         assert_eq!(heads, want.map(|(k, id)| (k.to_string(), id)));
         // A batch of two stops at its second key, and the next starts after it.

@@ -70,19 +70,12 @@ async fn the_sweep_reads_only_waiting_deliveries() {
     );
     // And it still moves each waiting delivery as its endpoint calls for.
     assert_eq!(store.sweep(500).await.unwrap(), 4);
-    let moved: Vec<(String, String)> = client
-        .query(
-            &schema.sql(
-                "SELECT endpoint_id, status FROM __SCHEMA__.deliveries
-                 WHERE status <> 'delivered' ORDER BY endpoint_id, status",
-            ),
-            &[],
+    let moved: Vec<(String, String)> = s
+        .pairs(
+            "SELECT endpoint_id, status FROM __SCHEMA__.deliveries
+             WHERE status <> 'delivered' ORDER BY endpoint_id, status",
         )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .await;
     let expected = [
         ("gone", "cancelled"),
         ("gone", "cancelled"),
