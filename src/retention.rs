@@ -42,6 +42,8 @@ pub struct Retention {
     events_from: Mutex<Option<(DateTime<Utc>, i64)>>,
     prune_secrets: String,
     prune_keys: String,
+    /// Where the next batch of key pruning goes on from (`None`: the first key).
+    keys_from: Mutex<Option<(String, String)>>,
     prune_inbox: String,
 }
 
@@ -84,21 +86,37 @@ impl Retention {
                  SELECT count(*) FROM gone",
             ),
             // An ordering key's row once nothing of the key waits and it is not blocked by a
-            // failed delivery (its head lock row is made again when the key is next used).
+            // failed delivery (its head lock row is made again when the key is next used). Walked
+            // in key order from where the last batch stopped (`$3`, `$4`): a batch looks at the
+            // next `$2` keys whatever it deletes, so the keys in use are passed over once per
+            // walk, not read again by every batch: the rows it deletes are those of the batch's key
+            // range (an index range), found again by `ctid` (locked, so it cannot change). The
+            // last columns say how many it looked at and where it stopped.
             prune_keys: schema.sql(
-                "WITH gone AS (
-                    DELETE FROM __SCHEMA__.ordering_keys WHERE (endpoint_id, ordering_key) IN (
-                        SELECT k.endpoint_id, k.ordering_key FROM __SCHEMA__.ordering_keys k
-                        WHERE k.updated_at < now() - make_interval(secs => $1)
+                "WITH batch AS MATERIALIZED (
+                    SELECT endpoint_id, ordering_key FROM __SCHEMA__.ordering_keys
+                    WHERE (endpoint_id, ordering_key) > ($3, $4)
+                    ORDER BY endpoint_id, ordering_key LIMIT $2
+                 ), last AS (
+                    SELECT endpoint_id, ordering_key FROM batch
+                    ORDER BY endpoint_id DESC, ordering_key DESC LIMIT 1
+                 ), gone AS (
+                    DELETE FROM __SCHEMA__.ordering_keys WHERE ctid = ANY(ARRAY(
+                        SELECT k.ctid FROM __SCHEMA__.ordering_keys k
+                        WHERE (k.endpoint_id, k.ordering_key) > ($3, $4)
+                          AND (k.endpoint_id, k.ordering_key)
+                              <= ((SELECT endpoint_id FROM last), (SELECT ordering_key FROM last))
+                          AND k.updated_at < now() - make_interval(secs => $1)
                           AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.deliveries d
                                           WHERE d.endpoint_id = k.endpoint_id AND d.ordering_key = k.ordering_key
                                             AND d.status IN ('pending', 'delivering', 'paused', 'queued'))
                           AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.deliveries f
                                           WHERE f.id = k.blocked_by AND f.status = 'failed')
-                        LIMIT $2 FOR UPDATE SKIP LOCKED)
+                        FOR UPDATE OF k SKIP LOCKED))
                     RETURNING 1
                  )
-                 SELECT count(*) FROM gone",
+                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM batch),
+                        (SELECT endpoint_id FROM last), (SELECT ordering_key FROM last)",
             ),
             // Old events without deliveries, walked in `(dispatched_at, id)` order from where
             // the last batch stopped (`$3`, `$4`; NULL: from the oldest): a batch looks at the
@@ -125,6 +143,7 @@ impl Retention {
                         (SELECT dispatched_at FROM last), (SELECT id FROM last)",
             ),
             events_from: Mutex::new(None),
+            keys_from: Mutex::new(None),
         }
     }
 
@@ -159,6 +178,7 @@ impl Retention {
                 // whole batch may have left more.
                 let batch = match kind {
                     Kind::Events => self.events_batch(&client, sql, age).await,
+                    Kind::Keys => self.keys_batch(&client, sql, age).await,
                     _ => client
                         .query_one(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
                         .await
@@ -210,6 +230,28 @@ impl Retention {
         let next = last.zip(row.get::<_, Option<i64>>(3));
         let more = looked == BATCH && next.is_some();
         *self.events_from.lock().expect("never poisoned") = if more { next } else { None };
+        Ok((deleted as u64, more))
+    }
+
+    /// One batch of ordering-key pruning, from where the last one stopped, as
+    /// [`Self::events_batch`] does for events: a walk that reached the last key starts over.
+    async fn keys_batch(
+        &self,
+        client: &deadpool_postgres::Client,
+        sql: &str,
+        age: Duration,
+    ) -> anyhow::Result<(u64, bool)> {
+        // The empty key sorts before every other: the start of a walk.
+        let from = self.keys_from.lock().expect("never poisoned").clone();
+        let (endpoint, key) = from.unwrap_or_default();
+        let row = client
+            .query_one(sql, &[&age.as_secs_f64(), &BATCH, &endpoint, &key])
+            .await?;
+        let (deleted, looked): (i64, i64) = (row.get(0), row.get(1));
+        let last: Option<String> = row.get(2);
+        let next = last.zip(row.get::<_, Option<String>>(3));
+        let more = looked == BATCH && next.is_some();
+        *self.keys_from.lock().expect("never poisoned") = if more { next } else { None };
         Ok((deleted as u64, more))
     }
 }

@@ -175,6 +175,70 @@ async fn a_failing_pruning_step_does_not_stop_the_others() {
     s.drop_schema().await;
 }
 
+/// Idle ordering keys' rows go an hour after their last use; a batch must read the next keys
+/// from where the last one stopped, not the whole table (with a million keys used within the hour,
+/// every batch scanned them all and pruning fell behind for good).
+#[tokio::test]
+async fn ordering_key_pruning_walks_the_keys_once_per_pass() {
+    let s = Scratch::new().await;
+    let (pool, schema) = (s.pool.clone(), s.schema.clone());
+    // 10,000 keys used just now, and among them 12 idle for two hours: 10 without deliveries (to
+    // go), 1 whose delivery still waits, 1 blocked by a failed delivery (both kept).
+    s.run(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source)
+         VALUES ('e', 'http://127.0.0.1:9/a', '{*}', 'api');
+         INSERT INTO __SCHEMA__.ordering_keys (endpoint_id, ordering_key, updated_at)
+         SELECT 'e', 'k' || lpad(g::text, 5, '0'),
+                CASE WHEN g % 800 = 0 THEN now() - interval '2 hours' ELSE now() END
+         FROM generate_series(1, 10000) g;
+         INSERT INTO __SCHEMA__.deliveries (id, outbox_id, event_id, event_type, endpoint_id, status, ordering_key)
+         VALUES ('00000000-0000-0000-0000-000000000001', 1, gen_random_uuid(), 't', 'e', 'queued', 'k00800'),
+                ('00000000-0000-0000-0000-000000000002', 2, gen_random_uuid(), 't', 'e', 'failed', 'k01600');
+         UPDATE __SCHEMA__.ordering_keys SET blocked_by = '00000000-0000-0000-0000-000000000002'
+         WHERE ordering_key = 'k01600';
+         ANALYZE __SCHEMA__.ordering_keys",
+    )
+    .await;
+    let retention = Retention::new(pool.clone(), &schema, 7 * DAY, 30 * DAY, 7 * DAY);
+    // One batch, run for its plan inside a transaction rolled back.
+    let client = pool.get().await.unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    let plan: serde_json::Value = client
+        .query_one(
+            &format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", retention.prune_keys),
+            &[&KEY_ROW_AGE.as_secs_f64(), &BATCH, &"", &""],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("ROLLBACK").await.unwrap();
+    let read: i64 = plan_nodes(&plan[0]["Plan"])
+        .iter()
+        .filter(|n| n["Relation Name"] == "ordering_keys")
+        .map(|n| {
+            let rows = n["Actual Rows"].as_i64().unwrap()
+                + n["Rows Removed by Filter"].as_i64().unwrap_or(0);
+            rows * n["Actual Loops"].as_i64().unwrap()
+        })
+        .sum();
+    assert!(
+        read < 3000,
+        "a batch read {read} key rows of 10,000: {plan:#}"
+    );
+    // A pass walks every key once and deletes only the idle, free ones; the next starts over.
+    assert_eq!(retention.prune().await.unwrap().keys, 10);
+    let left: Vec<(String, i64)> = s
+        .pairs(
+            "SELECT ordering_key, 0::bigint FROM __SCHEMA__.ordering_keys
+             WHERE updated_at < now() - interval '1 hour' ORDER BY 1",
+        )
+        .await;
+    assert_eq!(left, [("k00800".to_string(), 0), ("k01600".to_string(), 0)]);
+    assert!(retention.keys_from.lock().unwrap().is_none());
+    drop(client);
+    s.drop_schema().await;
+}
+
 /// A plan's nodes, the top one first.
 fn plan_nodes(node: &serde_json::Value) -> Vec<&serde_json::Value> {
     let mut nodes = vec![node];
