@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use deadpool_postgres::Pool;
+use tokio_postgres::types::{FromSql, ToSql};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Schema;
@@ -87,7 +88,7 @@ impl Retention {
             ),
             // An ordering key's row once nothing of the key waits and it is not blocked by a
             // failed delivery (its head lock row is made again when the key is next used). Walked
-            // in key order from where the last batch stopped (`$3`, `$4`): a batch looks at the
+            // in key order from where the last batch stopped (`$3`, `$4`; `$3` NULL: from the first key): a batch looks at the
             // next `$2` keys whatever it deletes, so the keys in use are passed over once per
             // walk, not read again by every batch: the rows it deletes are those of the batch's key
             // range (an index range), found again by `ctid` (locked, so it cannot change). The
@@ -95,7 +96,7 @@ impl Retention {
             prune_keys: schema.sql(
                 "WITH batch AS MATERIALIZED (
                     SELECT endpoint_id, ordering_key FROM __SCHEMA__.ordering_keys
-                    WHERE (endpoint_id, ordering_key) > ($3, $4)
+                    WHERE (endpoint_id, ordering_key) > (coalesce($3::text, ''), $4)
                     ORDER BY endpoint_id, ordering_key LIMIT $2
                  ), last AS (
                     SELECT endpoint_id, ordering_key FROM batch
@@ -103,7 +104,7 @@ impl Retention {
                  ), gone AS (
                     DELETE FROM __SCHEMA__.ordering_keys WHERE ctid = ANY(ARRAY(
                         SELECT k.ctid FROM __SCHEMA__.ordering_keys k
-                        WHERE (k.endpoint_id, k.ordering_key) > ($3, $4)
+                        WHERE (k.endpoint_id, k.ordering_key) > (coalesce($3::text, ''), $4)
                           AND (k.endpoint_id, k.ordering_key)
                               <= ((SELECT endpoint_id FROM last), (SELECT ordering_key FROM last))
                           AND k.updated_at < now() - make_interval(secs => $1)
@@ -177,8 +178,8 @@ impl Retention {
                 // Each statement answers with how many rows it deleted; a batch that deleted a
                 // whole batch may have left more.
                 let batch = match kind {
-                    Kind::Events => self.events_batch(&client, sql, age).await,
-                    Kind::Keys => self.keys_batch(&client, sql, age).await,
+                    Kind::Events => walk_batch(&client, sql, age, &self.events_from).await,
+                    Kind::Keys => walk_batch(&client, sql, age, &self.keys_from).await,
                     _ => client
                         .query_one(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
                         .await
@@ -210,50 +211,36 @@ impl Retention {
         }
         Ok(pruned)
     }
+}
 
-    /// One batch of event pruning, from where the last one stopped: how many events it deleted,
-    /// and whether the walk goes on (it looked at a whole batch). A walk that reached the
-    /// youngest old event starts again from the oldest.
-    async fn events_batch(
-        &self,
-        client: &deadpool_postgres::Client,
-        sql: &str,
-        age: Duration,
-    ) -> anyhow::Result<(u64, bool)> {
-        let from = *self.events_from.lock().expect("never poisoned");
-        let (at, id) = (from.map(|f| f.0), from.map_or(0, |f| f.1));
-        let row = client
-            .query_one(sql, &[&age.as_secs_f64(), &BATCH, &at, &id])
-            .await?;
-        let (deleted, looked): (i64, i64) = (row.get(0), row.get(1));
-        let last: Option<DateTime<Utc>> = row.get(2);
-        let next = last.zip(row.get::<_, Option<i64>>(3));
-        let more = looked == BATCH && next.is_some();
-        *self.events_from.lock().expect("never poisoned") = if more { next } else { None };
-        Ok((deleted as u64, more))
-    }
-
-    /// One batch of ordering-key pruning, from where the last one stopped, as
-    /// [`Self::events_batch`] does for events: a walk that reached the last key starts over.
-    async fn keys_batch(
-        &self,
-        client: &deadpool_postgres::Client,
-        sql: &str,
-        age: Duration,
-    ) -> anyhow::Result<(u64, bool)> {
-        // The empty key sorts before every other: the start of a walk.
-        let from = self.keys_from.lock().expect("never poisoned").clone();
-        let (endpoint, key) = from.unwrap_or_default();
-        let row = client
-            .query_one(sql, &[&age.as_secs_f64(), &BATCH, &endpoint, &key])
-            .await?;
-        let (deleted, looked): (i64, i64) = (row.get(0), row.get(1));
-        let last: Option<String> = row.get(2);
-        let next = last.zip(row.get::<_, Option<String>>(3));
-        let more = looked == BATCH && next.is_some();
-        *self.keys_from.lock().expect("never poisoned") = if more { next } else { None };
-        Ok((deleted as u64, more))
-    }
+/// One batch of a pruning walk (events, ordering keys) from where the last one stopped: how many
+/// rows it deleted, and whether the walk goes on (it looked at a whole batch). A walk that reached
+/// its end starts over (`from` back to `None`). The statement takes the age, the batch size and
+/// the cursor (`$3` NULL at the start), and answers with what it deleted, how many rows it looked
+/// at and where it stopped.
+async fn walk_batch<A, B>(
+    client: &deadpool_postgres::Client,
+    sql: &str,
+    age: Duration,
+    from: &Mutex<Option<(A, B)>>,
+) -> anyhow::Result<(u64, bool)>
+where
+    A: ToSql + Sync + Clone + for<'a> FromSql<'a>,
+    B: ToSql + Sync + Clone + Default + for<'a> FromSql<'a>,
+{
+    let start = from.lock().expect("never poisoned").clone();
+    let (a, b) = match start {
+        Some((a, b)) => (Some(a), b),
+        None => (None, B::default()),
+    };
+    let row = client
+        .query_one(sql, &[&age.as_secs_f64(), &BATCH, &a, &b])
+        .await?;
+    let (deleted, looked): (i64, i64) = (row.get(0), row.get(1));
+    let next = row.get::<_, Option<A>>(2).zip(row.get::<_, Option<B>>(3));
+    let more = looked == BATCH && next.is_some();
+    *from.lock().expect("never poisoned") = if more { next } else { None };
+    Ok((deleted as u64, more))
 }
 
 enum Kind {
