@@ -150,8 +150,10 @@ struct Event {
     event_type: String,
     tenant: Option<String>,
     ordering_key: Option<String>,
+    /// As Postgres keeps it, unparsed: the app may store JSON (numbers beyond a double, deep
+    /// nesting) that a parser here would refuse.
     #[schema(value_type = Object)]
-    payload: serde_json::Value,
+    payload: Box<serde_json::value::RawValue>,
     created_at: DateTime<Utc>,
     dispatched_at: Option<DateTime<Utc>>,
     deliveries: Vec<Delivery>,
@@ -170,7 +172,7 @@ async fn get_event(
     let row = client
         .query_opt(
             &state.schema.sql(
-                "SELECT id, event_type, tenant, ordering_key, payload, created_at, dispatched_at
+                "SELECT id, event_type, tenant, ordering_key, payload::text, created_at, dispatched_at
                  FROM __SCHEMA__.outbox WHERE event_id = $1",
             ),
             &[&uuid],
@@ -195,7 +197,10 @@ async fn get_event(
         event_type: row.get(1),
         tenant: row.get(2),
         ordering_key: row.get(3),
-        payload: row.get(4),
+        // jsonb's text is JSON; the check only scans it (no number is converted, nesting is
+        // followed without recursion).
+        payload: serde_json::value::RawValue::from_string(row.get(4))
+            .map_err(|e| anyhow::anyhow!("event {uuid}: its payload is not JSON: {e}"))?,
         // As the event's deliveries carry it (an app may write any value the column holds).
         created_at: crate::delivery::state::event_time(row.try_get(5).ok()),
         dispatched_at: row.get(6),

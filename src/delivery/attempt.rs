@@ -268,15 +268,12 @@ fn build_headers(d: &Claimed, body: &[u8], vault: &SecretBox) -> Result<HeaderMa
         }
     }
     // W3C trace context the app attached to the event travels with it.
-    if let Some(meta) = d.metadata.as_ref().and_then(|m| m.as_object()) {
-        for name in ["traceparent", "tracestate"] {
-            if let Some(value) = meta
-                .get(name)
-                .and_then(|v| v.as_str())
-                .and_then(|v| HeaderValue::from_str(v).ok())
-            {
-                h.insert(name, value);
-            }
+    for (name, value) in [
+        ("traceparent", &d.trace.parent),
+        ("tracestate", &d.trace.state),
+    ] {
+        if let Some(value) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+            h.insert(name, value);
         }
     }
     let now = Utc::now().timestamp();
@@ -349,7 +346,7 @@ mod tests {
             headers: serde_json::Value::Null,
             signature: "standard".into(),
             retry: None,
-            metadata: None,
+            trace: Default::default(),
             secrets: Vec::new(),
             ordering_key: None,
             probe: false,

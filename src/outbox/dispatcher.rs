@@ -316,7 +316,7 @@ impl Dispatcher {
                         headers: t.headers.clone(),
                         signature: t.signature.clone(),
                         retry: t.retry.clone(),
-                        metadata: r.metadata.clone(),
+                        trace: r.trace.clone(),
                         secrets: t.secrets.clone(),
                         ordering_key: None,
                         probe: false,

@@ -19,15 +19,20 @@ use uuid::Uuid;
 use super::cells::{epoch, Cells};
 use super::target::{head_sql, read_sql, Head, Known, KnownParams, Target};
 use crate::db::Schema;
-use crate::delivery::state::event_time;
+use crate::delivery::state::{event_time, trace_member, Trace};
 
 /// What every take returns per event, every column text. The app may write any `created_at`,
 /// infinite included, which a subtraction refuses (and every take with it): no lag for those.
-pub(super) const TAKEN: &str = "id::text AS id, event_id::text AS event_id, event_type, tenant,
+pub(super) const TAKEN: &str = concat!(
+    "id::text AS id, event_id::text AS event_id, event_type, tenant,
     target_endpoint, CASE WHEN isfinite(created_at)
         THEN extract(epoch FROM clock_timestamp() - created_at)::float8 ELSE 0 END::text AS lag,
-    payload::text AS payload, extract(epoch FROM created_at)::text AS created_at,
-    metadata::text AS metadata, ordering_key";
+    payload::text AS payload, extract(epoch FROM created_at)::text AS created_at, ",
+    trace_member!("traceparent"),
+    " AS traceparent, ",
+    trace_member!("tracestate"),
+    " AS tracestate, ordering_key"
+);
 
 /// An event a pass took (a row of [`TAKEN`]).
 pub(super) struct Taken {
@@ -40,7 +45,7 @@ pub(super) struct Taken {
     pub(super) lag: f64,
     pub(super) payload: Arc<str>,
     pub(super) created_at: DateTime<Utc>,
-    pub(super) metadata: Option<serde_json::Value>,
+    pub(super) trace: Trace,
     pub(super) ordering_key: Option<String>,
 }
 
@@ -72,7 +77,10 @@ impl Taken {
             lag: r.float("lag")?,
             payload: r.text("payload")?.into(),
             created_at: event_time(r.cell("created_at")?.and_then(epoch)),
-            metadata: r.json("metadata")?,
+            trace: Trace {
+                parent: r.cell("traceparent")?.map(str::to_owned),
+                state: r.cell("tracestate")?.map(str::to_owned),
+            },
             ordering_key: r.cell("ordering_key")?.map(str::to_owned),
         })
     }
@@ -361,7 +369,8 @@ mod tests {
              INSERT INTO __SCHEMA__.outbox (event_type, payload, tenant, target_endpoint, metadata, created_at)
              VALUES ('order.created', '{\"s\": \"caf\u{e9} \\\\ \\\"q\\\" \\n\"}', NULL, NULL, NULL,
                      '1969-12-31 23:59:58.5+00'),
-                    ('order.paid', '[1, 2.5, null]', 'acme', 'b', '{\"k\": [true]}', now());
+                    ('order.paid', '[1, 2.5, null]', 'acme', 'b',
+                     '{\"k\": [1e400], \"traceparent\": \"00-t\", \"tracestate\": 7}', now());
              INSERT INTO __SCHEMA__.outbox (event_type, payload, ordering_key)
              VALUES ('order.keyed', '{}', 'k1');",
         )
@@ -429,12 +438,17 @@ mod tests {
                 (first.tenant.as_deref(), first.target.as_deref()),
                 (None, None)
             );
-            assert_eq!(first.metadata, None);
+            assert_eq!(first.trace, Trace::default());
             assert_eq!(
                 (second.tenant.as_deref(), second.target.as_deref()),
                 (Some("acme"), Some("b"))
             );
-            assert_eq!(second.metadata, Some(serde_json::json!({"k": [true]})));
+            // Metadata no JSON reader here could take; only string members are carried.
+            let trace = Trace {
+                parent: Some("00-t".into()),
+                state: None,
+            };
+            assert_eq!(second.trace, trace);
             let a = o.targets.iter().find(|t| t.id == "a").unwrap();
             assert!(a.wants("order.created", None, None));
             assert!(a.wants("invoice.paid", None, None));

@@ -10,6 +10,7 @@ mod deliveries;
 mod deploy;
 mod flow;
 mod hardening;
+mod hostile_events;
 mod inbound;
 mod inbound_framing;
 mod inbox;

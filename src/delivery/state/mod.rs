@@ -139,6 +139,41 @@ pub fn event_time(at: Option<DateTime<Utc>>) -> DateTime<Utc> {
         .unwrap_or_else(Utc::now)
 }
 
+/// SQL reading one member of the W3C trace context from the event's `metadata` (in scope
+/// unqualified), when it is a string. Postgres reads it, not Postern: the app may store any JSON
+/// there, numbers no double holds and nesting deeper than a parser follows included, and no
+/// event may fail the statement that takes it (or every later one would fail with it).
+macro_rules! trace_member {
+    ($name:literal) => {
+        concat!(
+            "CASE WHEN jsonb_typeof(metadata -> '",
+            $name,
+            "') = 'string' THEN metadata ->> '",
+            $name,
+            "' END"
+        )
+    };
+}
+pub(crate) use trace_member;
+
+/// The W3C trace context an event carries in its metadata, if any.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Trace {
+    pub parent: Option<String>,
+    pub state: Option<String>,
+}
+
+impl Trace {
+    /// From `ARRAY[traceparent, tracestate]` as the claims read it.
+    pub fn from_pair(pair: Vec<Option<String>>) -> Self {
+        let mut it = pair.into_iter();
+        Self {
+            parent: it.next().flatten(),
+            state: it.next().flatten(),
+        }
+    }
+}
+
 /// One delivery claimed for one attempt, with everything needed to make it.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -155,8 +190,8 @@ pub struct Claimed {
     pub headers: serde_json::Value,
     pub signature: String,
     pub retry: Option<serde_json::Value>,
-    /// The event's metadata (a `traceparent` in it is carried along as a header).
-    pub metadata: Option<serde_json::Value>,
+    /// The trace context the event's metadata carries (sent along as headers).
+    pub trace: Trace,
     /// Unexpired secrets, newest first.
     pub secrets: Vec<String>,
     /// Its event's ordering key: at most one delivery of it per endpoint is ever in flight.

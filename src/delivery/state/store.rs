@@ -8,7 +8,7 @@ use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::{flow, ordering, storable, Ack, Claimed, DeliveryStatus, Settle};
+use super::{flow, ordering, storable, trace_member, Ack, Claimed, DeliveryStatus, Settle, Trace};
 use crate::db::Schema;
 
 mod sweep;
@@ -65,7 +65,7 @@ impl DeliveryStore {
             // The claim while no endpoint has a flow policy in force (what the fan-out last saw):
             // the gated statement's work is skipped, and an endpoint whose policy started since
             // is left out (one probe each) until the next fan-out pass says so.
-            claim_plain: schema.sql(
+            claim_plain: schema.sql(concat!(
                 "WITH c AS MATERIALIZED (
                     SELECT due.id, due.outbox_id, row_number() OVER () AS n
                     FROM (SELECT x.id FROM __SCHEMA__.endpoints x
@@ -96,12 +96,12 @@ impl DeliveryStore {
                  FROM fit, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
                  WHERE d.id = fit.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
                  RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
-                           o.created_at, e.url, e.headers, e.signature, e.retry, o.metadata,
+                           o.created_at, e.url, e.headers, e.signature, e.retry, ARRAY[" , trace_member!("traceparent"), ", ", trace_member!("tracestate"), "],
                            ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
                                  WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
                                  ORDER BY s.id DESC) AS secrets, d.ordering_key, false, 0::bigint",
-            ),
-            claim: schema.sql(
+            )),
+            claim: schema.sql(concat!(
                 "WITH gate AS MATERIALIZED (
                     SELECT g.id, g.avail, g.probe_s,
                            CASE WHEN g.paused_until > now() THEN 0
@@ -147,7 +147,7 @@ impl DeliveryStore {
                     FROM fit, __SCHEMA__.outbox o, __SCHEMA__.endpoints e
                     WHERE d.id = fit.id AND o.id = d.outbox_id AND e.id = d.endpoint_id
                     RETURNING d.id, d.attempts, d.endpoint_id, d.event_id, o.event_type, o.payload::text,
-                              o.created_at, e.url, e.headers, e.signature, e.retry, o.metadata,
+                              o.created_at, e.url, e.headers, e.signature, e.retry, ARRAY[" , trace_member!("traceparent"), ", ", trace_member!("tracestate"), "],
                               ARRAY(SELECT s.secret FROM __SCHEMA__.endpoint_secrets s
                                     WHERE s.endpoint_id = e.id AND (s.expires_at IS NULL OR s.expires_at > now())
                                     ORDER BY s.id DESC) AS secrets, d.ordering_key
@@ -173,7 +173,7 @@ impl DeliveryStore {
                  )
                  SELECT upd.*, g.open, held.n FROM held LEFT JOIN upd ON true
                  LEFT JOIN gate g ON g.id = upd.endpoint_id",
-            ),
+            )),
             ack: schema.sql(
                 "WITH u AS (
                     SELECT * FROM unnest($2::uuid[], $3::int[], $4::text[], $5::timestamptz[], $6::int[],
@@ -343,7 +343,7 @@ impl DeliveryStore {
                 headers: r.get(8),
                 signature: r.get(9),
                 retry: r.get(10),
-                metadata: r.get(11),
+                trace: Trace::from_pair(r.get(11)),
                 secrets: r.get(12),
                 ordering_key: r.get(13),
                 probe: r.get::<_, Option<bool>>(14).unwrap_or(false),
