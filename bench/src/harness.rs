@@ -96,6 +96,8 @@ pub(crate) struct Bench {
     pub(crate) sink: Arc<Sink>,
     pub(crate) sink_port: u16,
     pub(crate) dir: PathBuf,
+    /// The last latency run's events, commit instant and latency in ms, for `--timeline`.
+    pub(crate) timeline: std::sync::Mutex<Vec<(Instant, f64)>>,
 }
 
 pub(crate) async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {

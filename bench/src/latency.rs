@@ -266,16 +266,19 @@ pub(crate) async fn receipts(b: &Bench, commits: &Commits) -> Vec<f64> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let receipts = b.sink.receipts.lock().unwrap().take().unwrap_or_default();
-    let mut ms: Vec<f64> = commits
+    let mut timeline: Vec<(Instant, f64)> = commits
         .lock()
         .unwrap()
         .iter()
         .filter_map(|(id, at)| {
             receipts
                 .get(id)
-                .map(|r| r.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+                .map(|r| (*at, r.saturating_duration_since(*at).as_secs_f64() * 1000.0))
         })
         .collect();
+    timeline.sort_by_key(|(at, _)| *at);
+    *b.timeline.lock().unwrap() = timeline.clone();
+    let mut ms: Vec<f64> = timeline.into_iter().map(|(_, ms)| ms).collect();
     ms.sort_by(|a, b| a.total_cmp(b));
     ms
 }
@@ -328,7 +331,18 @@ fn report(
         .map(|p| p.to_path_buf())
         .unwrap_or_default();
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join(file), histogram(label, &ms))?;
+    std::fs::write(dir.join(&file), histogram(label, &ms))?;
+    if b.args.timeline {
+        // Each event's commit (ms from the first) and its latency, in commit order.
+        let timeline = std::mem::take(&mut *b.timeline.lock().unwrap());
+        let first = timeline.first().map(|(at, _)| *at);
+        let mut csv = String::from("commit_ms,latency_ms\n");
+        for (at, ms) in &timeline {
+            let since = first.map_or(0.0, |f| at.duration_since(f).as_secs_f64() * 1000.0);
+            csv.push_str(&format!("{since:.3},{ms:.3}\n"));
+        }
+        std::fs::write(dir.join(file.replace(".svg", ".csv")), csv)?;
+    }
     Ok(())
 }
 

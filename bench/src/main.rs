@@ -58,6 +58,10 @@ struct Args {
     /// same upstream (no verification), a reference for what any proxy costs on this machine.
     #[arg(long)]
     reference_proxy: Option<PathBuf>,
+    /// Scenario 4 also writes each event's commit time and latency as CSV beside its histogram
+    /// (`latency-<label>.csv`): where in a run the slow events fall.
+    #[arg(long)]
+    timeline: bool,
 }
 
 struct Sizes {
@@ -237,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
         db_url: db_url.to_string(),
         sink,
         sink_port,
+        timeline: Default::default(),
         dir: {
             let dir = std::env::temp_dir().join(format!("postern-bench-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
