@@ -12,7 +12,7 @@ use utoipa_axum::routes;
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::paging::{decode_cursor, encode_cursor, next_page, page_limit};
 use super::ApiState;
-use crate::delivery::state::{self, DeliveryStatus};
+use crate::delivery::state::{self, DeliveryStatus, FOR_ITS_ENDPOINT};
 
 pub fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
@@ -294,19 +294,27 @@ async fn retry_delivery(
     let mut client = app.pool.get().await?;
     let row = client
         .query_opt(
-            &app.schema.sql(
-                "SELECT d.status, e.deleted_at IS NOT NULL
-                 FROM __SCHEMA__.deliveries d JOIN __SCHEMA__.endpoints e ON e.id = d.endpoint_id WHERE d.id = $1",
-            ),
+            &app.schema.sql(&format!(
+                "SELECT d.status, e.deleted_at IS NOT NULL, {FOR_ITS_ENDPOINT}
+                 FROM __SCHEMA__.deliveries d JOIN __SCHEMA__.endpoints e ON e.id = d.endpoint_id
+                 JOIN __SCHEMA__.outbox o ON o.id = d.outbox_id WHERE d.id = $1"
+            )),
             &[&uuid],
         )
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no delivery {id}")))?;
-    let (status, deleted): (DeliveryStatus, bool) = (row.get(0), row.get(1));
+    let (status, deleted, for_it): (DeliveryStatus, bool, bool) =
+        (row.get(0), row.get(1), row.get(2));
     if deleted {
         return Err(ApiError::conflict(
             "endpoint_deleted",
             "the delivery's endpoint was deleted",
+        ));
+    }
+    if !for_it {
+        return Err(ApiError::conflict(
+            "not_for_tenant",
+            "the endpoint's tenant changed and this event is not for it",
         ));
     }
     match status {

@@ -410,3 +410,105 @@ async fn an_event_with_an_impossible_created_at_is_shown() {
     let at = found["created_at"].as_str().unwrap_or_default();
     assert!(chrono::DateTime::parse_from_rfc3339(at).is_ok(), "{found}");
 }
+
+/// An endpoint moved to another tenant never gets the old tenant's events again: not by retrying
+/// one (409 `not_for_tenant`), not by replaying a window (skipped), and its own tenant's still
+/// replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retenanted_endpoint_gets_no_retry_or_replay_of_the_old_tenants_events() {
+    let receiver = Receiver::start(|_, _| Reply::status(500)).await;
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let created = ops
+        .create(
+            &receiver.url,
+            json!({"tenant": "acme", "retry": {"schedule": [], "jitter": 0.0}}),
+        )
+        .await;
+    let id = created["id"].as_str().unwrap();
+    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let client = ops.db.client().await;
+    for tenant in ["acme", "globex"] {
+        client
+            .execute(
+                "INSERT INTO postern.outbox (event_type, payload, tenant) VALUES ('order.created', '{}', $1)",
+                &[&tenant],
+            )
+            .await
+            .unwrap();
+    }
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'failed'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let acme: uuid::Uuid = client
+        .query_one("SELECT id FROM postern.deliveries", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (s, v) = ops
+        .call(
+            "PATCH",
+            &format!("/endpoints/{id}"),
+            Some(json!({"tenant": "globex"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let sent = receiver.count();
+    let (s, v) = ops
+        .call("POST", &format!("/deliveries/{acme}/retry"), None)
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (409, Some("not_for_tenant")),
+        "{v}"
+    );
+    let (s, v) = ops
+        .call(
+            "POST",
+            &format!("/endpoints/{id}/replay"),
+            Some(json!({"since": before})),
+        )
+        .await;
+    assert_eq!((s, &v["requeued"]), (202, &json!(0)), "{v}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        receiver.count(),
+        sent,
+        "acme's event went out after the move"
+    );
+    let status: String = client
+        .query_one(
+            "SELECT status::text FROM postern.deliveries WHERE id = $1",
+            &[&acme],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "failed");
+    // globex's own events still replay.
+    client
+        .execute(
+            "INSERT INTO postern.outbox (event_type, payload, tenant) VALUES ('order.created', '{}', 'globex')",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'failed'",
+        2,
+        Duration::from_secs(10),
+    )
+    .await;
+    let (s, v) = ops
+        .call(
+            "POST",
+            &format!("/endpoints/{id}/replay"),
+            Some(json!({"since": before})),
+        )
+        .await;
+    assert_eq!((s, &v["requeued"]), (202, &json!(1)), "{v}");
+}

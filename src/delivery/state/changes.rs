@@ -76,6 +76,13 @@ pub async fn cancel_unfinished(
     .await
 }
 
+/// Whether the event of delivery `d` (`o`) is one its endpoint (`e`) may get under the tenant
+/// rules as they are now: targeted at it, or its tenant's (an endpoint of tenant `*` gets all).
+/// Every operator's way to send a delivery again checks it: a re-tenanted endpoint gets nothing
+/// of its old tenant's.
+pub const FOR_ITS_ENDPOINT: &str = "(o.target_endpoint IS NOT DISTINCT FROM e.id
+    OR e.tenant IS NOT DISTINCT FROM '*' OR e.tenant IS NOT DISTINCT FROM o.tenant)";
+
 /// Pending | paused | queued | delivering -> cancelled, after an endpoint's tenant changed, for
 /// events the tenant rules no longer give it (a replica holding one finds its outcome fenced off).
 /// Targeted events (a test event) stay, and so does a keyed delivery in flight (cancelling it
@@ -88,7 +95,7 @@ pub async fn cancel_ineligible(
 ) -> anyhow::Result<u64> {
     Ok(tx
         .execute(
-            &schema.sql(
+            &schema.sql(&format!(
                 "UPDATE __SCHEMA__.deliveries d
                  SET status = 'cancelled', lease_owner = NULL, lease_expires_at = NULL,
                      last_error = 'cancelled: the endpoint''s tenant changed and this event is not for it',
@@ -97,9 +104,8 @@ pub async fn cancel_ineligible(
                  WHERE e.id = $1 AND d.endpoint_id = e.id AND o.id = d.outbox_id
                    AND d.status IN ('pending', 'paused', 'delivering', 'queued')
                    AND NOT (d.status = 'delivering' AND d.ordering_key IS NOT NULL)
-                   AND o.target_endpoint IS DISTINCT FROM e.id
-                   AND e.tenant IS DISTINCT FROM '*' AND e.tenant IS DISTINCT FROM o.tenant",
-            ),
+                   AND NOT {FOR_ITS_ENDPOINT}"
+            )),
             &[&endpoint_id],
         )
         .await?)
@@ -142,14 +148,15 @@ pub async fn retry_now(
     ordering.lock(&tx, &keys).await?;
     let moved = tx
         .execute(
-            &schema.sql(
+            &schema.sql(&format!(
                 "UPDATE __SCHEMA__.deliveries d
                  SET status = CASE WHEN d.ordering_key IS NOT NULL AND d.status <> 'pending' THEN 'queued'
                                    WHEN e.active THEN 'pending' ELSE 'paused' END,
                      next_attempt_at = now(), updated_at = now()
-                 FROM __SCHEMA__.endpoints e
-                 WHERE d.id = $1 AND d.status = $2 AND e.id = d.endpoint_id",
-            ),
+                 FROM __SCHEMA__.endpoints e, __SCHEMA__.outbox o
+                 WHERE d.id = $1 AND d.status = $2 AND e.id = d.endpoint_id AND o.id = d.outbox_id
+                   AND {FOR_ITS_ENDPOINT}"
+            )),
             &[&id, &from],
         )
         .await?
@@ -187,16 +194,17 @@ pub async fn replay_failed(
     ordering.lock(&tx, &keys).await?;
     let moved = tx
         .query(
-            &schema.sql(
+            &schema.sql(&format!(
                 "UPDATE __SCHEMA__.deliveries d
                  SET status = CASE WHEN d.ordering_key IS NOT NULL THEN 'queued'
                                    WHEN e.active THEN 'pending' ELSE 'paused' END,
                      next_attempt_at = now(), updated_at = now()
-                 FROM __SCHEMA__.endpoints e
+                 FROM __SCHEMA__.endpoints e, __SCHEMA__.outbox o
                  WHERE e.id = d.endpoint_id AND d.endpoint_id = $1 AND d.status = 'failed'
                    AND d.created_at >= $2 AND ($3::timestamptz IS NULL OR d.created_at < $3)
-                 RETURNING d.ordering_key",
-            ),
+                   AND o.id = d.outbox_id AND {FOR_ITS_ENDPOINT}
+                 RETURNING d.ordering_key"
+            )),
             &[&endpoint_id, &since, &until],
         )
         .await?;
