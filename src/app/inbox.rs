@@ -78,26 +78,82 @@ fn drain_time(config: &Config) -> Duration {
     grace.saturating_sub(Duration::from_secs(2).min(grace / 4))
 }
 
+/// The inbox routes and how each is consumed.
+fn inbox_routes(config: &Config) -> Vec<(String, &str)> {
+    let Some(section) = &config.inbound else {
+        return Vec::new();
+    };
+    section
+        .routes
+        .iter()
+        .filter(|r| inbound::is_inbox(r))
+        .map(|r| (inbound::route_name(r), inbound::consume_of(r)))
+        .collect()
+}
+
+/// How often every replica with inbox routes makes lapsed leases due again and brings pending
+/// messages up to their route's `consume` setting.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Every replica with an inbox route, forwarding or not, keeps the inbox moving: a message a dead
+/// forwarder held becomes due again when its lease lapses (for whatever consumes its route now),
+/// and a message an old replica stored with its old `consume` during a rolling update follows
+/// the setting. Without it such messages stay acknowledged and unhandled.
+pub fn upkeep(
+    config: &Config,
+    pool: deadpool_postgres::Pool,
+    schema: &Schema,
+    cancel: CancellationToken,
+) -> Option<impl std::future::Future<Output = ()>> {
+    let routes: Vec<(String, String)> = inbox_routes(config)
+        .into_iter()
+        .map(|(name, consume)| (name, consume.to_string()))
+        .collect();
+    if routes.is_empty() {
+        return None;
+    }
+    let (store, schema) = (InboxStore::new(pool, schema), schema.clone());
+    Some(async move {
+        let routes: Vec<(String, &str)> = routes
+            .iter()
+            .map(|(n, c)| (n.clone(), c.as_str()))
+            .collect();
+        let mut tick = tokio::time::interval(UPKEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match store.reap().await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(messages = n, "inbox leases lapsed; due again"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "inbox reap failed"),
+            }
+            match store.reconcile(&schema, &routes, false).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    messages = n,
+                    "pending inbox messages stored under another consume setting follow this one"
+                ),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "inbox reconcile failed"),
+            }
+        }
+    })
+}
+
 /// Brings the open messages of every inbox route up to the route's `consume` setting.
 pub async fn reconcile(
     config: &Config,
     pool: &deadpool_postgres::Pool,
     schema: &Schema,
 ) -> anyhow::Result<()> {
-    let Some(section) = &config.inbound else {
-        return Ok(());
-    };
-    let routes: Vec<(String, &str)> = section
-        .routes
-        .iter()
-        .filter(|r| inbound::is_inbox(r))
-        .map(|r| (inbound::route_name(r), inbound::consume_of(r)))
-        .collect();
+    let routes = inbox_routes(config);
     if routes.is_empty() {
         return Ok(());
     }
     let moved = InboxStore::new(pool.clone(), schema)
-        .reconcile(schema, &routes)
+        .reconcile(schema, &routes, true)
         .await?;
     if moved > 0 {
         tracing::info!(

@@ -128,6 +128,10 @@ pub async fn run(
         )? {
             pipeline.spawn("inbox-forwarder", f.run(shutdown.child_token()));
         }
+        if let Some(upkeep) = inbox::upkeep(&config, pool.clone(), &schema, shutdown.child_token())
+        {
+            pipeline.spawn("inbox-upkeep", upkeep);
+        }
         if let (Some(listener), Some(api)) = (api_listener, &config.api) {
             let state = crate::api::ApiState {
                 pool: pool.clone(),

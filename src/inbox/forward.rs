@@ -24,7 +24,6 @@ pub const CONCURRENCY: usize = 32;
 const EXCERPT: usize = 4096;
 /// The longest wait before looking again after the app refused a connection.
 const DOWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
-const REAP_EVERY: Duration = Duration::from_secs(5);
 /// Longer than a pool checkout may wait (10 s), so a slow settle does not outlive its lease.
 const LEASE_MARGIN: Duration = Duration::from_secs(15);
 
@@ -88,20 +87,9 @@ impl Forwarder {
         let mut tasks: JoinSet<Sent> = JoinSet::new();
         let mut down_delay = Duration::ZERO;
         let mut resume_at = Instant::now();
-        let mut last_reap = Instant::now();
         loop {
             if cancel.is_cancelled() {
                 break;
-            }
-            if last_reap.elapsed() >= REAP_EVERY {
-                last_reap = Instant::now();
-                match self.store.reap().await {
-                    Ok(n) if n > 0 => {
-                        tracing::warn!(messages = n, "inbox leases lapsed; due again")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "inbox reap failed"),
-                }
             }
             // While the app has been refusing connections, one message probes it at a time.
             let room = if down_delay.is_zero() {

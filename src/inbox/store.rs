@@ -167,10 +167,14 @@ impl InboxStore {
 
     /// Brings open messages of each inbox route up to its configured `consume` (a message taken
     /// by SQL that now goes to the forwarder becomes pending again).
+    /// `every_open`: taken and delivering messages too (at start); else only pending ones, which
+    /// no one holds (the periodic pass: while replicas of two configs run side by side in a
+    /// rolling update, what one holds is never reset under it).
     pub async fn reconcile(
         &self,
         schema: &Schema,
         routes: &[(String, &str)],
+        every_open: bool,
     ) -> anyhow::Result<u64> {
         let client = self.pool.get().await?;
         let names: Vec<&str> = routes.iter().map(|r| r.0.as_str()).collect();
@@ -183,9 +187,9 @@ impl InboxStore {
                          status = CASE WHEN m.status = 'taken' THEN 'pending' ELSE m.status END
                      FROM unnest($1::text[], $2::text[]) AS r(route, consume)
                      WHERE m.route = r.route AND m.consume <> r.consume
-                       AND m.status IN ('pending', 'delivering', 'taken')",
+                       AND (m.status = 'pending' OR ($3 AND m.status IN ('delivering', 'taken')))",
                 ),
-                &[&names, &modes],
+                &[&names, &modes, &every_open],
             )
             .await?)
     }

@@ -43,7 +43,7 @@ pub(super) fn now() -> i64 {
 /// `consume`, `github` forwarded), in front of the app at `app_port`.
 pub(super) struct Service {
     config: String,
-    postern: Postern,
+    pub(super) postern: Postern,
     inbound: String,
     api: String,
     pub(super) admin: String,

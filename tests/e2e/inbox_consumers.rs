@@ -206,3 +206,71 @@ async fn three_sql_consumers_take_a_thousand_messages_each_handled_once() {
     // Nothing was forwarded: the app takes sql routes' messages itself.
     assert!(std::net::TcpStream::connect(("127.0.0.1", app_port)).is_err());
 }
+
+/// A route switched from forwarding to SQL consumers, with no forward route left, keeps every
+/// message: the one the forwarder held when its replica died (once its lease lapses), and one an
+/// old replica stored with the old setting after the new one started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_switched_to_sql_strands_no_message() {
+    let db = TestDb::create().await;
+    let app_port = free_port();
+    // The app never answers in time: the forwarder holds the message when its replica dies.
+    let _app = Receiver::start_at(app_port, |_, _| {
+        Reply::status(200).after(Duration::from_secs(60))
+    })
+    .await;
+    let (forwarding, _) = config(&db, &db.url, app_port, "forward", "");
+    let mut s = Service::start(forwarding.clone()).await;
+    assert_eq!(s.stripe("evt_held").await.0, 200);
+    let c = db.client().await;
+    wait_sql(
+        &c,
+        "SELECT count(*) FROM postern.inbox WHERE status = 'delivering'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    s.postern.kill9();
+
+    // Every route consumed by SQL now: this replica runs no forwarder.
+    let sql_only = forwarding
+        .replace("consume = \"forward\"", "consume = \"sql\"")
+        .replace("upstream_path = \"/internal/github\"", "consume = \"sql\"");
+    let s2 = Service::start(sql_only).await;
+    // The dead replica's lease runs out.
+    c.execute(
+        "UPDATE postern.inbox SET lease_expires_at = now() - interval '1 second' WHERE status = 'delivering'",
+        &[],
+    )
+    .await
+    .unwrap();
+    // An old replica, still up in a rolling update, stores a message as its config said.
+    assert_eq!(s2.stripe("evt_old_pod").await.0, 200);
+    c.execute(
+        "UPDATE postern.inbox SET consume = 'forward' WHERE dedupe_key LIKE '%evt_old_pod%'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let mut taken = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while taken.len() < 2 && std::time::Instant::now() < deadline {
+        for r in c
+            .query(
+                "SELECT dedupe_key FROM postern.inbox_take('stripe', 10)",
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            taken.push(r.get::<_, String>(0));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    taken.sort();
+    assert_eq!(taken.len(), 2, "taken: {taken:?}; {}", s2.postern.logs());
+    assert!(
+        taken[0].contains("evt_held") && taken[1].contains("evt_old_pod"),
+        "{taken:?}"
+    );
+}
