@@ -50,9 +50,15 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         if let Err(msg) = crate::signing::validate_secret(e.signature, e.secret.expose()) {
             p.push(format!("{key}.secret: {msg}"));
         }
-        for name in e.headers.keys() {
+        for (name, value) in &e.headers {
             if let Err(msg) = crate::endpoints::validate_custom_header(name) {
                 p.push(format!("{key}.headers.{name}: {msg}"));
+            }
+            // Else every attempt would be deferred for it, for good (the value is not shown).
+            if http::HeaderValue::from_str(value.expose()).is_err() {
+                p.push(format!(
+                    "{key}.headers.{name}: not a valid header value (control characters or a line ending?)"
+                ));
             }
         }
         if let Some(retry) = &e.retry {
@@ -136,5 +142,57 @@ mod tests {
         );
         assert!(text.contains("endpoints[1].events[0]:"), "{text}");
         assert!(!text.contains("endpoints[0]"), "{text}");
+    }
+
+    #[test]
+    fn header_values_and_tokens_that_cannot_be_sent_are_refused_naming_their_key() {
+        // Kubernetes secrets made with `echo` end in a newline: one is dropped, as from a file.
+        std::env::set_var("POSTERN_TEST_CHECKS_TOKEN", "0123456789abcdef-token\n");
+        std::env::set_var("POSTERN_TEST_CHECKS_HEADER", "Bearer abc\n");
+        let toml = format!(
+            r#"{MINIMAL}
+            [api]
+            listen = "127.0.0.1:0"
+            tokens = ["env:POSTERN_TEST_CHECKS_TOKEN"]
+            [[endpoints]]
+            id = "ok"
+            url = "https://example.com/a"
+            events = ["a.b"]
+            secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+            headers = {{ authorization = "env:POSTERN_TEST_CHECKS_HEADER" }}
+            "#
+        );
+        let c = from_toml_str(&toml).unwrap();
+        assert_eq!(c.api.unwrap().tokens[0].expose(), "0123456789abcdef-token");
+        assert_eq!(
+            c.endpoints[0].headers["authorization"].expose(),
+            "Bearer abc"
+        );
+
+        let toml = format!(
+            r#"{MINIMAL}
+            [api]
+            listen = "127.0.0.1:0"
+            tokens = ["0123456789abcdef token", "0123456789abcdef\u0001"]
+            [[endpoints]]
+            id = "bad"
+            url = "https://example.com/a"
+            events = ["a.b"]
+            secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+            headers = {{ authorization = "Bearer abc\r\n", "x-ok" = "fine" }}
+            "#
+        );
+        let text = from_toml_str(&toml).unwrap_err().to_string();
+        assert!(
+            text.contains("endpoints[0].headers.authorization: not a valid header value"),
+            "{text}"
+        );
+        assert!(!text.contains("x-ok"), "{text}");
+        assert!(
+            !text.contains("Bearer abc"),
+            "the value is never shown: {text}"
+        );
+        assert!(text.contains("api.tokens[0]: "), "{text}");
+        assert!(text.contains("api.tokens[1]: "), "{text}");
     }
 }

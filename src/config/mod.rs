@@ -436,6 +436,12 @@ impl Config {
                 if t.expose().len() < 16 {
                     p.push(format!("api.tokens[{i}]: must be at least 16 characters"));
                 }
+                // Sent as `Authorization: Bearer <token>`: anything else could never match.
+                if !t.expose().bytes().all(|b| b.is_ascii_graphic()) {
+                    p.push(format!(
+                        "api.tokens[{i}]: must be printable ASCII without spaces (a client could never send it)"
+                    ));
+                }
             }
         }
         if p.is_empty() {

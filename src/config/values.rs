@@ -30,14 +30,17 @@ impl Secret {
 
     /// Resolves a reference as written in the config.
     pub fn resolve(written: &str) -> Result<Self, String> {
+        // One line ending is dropped from either source: a Kubernetes Secret made with `echo`
+        // ends in one, which no header value or token may carry.
+        let line = |s: String| Self::new(s.strip_suffix('\n').unwrap_or(&s).trim_end_matches('\r'));
         if let Some(name) = written.strip_prefix("env:") {
             return std::env::var(name)
-                .map(Self::new)
+                .map(line)
                 .map_err(|_| format!("environment variable {name} is not set"));
         }
         if let Some(path) = written.strip_prefix("file:") {
             return std::fs::read_to_string(path)
-                .map(|s| Self::new(s.strip_suffix('\n').unwrap_or(&s).trim_end_matches('\r')))
+                .map(line)
                 .map_err(|e| format!("cannot read secret file {path}: {e}"));
         }
         Ok(Self::new(written))
