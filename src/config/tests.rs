@@ -124,6 +124,11 @@ fn url_passwords_are_masked() {
         mask_url_password("passwordless=1 password=x"),
         "passwordless=1 password=<redacted>"
     );
+    // A keyword's length may end inside a character.
+    assert_eq!(
+        mask_url_password("host=h dbname=Überweisung password=x"),
+        "host=h dbname=Überweisung password=<redacted>"
+    );
     for shown in [
         mask_url_password(r"password='top secret'"),
         mask_url_password("postgres://h/db?password=top-secret"),

@@ -241,7 +241,7 @@ fn mask_key_value_password(conninfo: &str) -> String {
         // A keyword starts at the beginning or after whitespace.
         let at_word = i == 0 || b[i - 1].is_ascii_whitespace();
         let rest = &conninfo[i..];
-        if at_word && rest.len() >= 8 && rest[..8].eq_ignore_ascii_case("password") {
+        if at_word && rest.len() >= 8 && rest.as_bytes()[..8].eq_ignore_ascii_case(b"password") {
             let mut j = i + 8;
             while j < b.len() && b[j].is_ascii_whitespace() {
                 j += 1;
