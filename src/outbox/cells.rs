@@ -87,7 +87,7 @@ pub(super) fn epoch(s: &str) -> Option<DateTime<Utc>> {
     let mut micros: i64 = whole.parse::<i64>().ok()?.checked_mul(1_000_000)?;
     let mut scale = 100_000;
     for b in fraction.bytes().take(6) {
-        micros += i64::from(b - b'0') * scale;
+        micros = micros.checked_add(i64::from(b - b'0') * scale)?;
         scale /= 10;
     }
     DateTime::from_timestamp_micros(if negative { -micros } else { micros })
@@ -123,5 +123,7 @@ mod tests {
         }
         // Beyond what a time can hold: refused, not wrapped.
         assert_eq!(t("99999999999999999999"), None);
+        // The whole seconds fit, with the fraction they would not (an epoch Postgres can give).
+        assert_eq!(t("9223372036854.9"), None);
     }
 }
