@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 use super::endpoint_checks::{
     check_breaker, check_events, check_headers, check_retry, check_tenant, check_url,
 };
-use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::error::{ApiBody, ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::paging::{decode_cursor, encode_cursor, next_page, page_limit};
 use super::ApiState;
 use crate::config::{
@@ -539,7 +539,7 @@ struct RotateSecret {
 async fn rotate_secret(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
-    body: axum::body::Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Json<Endpoint>, ApiError> {
     let request: RotateSecret = if body.iter().all(u8::is_ascii_whitespace) {
         RotateSecret { grace: None }
@@ -573,6 +573,9 @@ async fn rotate_secret(
     )
     .await?;
     tx.commit().await?;
+    // Back to the pool before `load` takes one: holding two at once, rotations could take a
+    // small pool between them and each wait for the other (the new secret then never shown).
+    drop(client);
     tracing::info!(endpoint.id = %id, grace_s = grace.as_secs(), "endpoint secret rotated");
     let mut endpoint = load(&state, &id).await?;
     endpoint.secret = Some(secret);

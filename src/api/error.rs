@@ -95,6 +95,23 @@ impl From<tokio_postgres::Error> for ApiError {
                 "the database is busy (a statement timed out or a row is held); try again",
             );
         }
+        // The connection ended (a restart, a failover, a terminated backend), the server is
+        // short of something, or a transaction lost a conflict: try again, as for an
+        // unreachable database.
+        let retryable = e.code().is_some_and(|c| {
+            let c = c.code();
+            ["08", "53", "57P", "40001", "40P01"]
+                .iter()
+                .any(|p| c.starts_with(p))
+        });
+        if retryable || e.is_closed() {
+            tracing::warn!(error = %e, "a management API request lost its database connection");
+            return Self::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database connection was lost; try again",
+            );
+        }
         if e.code().is_some_and(|c| c.code().starts_with("22")) {
             let detail = e.as_db_error().map(|d| d.message().to_string());
             return Self::bad_request(format!(
@@ -157,16 +174,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 "expected Content-Type: application/json",
             ));
         }
-        let bytes = tokio::time::timeout(BODY_TIMEOUT, axum::body::Bytes::from_request(req, state))
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    "the request body did not arrive in time",
-                )
-            })?
-            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let ApiBody(bytes) = ApiBody::from_request(req, state).await?;
         if json_escapes_nul(&bytes) {
             return Err(nul_refused("a JSON string"));
         }
@@ -180,6 +188,38 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             )),
             Err(e) => Err(ApiError::bad_request(e.body_text())),
         }
+    }
+}
+
+/// A whole request body, in our error shape: 408 `request_timeout` when it does not arrive in
+/// time, 413 `body_too_large` past the limit, 400 otherwise.
+pub struct ApiBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = tokio::time::timeout(BODY_TIMEOUT, axum::body::Bytes::from_request(req, state))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request body did not arrive in time",
+                )
+            })?
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        e.body_text(),
+                    )
+                } else {
+                    ApiError::bad_request(e.body_text())
+                }
+            })?;
+        Ok(Self(bytes))
     }
 }
 

@@ -126,6 +126,13 @@ pub fn router(state: ApiState, tokens: Vec<String>) -> axum::Router {
             }),
         )
         .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "the route does not take this method",
+            )
+        })
         .layer(axum::middleware::from_fn_with_state(tokens, require_token))
         // Outside the token layer: whether a token is needed at all (the dashboard asks, so a
         // page without a token never draws a 401).

@@ -39,7 +39,7 @@ struct BlockedKeys {
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 struct BlockedQuery {
-    /// At most this many keys, oldest block first (default 50, at most 500).
+    /// At most this many keys, oldest block first (default 50, at most 250, as every page).
     limit: Option<i64>,
 }
 

@@ -100,7 +100,18 @@ async fn timeseries(
     let width = bucket as f64;
     let mid = since + (now - since) / 2;
     let end = now + chrono::Duration::days(1);
-    let (c1, c2, c3) = tokio::try_join!(state.pool.get(), state.pool.get(), state.pool.get())?;
+    // Three statements side by side on as many connections as are free at once (the first is
+    // waited for; waiting for all three, two such requests could take a small pool between
+    // them and each wait for the other). Without spare ones they queue on the first.
+    let c1 = state.pool.get().await?;
+    let spare = || async {
+        let now = deadpool_postgres::Timeouts {
+            wait: Some(std::time::Duration::ZERO),
+            ..Default::default()
+        };
+        state.pool.timeout_get(&now).await.ok()
+    };
+    let (c2, c3) = (spare().await, spare().await);
     let first: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
         [&since, &width, &q.endpoint_id, &since, &mid];
     let second: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
@@ -108,8 +119,8 @@ async fn timeseries(
     let third: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&since, &width, &q.endpoint_id];
     let (early, late, failed) = tokio::try_join!(
         c1.query(&attempts_sql, &first),
-        c2.query(&attempts_sql, &second),
-        c3.query(&failed_sql, &third),
+        c2.as_ref().unwrap_or(&c1).query(&attempts_sql, &second),
+        c3.as_ref().unwrap_or(&c1).query(&failed_sql, &third),
     )?;
     let outcomes = early.into_iter().chain(late);
     let count = ((now - since).num_seconds() / bucket + 1) as usize;

@@ -20,6 +20,16 @@ pub(crate) struct Ops {
 
 /// Postern with the API (token, encryption key) and admin listeners; `extra` is appended.
 pub(crate) async fn start_ops(db: TestDb, database_url: Option<&str>, extra: &str) -> Ops {
+    start_ops_with_env(db, database_url, extra, &[]).await
+}
+
+/// As [`start_ops`], with environment variables for Postern.
+pub(crate) async fn start_ops_with_env(
+    db: TestDb,
+    database_url: Option<&str>,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Ops {
     let (api_port, admin_port) = (dead_port().await, dead_port().await);
     let mut config = base_config(&db);
     if let Some(url) = database_url {
@@ -35,7 +45,7 @@ pub(crate) async fn start_ops(db: TestDb, database_url: Option<&str>, extra: &st
     let config = format!(
         "{config}\n[api]\nlisten = \"127.0.0.1:{api_port}\"\ntokens = [\"{TOKEN}\"]\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{extra}"
     );
-    let postern = Postern::start(&config).await;
+    let postern = Postern::start_with_env(&config, env).await;
     postern
         .wait_log("management API listening", Duration::from_secs(10))
         .await;

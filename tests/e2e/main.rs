@@ -3,6 +3,7 @@
 //! suite links once.
 
 mod api;
+mod api_contract;
 mod cli;
 mod common;
 mod dashboard;

@@ -1,0 +1,132 @@
+//! The API's answers where HTTP or the database, not a handler, would answer: a method a route
+//! does not take, a body past the limit, a connection lost mid-request, a pool of two. Every one
+//! is the documented status with the JSON error body.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::api::{start_ops, start_ops_with_env, TOKEN};
+use crate::common::*;
+
+async fn raw(method: &str, url: &str, body: Vec<u8>) -> (u16, Value) {
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .request(method.parse().unwrap(), url)
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: not JSON: {text:?}"));
+    (status, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_outside_the_handlers_are_json_with_the_documented_status() {
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let created = ops.create("http://127.0.0.1:9/x", json!({})).await;
+    let id = created["id"].as_str().unwrap();
+    let (s, v) = raw(
+        "PUT",
+        &format!("{}/endpoints/{id}", ops.api),
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{v}"
+    );
+    let big = vec![b' '; 3 << 20];
+    let (s, v) = raw(
+        "POST",
+        &format!("{}/endpoints/{id}/rotate-secret", ops.api),
+        big,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (413, Some("body_too_large")),
+        "{v}"
+    );
+}
+
+/// The API's list of endpoints, waiting for the lock the test holds.
+const API_WAITING: &str = "wait_event_type = 'Lock' AND datname = current_database()
+    AND query LIKE '%ORDER BY created_at, id LIMIT%'";
+
+/// The API's connection to Postgres ends while a request waits on it (a failover, a restart, an
+/// operator's `pg_terminate_backend`): 503, not 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_mid_request_is_503() {
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let mut holder = ops.db.client().await;
+    let tx = holder.transaction().await.unwrap();
+    tx.batch_execute("LOCK postern.endpoints").await.unwrap();
+    let url = format!("{}/endpoints", ops.api);
+    let request = tokio::spawn(async move { raw("GET", &url, Vec::new()).await });
+    let watcher = ops.db.client().await;
+    wait_sql(
+        &watcher,
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE {API_WAITING}"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    watcher
+        .execute(
+            &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {API_WAITING}"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (s, v) = request.await.unwrap();
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (503, Some("database_unavailable")),
+        "{v}"
+    );
+    tx.rollback().await.unwrap();
+}
+
+/// With `pool_size = 2` (the least allowed) the reads that run several statements side by side
+/// still answer, and rotations show their new secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_two_answers_every_read_and_rotation() {
+    let env = [("POSTERN__DATABASE__POOL_SIZE", "2")];
+    let ops = start_ops_with_env(TestDb::create().await, None, "", &env).await;
+    let (a, b) = (
+        ops.create("http://127.0.0.1:9/a", json!({})).await,
+        ops.create("http://127.0.0.1:9/b", json!({})).await,
+    );
+    let (s, v) = ops.call("GET", "/stats/timeseries?bucket=60", None).await;
+    assert_eq!(s, 200, "{v}");
+    let rotate = |id: String| {
+        let api = ops.api.clone();
+        async move {
+            raw(
+                "POST",
+                &format!("{api}/endpoints/{id}/rotate-secret"),
+                Vec::new(),
+            )
+            .await
+        }
+    };
+    let ids = [&a, &b].map(|e| e["id"].as_str().unwrap().to_string());
+    let (ra, rb) = tokio::join!(rotate(ids[0].clone()), rotate(ids[1].clone()));
+    for (s, v) in [ra, rb] {
+        assert_eq!(s, 200, "{v}");
+        assert!(
+            v["secret"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("whsec_")),
+            "{v}"
+        );
+    }
+}
