@@ -218,6 +218,13 @@ fn validate_inbox(route: &RouteConfig) -> Vec<String> {
                 r.status
             ));
         }
+        // HTTP forbids a body on them; a Content-Length on one breaks strict clients.
+        if matches!(r.status, 204 | 205) && !r.body.is_empty() {
+            p.push(format!(
+                "respond_with.body: must be empty with status {}",
+                r.status
+            ));
+        }
         if r.body.len() > 64 * 1024 {
             p.push("respond_with.body: must be at most 64KiB".into());
         }
@@ -432,6 +439,42 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_timestamp_the_signature_does_not_cover_and_a_body_a_status_forbids_are_refused() {
+        let config: InboundConfig = toml::from_str(
+            r#"
+            [[routes]]
+            path = "/a"
+            provider = "hmac"
+            secrets = ["s"]
+            header = "x-sig"
+            timestamp_header = "x-ts"
+            signed_template = "{body}"
+            [[routes]]
+            path = "/b"
+            provider = "stripe"
+            secrets = ["s"]
+            mode = "inbox"
+            respond_with = { status = 204, body = "ok" }
+            [[routes]]
+            path = "/c"
+            provider = "hmac"
+            secrets = ["s"]
+            header = "x-sig"
+            timestamp_header = "x-ts"
+            "#,
+        )
+        .unwrap();
+        let text = validate(&config).join("\n");
+        for want in [
+            "inbound.routes[0].signed_template: must include {timestamp} when timestamp_header is set",
+            "inbound.routes[1].respond_with.body: must be empty with status 204",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        assert!(!text.contains("routes[2]"), "{text}");
     }
 
     #[test]

@@ -102,6 +102,14 @@ impl GenericHmac {
         if template.contains(&Piece::Timestamp) && route.timestamp_header.is_none() {
             p.push("timestamp_header: required when signed_template uses {timestamp}".into());
         }
+        // The tolerance would be checked on a header the signature does not cover: anyone
+        // replaying a captured request sets it to now.
+        if route.timestamp_header.is_some()
+            && !template.is_empty()
+            && !template.contains(&Piece::Timestamp)
+        {
+            p.push("signed_template: must include {timestamp} when timestamp_header is set (else the timestamp is not signed and a replay passes the tolerance)".into());
+        }
         if !p.is_empty() {
             return Err(p);
         }
