@@ -357,8 +357,8 @@ impl VerifyingProxy {
             status: 0,
         };
         let result = match self.admit(session, &mut decision).await {
-            Ok((route, body, _budget)) if route.inbox.is_some() => {
-                self.keep(session, route, body, &mut decision).await
+            Ok((route, body, budget)) if route.inbox.is_some() => {
+                self.keep(session, route, body, budget, &mut decision).await
             }
             Ok((route, body, _budget)) => match self.forward(session, route, body).await {
                 Ok((status, whole)) => {
@@ -398,11 +398,14 @@ impl VerifyingProxy {
         session: &mut Session,
         route: &Route,
         body: Bytes,
+        budget: BodyBudget,
         decision: &mut Decision<'_>,
     ) -> pingora::Result<()> {
         let settings = route.inbox.as_ref().expect("an inbox route");
         let message = inbox::message(session.req_header(), route, settings, &body);
-        match inbox::store(self.inbound.inbox.as_ref(), message).await {
+        // The body's charge goes with it to the committers (see `writer::Job`).
+        let stored = inbox::store(self.inbound.inbox.as_ref(), message, Box::new(budget)).await;
+        match stored {
             Ok(accepted) => {
                 decision.outcome = if accepted.duplicate {
                     Outcome::Duplicate

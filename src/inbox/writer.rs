@@ -37,7 +37,14 @@ pub enum StoreError {
 struct Job {
     message: Message,
     reply: oneshot::Sender<Result<Accepted, StoreError>>,
+    /// Whatever the caller charged for the message's bytes (the proxy's share of its body
+    /// budget): released when a committer is done with the job, not when the caller stops
+    /// waiting, so bodies queued behind a stalled database stay counted.
+    _charge: Charge,
 }
+
+/// See [`Job`]'s `_charge`.
+pub type Charge = Box<dyn Send + Sync>;
 
 /// The proxy's handle: cheap to clone, usable from any runtime.
 #[derive(Clone)]
@@ -54,11 +61,21 @@ pub fn channel() -> (InboxWriter, Queue) {
 }
 
 impl InboxWriter {
-    /// Stores `message`, waiting at most `wait` for its commit.
-    pub async fn store(&self, message: Message, wait: Duration) -> Result<Accepted, StoreError> {
+    /// Stores `message`, waiting at most `wait` for its commit; `charge` is held until a
+    /// committer is done with it.
+    pub async fn store(
+        &self,
+        message: Message,
+        charge: Charge,
+        wait: Duration,
+    ) -> Result<Accepted, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .try_send(Job { message, reply })
+            .try_send(Job {
+                message,
+                reply,
+                _charge: charge,
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => StoreError::Busy,
                 mpsc::error::TrySendError::Closed(_) => StoreError::Unavailable,

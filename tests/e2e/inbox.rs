@@ -444,3 +444,73 @@ async fn with_postgres_unreachable_the_route_answers_503_and_acknowledges_nothin
     })
     .await;
 }
+
+/// With the database stalled, a request answered 503 after the inbox wait still has its body
+/// queued for the committers: the body stays charged to `inbound.max_buffered` until a
+/// committer is done with it, so a stall cannot pile bodies up in memory past the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_queued_for_a_stalled_database_stay_within_the_buffered_budget() {
+    let db = TestDb::create().await;
+    let app = Receiver::ok().await;
+    let app_port: u16 = app
+        .url
+        .trim_end_matches("/hook")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (config, _) = config(&db, &db.url, app_port, "forward", "");
+    let config = config.replace(
+        "upstream_timeout = \"2s\"",
+        "upstream_timeout = \"2s\"\nmax_body = \"1MiB\"\nmax_buffered = \"4MiB\"",
+    );
+    let s = Service::start(config).await;
+    assert_eq!(s.stripe("evt_warm").await.0, 200);
+    // The database stalls: every insert into the inbox waits.
+    let mut holder = db.client().await;
+    let stall = holder.transaction().await.unwrap();
+    stall.batch_execute("LOCK postern.inbox").await.unwrap();
+    let big = |id: &str| {
+        let body = json!({"id": id, "object": "event", "note": "x".repeat(900 * 1024)})
+            .to_string()
+            .into_bytes();
+        (stripe_headers(&body, now()), body)
+    };
+    // Four bodies of 900 KiB take the budget; each waits out the inbox wait and gets 503.
+    let first = futures_util::future::join_all((0..4).map(|i| {
+        let (h, b) = big(&format!("evt_big{i}"));
+        let s = &s;
+        async move { s.post("/wh/stripe", &h, b).await }
+    }))
+    .await;
+    for (st, v) in &first {
+        assert_eq!(
+            (*st, v["error"].as_str()),
+            (503, Some("inbox_unavailable")),
+            "{v}"
+        );
+    }
+    // Their bodies are still queued: the next one is refused at once, not queued beside them.
+    let (h, b) = big("evt_more");
+    let started = Instant::now();
+    let (st, v) = s.post("/wh/stripe", &h, b).await;
+    assert_eq!((st, v["error"].as_str()), (503, Some("overloaded")), "{v}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // Unstalled, the budget comes back.
+    stall.rollback().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (h, b) = big("evt_after");
+        let (st, v) = s.post("/wh/stripe", &h, b).await;
+        if st == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never stored again: {v}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
