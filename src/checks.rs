@@ -42,6 +42,12 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         if let Err(msg) = crate::endpoints::validate_endpoint_url(&e.url) {
             p.push(format!("{key}.url: {msg}"));
         }
+        if e.events.len() > crate::outbox::glob::MAX_PATTERNS {
+            p.push(format!(
+                "{key}.events: at most {} types or patterns",
+                crate::outbox::glob::MAX_PATTERNS
+            ));
+        }
         for (j, pattern) in e.events.iter().enumerate() {
             if let Err(msg) = EventPattern::parse(pattern) {
                 p.push(format!("{key}.events[{j}]: {msg}"));
@@ -142,6 +148,19 @@ mod tests {
         );
         assert!(text.contains("endpoints[1].events[0]:"), "{text}");
         assert!(!text.contains("endpoints[0]"), "{text}");
+        let many: Vec<String> = (0..101).map(|i| format!("\"t{i}\"")).collect();
+        let toml = format!(
+            r#"{MINIMAL}
+            [[endpoints]]
+            id = "wide"
+            url = "https://example.com/a"
+            events = [{}]
+            secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+            "#,
+            many.join(", ")
+        );
+        let text = from_toml_str(&toml).unwrap_err().to_string();
+        assert!(text.contains("endpoints[0].events: at most 100"), "{text}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::error::ApiError;
 use super::ApiState;
 use crate::config::{BreakerConfig, RetryConfig};
-use crate::outbox::glob::EventPattern;
+use crate::outbox::glob::{EventPattern, MAX_PATTERNS};
 
 pub(super) fn check_url(state: &ApiState, url: &str) -> Result<(), ApiError> {
     let parsed = crate::endpoints::validate_endpoint_url(url)
@@ -31,6 +31,12 @@ pub(super) fn check_events(events: &[String]) -> Result<(), ApiError> {
         return Err(ApiError::invalid(
             "invalid_events",
             "events: must list at least one event type or pattern",
+        ));
+    }
+    if events.len() > MAX_PATTERNS {
+        return Err(ApiError::invalid(
+            "invalid_events",
+            format!("events: at most {MAX_PATTERNS} types or patterns"),
         ));
     }
     for (i, e) in events.iter().enumerate() {

@@ -41,6 +41,10 @@ fn is_segment_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '-'
 }
 
+/// Patterns one endpoint may list: every event is matched against every endpoint's list in
+/// every pass, so one endpoint's list must not be able to slow the fan-out for all the others.
+pub const MAX_PATTERNS: usize = 100;
+
 impl EventPattern {
     pub fn parse(pattern: &str) -> Result<Self, String> {
         if pattern.is_empty() {

@@ -43,6 +43,20 @@ async fn refusals_outside_the_handlers_are_json_with_the_documented_status() {
         (405, Some("method_not_allowed")),
         "{v}"
     );
+    // One endpoint's subscription list is bounded (every pass matches every event against it).
+    let many: Vec<String> = (0..101).map(|i| format!("t{i}.*")).collect();
+    let (s, v) = ops
+        .call(
+            "POST",
+            "/endpoints",
+            Some(json!({"url": "http://127.0.0.1:9/y", "events": many})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("invalid_events")),
+        "{v}"
+    );
     let big = vec![b' '; 3 << 20];
     let (s, v) = raw(
         "POST",
