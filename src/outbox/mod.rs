@@ -55,24 +55,61 @@ pub async fn listen(
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(100);
+    let mut delay: Option<Duration> = None;
     while !cancel.is_cancelled() {
-        match listen_once(
+        let started = std::time::Instant::now();
+        let result = listen_once(
             &url, &tls, mode, &channels, &signals, &capacity, &metrics, &cancel,
         )
-        .await
-        {
-            Ok(()) => delay = Duration::from_millis(100),
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "outbox listener disconnected");
-            }
+        .await;
+        let wait = next_listen_delay(delay, result.is_ok(), started.elapsed());
+        delay = Some(wait);
+        if let Err(e) = result {
+            tracing::warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "outbox listener disconnected");
         }
         metrics.listener_connected.set(0);
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+const LISTEN_RETRY_FIRST: Duration = Duration::from_millis(100);
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The wait before the listener's next connection: doubling while connections fail at once, from
+/// the first again after one that held a while (a database restart days after the last should
+/// not wait out the backoff of that one).
+fn next_listen_delay(last: Option<Duration>, ended_cleanly: bool, lasted: Duration) -> Duration {
+    match last {
+        Some(last) if !ended_cleanly && lasted < Duration::from_secs(30) => {
+            (last * 2).min(LISTEN_RETRY_MAX)
+        }
+        _ => LISTEN_RETRY_FIRST,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listener_backs_off_while_connections_fail_and_starts_over_after_one_that_held() {
+        let quick = Duration::from_millis(20);
+        let mut waits = Vec::new();
+        let mut last = None;
+        for _ in 0..8 {
+            let w = next_listen_delay(last, false, quick);
+            waits.push(w.as_millis());
+            last = Some(w);
+        }
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        // A connection that held for an hour, then dropped: retried at once, not after 5 s.
+        assert_eq!(
+            next_listen_delay(last, false, Duration::from_secs(3600)),
+            LISTEN_RETRY_FIRST
+        );
     }
 }
 
