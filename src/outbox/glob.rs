@@ -43,7 +43,7 @@ fn is_segment_char(c: char) -> bool {
 
 /// Patterns one endpoint may list: every event is matched against every endpoint's list in
 /// every pass, so one endpoint's list must not be able to slow the fan-out for all the others.
-pub const MAX_PATTERNS: usize = 100;
+pub const MAX_PATTERNS: usize = 1000;
 
 impl EventPattern {
     pub fn parse(pattern: &str) -> Result<Self, String> {
