@@ -528,12 +528,38 @@ fn describe_figment_error(e: figment::Error) -> String {
             append_field(&mut key, field);
             "missing (required)".to_string()
         }
+        // What was written is not repeated when it is text: it may be a secret written where
+        // a list or table was expected (`tokens = "..."`), and these errors reach the logs.
+        figment::error::Kind::InvalidType(actual, expected) => {
+            format!(
+                "invalid type: found {}, expected {expected}",
+                without_text(actual)
+            )
+        }
+        figment::error::Kind::InvalidValue(actual, expected) => {
+            format!(
+                "invalid value: found {}, expected {expected}",
+                without_text(actual)
+            )
+        }
         kind => kind.to_string(),
     };
     if key.is_empty() {
         message
     } else {
         format!("{key}: {message}")
+    }
+}
+
+/// A value's kind, and the value itself only where it cannot be a secret.
+fn without_text(actual: &figment::error::Actual) -> String {
+    use figment::error::Actual;
+    match actual {
+        Actual::Str(_) => "a string".into(),
+        Actual::Char(_) => "a character".into(),
+        Actual::Bytes(_) => "bytes".into(),
+        Actual::Other(_) => "a value of another kind".into(),
+        other => other.to_string(),
     }
 }
 

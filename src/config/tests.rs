@@ -124,6 +124,15 @@ fn url_passwords_are_masked() {
         mask_url_password("passwordless=1 password=x"),
         "passwordless=1 password=<redacted>"
     );
+    // The driver takes the credentials to the first `@`: `/` and `?` may be in a password.
+    for (url, secret) in [
+        ("postgres://app:s3/cr3t@db:5432/app", "s3/cr3t"),
+        ("postgres://app:pa?ss@db/app?sslmode=require", "pa?ss"),
+    ] {
+        let shown = mask_url_password(url);
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("@db"), "{shown}");
+    }
     // A keyword's length may end inside a character.
     assert_eq!(
         mask_url_password("host=h dbname=Überweisung password=x"),
@@ -182,4 +191,24 @@ fn verification_asked_where_tls_would_be_skipped_is_refused_by_key() {
     assert!(Config::from_toml_str(&format!("{named}tls_verify = true\n")).is_ok());
     let elsewhere = MINIMAL.replace("127.0.0.1", "db.internal");
     assert!(Config::from_toml_str(&format!("{elsewhere}ca_file = \"/ca.pem\"\n")).is_ok());
+}
+
+#[test]
+fn a_secret_written_where_a_list_belongs_is_not_repeated_in_the_error() {
+    let err = Config::from_toml_str(
+        r#"
+        [database]
+        url = "postgres://app@127.0.0.1/app"
+        [api]
+        listen = "127.0.0.1:9090"
+        tokens = "my-real-token-0123456789"
+        "#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("api.tokens: invalid type: found a string"),
+        "{err}"
+    );
+    assert!(!err.contains("my-real-token"), "{err}");
 }

@@ -197,14 +197,14 @@ pub(super) fn toml_string(s: &str) -> String {
 pub fn mask_url_password(url: &str) -> String {
     if let Some(scheme_end) = url.find("://") {
         let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        let mut masked = match authority.rfind('@') {
-            Some(at) => match authority[..at].find(':') {
+        // As the driver reads it: the credentials run to the first `@`, wherever it is (a
+        // password with `/` or `?` in it is still a password).
+        let mut masked = match rest.find('@') {
+            Some(at) => match rest[..at].find(':') {
                 Some(colon) => format!(
                     "{}{}:{REDACTED}{}",
                     &url[..scheme_end + 3],
-                    &authority[..colon],
+                    &rest[..colon],
                     &rest[at..]
                 ),
                 None => url.to_string(),
