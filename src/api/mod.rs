@@ -76,6 +76,36 @@ pub fn routes() -> (axum::Router<ApiState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
+/// Why a request to the token-less API comes from elsewhere than this machine: a `Host` that
+/// is not a loopback name, or an `Origin` (a browser's) that is not one.
+fn foreign_caller(headers: &http::HeaderMap) -> Option<&'static str> {
+    let loopback_host = |authority: &str| {
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    let header = |name| headers.get(name).map(|v| v.to_str().unwrap_or(""));
+    match header(http::header::HOST) {
+        Some(host) if !loopback_host(host) => {
+            return Some("the API has no token: only a loopback Host is accepted")
+        }
+        _ => {}
+    }
+    match header(http::header::ORIGIN) {
+        Some(origin) => {
+            let authority = origin.split_once("://").map_or("", |(_, a)| a);
+            (!loopback_host(authority))
+                .then_some("the API has no token: a request from a foreign page is refused")
+        }
+        None => None,
+    }
+}
+
 /// Accepts the request when no tokens are configured (loopback only, enforced by the config) or
 /// when `Authorization: Bearer <token>` matches one of them in constant time.
 async fn require_token(
@@ -84,7 +114,15 @@ async fn require_token(
     next: Next,
 ) -> Response {
     if tokens.is_empty() {
-        return next.run(request).await;
+        // Without a token only this machine's own callers may call: a web page the operator
+        // visits could otherwise send simple requests (no preflight) to the loopback API, or
+        // reach it by DNS rebinding (a foreign Host).
+        return match foreign_caller(request.headers()) {
+            Some(why) => {
+                ApiError::new(http::StatusCode::FORBIDDEN, "forbidden", why).into_response()
+            }
+            None => next.run(request).await,
+        };
     }
     let presented = request
         .headers()

@@ -144,3 +144,45 @@ async fn a_pool_of_two_answers_every_read_and_rotation() {
         );
     }
 }
+
+/// Without a token, the loopback API answers only this machine's own callers: not a page the
+/// operator's browser visits (a foreign `Origin`), not a DNS-rebound name (a foreign `Host`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_without_a_token_refuses_foreign_pages_and_hosts() {
+    let db = TestDb::create().await;
+    let port = dead_port().await;
+    let config = base_config(&db) + &format!("\n[api]\nlisten = \"127.0.0.1:{port}\"\n");
+    let postern = Postern::start(&config).await;
+    postern
+        .wait_log("management API listening", Duration::from_secs(10))
+        .await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://127.0.0.1:{port}/api/v1/endpoints");
+    let call = |headers: Vec<(&'static str, String)>| {
+        let mut req = http.get(&url);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let v: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap_or(Value::Null);
+            (status, v)
+        }
+    };
+    assert_eq!(call(vec![]).await.0, 200);
+    let same = format!("http://127.0.0.1:{port}");
+    assert_eq!(call(vec![("origin", same)]).await.0, 200);
+    for headers in [
+        vec![("origin", "https://evil.example".to_string())],
+        vec![("host", format!("evil.example:{port}"))],
+        vec![("origin", "null".to_string())],
+    ] {
+        let (s, v) = call(headers.clone()).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (403, Some("forbidden")),
+            "{headers:?}: {v}"
+        );
+    }
+}
