@@ -425,8 +425,9 @@ async function inbound() {
 async function route() {
   const [path, query] = location.hash.slice(1).split("?");
   const params = new URLSearchParams(query || "");
-  const parts = (path || "/").split("/").filter(Boolean).map(decodeURIComponent);
   try {
+    // A malformed escape (#/%) is an error shown on the page, not an unhandled rejection.
+    const parts = (path || "/").split("/").filter(Boolean).map(decodeURIComponent);
     if (!(await signedIn())) return signIn();
     document.getElementById("nav").hidden = false;
     if (parts.length === 0) return await overview();

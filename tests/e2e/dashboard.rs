@@ -446,6 +446,15 @@ async fn pause_resume_rotate_and_look_an_event_up() {
     b.text("#inbound-routes").await;
     b.assert_quiet("inbound").await;
 
+    // A malformed link is an error on the page, not a page that never loads.
+    b.open("#/%").await;
+    assert!(
+        b.text("main .error").await.contains("URI"),
+        "{}",
+        b.page_text().await
+    );
+    b.assert_quiet("a malformed link").await;
+
     // Edit, filter the deliveries, delete (confirming what happens to unfinished ones).
     b.open(&format!("#/endpoints/{id}")).await;
     b.fill("#edit input[name=description]", "edited in the browser")
