@@ -221,6 +221,7 @@ impl VerifyingProxy {
         session: &mut Session,
         route: &Route,
         body: Bytes,
+        budget: BodyBudget,
     ) -> Result<(u16, bool), Refusal> {
         let peer = &self.peer;
         // A pooled connection the app closed meanwhile fails on first use: retry once on a new one.
@@ -253,6 +254,10 @@ impl VerifyingProxy {
                 Ok(Err(e)) => return Err(upstream_failure(&e)),
             }
         };
+        // The app has the body and answered: it is not sent again, so its share of the budget
+        // goes back now, not after the app's answer has been relayed (a slow answer on a forward
+        // route must not keep inbox routes' senders out).
+        drop((body, budget));
         let status = response.status.as_u16();
         // Apps rarely send hop-by-hop headers: look once rather than remove each by name.
         if response
@@ -360,7 +365,7 @@ impl VerifyingProxy {
             Ok((route, body, budget)) if route.inbox.is_some() => {
                 self.keep(session, route, body, budget, &mut decision).await
             }
-            Ok((route, body, _budget)) => match self.forward(session, route, body).await {
+            Ok((route, body, budget)) => match self.forward(session, route, body, budget).await {
                 Ok((status, whole)) => {
                     decision.outcome = Outcome::Forwarded;
                     decision.status = status;

@@ -13,6 +13,7 @@ mod flow;
 mod hardening;
 mod hostile_events;
 mod inbound;
+mod inbound_budget;
 mod inbound_framing;
 mod inbox;
 mod inbox_consumers;

@@ -1,0 +1,103 @@
+//! The inbound proxy's buffered-body budget (`inbound.max_buffered`) against a slow app: a body
+//! is charged while Postern needs it, not while the app's answer trickles back.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::*;
+use crate::inbound::{now, path_of, sign, start_proxy_with};
+
+/// An app that reads each request whole and answers at once, except the first, whose answer's
+/// body it sends a byte every 100 ms (its head at once); `answering` rings when that has begun.
+async fn slow_answering_app(answering: std::sync::Arc<tokio::sync::Notify>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let slow = std::mem::take(&mut first);
+            let answering = answering.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                // The head, then as many bytes as it declares.
+                let (head_end, length) = loop {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "the proxy closed before sending a request");
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..at]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        break (at + 4, length);
+                    }
+                };
+                while buf.len() < head_end + length {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    assert!(n > 0);
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                if slow {
+                    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n")
+                        .await
+                        .unwrap();
+                    answering.notify_one();
+                    for _ in 0..12 {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        s.write_all(b"x").await.unwrap();
+                    }
+                } else {
+                    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_on_a_forward_route_holds_no_budget_once_the_app_has_the_body() {
+    let answering = std::sync::Arc::new(tokio::sync::Notify::new());
+    let app_url = slow_answering_app(answering.clone()).await;
+    // Room for one body of 900 KiB at a time.
+    let extra = "max_body = \"1MiB\"\nmax_buffered = \"1MiB\"\n";
+    let proxy = start_proxy_with(Receiver::ok().await, &app_url, extra).await;
+    let path = path_of("github");
+    let body = |n: u8| -> Vec<u8> {
+        let mut b = format!("{{\"n\":{n},\"pad\":\"").into_bytes();
+        b.extend(std::iter::repeat_n(b'x', 900 * 1024));
+        b.extend_from_slice(b"\"}");
+        b
+    };
+    let first = {
+        let (b, proxy_http, base, path) = (
+            body(1),
+            proxy.http.clone(),
+            proxy.base.clone(),
+            path.clone(),
+        );
+        tokio::spawn(async move {
+            let (headers, _) = sign("github", &b, now());
+            let mut req = proxy_http.post(format!("{base}{path}")).body(b);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        })
+    };
+    answering.notified().await;
+    // The first answer is still trickling back: the budget is free for the next sender.
+    let b = body(2);
+    let (headers, _) = sign("github", &b, now());
+    let (status, answer) = proxy.post(&path, "", &headers, b).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, text) = first.await.unwrap();
+    assert_eq!((status, text.len()), (200, 12));
+}
