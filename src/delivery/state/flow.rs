@@ -101,7 +101,12 @@ impl FlowBatch {
             probe: bool,
         }
         let mut per: BTreeMap<&str, Tally> = BTreeMap::new();
-        for a in acks.iter().filter(|a| a.judged) {
+        // A 410 says the endpoint is gone (it is disabled), not that it is healthy: counted as
+        // neither, or it would close an open circuit as a success would.
+        for a in acks
+            .iter()
+            .filter(|a| a.judged && a.settle != Settle::EndpointGone)
+        {
             let t = per.entry(&a.endpoint_id).or_default();
             t.attempts += 1;
             t.probe |= a.probe;
@@ -182,6 +187,11 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// What `record_flow` takes as `p_defaults` (the breaker's window among them).
+    pub fn defaults(&self) -> &serde_json::Value {
+        &self.defaults
+    }
+
     pub fn new(schema: &Schema, defaults: &FlowDefaults) -> Self {
         Self {
             record: schema.sql("SELECT * FROM __SCHEMA__.record_flow($1, $2, $3, $4, $5, $6, $7, $8)"),
@@ -261,5 +271,45 @@ impl Flow {
             tx.execute(&self.announce, &[&t.endpoint_id]).await?;
         }
         Ok(transitions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::state::AttemptRecord;
+
+    fn ack(endpoint: &str, settle: Settle, status: i32) -> Ack {
+        Ack {
+            id: uuid::Uuid::now_v7(),
+            attempt: 1,
+            endpoint_id: endpoint.into(),
+            ordering_key: None,
+            judged: true,
+            probe: false,
+            retry_after: None,
+            settle,
+            record: AttemptRecord {
+                started_at: chrono::Utc::now(),
+                duration_ms: 1,
+                status_code: Some(status),
+                response_body: None,
+                error: None,
+                request_headers: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_gone_endpoint_counts_neither_as_healthy_nor_as_failing() {
+        let b = FlowBatch::of(&[ack("gone", Settle::EndpointGone, 410)]);
+        assert!(b.healthy.is_empty(), "{b:?}");
+        assert!(b.endpoints.is_empty(), "{b:?}");
+        let b = FlowBatch::of(&[
+            ack("ok", Settle::Delivered, 200),
+            ack("gone", Settle::EndpointGone, 410),
+        ]);
+        assert_eq!(b.healthy, ["ok"]);
+        assert!(b.endpoints.is_empty());
     }
 }

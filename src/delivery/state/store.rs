@@ -108,7 +108,8 @@ impl DeliveryStore {
                                 WHEN g.opened_at IS NOT NULL THEN CASE WHEN g.probe_at <= now() THEN 1 ELSE 0 END
                                 WHEN g.avail IS NULL THEN NULL
                                 ELSE GREATEST(0, floor(g.avail))::int END AS cap,
-                           g.opened_at IS NOT NULL AS open
+                           g.opened_at IS NOT NULL AS open,
+                           g.paused_until > now() AS paused
                     FROM (SELECT f.endpoint_id AS id, f.paused_until, f.opened_at, f.probe_at,
                                  COALESCE((e.breaker->>'probe_interval_s')::float8, $9) AS probe_s,
                                  CASE WHEN r.rate IS NOT NULL
@@ -163,13 +164,15 @@ impl DeliveryStore {
                            ON n.endpoint_id = g.id
                     WHERE f.endpoint_id = g.id
                  ), held AS (
+                    -- Deliveries waiting for tokens only (the worker looks again soon for
+                    -- those): an open circuit's or a pause's wait is known to be long.
                     SELECT COALESCE(sum(GREATEST(0, w.due - g.cap)), 0)::bigint AS n
                     FROM gate g CROSS JOIN LATERAL (
                         SELECT count(*) AS due FROM (
                             SELECT 1 FROM __SCHEMA__.deliveries d
                             WHERE d.endpoint_id = g.id AND d.status = 'pending' AND d.next_attempt_at <= now()
                             LIMIT $3::int) x) w
-                    WHERE g.cap IS NOT NULL
+                    WHERE g.cap IS NOT NULL AND NOT g.open AND g.paused IS NOT TRUE
                  )
                  SELECT upd.*, g.open, held.n FROM held LEFT JOIN upd ON true
                  LEFT JOIN gate g ON g.id = upd.endpoint_id",
@@ -196,11 +199,21 @@ impl DeliveryStore {
                     RETURNING d.id
                  ), healthy AS (
                     -- Successes clear the breaker's count of an endpoint that had failed (see
-                    -- `flow`); the rows are locked in endpoint order, as every flow writer does.
+                    -- `flow`), and start a new window once the last one ended (as `record_flow`
+                    -- does), so the row is left alone again and its count never overflows; the
+                    -- rows are locked in endpoint order, as every flow writer does.
                     UPDATE __SCHEMA__.endpoint_flow f
-                    SET consecutive_failures = 0, window_attempts = f.window_attempts + l.n, updated_at = now()
-                    FROM (SELECT x.endpoint_id, h.n FROM __SCHEMA__.endpoint_flow x
+                    SET consecutive_failures = 0,
+                        window_started_at = CASE WHEN l.ended THEN now() ELSE f.window_started_at END,
+                        window_attempts = CASE WHEN l.ended THEN l.n ELSE f.window_attempts + l.n END,
+                        window_failures = CASE WHEN l.ended THEN 0 ELSE f.window_failures END,
+                        updated_at = now()
+                    FROM (SELECT x.endpoint_id, h.n,
+                                 x.window_started_at < now() - make_interval(secs =>
+                                     (($14::jsonb || COALESCE(e.breaker, '{}'::jsonb))->>'window_s')::float8) AS ended
+                          FROM __SCHEMA__.endpoint_flow x
                           JOIN unnest($11::text[], $12::int[]) AS h(id, n) ON h.id = x.endpoint_id
+                          JOIN __SCHEMA__.endpoints e ON e.id = x.endpoint_id
                           WHERE x.opened_at IS NULL AND (x.consecutive_failures > 0 OR x.window_failures > 0)
                           ORDER BY x.endpoint_id FOR UPDATE OF x) l
                     WHERE f.endpoint_id = l.endpoint_id
@@ -419,7 +432,8 @@ impl DeliveryStore {
             // healthy endpoints go through `record_flow` with the rest, not the ack statement.
             flow.fold_healthy_into_record();
         }
-        let params: [&(dyn ToSql + Sync); 13] = [
+        let defaults = self.flow.defaults();
+        let params: [&(dyn ToSql + Sync); 14] = [
             &owner,
             &ids,
             &attempts,
@@ -433,6 +447,7 @@ impl DeliveryStore {
             &flow.healthy,
             &flow.healthy_attempts,
             &sent,
+            defaults,
         ];
         if alone {
             // The usual case: one statement in a transaction of its own, sent as one pipelined
@@ -539,9 +554,13 @@ impl DeliveryStore {
 
     /// Makes deliveries whose lease lapsed due again (or failed, after `max_lapses` in a row);
     /// returns how many.
+    /// A keyed delivery failed here leaves its key in the same transaction, under the key's lock:
+    /// committed apart, the failure would be visible before the key is blocked (`block`), and
+    /// anything moving the key on meanwhile would send the next delivery past it.
     pub async fn reap(&self, batch: i64, max_lapses: i32) -> anyhow::Result<u64> {
         let mut client = self.pool.get().await?;
-        let rows = client.query(&self.reap, &[&batch, &max_lapses]).await?;
+        let tx = client.transaction().await?;
+        let rows = tx.query(&self.reap, &[&batch, &max_lapses]).await?;
         // A keyed delivery failed or cancelled here no longer heads its key.
         let mut keys = ordering::Keys::default();
         let mut failed = Vec::new();
@@ -556,10 +575,10 @@ impl DeliveryStore {
             }
         }
         if !keys.is_empty() {
-            let tx = client.transaction().await?;
+            self.ordering.lock(&tx, &keys).await?;
             self.ordering.advance(&tx, &keys, &failed).await?;
-            tx.commit().await?;
         }
+        tx.commit().await?;
         Ok(rows.len() as u64)
     }
 }

@@ -123,3 +123,168 @@ async fn paused_deliveries_of_an_endpoint_active_for_hours_become_due() {
     drop(client);
     s.drop_schema().await;
 }
+
+/// After one failure the breaker's window is left with a failure in it; successes after that must
+/// start a new window when the old one ends, not add to the old one for ever (its counter would
+/// overflow, and every settle would then be refused, its deliveries sent again and failed).
+#[tokio::test]
+async fn successes_after_a_failure_start_a_new_window_and_never_overflow_it() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let owner = Uuid::new_v4();
+    let id = Uuid::now_v7();
+    s.run(&format!(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source)
+         VALUES ('e', 'http://127.0.0.1:9/a', '{{*}}', 'api');
+         INSERT INTO __SCHEMA__.endpoint_flow (endpoint_id, window_started_at, window_attempts, window_failures)
+         VALUES ('e', now() - interval '1 day', 2147483647, 1);
+         INSERT INTO __SCHEMA__.deliveries
+            (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at)
+         VALUES ('{id}', 1, gen_random_uuid(), 't', 'e', 'delivering', 1, '{owner}', now() + interval '1 minute')"
+    ))
+    .await;
+    let store = DeliveryStore::new(
+        pool.clone(),
+        &schema,
+        OnFailure::Skip,
+        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
+    );
+    let ack = Ack {
+        id,
+        attempt: 1,
+        endpoint_id: "e".into(),
+        ordering_key: None,
+        judged: true,
+        probe: false,
+        retry_after: None,
+        settle: Settle::Delivered,
+        record: super::super::AttemptRecord {
+            started_at: Utc::now(),
+            duration_ms: 3,
+            status_code: Some(200),
+            response_body: None,
+            error: None,
+            request_headers: None,
+        },
+    };
+    store.settle(owner, &[ack]).await.unwrap();
+    let (attempts, failures) = s
+        .pairs::<i32, i32>("SELECT window_attempts, window_failures FROM __SCHEMA__.endpoint_flow")
+        .await[0];
+    assert_eq!((attempts, failures), (1, 0));
+    s.drop_schema().await;
+}
+
+/// A delivery waiting for an open circuit's probe time or a pause is not waiting for tokens: the
+/// claim must not report it as held for tokens (which makes the worker claim again within 50 ms,
+/// for as long as the circuit stays open), while one a rate limit holds still is.
+#[tokio::test]
+async fn only_deliveries_waiting_for_tokens_count_as_held_by_the_rate() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    s.run(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source, rate_limit) VALUES
+            ('open', 'http://127.0.0.1:9/a', '{*}', 'api', NULL),
+            ('paused', 'http://127.0.0.1:9/b', '{*}', 'api', NULL),
+            ('limited', 'http://127.0.0.1:9/c', '{*}', 'api', '1/h');
+         INSERT INTO __SCHEMA__.endpoint_flow (endpoint_id, opened_at, probe_at, paused_until, tokens)
+         VALUES ('open', now(), now() + interval '1 hour', NULL, 0),
+                ('paused', NULL, NULL, now() + interval '1 hour', 0),
+                ('limited', NULL, NULL, NULL, 1);
+         INSERT INTO __SCHEMA__.outbox (event_type, payload, dispatched_at)
+         SELECT 't', '{}', now() FROM generate_series(1, 4);
+         INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status, next_attempt_at)
+         SELECT g, gen_random_uuid(), 't', (ARRAY['open', 'paused', 'limited', 'limited'])[g], 'pending', now() - interval '1 second'
+         FROM generate_series(1, 4) g",
+    )
+    .await;
+    let store = DeliveryStore::new(
+        pool.clone(),
+        &schema,
+        OnFailure::Skip,
+        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
+    );
+    let (claimed, held) = store
+        .claim(
+            true,
+            Uuid::new_v4(),
+            10,
+            4,
+            &[],
+            Duration::from_secs(30),
+            1 << 20,
+        )
+        .await
+        .unwrap();
+    // The limited endpoint's bucket holds one token; its second delivery waits for tokens. The open and paused endpoints' wait for no token.
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(claimed[0].endpoint_id, "limited");
+    assert_eq!(held, 1);
+    s.drop_schema().await;
+}
+
+/// A keyed head the reaper fails (its lease lapsed too often) leaves its key in the same
+/// transaction, under the key's lock: until then no one sees it failed, so nothing can promote
+/// the next delivery past a key that `on_failure = "block"` must block.
+#[tokio::test]
+async fn the_reaper_fails_a_keyed_head_and_blocks_its_key_in_one_transaction() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    s.run(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES ('e', 'http://127.0.0.1:9/a', '{*}', 'api');
+         INSERT INTO __SCHEMA__.outbox (event_type, payload, ordering_key, dispatched_at)
+         SELECT 't', '{}', 'k', now() FROM generate_series(1, 2);
+         INSERT INTO __SCHEMA__.deliveries
+            (outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at,
+             lease_lapses, ordering_key)
+         VALUES (1, gen_random_uuid(), 't', 'e', 'delivering', 1, gen_random_uuid(), now() - interval '1 second', 2, 'k'),
+                (2, gen_random_uuid(), 't', 'e', 'queued', 0, NULL, NULL, 0, 'k')",
+    )
+    .await;
+    let store = std::sync::Arc::new(DeliveryStore::new(
+        pool.clone(),
+        &schema,
+        OnFailure::Block,
+        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
+    ));
+    // Another writer holds the key.
+    let mut holder = pool.get().await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    let mut keys = ordering::Keys::default();
+    keys.push("e", "k");
+    store.ordering.lock(&tx, &keys).await.unwrap();
+    let reaper = {
+        let store = store.clone();
+        tokio::spawn(async move { store.reap(500, 3).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // While the reaper waits for the key, its head is not seen failed.
+    let seen = s
+        .pairs::<String, i64>(
+            "SELECT status::text, outbox_id FROM __SCHEMA__.deliveries ORDER BY outbox_id",
+        )
+        .await;
+    assert_eq!(seen[0].0, "delivering", "{seen:?}");
+    tx.commit().await.unwrap();
+    assert_eq!(reaper.await.unwrap().unwrap(), 1);
+    let seen = s
+        .pairs::<String, i64>(
+            "SELECT status::text, outbox_id FROM __SCHEMA__.deliveries ORDER BY outbox_id",
+        )
+        .await;
+    assert_eq!(
+        (seen[0].0.as_str(), seen[1].0.as_str()),
+        ("failed", "queued"),
+        "{seen:?}"
+    );
+    let blocked = s
+        .pairs::<String, bool>(
+            "SELECT ordering_key, blocked_by IS NOT NULL FROM __SCHEMA__.ordering_keys",
+        )
+        .await;
+    assert_eq!(blocked, [("k".to_string(), true)]);
+    s.drop_schema().await;
+}
