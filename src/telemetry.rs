@@ -241,7 +241,7 @@ impl Metrics {
         );
         registry.register(
             names::RATE_LIMITED,
-            "Due deliveries a claim left waiting for their endpoint's rate limit, back pressure or open circuit",
+            "Due deliveries a claim left waiting for tokens: their endpoint's rate limit or back pressure (not an open circuit or a pause, whose wait is known)",
             m.rate_limited.clone(),
         );
         registry.register(

@@ -144,9 +144,20 @@ async fn require_token(
     }
 }
 
+/// The largest request body the API reads: 2 MiB, or an event of `outbound.max_payload` with
+/// room for the rest of `POST /events`'s body when that is larger.
+pub fn body_limit(max_payload: u64) -> usize {
+    usize::try_from(max_payload)
+        .unwrap_or(usize::MAX)
+        .saturating_add(64 << 10)
+        .max(2 << 20)
+}
+
 /// The complete API router: routes, the OpenAPI document, the token layer, JSON 404s.
-pub fn router(state: ApiState, tokens: Vec<String>) -> axum::Router {
+/// `body_limit`: see [`body_limit`].
+pub fn router(state: ApiState, tokens: Vec<String>, body_limit: usize) -> axum::Router {
     let (routes, openapi) = routes();
+    let routes = routes.layer(axum::extract::DefaultBodyLimit::max(body_limit));
     let openapi = Arc::new(openapi);
     let token_required = !tokens.is_empty();
     let tokens = Arc::new(

@@ -142,7 +142,8 @@ pub async fn run(
                 metrics: metrics.clone(),
             };
             let tokens = api.tokens.iter().map(|t| t.expose().to_string()).collect();
-            let router = crate::api::router(state, tokens);
+            let limit = crate::api::body_limit(config.outbound.max_payload.0);
+            let router = crate::api::router(state, tokens, limit);
             tracing::info!(listen = %api.listen, "management API listening");
             tasks.spawn(crate::api::serve(listener, router, shutdown.child_token()));
         }

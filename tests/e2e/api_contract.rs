@@ -186,3 +186,34 @@ async fn the_api_without_a_token_refuses_foreign_pages_and_hosts() {
         );
     }
 }
+
+/// `POST /events` takes any payload the outbox does: with `outbound.max_payload` above the API's
+/// usual 2 MiB, a larger event is published, not refused as too large.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_as_large_as_max_payload_can_be_published_through_the_api() {
+    let env = [("POSTERN__OUTBOUND__MAX_PAYLOAD", "3MiB")];
+    let ops = start_ops_with_env(TestDb::create().await, None, "", &env).await;
+    let big = "x".repeat(2_500_000);
+    let (s, v) = ops
+        .call(
+            "POST",
+            "/events",
+            Some(json!({"type": "big.one", "data": {"s": big}})),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    // Past it, the API refuses with its own error, before the database would.
+    let bigger = "x".repeat(3_300_000);
+    let (s, v) = ops
+        .call(
+            "POST",
+            "/events",
+            Some(json!({"type": "big.one", "data": {"s": bigger}})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (413, Some("body_too_large")),
+        "{v}"
+    );
+}
