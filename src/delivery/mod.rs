@@ -32,7 +32,7 @@ use attempt::AttemptContext;
 use client::WebhookClient;
 use retry::RetryPolicy;
 use settle::{cut_short, settle_loop};
-use state::{Ack, Claimed, DeliveryStore, Settle};
+use state::{Ack, Claimed, DeliveryStore, Room, Settle};
 
 /// What the worker needs from the configuration.
 #[derive(Debug, Clone)]
@@ -249,9 +249,24 @@ impl Worker {
                 // the reserve lets endpoints holding fewer than their request slots be claimed:
                 // once per poll interval, as a saturated drain would otherwise send a claim that
                 // finds nothing each time it is rung.
+                // The same when the memory budget is short of the largest payload (a slow
+                // endpoint's large payloads keep it): payloads that fit whole may still go.
                 let now = tokio::time::Instant::now();
-                let (slots, per_endpoint_cap) = if !self.capacity.has_room_for_a_claim() {
-                    (Vec::new(), 0)
+                let room = Room::Bytes(self.capacity.payload_room());
+                let (slots, per_endpoint_cap, room) = if !self.capacity.has_room_for_a_claim() {
+                    if now >= reserve_at {
+                        reserve_at = now + self.settings.poll_interval;
+                        let free = self.capacity.take_free();
+                        let slots = if free.is_empty() {
+                            self.capacity.take_reserve()
+                        } else {
+                            free
+                        };
+                        let whole = Room::Whole(self.capacity.payload_room());
+                        (slots, self.capacity.reserve_per_endpoint(), whole)
+                    } else {
+                        (Vec::new(), 0, room)
+                    }
                 } else {
                     match self.capacity.take_free() {
                         free if free.is_empty() && now >= reserve_at => {
@@ -259,9 +274,10 @@ impl Worker {
                             (
                                 self.capacity.take_reserve(),
                                 self.capacity.reserve_per_endpoint(),
+                                room,
                             )
                         }
-                        free => (free, self.capacity.per_endpoint_held),
+                        free => (free, self.capacity.per_endpoint_held, room),
                     }
                 };
                 if !slots.is_empty() {
@@ -274,7 +290,7 @@ impl Worker {
                         per_endpoint_cap,
                         &busy,
                         self.settings.lease,
-                        self.capacity.payload_room(),
+                        room,
                     );
                     tokio::pin!(claim);
                     // Fresh deliveries handed over meanwhile start now, not after the claim.

@@ -228,3 +228,66 @@ async fn a_slow_endpoint_holding_every_hold_does_not_delay_another() {
         "a claim for the healthy endpoint waited {took:?} behind the slow one's holds"
     );
 }
+
+/// The same with large payloads: a slow endpoint's held deliveries take the memory budget's room
+/// (not every hold) and must still leave another endpoint to be sent to at once, by the fast
+/// path and by claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_holding_the_memory_budget_does_not_delay_another() {
+    let db = TestDb::create().await;
+    let slow = Receiver::start(|_, _| Reply::status(200).after(Duration::from_secs(3))).await;
+    let healthy = Receiver::ok().await;
+    // Held deliveries get half of 8 MiB; a 200 KiB payload is charged about 401 KiB, so ten of
+    // the slow endpoint's fill it (per endpoint it may hold 16).
+    let config = base_config(&db)
+        .replace(
+            "[outbound]\n",
+            "[outbound]\nconcurrency = 4\nper_endpoint_concurrency = 1\nmax_payload = \"256KiB\"\nmemory_budget = \"8MiB\"\n",
+        )
+        .replace(
+            "request_timeout = \"2s\"\nlease = \"4s\"",
+            "request_timeout = \"6s\"\nlease = \"15s\"",
+        )
+        + &endpoint("slow", &slow.url, &["slow.*"], "")
+        + &endpoint("healthy", &healthy.url, &["live.*"], "");
+    let _postern = Postern::start(&config).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO postern.outbox (event_type, payload)
+             SELECT 'slow.event', jsonb_build_object('pad', repeat('x', 200 * 1024)) FROM generate_series(1, 14)",
+        )
+        .await
+        .unwrap();
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE endpoint_id = 'slow' AND status = 'delivering'",
+        10,
+        Duration::from_secs(5),
+    )
+    .await;
+    publish_one(&client, "live.event", json!({})).await;
+    let committed = Instant::now();
+    healthy.wait_count(1, Duration::from_secs(10)).await;
+    let took = healthy.requests()[0].at - committed;
+    assert!(
+        took < Duration::from_millis(1500),
+        "the healthy endpoint waited {took:?} behind the slow one's payloads"
+    );
+    // And through a claim.
+    client
+        .batch_execute(
+            "INSERT INTO postern.deliveries (outbox_id, event_id, event_type, endpoint_id, status, next_attempt_at)
+             SELECT id, event_id, event_type, 'healthy', 'pending', now() FROM postern.outbox
+             WHERE event_type = 'live.event'",
+        )
+        .await
+        .unwrap();
+    let inserted = Instant::now();
+    healthy.wait_count(2, Duration::from_secs(10)).await;
+    let took = healthy.requests()[1].at - inserted;
+    assert!(
+        took < Duration::from_millis(1500),
+        "a claim for the healthy endpoint waited {took:?} behind the slow one's payloads"
+    );
+}

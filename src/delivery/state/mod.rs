@@ -33,7 +33,7 @@ pub mod flow;
 pub mod ordering;
 mod store;
 pub use changes::*;
-pub use store::DeliveryStore;
+pub use store::{DeliveryStore, Room};
 
 /// `postern.deliveries.status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

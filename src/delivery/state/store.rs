@@ -35,6 +35,28 @@ pub struct DeliveryStore {
     reap: String,
 }
 
+/// What payloads a claim may bring into memory (its `fit`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Room {
+    /// At most this many bytes, and the first row whatever its size (the budget has room for
+    /// the largest payload allowed).
+    Bytes(i64),
+    /// Only rows whose payloads fit whole within this many bytes: the budget is short of the
+    /// largest payload, yet what fits may still go (a slow endpoint's large payloads holding
+    /// the rest must not stop every other endpoint's claims).
+    Whole(i64),
+}
+
+impl Room {
+    /// As the statement takes it: negative for [`Room::Whole`].
+    fn param(self) -> i64 {
+        match self {
+            Room::Bytes(b) => b.max(0),
+            Room::Whole(b) => -b.max(1),
+        }
+    }
+}
+
 impl DeliveryStore {
     pub fn new(
         pool: Pool,
@@ -50,9 +72,9 @@ impl DeliveryStore {
             // Fair across endpoints: endpoints in random order, each contributing at most its
             // free per-endpoint slots, so one endpoint's backlog cannot fill a batch. The
             // MATERIALIZED fence stops the planner from re-running the LIMIT subquery. `fit`
-            // keeps the payloads within `$7` bytes (the first row always), so a claim never
-            // brings more into memory than the budget has room for; rows it leaves are unlocked
-            // at commit, untouched. Leases run from the update (`clock_timestamp()`), not from
+            // keeps the payloads within `$7` bytes (the first row always; with `$7` negative,
+            // only rows that fit whole within `-$7`), so a claim never brings more into memory
+            // than the budget has room for; rows it leaves are unlocked at commit, untouched. Leases run from the update (`clock_timestamp()`), not from
             // the statement's start: the gated claim may wait for other replicas' flow rows, and
             // the worker counts the whole lease from when the claim was sent.
             // `gate` (see `flow`): endpoints under a rate limit, back pressure or an open circuit,
@@ -85,10 +107,10 @@ impl DeliveryStore {
                     LIMIT $2
                  ), fit AS MATERIALIZED (
                     SELECT id FROM (
-                        SELECT c.id, sum(octet_length(o.payload::text)) OVER (ORDER BY c.n)
-                                     - octet_length(o.payload::text) AS before
+                        SELECT c.id, sum(octet_length(o.payload::text)) OVER (ORDER BY c.n) AS upto,
+                               octet_length(o.payload::text) AS len
                         FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) s
-                    WHERE before < $7
+                    WHERE CASE WHEN $7::bigint >= 0 THEN upto - len < $7::bigint ELSE upto <= -$7::bigint END
                  )
                  UPDATE __SCHEMA__.deliveries d
                  SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
@@ -137,10 +159,10 @@ impl DeliveryStore {
                     LIMIT $2
                  ), fit AS MATERIALIZED (
                     SELECT id FROM (
-                        SELECT c.id, sum(octet_length(o.payload::text)) OVER (ORDER BY c.n)
-                                     - octet_length(o.payload::text) AS before
+                        SELECT c.id, sum(octet_length(o.payload::text)) OVER (ORDER BY c.n) AS upto,
+                               octet_length(o.payload::text) AS len
                         FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) s
-                    WHERE before < $7
+                    WHERE CASE WHEN $7::bigint >= 0 THEN upto - len < $7::bigint ELSE upto <= -$7::bigint END
                  ), upd AS (
                     UPDATE __SCHEMA__.deliveries d
                     SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
@@ -299,7 +321,7 @@ impl DeliveryStore {
     }
 
     /// Claims up to `limit` due deliveries for `owner`, at most `per_endpoint` per endpoint minus
-    /// what this replica already has in flight there (`busy`).
+    /// what this replica already has in flight there (`busy`), their payloads within `room`.
     /// `gated`: some endpoint has a flow policy in force (see `flow`); otherwise the cheaper
     /// statement, which leaves any such endpoint out.
     #[allow(clippy::too_many_arguments)]
@@ -311,8 +333,9 @@ impl DeliveryStore {
         per_endpoint: i32,
         busy: &[(String, i32)],
         lease: Duration,
-        max_bytes: i64,
+        room: Room,
     ) -> anyhow::Result<(Vec<Claimed>, u64)> {
+        let max_bytes = room.param();
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(if gated {

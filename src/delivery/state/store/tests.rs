@@ -214,7 +214,7 @@ async fn only_deliveries_waiting_for_tokens_count_as_held_by_the_rate() {
             4,
             &[],
             Duration::from_secs(30),
-            1 << 20,
+            Room::Bytes(1 << 20),
         )
         .await
         .unwrap();
@@ -286,5 +286,56 @@ async fn the_reaper_fails_a_keyed_head_and_blocks_its_key_in_one_transaction() {
         )
         .await;
     assert_eq!(blocked, [("k".to_string(), true)]);
+    s.drop_schema().await;
+}
+
+/// A claim made while the memory budget is short of the largest payload takes only the rows whose
+/// payloads fit whole in the room left, and leaves the rest due, untouched.
+#[tokio::test]
+async fn a_claim_short_of_room_takes_only_payloads_that_fit_whole() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    s.run(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES
+            ('big', 'http://127.0.0.1:9/a', '{*}', 'api'), ('small', 'http://127.0.0.1:9/b', '{*}', 'api');
+         INSERT INTO __SCHEMA__.outbox (event_type, payload, dispatched_at)
+         VALUES ('t', jsonb_build_object('pad', repeat('x', 100000)), now()), ('t', '{\"n\": 1}', now());
+         INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status, next_attempt_at)
+         VALUES (1, gen_random_uuid(), 't', 'big', 'pending', now() - interval '1 second'),
+                (2, gen_random_uuid(), 't', 'small', 'pending', now() - interval '1 second')",
+    )
+    .await;
+    let store = DeliveryStore::new(
+        pool.clone(),
+        &schema,
+        OnFailure::Skip,
+        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
+    );
+    let claim = |room| {
+        let store = &store;
+        async move {
+            store
+                .claim(
+                    false,
+                    Uuid::new_v4(),
+                    10,
+                    4,
+                    &[],
+                    Duration::from_secs(30),
+                    room,
+                )
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    let claimed = claim(Room::Whole(10_000)).await;
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(claimed[0].endpoint_id, "small");
+    // With room for the largest payload, the first row goes whatever its size.
+    let claimed = claim(Room::Bytes(10_000)).await;
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(claimed[0].endpoint_id, "big");
     s.drop_schema().await;
 }
