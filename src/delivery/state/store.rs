@@ -107,9 +107,10 @@ impl DeliveryStore {
                     LIMIT $2
                  ), fit AS MATERIALIZED (
                     SELECT id FROM (
-                        SELECT c.id, sum(octet_length(o.payload::text)) OVER (ORDER BY c.n) AS upto,
-                               octet_length(o.payload::text) AS len
-                        FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) s
+                        SELECT x.id, sum(x.len) OVER (ORDER BY x.n) AS upto, x.len
+                        FROM (SELECT c.id, c.n, octet_length(o.payload::text) AS len
+                              FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) x
+                        WHERE $7::bigint >= 0 OR x.len <= -$7::bigint) s
                     WHERE CASE WHEN $7::bigint >= 0 THEN upto - len < $7::bigint ELSE upto <= -$7::bigint END
                  )
                  UPDATE __SCHEMA__.deliveries d
@@ -159,9 +160,10 @@ impl DeliveryStore {
                     LIMIT $2
                  ), fit AS MATERIALIZED (
                     SELECT id FROM (
-                        SELECT c.id, sum(octet_length(o.payload::text)) OVER (ORDER BY c.n) AS upto,
-                               octet_length(o.payload::text) AS len
-                        FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) s
+                        SELECT x.id, sum(x.len) OVER (ORDER BY x.n) AS upto, x.len
+                        FROM (SELECT c.id, c.n, octet_length(o.payload::text) AS len
+                              FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) x
+                        WHERE $7::bigint >= 0 OR x.len <= -$7::bigint) s
                     WHERE CASE WHEN $7::bigint >= 0 THEN upto - len < $7::bigint ELSE upto <= -$7::bigint END
                  ), upd AS (
                     UPDATE __SCHEMA__.deliveries d
