@@ -354,7 +354,11 @@ async fn demo_inbound(
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let metrics = std::sync::Arc::new(crate::telemetry::Metrics::new());
-    let (writer, queue) = crate::inbox::writer::channel();
+    let queued = config
+        .inbound
+        .as_ref()
+        .map_or(32 << 20, |i| i.max_buffered.0);
+    let (writer, queue) = crate::inbox::writer::channel(queued);
     let thread = crate::inbound::spawn(config, stop.clone(), metrics.clone(), Some(writer))?
         .context("inbound is configured")?;
     let wake = Arc::new(tokio::sync::Notify::new());

@@ -119,7 +119,11 @@ async fn run(arg: ConfigArg) -> ExitCode {
     // Inbox routes store through committers the pipeline runs; the proxy holds the other end.
     let (writer, queue) = match postern::inbound::has_inbox(&config) {
         true => {
-            let (w, q) = postern::inbox::writer::channel();
+            let queued = config
+                .inbound
+                .as_ref()
+                .map_or(32 << 20, |i| i.max_buffered.0);
+            let (w, q) = postern::inbox::writer::channel(queued);
             (Some(w), Some(q))
         }
         false => (None, None),

@@ -12,7 +12,7 @@ use super::proxy::VERIFIED_HEADER;
 use super::refusal::{Refusal, WRITE_TIMEOUT};
 use super::upstream::HOP_BY_HOP;
 use super::{dedupe, InboxRoute, Route, INBOX_WAIT};
-use crate::inbox::writer::{Charge, InboxWriter, StoreError};
+use crate::inbox::writer::{InboxWriter, StoreError};
 use crate::inbox::{Accepted, Message};
 
 /// What the app would have received, as a row: the same method, path (`upstream_path` applied),
@@ -72,24 +72,20 @@ pub(super) fn message(
 pub(super) async fn store(
     writer: Option<&InboxWriter>,
     message: Message,
-    charge: Charge,
 ) -> Result<Accepted, Refusal> {
     let Some(writer) = writer else {
         return Err(unavailable("the inbox is not running".into()));
     };
-    writer
-        .store(message, charge, INBOX_WAIT)
-        .await
-        .map_err(|e| {
-            let refusal = unavailable(e.to_string());
-            match e {
-                StoreError::Busy => Refusal {
-                    retry_after: Some(1),
-                    ..refusal
-                },
-                _ => refusal,
-            }
-        })
+    writer.store(message, INBOX_WAIT).await.map_err(|e| {
+        let refusal = unavailable(e.to_string());
+        match e {
+            StoreError::Busy => Refusal {
+                retry_after: Some(1),
+                ..refusal
+            },
+            _ => refusal,
+        }
+    })
 }
 
 fn unavailable(message: String) -> Refusal {

@@ -362,8 +362,8 @@ impl VerifyingProxy {
             status: 0,
         };
         let result = match self.admit(session, &mut decision).await {
-            Ok((route, body, budget)) if route.inbox.is_some() => {
-                self.keep(session, route, body, budget, &mut decision).await
+            Ok((route, body, _budget)) if route.inbox.is_some() => {
+                self.keep(session, route, body, &mut decision).await
             }
             Ok((route, body, budget)) => match self.forward(session, route, body, budget).await {
                 Ok((status, whole)) => {
@@ -403,14 +403,14 @@ impl VerifyingProxy {
         session: &mut Session,
         route: &Route,
         body: Bytes,
-        budget: BodyBudget,
         decision: &mut Decision<'_>,
     ) -> pingora::Result<()> {
         let settings = route.inbox.as_ref().expect("an inbox route");
         let message = inbox::message(session.req_header(), route, settings, &body);
-        // The body's charge goes with it to the committers (see `writer::Job`).
-        let stored = inbox::store(self.inbound.inbox.as_ref(), message, Box::new(budget)).await;
-        match stored {
+        // Queued for the committers, the body counts against the queue's own bound (see
+        // `writer::InboxWriter`), not this budget: a stalled database must not keep forward
+        // routes' senders out.
+        match inbox::store(self.inbound.inbox.as_ref(), message).await {
             Ok(accepted) => {
                 decision.outcome = if accepted.duplicate {
                     Outcome::Duplicate

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use tokio::sync::{mpsc, oneshot, Mutex, Notify};
+use tokio::sync::{mpsc, oneshot, Mutex, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{Accepted, Message};
@@ -37,44 +37,61 @@ pub enum StoreError {
 struct Job {
     message: Message,
     reply: oneshot::Sender<Result<Accepted, StoreError>>,
-    /// Whatever the caller charged for the message's bytes (the proxy's share of its body
-    /// budget): released when a committer is done with the job, not when the caller stops
-    /// waiting, so bodies queued behind a stalled database stay counted.
-    _charge: Charge,
+    /// The message's share of the queue's byte bound, held until a committer is done with the
+    /// job (not until its sender stops waiting): bodies queued behind a stalled database stay
+    /// counted.
+    _queued: OwnedSemaphorePermit,
 }
-
-/// See [`Job`]'s `_charge`.
-pub type Charge = Box<dyn Send + Sync>;
 
 /// The proxy's handle: cheap to clone, usable from any runtime.
 #[derive(Clone)]
 pub struct InboxWriter {
     tx: mpsc::Sender<Job>,
+    /// KiB of messages queued or being committed, bounded apart from the proxy's own body
+    /// budget: a stalled database fills this, never the budget forward routes read bodies with.
+    queued: Arc<Semaphore>,
+    queued_kib: u32,
 }
 
 /// The committers' end, handed to [`run`].
 pub struct Queue(mpsc::Receiver<Job>);
 
-pub fn channel() -> (InboxWriter, Queue) {
+/// `queued_bytes`: how much the queue may hold (the proxy gives `inbound.max_buffered`).
+pub fn channel(queued_bytes: u64) -> (InboxWriter, Queue) {
     let (tx, rx) = mpsc::channel(QUEUE);
-    (InboxWriter { tx }, Queue(rx))
+    let queued_kib = (queued_bytes / 1024).clamp(1, u64::from(u32::MAX >> 4)) as u32;
+    let queued = Arc::new(Semaphore::new(queued_kib as usize));
+    (
+        InboxWriter {
+            tx,
+            queued,
+            queued_kib,
+        },
+        Queue(rx),
+    )
 }
 
 impl InboxWriter {
-    /// Stores `message`, waiting at most `wait` for its commit; `charge` is held until a
-    /// committer is done with it.
-    pub async fn store(
-        &self,
-        message: Message,
-        charge: Charge,
-        wait: Duration,
-    ) -> Result<Accepted, StoreError> {
+    /// Stores `message`, waiting at most `wait` for its commit.
+    pub async fn store(&self, message: Message, wait: Duration) -> Result<Accepted, StoreError> {
+        let size = message.body.len()
+            + message.header_values.iter().map(Vec::len).sum::<usize>()
+            + message.header_names.iter().map(String::len).sum::<usize>();
+        // A message larger than the whole bound takes all of it: it goes, alone.
+        let kib = u32::try_from(size / 1024 + 1)
+            .unwrap_or(u32::MAX)
+            .min(self.queued_kib);
+        let queued = self
+            .queued
+            .clone()
+            .try_acquire_many_owned(kib)
+            .map_err(|_| StoreError::Busy)?;
         let (reply, answer) = oneshot::channel();
         self.tx
             .try_send(Job {
                 message,
                 reply,
-                _charge: charge,
+                _queued: queued,
             })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => StoreError::Busy,
