@@ -33,6 +33,8 @@ pub struct DeliveryStore {
     announce_gone: String,
     defer: String,
     reap: String,
+    /// The keys of lapsed heads `reap` is about to fail or cancel, to lock first.
+    reap_keys: String,
 }
 
 /// What payloads a claim may bring into memory (its `fit`).
@@ -292,6 +294,13 @@ impl DeliveryStore {
             // went out is unknown, so the attempt is recorded as such and the delivery is due again.
             // A delivery whose leases lapse `$2` times in a row is a poison pill (it kills or stalls
             // whoever makes it): it is failed, with the reason, instead of being sent forever.
+            reap_keys: schema.sql(
+                "SELECT DISTINCT d.endpoint_id, d.ordering_key
+                 FROM __SCHEMA__.deliveries d JOIN __SCHEMA__.endpoints e ON e.id = d.endpoint_id
+                 WHERE d.status = 'delivering' AND d.lease_expires_at < now() AND d.ordering_key IS NOT NULL
+                   AND (d.lease_lapses + 1 >= $2 OR e.deleted_at IS NOT NULL)
+                 ORDER BY 1, 2 LIMIT $1",
+            ),
             reap: schema.sql(
                 "WITH lapsed AS MATERIALIZED (
                     SELECT id FROM __SCHEMA__.deliveries
@@ -582,12 +591,20 @@ impl DeliveryStore {
     /// A keyed delivery failed here leaves its key in the same transaction, under the key's lock:
     /// committed apart, the failure would be visible before the key is blocked (`block`), and
     /// anything moving the key on meanwhile would send the next delivery past it.
+    /// Keys are locked before rows, as every writer does (a settle of the same head would
+    /// otherwise wait for the reaper's row while the reaper waits for its key).
     pub async fn reap(&self, batch: i64, max_lapses: i32) -> anyhow::Result<u64> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        let mut locked = ordering::Keys::default();
+        for r in tx.query(&self.reap_keys, &[&batch, &max_lapses]).await? {
+            locked.push(r.get(0), r.get(1));
+        }
+        self.ordering.lock(&tx, &locked).await?;
         let rows = tx.query(&self.reap, &[&batch, &max_lapses]).await?;
         // A keyed delivery failed or cancelled here no longer heads its key.
         let mut keys = ordering::Keys::default();
+        let mut unlocked = ordering::Keys::default();
         let mut failed = Vec::new();
         for r in &rows {
             let status: DeliveryStatus = r.get(1);
@@ -595,12 +612,20 @@ impl DeliveryStore {
                 r.get::<_, Option<&str>>(3),
                 matches!(status, DeliveryStatus::Failed | DeliveryStatus::Cancelled),
             ) {
-                keys.push(r.get(2), key);
+                let endpoint: &str = r.get(2);
+                keys.push(endpoint, key);
                 failed.push(r.get::<_, Uuid>(0));
+                let known = (locked.endpoints.iter().zip(&locked.keys))
+                    .any(|(e, k)| e == endpoint && k == key);
+                if !known {
+                    unlocked.push(endpoint, key);
+                }
             }
         }
         if !keys.is_empty() {
-            self.ordering.lock(&tx, &keys).await?;
+            // One that lapsed after the look above: locked now (the rare case the order
+            // cannot cover).
+            self.ordering.lock(&tx, &unlocked).await?;
             self.ordering.advance(&tx, &keys, &failed).await?;
         }
         tx.commit().await?;

@@ -339,3 +339,53 @@ async fn a_claim_short_of_room_takes_only_payloads_that_fit_whole() {
     assert_eq!(claimed[0].endpoint_id, "big");
     s.drop_schema().await;
 }
+
+/// Every writer locks a key before its deliveries' rows (a settle: the key, then the row), and so
+/// does the reaper: a late settle of the very head the reaper is failing waits for it, or it for
+/// the settle, never both for each other (a deadlock, which Postgres would break by failing one).
+#[tokio::test]
+async fn the_reaper_and_a_late_settle_of_the_same_head_do_not_deadlock() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    s.run(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES ('e', 'http://127.0.0.1:9/a', '{*}', 'api');
+         INSERT INTO __SCHEMA__.outbox (event_type, payload, ordering_key, dispatched_at) VALUES ('t', '{}', 'k', now());
+         INSERT INTO __SCHEMA__.deliveries
+            (outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at,
+             lease_lapses, ordering_key)
+         VALUES (1, gen_random_uuid(), 't', 'e', 'delivering', 1, gen_random_uuid(), now() - interval '1 second', 2, 'k')",
+    )
+    .await;
+    let store = std::sync::Arc::new(DeliveryStore::new(
+        pool.clone(),
+        &schema,
+        OnFailure::Block,
+        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
+    ));
+    // A settle: the key first...
+    let mut settler = pool.get().await.unwrap();
+    let tx = settler.transaction().await.unwrap();
+    let mut keys = ordering::Keys::default();
+    keys.push("e", "k");
+    store.ordering.lock(&tx, &keys).await.unwrap();
+    let reaper = {
+        let store = store.clone();
+        tokio::spawn(async move { store.reap(500, 3).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...then the row.
+    let touched = tokio::time::timeout(
+        Duration::from_secs(5),
+        tx.execute(
+            &schema.sql("UPDATE __SCHEMA__.deliveries SET updated_at = now() WHERE outbox_id = 1"),
+            &[],
+        ),
+    )
+    .await
+    .expect("the settle waited for the reaper");
+    touched.expect("the settle was failed to break a deadlock");
+    tx.commit().await.unwrap();
+    assert_eq!(reaper.await.unwrap().expect("the reaper was failed"), 1);
+    s.drop_schema().await;
+}
