@@ -192,7 +192,7 @@ mod tests {
             r#"{MINIMAL}
             [api]
             listen = "127.0.0.1:0"
-            tokens = ["0123456789abcdef token", "0123456789abcdef\u0001"]
+            tokens = ["0123456789abcdef token ", "0123456789abcdef\u0001", "0123456789abcdef token"]
             [[endpoints]]
             id = "bad"
             url = "https://example.com/a"
@@ -213,5 +213,7 @@ mod tests {
         );
         assert!(text.contains("api.tokens[0]: "), "{text}");
         assert!(text.contains("api.tokens[1]: "), "{text}");
+        // A space inside is sent as it is.
+        assert!(!text.contains("api.tokens[2]"), "{text}");
     }
 }

@@ -84,10 +84,11 @@ fn foreign_caller(headers: &http::HeaderMap) -> Option<&'static str> {
             Some(v6) => v6.split(']').next().unwrap_or(""),
             None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
         };
+        let host = host.strip_suffix('.').unwrap_or(host);
         host.eq_ignore_ascii_case("localhost")
             || host
                 .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
+                .is_ok_and(|ip| ip.to_canonical().is_loopback())
     };
     let header = |name| headers.get(name).map(|v| v.to_str().unwrap_or(""));
     match header(http::header::HOST) {

@@ -105,10 +105,9 @@ async fn timeseries(
     // them and each wait for the other). Without spare ones they queue on the first.
     let c1 = state.pool.get().await?;
     let spare = || async {
-        let now = deadpool_postgres::Timeouts {
-            wait: Some(std::time::Duration::ZERO),
-            ..Default::default()
-        };
+        // The pool's own create and recycle bounds, without the wait.
+        let mut now = state.pool.timeouts();
+        now.wait = Some(std::time::Duration::ZERO);
         state.pool.timeout_get(&now).await.ok()
     };
     let (c2, c3) = (spare().await, spare().await);

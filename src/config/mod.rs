@@ -436,10 +436,12 @@ impl Config {
                 if t.expose().len() < 16 {
                     p.push(format!("api.tokens[{i}]: must be at least 16 characters"));
                 }
-                // Sent as `Authorization: Bearer <token>`: anything else could never match.
-                if !t.expose().bytes().all(|b| b.is_ascii_graphic()) {
+                // Sent as `Authorization: Bearer <token>`, whose value loses leading and trailing
+                // whitespace and cannot carry control characters: such a token never matches.
+                let v = t.expose();
+                if !v.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) || v.trim() != v {
                     p.push(format!(
-                        "api.tokens[{i}]: must be printable ASCII without spaces (a client could never send it)"
+                        "api.tokens[{i}]: must be printable ASCII, without control characters or leading or trailing spaces (a client could never send it)"
                     ));
                 }
             }
@@ -535,6 +537,9 @@ fn describe_figment_error(e: figment::Error) -> String {
                 "invalid type: found {}, expected {expected}",
                 without_text(actual)
             )
+        }
+        figment::error::Kind::UnknownVariant(_, expected) => {
+            format!("unknown variant, expected one of {}", expected.join(", "))
         }
         figment::error::Kind::InvalidValue(actual, expected) => {
             format!(

@@ -128,6 +128,7 @@ fn url_passwords_are_masked() {
     for (url, secret) in [
         ("postgres://app:s3/cr3t@db:5432/app", "s3/cr3t"),
         ("postgres://app:pa?ss@db/app?sslmode=require", "pa?ss"),
+        ("postgres://app:p@ss@db/app", "ss@"),
     ] {
         let shown = mask_url_password(url);
         assert!(!shown.contains(secret), "{shown}");
@@ -211,4 +212,21 @@ fn a_secret_written_where_a_list_belongs_is_not_repeated_in_the_error() {
         "{err}"
     );
     assert!(!err.contains("my-real-token"), "{err}");
+    // A secret where a choice belongs.
+    let err = Config::from_toml_str(
+        r#"
+        [database]
+        url = "postgres://app@127.0.0.1/app"
+        [[endpoints]]
+        id = "e"
+        url = "https://example.com/a"
+        events = ["*"]
+        secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+        signature = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+        "#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown variant"), "{err}");
+    assert!(!err.contains("MfKQ9r8"), "{err}");
 }

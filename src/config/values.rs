@@ -197,9 +197,16 @@ pub(super) fn toml_string(s: &str) -> String {
 pub fn mask_url_password(url: &str) -> String {
     if let Some(scheme_end) = url.find("://") {
         let rest = &url[scheme_end + 3..];
-        // As the driver reads it: the credentials run to the first `@`, wherever it is (a
-        // password with `/` or `?` in it is still a password).
-        let mut masked = match rest.find('@') {
+        // The driver reads the credentials to the first `@`, wherever it is (a password with `/`
+        // or `?` in it is still a password); a raw `@` in a password (the URL then fails) is
+        // hidden too: up to the last `@` before the path that follows the first.
+        let at = rest.find('@').map(|first| {
+            let path = rest[first..]
+                .find(['/', '?'])
+                .map_or(rest.len(), |p| first + p);
+            rest[..path].rfind('@').unwrap_or(first)
+        });
+        let mut masked = match at {
             Some(at) => match rest[..at].find(':') {
                 Some(colon) => format!(
                     "{}{}:{REDACTED}{}",

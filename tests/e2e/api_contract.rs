@@ -173,6 +173,10 @@ async fn the_api_without_a_token_refuses_foreign_pages_and_hosts() {
     assert_eq!(call(vec![]).await.0, 200);
     let same = format!("http://127.0.0.1:{port}");
     assert_eq!(call(vec![("origin", same)]).await.0, 200);
+    for host in ["localhost.", "LOCALHOST", "[::ffff:127.0.0.1]"] {
+        let header = vec![("host", format!("{host}:{port}"))];
+        assert_eq!(call(header).await.0, 200, "{host}");
+    }
     for headers in [
         vec![("origin", "https://evil.example".to_string())],
         vec![("host", format!("evil.example:{port}"))],
