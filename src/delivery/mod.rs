@@ -262,7 +262,9 @@ impl Worker {
                         } else {
                             free
                         };
-                        let whole = Room::Whole(self.capacity.payload_room());
+                        // Less a KiB: a payload that fits the room exactly would be charged
+                        // a KiB more than is left (see `charge_kib`) and handed back.
+                        let whole = Room::Whole(self.capacity.payload_room() - 1024);
                         (slots, self.capacity.reserve_per_endpoint(), whole)
                     } else {
                         (Vec::new(), 0, room)

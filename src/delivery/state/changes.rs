@@ -114,6 +114,34 @@ pub async fn cancel_ineligible(
 // Transitions an operator asks for through the API. A keyed delivery changes only under its
 // key's lock, and rejoins its key's queue rather than jumping it (`ordering`).
 
+/// Locks an endpoint's row against changes (a tenant change updates it) until the transaction
+/// ends, so what a retry or replay reads of it stays true while it moves deliveries.
+async fn lock_endpoint(
+    tx: &Transaction<'_>,
+    schema: &Schema,
+    endpoint: &str,
+) -> anyhow::Result<()> {
+    tx.execute(
+        &schema.sql("SELECT 1 FROM __SCHEMA__.endpoints WHERE id = $1 FOR SHARE"),
+        &[&endpoint],
+    )
+    .await?;
+    Ok(())
+}
+
+/// [`lock_endpoint`] for the endpoint of delivery `id`.
+async fn lock_endpoint_of(tx: &Transaction<'_>, schema: &Schema, id: Uuid) -> anyhow::Result<()> {
+    tx.execute(
+        &schema.sql(
+            "SELECT 1 FROM __SCHEMA__.endpoints e JOIN __SCHEMA__.deliveries d ON d.endpoint_id = e.id
+             WHERE d.id = $1 FOR SHARE OF e",
+        ),
+        &[&id],
+    )
+    .await?;
+    Ok(())
+}
+
 /// The (endpoint, key) of keyed deliveries among `ids`.
 async fn keys_of(tx: &Transaction<'_>, schema: &Schema, ids: &[Uuid]) -> anyhow::Result<Keys> {
     let mut keys = Keys::default();
@@ -146,6 +174,10 @@ pub async fn retry_now(
     let tx = client.transaction().await?;
     let keys = keys_of(&tx, schema, &[id]).await?;
     ordering.lock(&tx, &keys).await?;
+    // Then the endpoint's row, shared (after the key, as a settle that disables it does): a
+    // tenant change (which updates it) waits for this retry, or this retry for it and then sees
+    // its tenant.
+    lock_endpoint_of(&tx, schema, id).await?;
     let moved = tx
         .execute(
             &schema.sql(&format!(
@@ -192,6 +224,8 @@ pub async fn replay_failed(
         keys.push(endpoint_id, r.get(0));
     }
     ordering.lock(&tx, &keys).await?;
+    // As in `retry_now`: the endpoint's row after the keys.
+    lock_endpoint(&tx, schema, endpoint_id).await?;
     let moved = tx
         .query(
             &schema.sql(&format!(

@@ -231,7 +231,8 @@ impl DeliveryStore {
                     UPDATE __SCHEMA__.endpoint_flow f
                     SET consecutive_failures = 0,
                         window_started_at = CASE WHEN l.ended THEN now() ELSE f.window_started_at END,
-                        window_attempts = CASE WHEN l.ended THEN l.n ELSE f.window_attempts + l.n END,
+                        window_attempts = CASE WHEN l.ended THEN l.n
+                                               ELSE LEAST(f.window_attempts::bigint + l.n, 2147483647) END,
                         window_failures = CASE WHEN l.ended THEN 0 ELSE f.window_failures END,
                         updated_at = now()
                     FROM (SELECT x.endpoint_id, h.n,

@@ -168,11 +168,26 @@ async fn successes_after_a_failure_start_a_new_window_and_never_overflow_it() {
             request_headers: None,
         },
     };
-    store.settle(owner, &[ack]).await.unwrap();
+    store.settle(owner, &[ack.clone()]).await.unwrap();
     let (attempts, failures) = s
         .pairs::<i32, i32>("SELECT window_attempts, window_failures FROM __SCHEMA__.endpoint_flow")
         .await[0];
     assert_eq!((attempts, failures), (1, 0));
+    // Within a window that has not ended (a long `window`), the count stops at its ceiling.
+    let id = Uuid::now_v7();
+    s.run(&format!(
+        "UPDATE __SCHEMA__.endpoint_flow SET window_started_at = now(), window_attempts = 2147483647, window_failures = 1;
+         INSERT INTO __SCHEMA__.deliveries
+            (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at)
+         VALUES ('{id}', 2, gen_random_uuid(), 't', 'e', 'delivering', 1, '{owner}', now() + interval '1 minute')"
+    ))
+    .await;
+    let ack = Ack { id, ..ack };
+    store.settle(owner, &[ack]).await.unwrap();
+    let (attempts, failures) = s
+        .pairs::<i32, i32>("SELECT window_attempts, window_failures FROM __SCHEMA__.endpoint_flow")
+        .await[0];
+    assert_eq!((attempts, failures), (2147483647, 1));
     s.drop_schema().await;
 }
 
@@ -387,5 +402,63 @@ async fn the_reaper_and_a_late_settle_of_the_same_head_do_not_deadlock() {
     touched.expect("the settle was failed to break a deadlock");
     tx.commit().await.unwrap();
     assert_eq!(reaper.await.unwrap().expect("the reaper was failed"), 1);
+    s.drop_schema().await;
+}
+
+/// An operator's retry racing a tenant change: the retry waits for the change and then sees the
+/// new tenant, so it cannot move a delivery the change's cancel has already looked past.
+#[tokio::test]
+async fn a_retry_racing_a_tenant_change_sees_the_new_tenant() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    s.run(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source, tenant) VALUES ('e', 'http://127.0.0.1:9/a', '{*}', 'api', 'acme');
+         INSERT INTO __SCHEMA__.outbox (event_type, payload, tenant, dispatched_at) VALUES ('t', '{}', 'acme', now());
+         INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status, attempts)
+         VALUES (1, gen_random_uuid(), 't', 'e', 'failed', 1)",
+    )
+    .await;
+    let id: Uuid = s
+        .pairs::<Uuid, i64>("SELECT id, outbox_id FROM __SCHEMA__.deliveries")
+        .await[0]
+        .0;
+    // The tenant change, as the API makes it: the endpoint, then the cancel, one transaction.
+    let mut changer = pool.get().await.unwrap();
+    let change = changer.transaction().await.unwrap();
+    change
+        .batch_execute(
+            &schema.sql("UPDATE __SCHEMA__.endpoints SET tenant = 'globex' WHERE id = 'e'"),
+        )
+        .await
+        .unwrap();
+    crate::delivery::state::cancel_ineligible(&change, &schema, "e")
+        .await
+        .unwrap();
+    let retry = {
+        let (pool, schema) = (pool.clone(), schema.clone());
+        tokio::spawn(async move {
+            let mut client = pool.get().await.unwrap();
+            let ordering = ordering::Ordering::new(&schema, OnFailure::Skip);
+            crate::delivery::state::retry_now(
+                &mut client,
+                &schema,
+                &ordering,
+                id,
+                DeliveryStatus::Failed,
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    change.commit().await.unwrap();
+    assert!(
+        !retry.await.unwrap().unwrap(),
+        "the retry moved the old tenant's delivery"
+    );
+    let status = s
+        .pairs::<String, i64>("SELECT status::text, outbox_id FROM __SCHEMA__.deliveries")
+        .await;
+    assert_eq!(status[0].0, "failed");
     s.drop_schema().await;
 }
