@@ -168,7 +168,10 @@ async fn successes_after_a_failure_start_a_new_window_and_never_overflow_it() {
             request_headers: None,
         },
     };
-    store.settle(owner, &[ack.clone()]).await.unwrap();
+    store
+        .settle(owner, std::slice::from_ref(&ack))
+        .await
+        .unwrap();
     let (attempts, failures) = s
         .pairs::<i32, i32>("SELECT window_attempts, window_failures FROM __SCHEMA__.endpoint_flow")
         .await[0];
