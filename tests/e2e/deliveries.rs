@@ -512,3 +512,46 @@ async fn a_retenanted_endpoint_gets_no_retry_or_replay_of_the_old_tenants_events
         .await;
     assert_eq!((s, &v["requeued"]), (202, &json!(1)), "{v}");
 }
+
+/// A keyed delivery in flight when its endpoint moves to another tenant is left to finish (its
+/// key's next must not start beside it); if that attempt fails, the delivery is cancelled, not
+/// retried to the endpoint's new tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_attempt_in_flight_at_a_tenant_change_is_not_retried_to_the_new_tenant() {
+    let receiver =
+        Receiver::start(|_, _| Reply::status(500).after(Duration::from_millis(1500))).await;
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let created = ops
+        .create(
+            &receiver.url,
+            json!({"tenant": "acme", "retry": {"schedule": ["100ms", "100ms"], "jitter": 0.0}}),
+        )
+        .await;
+    let id = created["id"].as_str().unwrap();
+    let client = ops.db.client().await;
+    client
+        .execute(
+            "INSERT INTO postern.outbox (event_type, payload, tenant, ordering_key) VALUES ('order.created', '{}', 'acme', 'k')",
+            &[],
+        )
+        .await
+        .unwrap();
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    let (s, v) = ops
+        .call(
+            "PATCH",
+            &format!("/endpoints/{id}"),
+            Some(json!({"tenant": "globex"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'cancelled'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(receiver.count(), 1, "the old tenant's event went out again");
+}

@@ -86,8 +86,9 @@ pub const FOR_ITS_ENDPOINT: &str = "(o.target_endpoint IS NOT DISTINCT FROM e.id
 /// Pending | paused | queued | delivering -> cancelled, after an endpoint's tenant changed, for
 /// events the tenant rules no longer give it (a replica holding one finds its outcome fenced off).
 /// Targeted events (a test event) stay, and so does a keyed delivery in flight (cancelling it
-/// would let its key's next one go while it is still being sent). Keys whose head this cancels
-/// move on by the sweeper.
+/// would let its key's next one go while it is still being sent): if that attempt does not
+/// deliver, its settle cancels it rather than make it due again (the ack statement). Keys whose
+/// head this cancels move on by the sweeper.
 pub async fn cancel_ineligible(
     tx: &Transaction<'_>,
     schema: &Schema,

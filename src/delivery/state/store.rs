@@ -213,6 +213,14 @@ impl DeliveryStore {
                     UPDATE __SCHEMA__.deliveries d
                     SET status = CASE
                             WHEN u.status <> 'delivered' AND e.deleted_at IS NOT NULL THEN 'cancelled'
+                            -- A keyed attempt left in flight by a tenant change (see
+                            -- `cancel_ineligible`) is not tried again for the new tenant. Looked up
+                            -- only for a keyed delivery due again at an endpoint with a tenant.
+                            WHEN u.status = 'pending' AND d.ordering_key IS NOT NULL
+                                 AND e.tenant IS DISTINCT FROM '*'
+                                 AND EXISTS (SELECT 1 FROM __SCHEMA__.outbox o WHERE o.id = d.outbox_id
+                                             AND o.target_endpoint IS DISTINCT FROM e.id
+                                             AND e.tenant IS DISTINCT FROM o.tenant) THEN 'cancelled'
                             WHEN u.status = 'pending' AND NOT e.active THEN 'paused'
                             ELSE u.status END,
                         next_attempt_at = COALESCE(u.next_at, d.next_attempt_at),
