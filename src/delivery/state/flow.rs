@@ -55,6 +55,12 @@ impl FlowDefaults {
         }
     }
 
+    /// The breaker's window for endpoints that set none, in seconds (`breaker` has every key
+    /// filled; were it not, a window of 0 ends at once, so no count could grow).
+    pub fn window_seconds(&self) -> f64 {
+        self.breaker.window.map_or(0.0, |d| d.0.as_secs_f64())
+    }
+
     pub fn probe_seconds(&self) -> f64 {
         self.breaker
             .probe_interval
@@ -187,11 +193,6 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// What `record_flow` takes as `p_defaults` (the breaker's window among them).
-    pub fn defaults(&self) -> &serde_json::Value {
-        &self.defaults
-    }
-
     pub fn new(schema: &Schema, defaults: &FlowDefaults) -> Self {
         Self {
             record: schema.sql("SELECT * FROM __SCHEMA__.record_flow($1, $2, $3, $4, $5, $6, $7, $8)"),

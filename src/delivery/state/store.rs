@@ -245,7 +245,7 @@ impl DeliveryStore {
                         updated_at = now()
                     FROM (SELECT x.endpoint_id, h.n,
                                  x.window_started_at < now() - make_interval(secs =>
-                                     (($14::jsonb || COALESCE(e.breaker, '{}'::jsonb))->>'window_s')::float8) AS ended
+                                     COALESCE((e.breaker->>'window_s')::float8, $14::float8)) AS ended
                           FROM __SCHEMA__.endpoint_flow x
                           JOIN unnest($11::text[], $12::int[]) AS h(id, n) ON h.id = x.endpoint_id
                           JOIN __SCHEMA__.endpoints e ON e.id = x.endpoint_id
@@ -475,7 +475,7 @@ impl DeliveryStore {
             // healthy endpoints go through `record_flow` with the rest, not the ack statement.
             flow.fold_healthy_into_record();
         }
-        let defaults = self.flow.defaults();
+        let window_s = self.flow_defaults.window_seconds();
         let params: [&(dyn ToSql + Sync); 14] = [
             &owner,
             &ids,
@@ -490,7 +490,7 @@ impl DeliveryStore {
             &flow.healthy,
             &flow.healthy_attempts,
             &sent,
-            defaults,
+            &window_s,
         ];
         if alone {
             // The usual case: one statement in a transaction of its own, sent as one pipelined
