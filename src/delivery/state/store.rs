@@ -244,11 +244,13 @@ impl DeliveryStore {
                         window_failures = CASE WHEN l.ended THEN 0 ELSE f.window_failures END,
                         updated_at = now()
                     FROM (SELECT x.endpoint_id, h.n,
-                                 x.window_started_at < now() - make_interval(secs =>
-                                     COALESCE((e.breaker->>'window_s')::float8, $14::float8)) AS ended
+                                 -- The endpoint's own window, read only for a row found here:
+                                 -- joined, the plan read every endpoint on every settle.
+                                 x.window_started_at < now() - make_interval(secs => COALESCE(
+                                     (SELECT (e.breaker->>'window_s')::float8 FROM __SCHEMA__.endpoints e
+                                      WHERE e.id = x.endpoint_id), $14::float8)) AS ended
                           FROM __SCHEMA__.endpoint_flow x
                           JOIN unnest($11::text[], $12::int[]) AS h(id, n) ON h.id = x.endpoint_id
-                          JOIN __SCHEMA__.endpoints e ON e.id = x.endpoint_id
                           WHERE x.opened_at IS NULL AND (x.consecutive_failures > 0 OR x.window_failures > 0)
                           ORDER BY x.endpoint_id FOR UPDATE OF x) l
                     WHERE f.endpoint_id = l.endpoint_id
