@@ -5,6 +5,12 @@ use crate::config::{BreakerConfig, OnFailure};
 use crate::db;
 use crate::db::scratch::Scratch;
 
+/// The store the pipeline would have over `pool`, with the default breaker.
+fn store_in(pool: &Pool, schema: &crate::db::Schema, on_failure: OnFailure) -> DeliveryStore {
+    let defaults = flow::FlowDefaults::new(None, &BreakerConfig::default(), 16);
+    DeliveryStore::new(pool.clone(), schema, on_failure, defaults)
+}
+
 /// The sweeper runs on every reaper tick for each endpoint changed within the hour: its work must
 /// not grow with the deliveries an endpoint has finished (the table's bulk), or an endpoint's
 /// change makes every tick scan the whole table for an hour.
@@ -32,12 +38,7 @@ async fn the_sweep_reads_only_waiting_deliveries() {
         ))
         .await
         .unwrap();
-    let store = DeliveryStore::new(
-        pool.clone(),
-        &schema,
-        OnFailure::Skip,
-        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
-    );
+    let store = store_in(&pool, &schema, OnFailure::Skip);
     // The statement's own work, counted in buffers, inside a transaction rolled back.
     client.batch_execute("BEGIN").await.unwrap();
     let plan: serde_json::Value = client
@@ -101,12 +102,7 @@ async fn paused_deliveries_of_an_endpoint_active_for_hours_become_due() {
          SELECT g, gen_random_uuid(), 't', 'on', 'paused' FROM generate_series(1, 5) g",
     )
     .await;
-    let store = DeliveryStore::new(
-        pool.clone(),
-        &schema,
-        OnFailure::Skip,
-        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
-    );
+    let store = store_in(&pool, &schema, OnFailure::Skip);
     // Outside the window of every tick, inside that of the pruning interval's.
     assert_eq!(store.sweep(500).await.unwrap(), 0);
     assert_eq!(store.sweep_all(500).await.unwrap(), 5);
@@ -144,12 +140,7 @@ async fn successes_after_a_failure_start_a_new_window_and_never_overflow_it() {
          VALUES ('{id}', 1, gen_random_uuid(), 't', 'e', 'delivering', 1, '{owner}', now() + interval '1 minute')"
     ))
     .await;
-    let store = DeliveryStore::new(
-        pool.clone(),
-        &schema,
-        OnFailure::Skip,
-        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
-    );
+    let store = store_in(&pool, &schema, OnFailure::Skip);
     let ack = Ack {
         id,
         attempt: 1,
@@ -218,12 +209,7 @@ async fn only_deliveries_waiting_for_tokens_count_as_held_by_the_rate() {
          FROM generate_series(1, 4) g",
     )
     .await;
-    let store = DeliveryStore::new(
-        pool.clone(),
-        &schema,
-        OnFailure::Skip,
-        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
-    );
+    let store = store_in(&pool, &schema, OnFailure::Skip);
     let (claimed, held) = store
         .claim(
             true,
@@ -262,12 +248,7 @@ async fn the_reaper_fails_a_keyed_head_and_blocks_its_key_in_one_transaction() {
                 (2, gen_random_uuid(), 't', 'e', 'queued', 0, NULL, NULL, 0, 'k')",
     )
     .await;
-    let store = std::sync::Arc::new(DeliveryStore::new(
-        pool.clone(),
-        &schema,
-        OnFailure::Block,
-        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
-    ));
+    let store = std::sync::Arc::new(store_in(&pool, &schema, OnFailure::Block));
     // Another writer holds the key.
     let mut holder = pool.get().await.unwrap();
     let tx = holder.transaction().await.unwrap();
@@ -324,12 +305,7 @@ async fn a_claim_short_of_room_takes_only_payloads_that_fit_whole() {
                 (2, gen_random_uuid(), 't', 'small', 'pending', now() - interval '1 second')",
     )
     .await;
-    let store = DeliveryStore::new(
-        pool.clone(),
-        &schema,
-        OnFailure::Skip,
-        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
-    );
+    let store = store_in(&pool, &schema, OnFailure::Skip);
     let claim = |room| {
         let store = &store;
         async move {
@@ -375,12 +351,7 @@ async fn the_reaper_and_a_late_settle_of_the_same_head_do_not_deadlock() {
          VALUES (1, gen_random_uuid(), 't', 'e', 'delivering', 1, gen_random_uuid(), now() - interval '1 second', 2, 'k')",
     )
     .await;
-    let store = std::sync::Arc::new(DeliveryStore::new(
-        pool.clone(),
-        &schema,
-        OnFailure::Block,
-        flow::FlowDefaults::new(None, &BreakerConfig::default(), 16),
-    ));
+    let store = std::sync::Arc::new(store_in(&pool, &schema, OnFailure::Block));
     // A settle: the key first...
     let mut settler = pool.get().await.unwrap();
     let tx = settler.transaction().await.unwrap();
