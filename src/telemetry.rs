@@ -314,9 +314,15 @@ pub struct Health {
     pub schema: AtomicBool,
     pub pipeline: AtomicBool,
     pub stopping: AtomicBool,
-    /// A fault of this replica (a secret it cannot decrypt, a pipeline task that stopped): the
-    /// first reason reported stays until the process restarts.
+    /// A fault of this replica (a pipeline task that stopped): the first reason reported stays
+    /// until the process restarts.
     fault: std::sync::Mutex<Option<String>>,
+    /// Endpoints whose deliveries this replica cannot prepare (a secret it cannot decrypt), each
+    /// with the reason: a fault lasts until that endpoint's next delivery prepares, so a value
+    /// repaired (or a key supplied) does not need a restart to make the replica ready again.
+    endpoint_faults: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+    /// Whether `endpoint_faults` holds any: read on every attempt, locked only when it does.
+    any_endpoint_fault: AtomicBool,
     /// Where the inbound proxy listens, when configured.
     pub inbound: Option<SocketAddr>,
 }
@@ -337,8 +343,38 @@ impl Health {
         }
     }
 
+    /// Marks the replica unready while it cannot prepare deliveries to `endpoint`.
+    pub fn set_endpoint_fault(&self, endpoint: &str, reason: impl Into<String>) {
+        let mut faults = self.endpoint_faults.lock().expect("endpoint faults");
+        faults
+            .entry(endpoint.to_string())
+            .or_insert_with(|| reason.into());
+        self.any_endpoint_fault.store(true, Ordering::Relaxed);
+    }
+
+    /// A delivery to `endpoint` was prepared: whatever kept it from being prepared is gone.
+    pub fn clear_endpoint_fault(&self, endpoint: &str) {
+        if !self.any_endpoint_fault.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut faults = self.endpoint_faults.lock().expect("endpoint faults");
+        if faults.remove(endpoint).is_some() {
+            tracing::info!(
+                endpoint.id = endpoint,
+                "deliveries to the endpoint can be prepared again"
+            );
+        }
+        self.any_endpoint_fault
+            .store(!faults.is_empty(), Ordering::Relaxed);
+    }
+
+    /// The replica's own fault, else the first endpoint's.
     pub fn fault(&self) -> Option<String> {
-        self.fault.lock().expect("health fault").clone()
+        let fault = self.fault.lock().expect("health fault").clone();
+        fault.or_else(|| {
+            let faults = self.endpoint_faults.lock().expect("endpoint faults");
+            faults.values().next().cloned()
+        })
     }
 
     /// `Err(reason)` while not ready.
@@ -533,5 +569,29 @@ pub mod inbound_tally {
             assert_eq!(reasons.get("signature_mismatch"), Some(&2));
             assert_eq!(reasons.len(), 1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_fault_lasts_until_that_endpoint_prepares_again() {
+        let health = Health::new(None);
+        for flag in [&health.database, &health.schema, &health.pipeline] {
+            flag.store(true, Ordering::Relaxed);
+        }
+        assert_eq!(health.readiness(), Ok(()));
+        health.set_endpoint_fault("a", "cannot open a");
+        health.set_endpoint_fault("b", "cannot open b");
+        health.clear_endpoint_fault("a");
+        assert_eq!(health.readiness(), Err("cannot open b".into()));
+        health.clear_endpoint_fault("b");
+        assert_eq!(health.readiness(), Ok(()));
+        // The replica's own faults stay.
+        health.set_fault("a pipeline task stopped");
+        health.clear_endpoint_fault("a");
+        assert_eq!(health.readiness(), Err("a pipeline task stopped".into()));
     }
 }

@@ -375,6 +375,7 @@ pub fn start(
                 },
                 signals.clone(),
                 capacity.clone(),
+                health.clone(),
                 metrics.clone(),
                 shutdown.child_token(),
             ),

@@ -92,14 +92,18 @@ impl AttemptContext {
             }
         };
         let headers = match build_headers(&d, &body, &self.secrets) {
-            Ok(h) => h,
+            Ok(h) => {
+                self.health.clear_endpoint_fault(&d.endpoint_id);
+                h
+            }
             Err(e) => {
                 let reason = format!(
                     "this replica cannot prepare deliveries to endpoint {}: {e}",
                     d.endpoint_id
                 );
                 tracing::error!(error = %reason, "delivery deferred; the replica is marked unready");
-                self.health.set_fault(reason.clone());
+                self.health
+                    .set_endpoint_fault(&d.endpoint_id, reason.clone());
                 return Err(Deferral {
                     id: d.id,
                     attempt: d.attempt,

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Capacity;
 use crate::endpoints::Announce;
-use crate::telemetry::{Metrics, PassLabel, ProbeLabel};
+use crate::telemetry::{Health, Metrics, PassLabel, ProbeLabel};
 use dispatcher::Dispatcher;
 
 /// Shared between the listener, the dispatcher and the worker of one replica.
@@ -43,7 +43,8 @@ pub struct Signals {
 
 /// Keeps one LISTEN connection up, reconnecting with backoff, and rings `outbox_changed` for every
 /// notification and after every (re)connect.
-/// Endpoint changes announced on `channels.endpoints` reach `capacity` (stop, resume, revoke).
+/// Endpoint changes announced on `channels.endpoints` reach `capacity` (stop, resume, revoke)
+/// and `health` (a stopped endpoint's fault is cleared).
 #[allow(clippy::too_many_arguments)]
 pub async fn listen(
     url: String,
@@ -52,6 +53,7 @@ pub async fn listen(
     channels: Channels,
     signals: Arc<Signals>,
     capacity: Arc<Capacity>,
+    health: Arc<Health>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
@@ -59,7 +61,7 @@ pub async fn listen(
     while !cancel.is_cancelled() {
         let started = std::time::Instant::now();
         let result = listen_once(
-            &url, &tls, mode, &channels, &signals, &capacity, &metrics, &cancel,
+            &url, &tls, mode, &channels, &signals, &capacity, &health, &metrics, &cancel,
         )
         .await;
         let wait = next_listen_delay(delay, result.is_ok(), started.elapsed());
@@ -131,6 +133,7 @@ async fn listen_once(
     channels: &Channels,
     signals: &Arc<Signals>,
     capacity: &Capacity,
+    health: &Health,
     metrics: &Metrics,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -181,17 +184,17 @@ async fn listen_once(
         signals.outbox_window_us.store(u64::MAX, Ordering::Relaxed);
         signals.outbox_changed.notify_one();
         capacity.revoke_all();
-        let mut health = tokio::time::interval(Duration::from_secs(15));
-        health.tick().await;
+        let mut keepalive = tokio::time::interval(Duration::from_secs(15));
+        keepalive.tick().await;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 message = rx.recv() => match message {
-                    Some(n) => endpoint_changed(capacity, &signals.sweep_now, n.payload()),
+                    Some(n) => endpoint_changed(capacity, health, &signals.sweep_now, n.payload()),
                     None => anyhow::bail!("listener connection closed"),
                 },
                 // A silently dead connection would never deliver another notification.
-                _ = health.tick() => { client.simple_query("SELECT 1").await?; }
+                _ = keepalive.tick() => { client.simple_query("SELECT 1").await?; }
             }
         }
     }
@@ -200,7 +203,7 @@ async fn listen_once(
     result
 }
 
-fn endpoint_changed(capacity: &Capacity, sweep_now: &Notify, payload: &str) {
+fn endpoint_changed(capacity: &Capacity, health: &Health, sweep_now: &Notify, payload: &str) {
     let Some((what, endpoint)) = Announce::parse(payload) else {
         tracing::warn!(
             payload,
@@ -214,7 +217,11 @@ fn endpoint_changed(capacity: &Capacity, sweep_now: &Notify, payload: &str) {
         "endpoint changed"
     );
     match what {
-        Announce::Stop => capacity.stop(endpoint),
+        Announce::Stop => {
+            capacity.stop(endpoint);
+            // Nothing more goes to it here: a fault it raised no longer says anything.
+            health.clear_endpoint_fault(endpoint);
+        }
         Announce::Resume => capacity.resume(endpoint),
         Announce::Revoke => capacity.revoke(endpoint),
     }

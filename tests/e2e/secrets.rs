@@ -231,3 +231,74 @@ async fn stored_values(client: &tokio_postgres::Client) -> (String, String) {
         .unwrap();
     (row.get(0), row.get(1))
 }
+
+/// The fault an unopenable secret raises belongs to its endpoint and lasts only as long as the
+/// cause: once the stored value opens again (repaired by hand here), the endpoint's next delivery
+/// goes out and `/readyz` is 200 again, without a restart. One damaged row must not keep the pod
+/// (a native sidecar's readiness is the pod's) out of its Services for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repaired_secret_clears_its_endpoints_fault_without_a_restart() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let admin_port = dead_port().await;
+    let config = with_keys(&base_config(&db), &db, KEY_A, &[])
+        + &endpoint("e", &receiver.url, &["*"], "")
+        + &format!("\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n");
+    let _postern = Postern::start(&config).await;
+    let client = db.client().await;
+    let readyz = || async {
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let resp = http
+            .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    let ready_within = |limit: Duration| async move {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let (status, body) = readyz().await;
+            if status == 200 {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "unready: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    publish_one(&client, "order.created", json!({})).await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    ready_within(Duration::from_secs(10)).await;
+    let good: String = client
+        .query_one("SELECT secret FROM postern.endpoint_secrets", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .batch_execute(
+            "UPDATE postern.endpoint_secrets
+             SET secret = regexp_replace(secret, '.....$', 'AAAA=')",
+        )
+        .await
+        .unwrap();
+    publish_one(&client, "order.created", json!({})).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'pending' AND attempts = 0",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let (status, body) = readyz().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("endpoint e"), "{body}");
+
+    // Repaired: the next event's delivery prepares, and the fault goes with its cause.
+    client
+        .execute("UPDATE postern.endpoint_secrets SET secret = $1", &[&good])
+        .await
+        .unwrap();
+    publish_one(&client, "order.created", json!({})).await;
+    receiver.wait_count(2, Duration::from_secs(10)).await;
+    ready_within(Duration::from_secs(5)).await;
+}
