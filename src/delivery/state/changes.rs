@@ -83,6 +83,18 @@ pub async fn cancel_unfinished(
 pub const FOR_ITS_ENDPOINT: &str = "(o.target_endpoint IS NOT DISTINCT FROM e.id
     OR e.tenant IS NOT DISTINCT FROM '*' OR e.tenant IS NOT DISTINCT FROM o.tenant)";
 
+/// A keyed delivery a tenant change left in flight (see [`cancel_ineligible`]), as it comes
+/// back due (an attempt that did not deliver, a hand-back, a deferral, a lapsed lease): it is
+/// cancelled instead, never sent to the new tenant. `d` is the delivery, `e` its endpoint; the
+/// outbox is read only for a keyed delivery at an endpoint with a tenant.
+pub fn keyed_for_another_tenant() -> String {
+    format!(
+        "(d.ordering_key IS NOT NULL AND e.tenant IS DISTINCT FROM '*'
+          AND EXISTS (SELECT 1 FROM __SCHEMA__.outbox o WHERE o.id = d.outbox_id
+                      AND NOT {FOR_ITS_ENDPOINT}))"
+    )
+}
+
 /// Pending | paused | queued | delivering -> cancelled, after an endpoint's tenant changed, for
 /// events the tenant rules no longer give it (a replica holding one finds its outcome fenced off).
 /// Targeted events (a test event) stay, and so does a keyed delivery in flight (cancelling it

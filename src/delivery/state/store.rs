@@ -47,6 +47,7 @@ impl DeliveryStore {
         on_failure: crate::config::OnFailure,
         flow_defaults: flow::FlowDefaults,
     ) -> Self {
+        let another_tenant = super::keyed_for_another_tenant();
         Self {
             pool,
             ordering: ordering::Ordering::new(schema, on_failure),
@@ -54,7 +55,7 @@ impl DeliveryStore {
             flow_defaults,
             claim_plain: schema.sql(CLAIM_PLAIN),
             claim: schema.sql(CLAIM_GATED),
-            ack: schema.sql(
+            ack: schema.sql(&format!(
                 "WITH u AS (
                     SELECT * FROM unnest($2::uuid[], $3::int[], $4::text[], $5::timestamptz[], $6::int[],
                                          $7::text[], $8::timestamptz[], $9::int[], $10::bytea[], $13::text[])
@@ -64,14 +65,9 @@ impl DeliveryStore {
                     UPDATE __SCHEMA__.deliveries d
                     SET status = CASE
                             WHEN u.status <> 'delivered' AND e.deleted_at IS NOT NULL THEN 'cancelled'
-                            -- A keyed attempt left in flight by a tenant change (see
-                            -- `cancel_ineligible`) is not tried again for the new tenant. Looked up
-                            -- only for a keyed delivery due again at an endpoint with a tenant.
-                            WHEN u.status = 'pending' AND d.ordering_key IS NOT NULL
-                                 AND e.tenant IS DISTINCT FROM '*'
-                                 AND EXISTS (SELECT 1 FROM __SCHEMA__.outbox o WHERE o.id = d.outbox_id
-                                             AND o.target_endpoint IS DISTINCT FROM e.id
-                                             AND e.tenant IS DISTINCT FROM o.tenant) THEN 'cancelled'
+                            -- Nor tried again, nor left failed to block its key: see
+                            -- `keyed_for_another_tenant`.
+                            WHEN u.status IN ('pending', 'failed') AND {another_tenant} THEN 'cancelled'
                             WHEN u.status = 'pending' AND NOT e.active THEN 'paused'
                             ELSE u.status END,
                         next_attempt_at = COALESCE(u.next_at, d.next_attempt_at),
@@ -111,8 +107,8 @@ impl DeliveryStore {
                      request_headers)
                  SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.status_code, u.response_excerpt,
                         u.error, u.request_headers
-                 FROM u JOIN upd ON upd.id = u.id",
-            ),
+                 FROM u JOIN upd ON upd.id = u.id"
+            )),
             disable_gone: schema.sql(
                 "UPDATE __SCHEMA__.endpoints
                  SET active = false, disabled_reason = 'the endpoint answered 410 Gone', updated_at = now()
@@ -120,16 +116,17 @@ impl DeliveryStore {
             ),
             // In the state its endpoint calls for: a delivery handed back because its endpoint was
             // stopped must not become claimable again.
-            hand_back: schema.sql(
+            // Keys whose head this cancels move on by the sweeper (as after `cancel_ineligible`).
+            hand_back: schema.sql(&format!(
                 "UPDATE __SCHEMA__.deliveries d
-                 SET status = CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                 SET status = CASE WHEN e.deleted_at IS NOT NULL OR {another_tenant} THEN 'cancelled'
                                    WHEN e.active THEN 'pending' ELSE 'paused' END,
                      attempts = d.attempts - 1, lease_owner = NULL,
                      lease_expires_at = NULL, next_attempt_at = now(), updated_at = now()
                  FROM unnest($2::uuid[], $3::int[]) AS u(id, attempt), __SCHEMA__.endpoints e
                  WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
-                   AND d.lease_owner = $1 AND e.id = d.endpoint_id",
-            ),
+                   AND d.lease_owner = $1 AND e.id = d.endpoint_id"
+            )),
             fan_out_lock: schema.fan_out_lock_key(),
             // Every replica stops sending to an endpoint that answered 410 (held deliveries back).
             announce_gone: format!(
@@ -140,9 +137,9 @@ impl DeliveryStore {
             sweep_all: schema.sql(&sweep_sql("")),
             // Not attempted (no request went out), so the claim's attempt count is undone; due
             // again after a delay, with the reason, in the state its endpoint calls for.
-            defer: schema.sql(
+            defer: schema.sql(&format!(
                 "UPDATE __SCHEMA__.deliveries d
-                 SET status = CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                 SET status = CASE WHEN e.deleted_at IS NOT NULL OR {another_tenant} THEN 'cancelled'
                                    WHEN e.active THEN 'pending' ELSE 'paused' END,
                      attempts = d.attempts - 1, lease_owner = NULL, lease_expires_at = NULL,
                      next_attempt_at = now() + make_interval(secs => $5), last_error = u.reason,
@@ -150,27 +147,27 @@ impl DeliveryStore {
                  FROM unnest($2::uuid[], $3::int[], $4::text[]) AS u(id, attempt, reason),
                       __SCHEMA__.endpoints e
                  WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
-                   AND d.lease_owner = $1 AND e.id = d.endpoint_id",
-            ),
+                   AND d.lease_owner = $1 AND e.id = d.endpoint_id"
+            )),
             // A lapsed lease means the replica died (or stalled) mid-attempt: whether the request
             // went out is unknown, so the attempt is recorded as such and the delivery is due again.
             // A delivery whose leases lapse `$2` times in a row is a poison pill (it kills or stalls
             // whoever makes it): it is failed, with the reason, instead of being sent forever.
-            reap_keys: schema.sql(
+            reap_keys: schema.sql(&format!(
                 "SELECT DISTINCT d.endpoint_id, d.ordering_key
                  FROM __SCHEMA__.deliveries d JOIN __SCHEMA__.endpoints e ON e.id = d.endpoint_id
                  WHERE d.status = 'delivering' AND d.lease_expires_at < now() AND d.ordering_key IS NOT NULL
-                   AND (d.lease_lapses + 1 >= $2 OR e.deleted_at IS NOT NULL)
-                 ORDER BY 1, 2 LIMIT $1",
-            ),
-            reap: schema.sql(
+                   AND (d.lease_lapses + 1 >= $2 OR e.deleted_at IS NOT NULL OR {another_tenant})
+                 ORDER BY 1, 2 LIMIT $1"
+            )),
+            reap: schema.sql(&format!(
                 "WITH lapsed AS MATERIALIZED (
                     SELECT id FROM __SCHEMA__.deliveries
                     WHERE status = 'delivering' AND lease_expires_at < now()
                     ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
                  ), upd AS (
                     UPDATE __SCHEMA__.deliveries d
-                    SET status = CASE WHEN e.deleted_at IS NOT NULL THEN 'cancelled'
+                    SET status = CASE WHEN e.deleted_at IS NOT NULL OR {another_tenant} THEN 'cancelled'
                                       WHEN d.lease_lapses + 1 >= $2 THEN 'failed'
                                       WHEN e.active THEN 'pending' ELSE 'paused' END,
                         lease_lapses = d.lease_lapses + 1,
@@ -188,8 +185,8 @@ impl DeliveryStore {
                     SELECT id, attempts, now(), 0, 'lease expired: outcome unknown' FROM upd
                     ON CONFLICT DO NOTHING
                  )
-                 SELECT id, status, endpoint_id, ordering_key FROM upd",
-            ),
+                 SELECT id, status, endpoint_id, ordering_key FROM upd"
+            )),
         }
     }
 
@@ -311,11 +308,13 @@ impl DeliveryStore {
             .map(|a| a.endpoint_id.as_str())
             .collect();
         // Keyed deliveries that leave their key's head: the key moves on in the same transaction,
-        // under its lock (taken first, see `ordering`).
+        // under its lock (taken first, see `ordering`). One due again may leave it too (cancelled
+        // by the statement: `keyed_for_another_tenant`); advancing a key that still has its head
+        // changes nothing.
         let mut keys = ordering::Keys::default();
         let mut failed = Vec::new();
         for a in acks {
-            if let (Some(key), Settle::Delivered | Settle::Failed) = (&a.ordering_key, a.settle) {
+            if let Some(key) = &a.ordering_key {
                 keys.push(&a.endpoint_id, key);
                 if a.settle == Settle::Failed {
                     failed.push(a.id);

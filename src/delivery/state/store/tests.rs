@@ -436,3 +436,121 @@ async fn a_retry_racing_a_tenant_change_sees_the_new_tenant() {
     assert_eq!(status[0].0, "failed");
     s.drop_schema().await;
 }
+
+/// A keyed delivery in flight at a tenant change is left to finish (cancelling it would let its
+/// key's next delivery overtake it), but if it comes back due it must not go to the new tenant:
+/// handed back (its slot never came, or shutdown), deferred, or reaped after its lease lapsed,
+/// it is cancelled, as an attempt that did not deliver is (the ack statement).
+#[tokio::test]
+async fn an_old_tenants_keyed_delivery_coming_back_due_is_cancelled() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let owner = Uuid::now_v7();
+    s.run(&format!(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source, tenant) VALUES ('e', 'http://127.0.0.1:9/a', '{{*}}', 'api', 'acme');
+         INSERT INTO __SCHEMA__.outbox (event_type, payload, tenant, ordering_key, dispatched_at)
+         SELECT 't', '{{}}', 'acme', 'k' || g, now() FROM generate_series(1, 3) g;
+         INSERT INTO __SCHEMA__.deliveries
+            (outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at, ordering_key)
+         SELECT g, gen_random_uuid(), 't', 'e', 'delivering', 1, '{owner}',
+                CASE WHEN g = 3 THEN now() - interval '1 second' ELSE now() + interval '1 minute' END, 'k' || g
+         FROM generate_series(1, 3) g"
+    ))
+    .await;
+    // The tenant change, as the API makes it: keyed deliveries in flight stay.
+    let mut client = pool.get().await.unwrap();
+    let change = client.transaction().await.unwrap();
+    change
+        .batch_execute(
+            &schema.sql("UPDATE __SCHEMA__.endpoints SET tenant = 'globex' WHERE id = 'e'"),
+        )
+        .await
+        .unwrap();
+    crate::delivery::state::cancel_ineligible(&change, &schema, "e")
+        .await
+        .unwrap();
+    change.commit().await.unwrap();
+    let ids: Vec<Uuid> = s
+        .pairs::<Uuid, i64>("SELECT id, outbox_id FROM __SCHEMA__.deliveries ORDER BY outbox_id")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let store = store_in(&pool, &schema, OnFailure::Skip);
+    assert_eq!(store.hand_back(owner, &[(ids[0], 1)]).await.unwrap(), 1);
+    let deferral = crate::delivery::Deferral {
+        id: ids[1],
+        attempt: 1,
+        reason: "cannot open".into(),
+    };
+    store
+        .defer(owner, &[deferral], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(store.reap(500, 3).await.unwrap(), 1);
+    let seen = s
+        .pairs::<i64, String>(
+            "SELECT outbox_id, status::text FROM __SCHEMA__.deliveries ORDER BY outbox_id",
+        )
+        .await;
+    let expected: Vec<(i64, String)> = (1..=3).map(|i| (i, "cancelled".to_string())).collect();
+    assert_eq!(seen, expected, "handed back, deferred, reaped");
+    s.drop_schema().await;
+}
+
+/// The same delivery settled as due again (its receiver answered 500) is cancelled, and its key
+/// moves on in the same transaction: the new tenant's next delivery of the key is not left
+/// queued without a head until the sweeper's safety net finds it.
+#[tokio::test]
+async fn an_old_tenants_keyed_retry_is_cancelled_and_its_key_moves_on() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let owner = Uuid::now_v7();
+    s.run(&format!(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source, tenant) VALUES ('e', 'http://127.0.0.1:9/a', '{{*}}', 'api', '*');
+         INSERT INTO __SCHEMA__.outbox (event_type, payload, tenant, ordering_key, dispatched_at)
+         VALUES ('t', '{{}}', 'acme', 'k', now()), ('t', '{{}}', 'globex', 'k', now());
+         INSERT INTO __SCHEMA__.deliveries
+            (outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at, ordering_key)
+         VALUES (1, gen_random_uuid(), 't', 'e', 'delivering', 1, '{owner}', now() + interval '1 minute', 'k'),
+                (2, gen_random_uuid(), 't', 'e', 'queued', 0, NULL, NULL, 'k');
+         UPDATE __SCHEMA__.endpoints SET tenant = 'globex'"
+    ))
+    .await;
+    let id = s
+        .pairs::<Uuid, i64>("SELECT id, outbox_id FROM __SCHEMA__.deliveries WHERE outbox_id = 1")
+        .await[0]
+        .0;
+    let store = store_in(&pool, &schema, OnFailure::Skip);
+    let ack = Ack {
+        id,
+        attempt: 1,
+        endpoint_id: "e".into(),
+        ordering_key: Some("k".into()),
+        judged: true,
+        probe: false,
+        retry_after: None,
+        settle: Settle::Retry { at: Utc::now() },
+        record: crate::delivery::state::AttemptRecord {
+            started_at: Utc::now(),
+            duration_ms: 3,
+            status_code: Some(500),
+            response_body: None,
+            error: None,
+            request_headers: None,
+        },
+    };
+    store.settle(owner, &[ack]).await.unwrap();
+    let seen = s
+        .pairs::<i64, String>(
+            "SELECT outbox_id, status::text FROM __SCHEMA__.deliveries ORDER BY outbox_id",
+        )
+        .await;
+    assert_eq!(
+        seen,
+        [(1, "cancelled".to_string()), (2, "pending".to_string())]
+    );
+    s.drop_schema().await;
+}
