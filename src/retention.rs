@@ -74,7 +74,15 @@ impl Retention {
                  SELECT count(*) FROM gone",
             ),
             prune_delivered: schema.sql(&prune_deliveries("status = 'delivered'")),
-            prune_failed: schema.sql(&prune_deliveries("status IN ('failed', 'cancelled')")),
+            // Not a dead letter that blocks its key (`on_failure = "block"`): it is why nothing
+            // of the key moves, and without it the safety net would lift the block.
+            prune_failed: schema.sql(&prune_deliveries(
+                "status IN ('failed', 'cancelled')
+                 AND NOT (ordering_key IS NOT NULL AND EXISTS (
+                     SELECT 1 FROM __SCHEMA__.ordering_keys k
+                     WHERE k.endpoint_id = deliveries.endpoint_id
+                       AND k.ordering_key = deliveries.ordering_key AND k.blocked_by = deliveries.id))",
+            )),
             // An event goes once no delivery of it is left (all pruned, or none were made).
             // A secret past its expiry never signs again: keep no copy of it.
             prune_secrets: schema.sql(
