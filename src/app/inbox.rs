@@ -61,6 +61,7 @@ pub fn forwarder(
         return Ok(None);
     }
     let settings = ForwardSettings {
+        max_held: section.max_buffered.0,
         upstream: section.upstream.clone(),
         timeout: section.upstream_timeout.0,
         retry: RetryPolicy::from_config(&config.outbound.retry)
@@ -113,6 +114,7 @@ pub fn upkeep(
         return None;
     }
     let (store, schema) = (InboxStore::new(pool, schema), schema.clone());
+    let max_lapses = config.outbound.max_lease_lapses as i32;
     Some(async move {
         let routes: Vec<(String, &str)> = routes
             .iter()
@@ -125,9 +127,12 @@ pub fn upkeep(
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match store.reap().await {
+            match store.reap(max_lapses).await {
                 Ok(0) => {}
-                Ok(n) => tracing::warn!(messages = n, "inbox leases lapsed; due again"),
+                Ok(n) => tracing::warn!(
+                    messages = n,
+                    "inbox leases lapsed; due again (or failed, past outbound.max_lease_lapses)"
+                ),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "inbox reap failed"),
             }
             match store.reconcile(&schema, &routes, false).await {

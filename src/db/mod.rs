@@ -53,6 +53,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "finished_by_class",
         include_str!("migrations/0010_finished_by_class.sql"),
     ),
+    (
+        11,
+        "inbox_lapses",
+        include_str!("migrations/0011_inbox_lapses.sql"),
+    ),
 ];
 
 /// The schema version this binary needs.

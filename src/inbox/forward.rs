@@ -35,6 +35,10 @@ pub struct ForwardSettings {
     pub poll_interval: Duration,
     /// How long in-flight requests may run after shutdown starts.
     pub drain: Duration,
+    /// Bytes of bodies held in flight at most (`inbound.max_buffered`; one body larger than that
+    /// still goes, alone): a claim counts bytes, not only messages, or 32 bodies of `max_body`
+    /// each could take more memory than the pod has.
+    pub max_held: u64,
 }
 
 pub struct Forwarder {
@@ -83,7 +87,7 @@ impl Forwarder {
     pub async fn run(self, cancel: CancellationToken) {
         // An attempt's time and a margin to record it: past that, another replica may take it.
         let lease = self.settings.timeout + LEASE_MARGIN;
-        let in_flight: Arc<Mutex<HashMap<i64, i32>>> = Arc::default();
+        let in_flight: Arc<Mutex<HashMap<i64, (i32, u64)>>> = Arc::default();
         let mut tasks: JoinSet<Sent> = JoinSet::new();
         let mut down_delay = Duration::ZERO;
         let mut resume_at = Instant::now();
@@ -98,15 +102,22 @@ impl Forwarder {
                 usize::from(tasks.is_empty())
             };
             let mut full = false;
-            if room > 0 && Instant::now() >= resume_at {
-                match self.store.claim(self.owner, room as i64, lease).await {
+            let held: u64 = (in_flight.lock().expect("not poisoned").values())
+                .map(|(_, len)| len)
+                .sum();
+            let bytes = self.settings.max_held.saturating_sub(held);
+            if room > 0 && (bytes > 0 || held == 0) && Instant::now() >= resume_at {
+                let claim = self
+                    .store
+                    .claim(self.owner, room as i64, lease, bytes, held == 0);
+                match claim.await {
                     Ok(claimed) => {
                         full = claimed.len() == room;
                         for m in claimed {
                             in_flight
                                 .lock()
                                 .expect("not poisoned")
-                                .insert(m.id, m.attempt);
+                                .insert(m.id, (m.attempt, m.body.len() as u64));
                             tasks.spawn(self.attempt(m, in_flight.clone()));
                         }
                     }
@@ -146,7 +157,11 @@ impl Forwarder {
     }
 
     /// Lets in-flight requests finish within the drain time, then hands back the rest.
-    async fn drain(&self, mut tasks: JoinSet<Sent>, in_flight: Arc<Mutex<HashMap<i64, i32>>>) {
+    async fn drain(
+        &self,
+        mut tasks: JoinSet<Sent>,
+        in_flight: Arc<Mutex<HashMap<i64, (i32, u64)>>>,
+    ) {
         let deadline = tokio::time::sleep(self.settings.drain);
         tokio::pin!(deadline);
         while !tasks.is_empty() {
@@ -160,7 +175,7 @@ impl Forwarder {
             .lock()
             .expect("not poisoned")
             .iter()
-            .map(|(id, attempt)| (*id, *attempt))
+            .map(|(id, (attempt, _))| (*id, *attempt))
             .collect();
         if let Err(e) = self.store.hand_back(self.owner, &left).await {
             tracing::warn!(error = %format!("{e:#}"), messages = left.len(), "inbox hand-back failed; the leases will lapse");
@@ -171,7 +186,7 @@ impl Forwarder {
     fn attempt(
         &self,
         m: Claimed,
-        in_flight: Arc<Mutex<HashMap<i64, i32>>>,
+        in_flight: Arc<Mutex<HashMap<i64, (i32, u64)>>>,
     ) -> impl std::future::Future<Output = Sent> + Send + 'static {
         let (store, http, settings, owner, metrics) = (
             self.store.clone(),
@@ -252,7 +267,7 @@ async fn send(
     headers.insert("x-postern-inbox-id", m.id.into());
     http.request(method, url)
         .headers(headers)
-        .body(m.body.clone())
+        .body(m.body.clone()) // a reference count, not a copy
         .send()
         .await
 }
