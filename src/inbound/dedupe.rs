@@ -1,7 +1,10 @@
 //! Dedupe keys for inbox routes: the id each provider gives a delivery (or event), so a provider's
 //! retry of a stored request is recognised and stored once. Invariant: a key is always storable
 //! text (UTF-8, no control characters, at most [`MAX_KEY`] bytes; anything else is replaced by its
-//! hash) and never empty: a request without the provider's id is keyed by the hash of its body.
+//! hash) and never empty: a request without the provider's id is keyed by the hash of its query
+//! and body. An id only a signature covers is the key alone; an id anyone replaying a captured
+//! request could change (a header the provider does not sign) is keyed with the body's hash, so a
+//! replay can never take the key a later real event will come with.
 
 use sha2::{Digest, Sha256};
 
@@ -13,7 +16,10 @@ const MAX_KEY: usize = 200;
 /// Where a key is found, tried in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
+    /// A header the provider's signature does not cover.
     Header(String),
+    /// A header the provider's signature covers (Standard Webhooks signs its `webhook-id`).
+    SignedHeader(String),
     /// An RFC 6901 pointer into a JSON body; strings and numbers count.
     Json(String),
     /// A field of an `application/x-www-form-urlencoded` body.
@@ -46,7 +52,10 @@ pub fn provider_sources(provider: &str) -> Vec<Source> {
     let h = |n: &str| Source::Header(n.to_string());
     let j = |p: &str| Source::Json(p.to_string());
     match provider {
-        "standard-webhooks" => vec![h("webhook-id"), h("svix-id")],
+        "standard-webhooks" => vec![
+            Source::SignedHeader("webhook-id".into()),
+            Source::SignedHeader("svix-id".into()),
+        ],
         "stripe" => vec![j("/id")],
         "github" => vec![h("x-github-delivery")],
         "shopify" => vec![h("x-shopify-webhook-id"), h("x-shopify-event-id")],
@@ -78,15 +87,19 @@ pub fn parse(spec: &str) -> Result<Source, String> {
     Err(format!("{spec:?} must be header:NAME or json:/pointer"))
 }
 
-/// The request's dedupe key: the first source that yields one, else the body's hash.
+/// The request's dedupe key: the first source that yields one, else the hash of the query and
+/// body.
 pub fn key(sources: &[Source], request: &Incoming<'_>) -> String {
+    let header = |name: &str| {
+        (request.headers.get(name)).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
     let mut json: Option<Option<serde_json::Value>> = None;
     for source in sources {
         let found = match source {
-            Source::Header(name) => request
-                .headers
-                .get(name.as_str())
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            Source::SignedHeader(name) => header(name),
+            Source::Header(name) => header(name)
+                .filter(|id| !id.trim().is_empty())
+                .map(|id| format!("{id}#sha256:{}", hex::encode(Sha256::digest(request.body)))),
             Source::Json(pointer) => json
                 .get_or_insert_with(|| serde_json::from_slice(request.body).ok())
                 .as_ref()
@@ -102,7 +115,15 @@ pub fn key(sources: &[Source], request: &Incoming<'_>) -> String {
             return storable(k);
         }
     }
-    format!("sha256:{}", hex::encode(Sha256::digest(request.body)))
+    // A request target holds no raw line break: the two parts cannot run into each other. The
+    // hash of a body alone (no query) is what it has always been.
+    let mut digest = Sha256::new();
+    if let Some(query) = request.query.filter(|q| !q.is_empty()) {
+        digest.update(query.as_bytes());
+        digest.update(b"\n");
+    }
+    digest.update(request.body);
+    format!("sha256:{}", hex::encode(digest.finalize()))
 }
 
 fn form_field(body: &[u8], field: &str) -> Option<String> {
@@ -143,9 +164,10 @@ mod tests {
         let body = br#"{"id":"evt_1","event_id":"ev-2","notification_id":"ntf_3"}"#;
         let r = incoming(&h, body);
         let k = |p: &str| key(&provider_sources(p), &r);
-        assert_eq!(k("github"), "72d3162e");
+        let body_hash = hex::encode(Sha256::digest(body));
+        assert_eq!(k("github"), format!("72d3162e#sha256:{body_hash}"));
         assert_eq!(k("standard-webhooks"), "msg_1");
-        assert_eq!(k("gitlab"), "gl-1");
+        assert_eq!(k("gitlab"), format!("gl-1#sha256:{body_hash}"));
         assert_eq!(k("stripe"), "evt_1");
         assert_eq!(k("slack"), "ev-2");
         assert_eq!(k("square"), "ev-2");
@@ -178,6 +200,60 @@ mod tests {
             &incoming(&h, br#"{"id":" "}"#),
         );
         assert!(empty.starts_with("sha256:"), "{empty}");
+    }
+
+    /// An id in a header the provider's signature does not cover can be set by whoever replays
+    /// a captured request: alone it would let a replay take a future event's id, and the real
+    /// event would be answered "duplicate" and never stored. With the body's hash beside it, a
+    /// provider's retry (same id, same body) is still one key, and a replay under another id
+    /// takes only a key of its own.
+    #[test]
+    fn an_unsigned_header_id_cannot_take_another_events_key() {
+        let (mut real, mut replay) = (HeaderMap::new(), HeaderMap::new());
+        real.insert("x-github-delivery", "d-1001".parse().unwrap());
+        replay.insert("x-github-delivery", "d-1001".parse().unwrap());
+        let github = provider_sources("github");
+        let captured = key(&github, &incoming(&replay, br#"{"action":"old"}"#));
+        let genuine = key(&github, &incoming(&real, br#"{"action":"new"}"#));
+        assert_ne!(captured, genuine);
+        let retry = key(&github, &incoming(&real, br#"{"action":"new"}"#));
+        assert_eq!(retry, genuine, "a provider's retry is one key");
+        // The same for a route's own header, and for every unsigned provider header.
+        let mut h = HeaderMap::new();
+        h.insert("x-event-id", "evt_1".parse().unwrap());
+        let own = [parse("header:X-Event-Id").unwrap()];
+        assert_ne!(
+            key(&own, &incoming(&h, b"a")),
+            key(&own, &incoming(&h, b"b"))
+        );
+        // Standard Webhooks signs its id: the id alone is the key.
+        h.insert("webhook-id", "msg_1".parse().unwrap());
+        assert_eq!(
+            key(&provider_sources("standard-webhooks"), &incoming(&h, b"a")),
+            "msg_1"
+        );
+    }
+
+    /// Without an id, requests that differ only in their query (Twilio signs the URL, query
+    /// included, and may send a GET with no body) are different requests.
+    #[test]
+    fn the_body_hash_key_covers_the_query() {
+        let h = HeaderMap::new();
+        let with = |query| Incoming {
+            headers: &h,
+            body: b"",
+            query,
+            now: 0,
+        };
+        let twilio = provider_sources("twilio");
+        let a = key(&twilio, &with(Some("CallSid=CA1&CallStatus=ringing")));
+        let b = key(&twilio, &with(Some("CallSid=CA2&CallStatus=completed")));
+        assert_ne!(a, b);
+        assert_eq!(
+            a,
+            key(&twilio, &with(Some("CallSid=CA1&CallStatus=ringing")))
+        );
+        assert!(a.starts_with("sha256:") && a.len() == 71, "{a}");
     }
 
     #[test]
