@@ -362,7 +362,10 @@ impl VerifyingProxy {
             status: 0,
         };
         let result = match self.admit(session, &mut decision).await {
-            Ok((route, body, _budget)) if route.inbox.is_some() => {
+            Ok((route, body, budget)) if route.inbox.is_some() => {
+                // The inbox queue charges the body from here (see `keep`): the proxy's share
+                // goes back before the wait for the commit, not after it.
+                drop(budget);
                 self.keep(session, route, body, &mut decision).await
             }
             Ok((route, body, budget)) => match self.forward(session, route, body, budget).await {

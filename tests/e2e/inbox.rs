@@ -534,3 +534,67 @@ async fn bodies_queued_for_a_stalled_database_stay_within_the_buffered_budget() 
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// While inbox requests wait for a stalled database (up to the inbox wait), their bodies are
+/// counted by the inbox queue's own bound, not the proxy's: a forward route's sender, who needs no
+/// database, gets through meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_requests_waiting_for_a_stalled_database_keep_no_forward_route_out() {
+    let db = TestDb::create().await;
+    let app = Receiver::ok().await;
+    let app_port: u16 = app
+        .url
+        .trim_end_matches("/hook")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (config, _) = config(&db, &db.url, app_port, "forward", "");
+    let config = config.replace(
+        "upstream_timeout = \"2s\"",
+        "upstream_timeout = \"2s\"\nmax_body = \"1MiB\"\nmax_buffered = \"4MiB\"",
+    ) + &format!(
+        "\n[[inbound.routes]]\npath = \"/wh/github-forward\"\nname = \"github-forward\"\nprovider = \"github\"\nsecrets = [\"{GITHUB_SECRET}\"]\n"
+    );
+    let s = Service::start(config).await;
+    assert_eq!(s.stripe("evt_warm").await.0, 200);
+    let mut holder = db.client().await;
+    let stall = holder.transaction().await.unwrap();
+    stall.batch_execute("LOCK postern.inbox").await.unwrap();
+    let waiting = futures_util::future::join_all((0..4).map(|i| {
+        let body =
+            json!({"id": format!("evt_big{i}"), "object": "event", "note": "x".repeat(900 * 1024)})
+                .to_string()
+                .into_bytes();
+        let s = &s;
+        async move {
+            s.post("/wh/stripe", &stripe_headers(&body, now()), body)
+                .await
+        }
+    }));
+    let forward = async {
+        // The four are read and waiting for their commit by now.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let body = json!({"zen": "x".repeat(900 * 1024)})
+            .to_string()
+            .into_bytes();
+        let mac = hex::encode(signing::hmac_sha256(GITHUB_SECRET.as_bytes(), &[&body]));
+        let headers = vec![
+            ("x-hub-signature-256".to_string(), format!("sha256={mac}")),
+            ("x-github-event".to_string(), "ping".to_string()),
+            ("x-github-delivery".to_string(), "d-1".to_string()),
+        ];
+        s.post("/wh/github-forward", &headers, body).await
+    };
+    let (first, (st, v)) = futures_util::future::join(waiting, forward).await;
+    assert_eq!(st, 200, "the forward route was kept out: {v}");
+    for (st, v) in &first {
+        assert_eq!(
+            (*st, v["error"].as_str()),
+            (503, Some("inbox_unavailable")),
+            "{v}"
+        );
+    }
+    stall.rollback().await.unwrap();
+}
