@@ -42,13 +42,64 @@ pub fn spawn_writer(
     )))
 }
 
-/// The forwarder, when some inbox route is consumed by forwarding.
+/// What the inbox holds beyond this config's inbox routes, seen at start.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LeftOver {
+    /// Open messages stored for forwarding (of any route): the forwarder runs for them even
+    /// when no inbox route is left (a route set back to `mode = "forward"`, renamed, removed).
+    pub forward: bool,
+    /// Any open message: upkeep (lease reaping) runs for them.
+    pub open: bool,
+}
+
+/// Looks for open messages this config's routes do not account for, and says what becomes of
+/// them: forwarded ones are still forwarded; those left for SQL consumers of a route no longer
+/// here wait for `inbox_take` with that route's name.
+pub async fn left_over(
+    config: &Config,
+    pool: &deadpool_postgres::Pool,
+    schema: &Schema,
+) -> anyhow::Result<LeftOver> {
+    let routes = inbox_routes(config);
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            &schema.sql(
+                "SELECT route, consume, count(*) FROM __SCHEMA__.inbox
+                 WHERE status IN ('pending', 'delivering', 'taken') GROUP BY 1, 2",
+            ),
+            &[],
+        )
+        .await?;
+    let mut left = LeftOver::default();
+    for r in &rows {
+        let (route, consume, n): (&str, &str, i64) = (r.get(0), r.get(1), r.get(2));
+        left.open = true;
+        left.forward |= consume == "forward";
+        if routes.iter().any(|(name, _)| name == route) {
+            continue;
+        }
+        match (consume, &config.inbound) {
+            ("forward", Some(_)) => tracing::warn!(route, messages = n,
+                "open inbox messages of a route that is no longer an inbox route here: still forwarded to inbound.upstream"),
+            ("forward", None) => tracing::warn!(route, messages = n,
+                "open inbox messages of a route that is no longer an inbox route here cannot be forwarded: there is no [inbound] section"),
+            _ => tracing::warn!(route, messages = n,
+                "open inbox messages of a route that is no longer an inbox route here wait for inbox_take with this route's name"),
+        }
+    }
+    Ok(left)
+}
+
+/// The forwarder, when some inbox route is consumed by forwarding or messages stored for
+/// forwarding are left (`left_forward`).
 pub fn forwarder(
     config: &Config,
     pool: deadpool_postgres::Pool,
     schema: &Schema,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
+    left_forward: bool,
 ) -> anyhow::Result<Option<Forwarder>> {
     let Some(section) = &config.inbound else {
         return Ok(None);
@@ -57,7 +108,7 @@ pub fn forwarder(
         .routes
         .iter()
         .any(|r| inbound::is_inbox(r) && r.consume.as_deref() != Some("sql"));
-    if !forwarded {
+    if !forwarded && !left_forward {
         return Ok(None);
     }
     let settings = ForwardSettings {
@@ -100,17 +151,19 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// forwarder held becomes due again when its lease lapses (for whatever consumes its route now),
 /// and a message an old replica stored with its old `consume` during a rolling update follows
 /// the setting. Without it such messages stay acknowledged and unhandled.
+/// `left_open`: open messages were found at start, inbox routes or not (see [`left_over`]).
 pub fn upkeep(
     config: &Config,
     pool: deadpool_postgres::Pool,
     schema: &Schema,
     cancel: CancellationToken,
+    left_open: bool,
 ) -> Option<impl std::future::Future<Output = ()>> {
     let routes: Vec<(String, String)> = inbox_routes(config)
         .into_iter()
         .map(|(name, consume)| (name, consume.to_string()))
         .collect();
-    if routes.is_empty() {
+    if routes.is_empty() && !left_open {
         return None;
     }
     let (store, schema) = (InboxStore::new(pool, schema), schema.clone());
@@ -134,6 +187,9 @@ pub fn upkeep(
                     "inbox leases lapsed; due again (or failed, past outbound.max_lease_lapses)"
                 ),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "inbox reap failed"),
+            }
+            if routes.is_empty() {
+                continue;
             }
             match store.reconcile(&schema, &routes, false).await {
                 Ok(0) => {}

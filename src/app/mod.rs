@@ -118,6 +118,7 @@ pub async fn run(
             vault.clone(),
             tls.clone(),
         )?;
+        let left = inbox::left_over(&config, &pool, &schema).await?;
         let forwarder_pool = db::pool_with(config.database.url(), 4, &tls, mode)?;
         if let Some(f) = inbox::forwarder(
             &config,
@@ -125,11 +126,12 @@ pub async fn run(
             &schema,
             metrics.clone(),
             inbox_wake.clone(),
+            left.forward,
         )? {
             pipeline.spawn("inbox-forwarder", f.run(shutdown.child_token()));
         }
-        if let Some(upkeep) = inbox::upkeep(&config, pool.clone(), &schema, shutdown.child_token())
-        {
+        let cancel = shutdown.child_token();
+        if let Some(upkeep) = inbox::upkeep(&config, pool.clone(), &schema, cancel, left.open) {
             pipeline.spawn("inbox-upkeep", upkeep);
         }
         if let (Some(listener), Some(api)) = (api_listener, &config.api) {

@@ -274,3 +274,39 @@ async fn a_route_switched_to_sql_strands_no_message() {
         "{taken:?}"
     );
 }
+
+/// Routes taken out of inbox mode (set back to `forward` mode, here both of them) leave their
+/// stored messages behind: with no inbox route left, a replica still forwards the messages
+/// stored for forwarding (and reaps their leases) rather than leaving them acknowledged and never
+/// handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_left_by_routes_taken_out_of_inbox_mode_still_reach_the_app() {
+    let db = TestDb::create().await;
+    let app_port = free_port();
+    // The app is down while the message is stored.
+    let (inbox_config, _) = config(&db, &db.url, app_port, "forward", "");
+    let s = Service::start(inbox_config.clone()).await;
+    assert_eq!(s.stripe("evt_left").await.0, 200);
+    drop(s);
+    // Both routes back in forward mode; the app is up.
+    let forward_only = inbox_config
+        .replace("mode = \"inbox\"\n", "")
+        .replace("consume = \"forward\"\n", "");
+    assert!(!forward_only.contains("inbox\""), "{forward_only}");
+    let app = Receiver::start_at(app_port, |_, _| Reply::status(200)).await;
+    let _s = Service::start(forward_only).await;
+    app.wait_for(Duration::from_secs(15), "the message stored before", |r| {
+        r.iter().any(|m| {
+            m.header("x-postern-inbox-id").is_some() && m.body.windows(8).any(|w| w == b"evt_left")
+        })
+    })
+    .await;
+    let c = db.client().await;
+    wait_sql(
+        &c,
+        "SELECT count(*) FROM postern.inbox WHERE status = 'done'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+}
