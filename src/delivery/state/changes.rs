@@ -212,7 +212,10 @@ pub async fn retry_now(
 }
 
 /// Failed -> pending (or paused) for every delivery of the endpoint created in the window; keyed
-/// ones rejoin their keys' queues.
+/// ones rejoin their keys' queues. In batches of [`REPLAY_BATCH`], oldest first, each its own
+/// transaction: a replay of millions holds a batch's keys and the endpoint's row only while it
+/// moves that batch, never the whole replay (every settle of a locked key waits, and so does an
+/// endpoint change, holding fan-out off meanwhile). Returns how many moved.
 pub async fn replay_failed(
     client: &mut deadpool_postgres::Client,
     schema: &Schema,
@@ -221,52 +224,70 @@ pub async fn replay_failed(
     since: DateTime<Utc>,
     until: Option<DateTime<Utc>>,
 ) -> anyhow::Result<u64> {
-    let tx = client.transaction().await?;
-    let mut keys = Keys::default();
-    for r in tx
-        .query(
-            &schema.sql(
-                "SELECT DISTINCT ordering_key FROM __SCHEMA__.deliveries
-                 WHERE endpoint_id = $1 AND status = 'failed' AND ordering_key IS NOT NULL
-                   AND created_at >= $2 AND ($3::timestamptz IS NULL OR created_at < $3)",
-            ),
-            &[&endpoint_id, &since, &until],
-        )
-        .await?
-    {
-        keys.push(endpoint_id, r.get(0));
-    }
-    ordering.lock(&tx, &keys).await?;
-    // As in `retry_now`: the endpoint's row after the keys.
-    lock_endpoint(&tx, schema, endpoint_id).await?;
-    let moved = tx
-        .query(
-            &schema.sql(&format!(
-                "UPDATE __SCHEMA__.deliveries d
-                 SET status = CASE WHEN d.ordering_key IS NOT NULL THEN 'queued'
-                                   WHEN e.active THEN 'pending' ELSE 'paused' END,
-                     next_attempt_at = now(), updated_at = now()
-                 FROM __SCHEMA__.endpoints e, __SCHEMA__.outbox o
-                 WHERE e.id = d.endpoint_id AND d.endpoint_id = $1 AND d.status = 'failed'
-                   AND d.created_at >= $2 AND ($3::timestamptz IS NULL OR d.created_at < $3)
-                   AND o.id = d.outbox_id AND {FOR_ITS_ENDPOINT}
-                 RETURNING d.ordering_key"
-            )),
-            &[&endpoint_id, &since, &until],
-        )
-        .await?;
-    // A delivery that failed between the look and the change has a key not locked above:
-    // advancing locks it too, so it gets its head.
-    for r in &moved {
-        if let Some(key) = r.get::<_, Option<&str>>(0) {
-            keys.push(endpoint_id, key);
+    // The walk goes on past what it looked at (`$4`, `$5`), moved or not (another tenant's).
+    let look = schema.sql(
+        "SELECT id, created_at, ordering_key FROM __SCHEMA__.deliveries
+         WHERE endpoint_id = $1 AND status = 'failed'
+           AND created_at >= $2 AND ($3::timestamptz IS NULL OR created_at < $3)
+           AND (created_at, id) > ($4, $5)
+         ORDER BY created_at, id LIMIT $6",
+    );
+    let change = schema.sql(&format!(
+        "UPDATE __SCHEMA__.deliveries d
+         SET status = CASE WHEN d.ordering_key IS NOT NULL THEN 'queued'
+                           WHEN e.active THEN 'pending' ELSE 'paused' END,
+             next_attempt_at = now(), updated_at = now()
+         FROM __SCHEMA__.endpoints e, __SCHEMA__.outbox o
+         WHERE d.id = ANY($2) AND d.status = 'failed' AND e.id = d.endpoint_id AND e.id = $1
+           AND o.id = d.outbox_id AND {FOR_ITS_ENDPOINT}
+         RETURNING d.ordering_key"
+    ));
+    let (mut after, mut moved) = ((since - chrono::Duration::microseconds(1), Uuid::nil()), 0);
+    loop {
+        let tx = client.transaction().await?;
+        let batch = tx
+            .query(
+                &look,
+                &[
+                    &endpoint_id,
+                    &since,
+                    &until,
+                    &after.0,
+                    &after.1,
+                    &REPLAY_BATCH,
+                ],
+            )
+            .await?;
+        let Some(last) = batch.last() else {
+            break;
+        };
+        after = (last.get(1), last.get(0));
+        let ids: Vec<Uuid> = batch.iter().map(|r| r.get(0)).collect();
+        let mut keys = Keys::default();
+        let mut seen = std::collections::BTreeSet::new();
+        for r in &batch {
+            if let Some(key) = r.get::<_, Option<&str>>(2) {
+                if seen.insert(key) {
+                    keys.push(endpoint_id, key);
+                }
+            }
+        }
+        ordering.lock(&tx, &keys).await?;
+        // As in `retry_now`: the endpoint's row after the keys.
+        lock_endpoint(&tx, schema, endpoint_id).await?;
+        let rows = tx.query(&change, &[&endpoint_id, &ids]).await?;
+        moved += rows.len() as u64;
+        ordering.advance(&tx, &keys, &[]).await?;
+        tx.commit().await?;
+        if (batch.len() as i64) < REPLAY_BATCH {
+            break;
         }
     }
-    let n = moved.len() as u64;
-    ordering.advance(&tx, &keys, &[]).await?;
-    tx.commit().await?;
-    Ok(n)
+    Ok(moved)
 }
+
+/// Deliveries a replay moves per transaction.
+const REPLAY_BATCH: i64 = 1000;
 
 /// Pending | paused | queued | failed -> cancelled: an operator gives up on a delivery (a blocked
 /// key's failed head, say). Its key moves on. Returns whether it moved.

@@ -554,3 +554,65 @@ async fn an_old_tenants_keyed_retry_is_cancelled_and_its_key_moves_on() {
     );
     s.drop_schema().await;
 }
+
+/// A replay of an endpoint's failed deliveries goes in batches, each its own transaction: a
+/// replay of millions must not hold every key's lock (and the endpoint's row) until it ends,
+/// stalling every settle of those keys (and every endpoint change, which waits for the row while
+/// holding fan-out off). Here a settle-like writer holds the key of the last batch: the batches
+/// before it are committed (visible to others) while the replay waits for that key.
+#[tokio::test]
+async fn a_replay_commits_batch_by_batch() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    // 2,500 failed keyed deliveries, one key each, created in key order.
+    s.run(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES ('e', 'http://127.0.0.1:9/a', '{*}', 'api');
+         INSERT INTO __SCHEMA__.outbox (event_type, payload, ordering_key, dispatched_at)
+         SELECT 't', '{}', 'k' || lpad(g::text, 5, '0'), now() FROM generate_series(1, 2500) g;
+         INSERT INTO __SCHEMA__.deliveries (outbox_id, event_id, event_type, endpoint_id, status, ordering_key, created_at)
+         SELECT id, gen_random_uuid(), 't', 'e', 'failed', ordering_key, now() - interval '1 hour' + id * interval '1 ms'
+         FROM __SCHEMA__.outbox",
+    )
+    .await;
+    let mut holder = pool.get().await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    let mut last = ordering::Keys::default();
+    last.push("e", "k02500");
+    let ordering = ordering::Ordering::new(&schema, OnFailure::Skip);
+    ordering.lock(&tx, &last).await.unwrap();
+    let replay = {
+        let (pool, schema) = (pool.clone(), schema.clone());
+        tokio::spawn(async move {
+            let mut client = pool.get().await.unwrap();
+            let ordering = ordering::Ordering::new(&schema, OnFailure::Skip);
+            let since = Utc::now() - chrono::Duration::days(1);
+            crate::delivery::state::replay_failed(&mut client, &schema, &ordering, "e", since, None)
+                .await
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let moved = s
+            .pairs::<String, i64>(
+                "SELECT status::text, count(*) FROM __SCHEMA__.deliveries WHERE status = 'pending' GROUP BY 1",
+            )
+            .await;
+        if moved.first().is_some_and(|(_, n)| *n >= 2000) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing the replay moved is committed while it waits for one key: {moved:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!replay.is_finished(), "the replay waits for the held key");
+    tx.commit().await.unwrap();
+    assert_eq!(replay.await.unwrap().unwrap(), 2500);
+    let left = s
+        .pairs::<String, i64>("SELECT status::text, count(*) FROM __SCHEMA__.deliveries GROUP BY 1")
+        .await;
+    assert_eq!(left, [("pending".to_string(), 2500)]);
+    s.drop_schema().await;
+}
