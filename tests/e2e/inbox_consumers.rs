@@ -288,6 +288,16 @@ async fn messages_left_by_routes_taken_out_of_inbox_mode_still_reach_the_app() {
     let s = Service::start(inbox_config.clone()).await;
     assert_eq!(s.stripe("evt_left").await.0, 200);
     drop(s);
+    // The first replica may have died holding it (a claim in flight while the app was down):
+    // that lease lapses now, and the upkeep, running with no inbox route, reaps it.
+    db.client()
+        .await
+        .batch_execute(
+            "UPDATE postern.inbox SET lease_expires_at = now() - interval '1 second'
+             WHERE status = 'delivering'",
+        )
+        .await
+        .unwrap();
     // Both routes back in forward mode; the app is up.
     let forward_only = inbox_config
         .replace("mode = \"inbox\"\n", "")
@@ -295,7 +305,7 @@ async fn messages_left_by_routes_taken_out_of_inbox_mode_still_reach_the_app() {
     assert!(!forward_only.contains("inbox\""), "{forward_only}");
     let app = Receiver::start_at(app_port, |_, _| Reply::status(200)).await;
     let _s = Service::start(forward_only).await;
-    app.wait_for(Duration::from_secs(15), "the message stored before", |r| {
+    app.wait_for(Duration::from_secs(20), "the message stored before", |r| {
         r.iter().any(|m| {
             m.header("x-postern-inbox-id").is_some() && m.body.windows(8).any(|w| w == b"evt_left")
         })
