@@ -372,9 +372,8 @@ async fn demo_inbound(
         wake.clone(),
         stop.clone(),
     )?;
-    let forwarder =
-        crate::app::inbox::forwarder(config, pool.clone(), schema, metrics, wake, false)?
-            .context("the inbox route is forwarded")?;
+    let forwarder = crate::app::inbox::forwarder(config, pool.clone(), schema, metrics, wake)?
+        .context("the inbox route is forwarded")?;
     let forwarder = tokio::spawn(forwarder.run(stop.child_token()));
     let app_stop = CancellationToken::new();
     let app = start_app(receiver, app_port, app_stop.clone()).await?;

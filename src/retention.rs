@@ -41,6 +41,8 @@ pub struct Retention {
     prune_events: String,
     /// Where the next batch of event pruning goes on from (`None`: the oldest event).
     events_from: Mutex<Option<(DateTime<Utc>, i64)>>,
+    /// Where the next batch of dead-letter pruning goes on from (`None`: the oldest).
+    failed_from: Mutex<Option<(DateTime<Utc>, uuid::Uuid)>>,
     prune_secrets: String,
     prune_keys: String,
     /// Where the next batch of key pruning goes on from (`None`: the first key).
@@ -74,15 +76,39 @@ impl Retention {
                  SELECT count(*) FROM gone",
             ),
             prune_delivered: schema.sql(&prune_deliveries("status = 'delivered'")),
-            // Not a dead letter that blocks its key (`on_failure = "block"`): it is why nothing
-            // of the key moves, and without it the safety net would lift the block.
-            prune_failed: schema.sql(&prune_deliveries(
-                "status IN ('failed', 'cancelled')
-                 AND NOT (ordering_key IS NOT NULL AND EXISTS (
-                     SELECT 1 FROM __SCHEMA__.ordering_keys k
-                     WHERE k.endpoint_id = deliveries.endpoint_id
-                       AND k.ordering_key = deliveries.ordering_key AND k.blocked_by = deliveries.id))",
-            )),
+            // Dead letters, walked in `(updated_at, id)` order from where the last batch stopped
+            // (`$3`, `$4`; NULL: from the oldest), as events are: the ones kept past their age
+            // (below) are passed over once per walk, not re-read by every batch. Kept: a failed
+            // delivery that blocks its key (`on_failure = "block"`) at an endpoint not deleted:
+            // it is why nothing of the key moves, and without it the safety net would lift the
+            // block. The last columns say how many it looked at and where it stopped.
+            prune_failed: schema.sql(
+                "WITH batch AS MATERIALIZED (
+                    SELECT d.id, d.updated_at FROM __SCHEMA__.deliveries d
+                    WHERE d.status IN ('failed', 'cancelled')
+                      AND d.updated_at < now() - make_interval(secs => $1)
+                      AND d.updated_at >= coalesce($3::timestamptz, '-infinity')
+                      AND ($3::timestamptz IS NULL OR d.updated_at > $3 OR d.id > $4::uuid)
+                    ORDER BY d.updated_at, d.id LIMIT $2
+                 ), gone AS (
+                    DELETE FROM __SCHEMA__.deliveries WHERE id = ANY(ARRAY(
+                        SELECT d.id FROM __SCHEMA__.deliveries d JOIN batch b ON b.id = d.id
+                        WHERE NOT (d.status = 'failed' AND d.ordering_key IS NOT NULL
+                            AND EXISTS (SELECT 1 FROM __SCHEMA__.ordering_keys k
+                                        WHERE k.endpoint_id = d.endpoint_id
+                                          AND k.ordering_key = d.ordering_key AND k.blocked_by = d.id)
+                            AND EXISTS (SELECT 1 FROM __SCHEMA__.endpoints e
+                                        WHERE e.id = d.endpoint_id AND e.deleted_at IS NULL))
+                        FOR UPDATE OF d SKIP LOCKED))
+                    RETURNING id
+                 ), attempts AS (
+                    DELETE FROM __SCHEMA__.attempts WHERE delivery_id = ANY(ARRAY(SELECT id FROM gone))
+                 ), last AS (
+                    SELECT updated_at, id FROM batch ORDER BY updated_at DESC, id DESC LIMIT 1
+                 )
+                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM batch),
+                        (SELECT updated_at FROM last), (SELECT id FROM last)",
+            ),
             // An event goes once no delivery of it is left (all pruned, or none were made).
             // A secret past its expiry never signs again: keep no copy of it.
             prune_secrets: schema.sql(
@@ -152,6 +178,7 @@ impl Retention {
                         (SELECT dispatched_at FROM last), (SELECT id FROM last)",
             ),
             events_from: Mutex::new(None),
+            failed_from: Mutex::new(None),
             keys_from: Mutex::new(None),
         }
     }
@@ -168,7 +195,7 @@ impl Retention {
                 self.delivered,
                 Kind::Deliveries,
             ),
-            ("failed", &self.prune_failed, self.failed, Kind::Deliveries),
+            ("failed", &self.prune_failed, self.failed, Kind::DeadLetters),
             ("events", &self.prune_events, self.delivered, Kind::Events),
             (
                 "secrets",
@@ -187,6 +214,7 @@ impl Retention {
                 // whole batch may have left more.
                 let batch = match kind {
                     Kind::Events => walk_batch(&client, sql, age, &self.events_from).await,
+                    Kind::DeadLetters => walk_batch(&client, sql, age, &self.failed_from).await,
                     Kind::Keys => walk_batch(&client, sql, age, &self.keys_from).await,
                     _ => client
                         .query_one(sql.as_str(), &[&age.as_secs_f64(), &BATCH])
@@ -206,7 +234,7 @@ impl Retention {
                     }
                 };
                 match kind {
-                    Kind::Deliveries => pruned.deliveries += n,
+                    Kind::Deliveries | Kind::DeadLetters => pruned.deliveries += n,
                     Kind::Events => pruned.events += n,
                     Kind::Secrets => pruned.secrets += n,
                     Kind::Keys => pruned.keys += n,
@@ -221,7 +249,7 @@ impl Retention {
     }
 }
 
-/// One batch of a pruning walk (events, ordering keys) from where the last one stopped: how many
+/// One batch of a pruning walk (dead letters, events, ordering keys) from where the last one stopped: how many
 /// rows it deleted, and whether the walk goes on (it looked at a whole batch). A walk that reached
 /// its end starts over (`from` back to `None`). The statement takes the age, the batch size and
 /// the cursor (`$3` NULL at the start), and answers with what it deleted, how many rows it looked
@@ -253,6 +281,7 @@ where
 
 enum Kind {
     Deliveries,
+    DeadLetters,
     Events,
     Secrets,
     Keys,

@@ -42,24 +42,15 @@ pub fn spawn_writer(
     )))
 }
 
-/// What the inbox holds beyond this config's inbox routes, seen at start.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct LeftOver {
-    /// Open messages stored for forwarding (of any route): the forwarder runs for them even
-    /// when no inbox route is left (a route set back to `mode = "forward"`, renamed, removed).
-    pub forward: bool,
-    /// Any open message: upkeep (lease reaping) runs for them.
-    pub open: bool,
-}
-
-/// Looks for open messages this config's routes do not account for, and says what becomes of
-/// them: forwarded ones are still forwarded; those left for SQL consumers of a route no longer
-/// here wait for `inbox_take` with that route's name.
+/// Names, in a warning, the open messages this config's routes do not account for (a route set
+/// back to `mode = "forward"`, renamed, removed), and what becomes of them: those stored for
+/// forwarding are still forwarded (the forwarder runs wherever `[inbound]` is); those left for
+/// SQL consumers wait for `inbox_take` with the old route's name. Returns how many there are.
 pub async fn left_over(
     config: &Config,
     pool: &deadpool_postgres::Pool,
     schema: &Schema,
-) -> anyhow::Result<LeftOver> {
+) -> anyhow::Result<i64> {
     let routes = inbox_routes(config);
     let client = pool.get().await?;
     let rows = client
@@ -71,14 +62,13 @@ pub async fn left_over(
             &[],
         )
         .await?;
-    let mut left = LeftOver::default();
+    let mut left = 0;
     for r in &rows {
         let (route, consume, n): (&str, &str, i64) = (r.get(0), r.get(1), r.get(2));
-        left.open = true;
-        left.forward |= consume == "forward";
         if routes.iter().any(|(name, _)| name == route) {
             continue;
         }
+        left += n;
         match (consume, &config.inbound) {
             ("forward", Some(_)) => tracing::warn!(route, messages = n,
                 "open inbox messages of a route that is no longer an inbox route here: still forwarded to inbound.upstream"),
@@ -91,15 +81,16 @@ pub async fn left_over(
     Ok(left)
 }
 
-/// The forwarder, when some inbox route is consumed by forwarding or messages stored for
-/// forwarding are left (`left_forward`).
+/// The forwarder, wherever `[inbound]` is (the app it forwards to): with no route forwarded
+/// from the inbox it still looks, every [`UPKEEP_EVERY`], for messages stored for forwarding by
+/// another config (a route since set back to `forward` mode, renamed or removed; an old replica
+/// during a rolling update), so none is left acknowledged and never handled.
 pub fn forwarder(
     config: &Config,
     pool: deadpool_postgres::Pool,
     schema: &Schema,
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
-    left_forward: bool,
 ) -> anyhow::Result<Option<Forwarder>> {
     let Some(section) = &config.inbound else {
         return Ok(None);
@@ -108,16 +99,17 @@ pub fn forwarder(
         .routes
         .iter()
         .any(|r| inbound::is_inbox(r) && r.consume.as_deref() != Some("sql"));
-    if !forwarded && !left_forward {
-        return Ok(None);
-    }
     let settings = ForwardSettings {
         max_held: section.max_buffered.0,
         upstream: section.upstream.clone(),
         timeout: section.upstream_timeout.0,
         retry: RetryPolicy::from_config(&config.outbound.retry)
             .map_err(|e| anyhow::anyhow!(e.join("; ")))?,
-        poll_interval: config.outbound.poll_interval.0,
+        poll_interval: if forwarded {
+            config.outbound.poll_interval.0
+        } else {
+            UPKEEP_EVERY
+        },
         drain: drain_time(config),
     };
     let store = Arc::new(InboxStore::new(pool, schema));
@@ -151,21 +143,18 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// forwarder held becomes due again when its lease lapses (for whatever consumes its route now),
 /// and a message an old replica stored with its old `consume` during a rolling update follows
 /// the setting. Without it such messages stay acknowledged and unhandled.
-/// `left_open`: open messages were found at start, inbox routes or not (see [`left_over`]).
+/// Wherever `[inbound]` is, inbox routes or not (messages another config stored may be left).
 pub fn upkeep(
     config: &Config,
     pool: deadpool_postgres::Pool,
     schema: &Schema,
     cancel: CancellationToken,
-    left_open: bool,
 ) -> Option<impl std::future::Future<Output = ()>> {
+    config.inbound.as_ref()?;
     let routes: Vec<(String, String)> = inbox_routes(config)
         .into_iter()
         .map(|(name, consume)| (name, consume.to_string()))
         .collect();
-    if routes.is_empty() && !left_open {
-        return None;
-    }
     let (store, schema) = (InboxStore::new(pool, schema), schema.clone());
     let max_lapses = config.outbound.max_lease_lapses as i32;
     Some(async move {

@@ -118,7 +118,10 @@ pub async fn run(
             vault.clone(),
             tls.clone(),
         )?;
-        let left = inbox::left_over(&config, &pool, &schema).await?;
+        // Only a warning: what it finds is forwarded or waits for its consumers all the same.
+        if let Err(e) = inbox::left_over(&config, &pool, &schema).await {
+            tracing::warn!(error = %format!("{e:#}"), "looking for inbox messages of routes no longer configured failed");
+        }
         let forwarder_pool = db::pool_with(config.database.url(), 4, &tls, mode)?;
         if let Some(f) = inbox::forwarder(
             &config,
@@ -126,12 +129,11 @@ pub async fn run(
             &schema,
             metrics.clone(),
             inbox_wake.clone(),
-            left.forward,
         )? {
             pipeline.spawn("inbox-forwarder", f.run(shutdown.child_token()));
         }
         let cancel = shutdown.child_token();
-        if let Some(upkeep) = inbox::upkeep(&config, pool.clone(), &schema, cancel, left.open) {
+        if let Some(upkeep) = inbox::upkeep(&config, pool.clone(), &schema, cancel) {
             pipeline.spawn("inbox-upkeep", upkeep);
         }
         if let (Some(listener), Some(api)) = (api_listener, &config.api) {

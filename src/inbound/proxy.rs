@@ -410,6 +410,9 @@ impl VerifyingProxy {
     ) -> pingora::Result<()> {
         let settings = route.inbox.as_ref().expect("an inbox route");
         let message = inbox::message(session.req_header(), route, settings, &body);
+        // The message holds the body now, charged by the queue only until it is committed: this
+        // handle must not keep it in memory, uncharged, while the answer is written.
+        drop(body);
         // Queued for the committers, the body counts against the queue's own bound (see
         // `writer::InboxWriter`), not this budget: a stalled database must not keep forward
         // routes' senders out.

@@ -170,13 +170,14 @@ impl Forwarder {
                 _ = &mut deadline => break,
             }
         }
-        tasks.abort_all();
+        // What is left is read before the tasks go: an aborted task's guard takes its entry out.
         let left: Vec<(i64, i32)> = in_flight
             .lock()
             .expect("not poisoned")
             .iter()
             .map(|(id, (attempt, _))| (*id, *attempt))
             .collect();
+        tasks.abort_all();
         if let Err(e) = self.store.hand_back(self.owner, &left).await {
             tracing::warn!(error = %format!("{e:#}"), messages = left.len(), "inbox hand-back failed; the leases will lapse");
         }
@@ -196,6 +197,12 @@ impl Forwarder {
             self.metrics.clone(),
         );
         async move {
+            // Taken out of the in-flight set however the task ends (a panic too), so its bytes
+            // never stay counted against the room of later claims.
+            let held = Held {
+                set: in_flight,
+                id: m.id,
+            };
             let started_at = Utc::now();
             let clock = Instant::now();
             let result = send(&http, &settings.upstream, &m).await;
@@ -236,8 +243,23 @@ impl Forwarder {
                     Sent::Settled
                 }
             };
-            in_flight.lock().expect("not poisoned").remove(&m.id);
+            drop(held);
             sent
+        }
+    }
+}
+
+/// A message's place in the forwarder's in-flight set, given up when its task ends.
+struct Held {
+    set: Arc<Mutex<HashMap<i64, (i32, u64)>>>,
+    id: i64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Never a second panic while unwinding.
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.id);
         }
     }
 }

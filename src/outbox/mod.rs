@@ -44,7 +44,7 @@ pub struct Signals {
 /// Keeps one LISTEN connection up, reconnecting with backoff, and rings `outbox_changed` for every
 /// notification and after every (re)connect.
 /// Endpoint changes announced on `channels.endpoints` reach `capacity` (stop, resume, revoke)
-/// and `health` (a stopped endpoint's fault is cleared).
+/// and `health` (a changed or stopped endpoint's fault is cleared).
 #[allow(clippy::too_many_arguments)]
 pub async fn listen(
     url: String,
@@ -217,14 +217,13 @@ fn endpoint_changed(capacity: &Capacity, health: &Health, sweep_now: &Notify, pa
         "endpoint changed"
     );
     match what {
-        Announce::Stop => {
-            capacity.stop(endpoint);
-            // Nothing more goes to it here: a fault it raised no longer says anything.
-            health.clear_endpoint_fault(endpoint);
-        }
+        Announce::Stop => capacity.stop(endpoint),
         Announce::Resume => capacity.resume(endpoint),
         Announce::Revoke => capacity.revoke(endpoint),
     }
+    // Stopped, nothing more goes to it here; changed (its secrets rotated, say), a fault it
+    // raised may be gone: the next delivery to it raises the fault again if not.
+    health.clear_endpoint_fault(endpoint);
     // What the change left to the sweeper (a large backlog) is moved now, not at the next tick.
     sweep_now.notify_one();
 }
