@@ -230,12 +230,17 @@ pub async fn prepare(
         );
     }
     let wanted = NotifySetting::from_config(config);
-    if let Some(installed) = db::install_notify(pool, schema, &wanted, false).await? {
-        tracing::warn!(
+    // A trigger that cannot be replaced now (the outbox busy past the lock timeout) stays as it
+    // is until the next start: polling is the truth, the trigger only a hint.
+    match db::install_notify(pool, schema, &wanted, false).await {
+        Ok(Some(installed)) => tracing::warn!(
             configured = %format!("{}:{}ms", wanted.mode, wanted.throttle_ms),
             installed = %format!("{}:{}ms", installed.mode, installed.throttle_ms),
             "outbound.notify differs from the trigger installed in the database; keeping the installed one (run `postern migrate` to change it)"
-        );
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %format!("{e:#}"),
+            "the outbox's notify trigger could not be installed now; keeping the one it has (the next start tries again)"),
     }
     let max_payload = config.outbound.max_payload.0;
     // The newest start wins; a limit that cannot be installed now (the outbox busy past the lock

@@ -74,7 +74,9 @@ pub async fn install_notify(
         .await?
         .and_then(|r| NotifySetting::decode(r.get(0)));
     if let Some((current, shape)) = &current {
-        if current == wanted && *shape == TRIGGER_SHAPE {
+        // A newer build's trigger (a later shape) is kept: during a rollout or a rollback the
+        // builds would otherwise replace each other's at every start.
+        if current == wanted && *shape >= TRIGGER_SHAPE {
             return Ok(None);
         }
         if current != wanted && !force {
@@ -139,8 +141,14 @@ pub async fn install_notify(
         ),
         _ => (String::new(), String::new()),
     };
-    tx.batch_execute(&schema.sql("DROP TRIGGER IF EXISTS outbox_notify ON __SCHEMA__.outbox;"))
-        .await?;
+    // Dropping the trigger needs the outbox to itself: waiting for it would queue every insert
+    // of the app's behind this one. Better to fail and keep the trigger there is (the next start,
+    // or `postern migrate`, tries again).
+    tx.batch_execute(&schema.sql(
+        "SET LOCAL lock_timeout = '2s'; DROP TRIGGER IF EXISTS outbox_notify ON __SCHEMA__.outbox;",
+    ))
+    .await
+    .context("replacing the outbox notify trigger (the outbox was busy past the lock timeout?)")?;
     if !body.is_empty() {
         // Invoker's rights and no SET clause: a function-level SET costs a configuration save and
         // restore on every call, on the app's commit path. Publishers get rights on the clock
@@ -164,4 +172,66 @@ pub async fn install_notify(
 /// Whether the notify mode needs a LISTEN connection at all.
 pub fn listens(mode: NotifyMode) -> bool {
     mode != NotifyMode::None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::scratch::Scratch;
+
+    /// During a rollout (or a rollback) two builds start side by side: the older must keep the
+    /// trigger a newer build installed, not put its own back (each reinstall drops the trigger,
+    /// which waits for, and then holds off, every insert into the outbox), and a reinstall that
+    /// cannot have the outbox within its lock timeout gives up instead of queueing the app's
+    /// inserts behind it.
+    #[tokio::test]
+    async fn an_older_build_keeps_a_newer_trigger_and_never_waits_long_for_the_outbox() {
+        let s = Scratch::new().await;
+        let wanted = NotifySetting {
+            mode: "throttled".into(),
+            throttle_ms: 10,
+        };
+        install_notify(&s.pool, &s.schema, &wanted, false)
+            .await
+            .unwrap();
+        let newer = format!("throttled:10:{}", TRIGGER_SHAPE + 1);
+        s.run(&format!(
+            "UPDATE __SCHEMA__.settings SET value = '{newer}' WHERE key = 'notify'"
+        ))
+        .await;
+        assert_eq!(
+            install_notify(&s.pool, &s.schema, &wanted, false)
+                .await
+                .unwrap(),
+            None
+        );
+        let kept: Vec<(String, String)> = s
+            .pairs("SELECT key, value FROM __SCHEMA__.settings WHERE key = 'notify'")
+            .await;
+        assert_eq!(kept[0].1, newer, "the newer trigger was replaced");
+
+        // An older shape is replaced, but not by waiting behind a transaction that holds the
+        // outbox: the reinstall fails fast.
+        s.run("UPDATE __SCHEMA__.settings SET value = 'throttled:10:1' WHERE key = 'notify'")
+            .await;
+        let mut app = s.pool.get().await.unwrap();
+        let busy = app.transaction().await.unwrap();
+        busy.batch_execute(
+            &s.schema
+                .sql("INSERT INTO __SCHEMA__.outbox (event_type, payload) VALUES ('t', '{}')"),
+        )
+        .await
+        .unwrap();
+        let started = std::time::Instant::now();
+        let tried = install_notify(&s.pool, &s.schema, &wanted, false).await;
+        assert!(tried.is_err(), "installed while the outbox was held");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        busy.rollback().await.unwrap();
+        drop(app);
+        s.drop_schema().await;
+    }
 }
