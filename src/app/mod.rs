@@ -372,6 +372,11 @@ pub fn start(
     let settings = WorkerSettings::from_config(config);
     let capacity = Capacity::new(&settings);
     if db::listens(o.notify) {
+        if config.database.pgbouncer && config.database.listen_url.is_none() {
+            // A transaction pooler takes the LISTEN and never delivers a notification: wake-ups
+            // and endpoint announcements would be lost without an error (polling still works).
+            tracing::warn!("database.pgbouncer is set and database.listen_url is not: LISTEN goes through the pooler, which in transaction mode never delivers notifications; set database.listen_url to a direct (or session-pooled) connection");
+        }
         tasks.spawn(
             "listener",
             outbox::listen(

@@ -115,17 +115,9 @@ pub(super) async fn gauge_loop(
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = connect_probe(&url, &tls, mode, "postern-gauges").await;
-            if let Some(c) = &client {
-                if c.batch_execute("SET statement_timeout = '2s'")
-                    .await
-                    .is_err()
-                {
-                    client = None;
-                }
-            }
         }
         let Some(c) = &client else { continue };
-        match c.query_one(&gauges, &[]).await {
+        match bounded(c, &gauges).await {
             Ok(row) => {
                 metrics.deliveries_due.set(row.get(0));
                 metrics.oldest_due_seconds.set(row.get(1));
@@ -139,11 +131,30 @@ pub(super) async fn gauge_loop(
                 tracing::debug!(error = %crate::telemetry::error_chain(&e), "gauges not updated")
             }
         }
-        if let Ok(row) = c.query_one(&inbox, &[]).await {
+        if let Ok(row) = bounded(c, &inbox).await {
             metrics.inbox_pending.set(row.get(0));
             metrics.inbox_oldest_pending.set(row.get(1));
         }
     }
+}
+
+/// One row of `sql`, given at most 2 s. The bound is the transaction's own (`SET LOCAL`), never
+/// the session's: behind a transaction pooler a session `SET` would outlive this connection's use
+/// of the server connection and cut the app's statements short.
+async fn bounded(
+    c: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+    let (begun, row, ended) = tokio::join!(
+        c.batch_execute("BEGIN; SET LOCAL statement_timeout = '2s'"),
+        c.query_one(sql, &[]),
+        // After a failed statement, COMMIT rolls back.
+        c.batch_execute("COMMIT"),
+    );
+    begun?;
+    let row = row?;
+    ended?;
+    Ok(row)
 }
 
 async fn connect_probe(

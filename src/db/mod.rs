@@ -267,20 +267,30 @@ pub fn pipeline_pool(url: &str, tls: &tls::Tls) -> anyhow::Result<Pool> {
 /// [`pipeline_pool`], with the session settings applied as `mode` says.
 pub fn pipeline_pool_with(url: &str, tls: &tls::Tls, mode: SessionMode) -> anyhow::Result<Pool> {
     let mut pg = parse_url(url).context("database.url")?;
-    let settings: Vec<(&str, &str)> = SESSION_SETTINGS
-        .iter()
-        .copied()
-        .chain([
-            ("synchronous_commit", "off"),
-            ("plan_cache_mode", "force_custom_plan"),
-            ("enable_bitmapscan", "off"),
-        ])
-        .collect();
-    let set = bound_session(&mut pg, &settings, mode);
+    let set = bound_session(&mut pg, &pipeline_settings(mode), mode);
     if pg.get_application_name().is_none() {
         pg.application_name("postern-pipeline");
     }
     build_pool(pg, PIPELINE_CONNECTIONS, tls, set)
+}
+
+/// The pipeline's session settings. Its own commits need no flush to disk (a fan-out or an
+/// outcome lost in a crash is done again: at-least-once), except behind a pooler (`Set` mode):
+/// there a session `SET` can land on a server connection that the app's transactions use next
+/// (pgbouncer's transaction mode), and `synchronous_commit = off` would make the app's commits,
+/// its events among them, lose their durability. The rest can cost the app time, never data (the
+/// README says to give Postern a role of its own there, so it has a pool of its own).
+fn pipeline_settings(mode: SessionMode) -> Vec<(&'static str, &'static str)> {
+    let durable_enough = (mode == SessionMode::Startup).then_some(("synchronous_commit", "off"));
+    SESSION_SETTINGS
+        .iter()
+        .copied()
+        .chain(durable_enough)
+        .chain([
+            ("plan_cache_mode", "force_custom_plan"),
+            ("enable_bitmapscan", "off"),
+        ])
+        .collect()
 }
 
 /// `set`: statements each new connection runs first (the session settings in `Set` mode).
@@ -505,4 +515,31 @@ pub async fn install_payload_limit(
     .context("installing outbound.max_payload in the outbox table")?;
     tx.commit().await?;
     Ok(existing.into_iter().next())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Behind a pooler a session `SET` may outlive Postern's use of a server connection and reach
+    /// the app's transactions: `synchronous_commit = off` there would make the app's own commits
+    /// (its events among them) lose their durability. Only a direct connection gets it.
+    #[test]
+    fn behind_a_pooler_the_pipeline_never_turns_off_synchronous_commit() {
+        let has = |mode| {
+            pipeline_settings(mode)
+                .iter()
+                .any(|(k, _)| *k == "synchronous_commit")
+        };
+        assert!(has(SessionMode::Startup));
+        assert!(!has(SessionMode::Set));
+        let mut pg = parse_url("postgres://postern@127.0.0.1/app").unwrap();
+        let set = bound_session(
+            &mut pg,
+            &pipeline_settings(SessionMode::Set),
+            SessionMode::Set,
+        );
+        assert!(!set.contains("synchronous_commit"), "{set}");
+        assert!(set.contains("statement_timeout"), "{set}");
+    }
 }

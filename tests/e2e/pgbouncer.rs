@@ -125,7 +125,9 @@ async fn delivers_through_pgbouncer_with_session_settings_applied_by_set() {
         Duration::from_secs(10),
     )
     .await;
-    // A pool in SET mode gets the bounds through pgbouncer (the same hook the pipeline's use).
+    // A pool in SET mode gets the bounds through pgbouncer (the same hook the pipeline's use),
+    // but never `synchronous_commit = off`: behind a transaction pooler a session SET can reach
+    // the app's transactions, and that one would cost the app's commits their durability.
     let pool = postern::db::pipeline_pool_with(
         through.as_str(),
         &postern::db::tls::unverified(),
@@ -136,7 +138,7 @@ async fn delivers_through_pgbouncer_with_session_settings_applied_by_set() {
     for (name, want) in [
         ("statement_timeout", "30s"),
         ("idle_in_transaction_session_timeout", "1min"),
-        ("synchronous_commit", "off"),
+        ("synchronous_commit", "on"),
     ] {
         let got: String = c
             .query_one(&format!("SHOW {name}"), &[])
