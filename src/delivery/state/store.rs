@@ -75,8 +75,13 @@ impl DeliveryStore {
                         last_status_code = u.status_code, last_error = u.error, updated_at = now(),
                         delivered_at = CASE WHEN u.status = 'delivered' THEN now() ELSE d.delivered_at END
                     FROM u, __SCHEMA__.endpoints e
-                    WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
-                      AND d.lease_owner = $1 AND e.id = d.endpoint_id
+                    WHERE d.id = u.id AND d.attempts = u.attempt AND e.id = d.endpoint_id
+                      AND ((d.status = 'delivering' AND d.lease_owner = $1)
+                           -- The same attempt's outcome after its lease lapsed (the database away
+                           -- longer than a lease), while no replica has claimed it since: still
+                           -- its own (a claim would have moved `attempts` on).
+                           OR (d.status IN ('pending', 'paused', 'failed') AND d.lease_owner IS NULL
+                               AND d.lease_lapses > 0))
                     RETURNING d.id
                  ), healthy AS (
                     -- Successes clear the breaker's count of an endpoint that had failed (see
@@ -107,7 +112,12 @@ impl DeliveryStore {
                      request_headers)
                  SELECT u.id, u.attempt, u.started_at, u.duration_ms, u.status_code, u.response_excerpt,
                         u.error, u.request_headers
-                 FROM u JOIN upd ON upd.id = u.id"
+                 FROM u JOIN upd ON upd.id = u.id
+                 -- The reaper's 'outcome unknown' for a lapsed attempt gives way to the outcome.
+                 ON CONFLICT (delivery_id, attempt) DO UPDATE SET
+                    started_at = EXCLUDED.started_at, duration_ms = EXCLUDED.duration_ms,
+                    status_code = EXCLUDED.status_code, response_excerpt = EXCLUDED.response_excerpt,
+                    error = EXCLUDED.error, request_headers = EXCLUDED.request_headers"
             )),
             disable_gone: schema.sql(
                 "UPDATE __SCHEMA__.endpoints

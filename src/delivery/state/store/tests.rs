@@ -616,3 +616,76 @@ async fn a_replay_commits_batch_by_batch() {
     assert_eq!(left, [("pending".to_string(), 2500)]);
     s.drop_schema().await;
 }
+
+/// A database away for longer than a lease (a failover) lets the lease lapse under an attempt
+/// that did finish: the reaper, first back, makes the delivery due again and counts a lapse. The
+/// outcome, written when the database returns, is still that attempt's own while no replica has
+/// claimed the delivery since: it is recorded (a 2xx is not sent again) and the lapse forgotten,
+/// so outages never add up to a "poison pill".
+#[tokio::test]
+async fn an_outcome_written_after_its_lease_lapsed_still_counts_until_another_claim() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let owner = Uuid::now_v7();
+    s.run(&format!(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES ('e', 'http://127.0.0.1:9/a', '{{*}}', 'api');
+         INSERT INTO __SCHEMA__.outbox (event_type, payload, dispatched_at) SELECT 't', '{{}}', now() FROM generate_series(1, 2);
+         INSERT INTO __SCHEMA__.deliveries
+            (outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at, lease_lapses)
+         SELECT g, gen_random_uuid(), 't', 'e', 'delivering', 1, '{owner}', now() - interval '1 second', 2
+         FROM generate_series(1, 2) g"
+    ))
+    .await;
+    let store = store_in(&pool, &schema, OnFailure::Skip);
+    assert_eq!(store.reap(500, 5).await.unwrap(), 2);
+    let ids: Vec<Uuid> = s
+        .pairs::<Uuid, i64>("SELECT id, outbox_id FROM __SCHEMA__.deliveries ORDER BY outbox_id")
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    // The second is claimed again by another replica before the first outcome comes in.
+    s.run(&format!(
+        "UPDATE __SCHEMA__.deliveries SET status = 'delivering', attempts = 2, lease_owner = gen_random_uuid(),
+                lease_expires_at = now() + interval '1 minute' WHERE id = '{}'",
+        ids[1]
+    ))
+    .await;
+    let ack = |id| Ack {
+        id,
+        attempt: 1,
+        endpoint_id: "e".into(),
+        ordering_key: None,
+        judged: true,
+        probe: false,
+        retry_after: None,
+        settle: Settle::Delivered,
+        record: crate::delivery::state::AttemptRecord {
+            started_at: Utc::now(),
+            duration_ms: 3,
+            status_code: Some(200),
+            response_body: None,
+            error: None,
+            request_headers: None,
+        },
+    };
+    store.settle(owner, &[ack(ids[0]), ack(ids[1])]).await.unwrap();
+    let seen = s
+        .pairs::<i64, String>(
+            "SELECT outbox_id, status::text || ' ' || lease_lapses FROM __SCHEMA__.deliveries ORDER BY outbox_id",
+        )
+        .await;
+    assert_eq!(
+        seen,
+        [(1, "delivered 0".to_string()), (2, "delivering 3".to_string())]
+    );
+    let attempts = s
+        .pairs::<i32, Option<i32>>(&format!(
+            "SELECT attempt, status_code FROM __SCHEMA__.attempts WHERE delivery_id = '{}'",
+            ids[0]
+        ))
+        .await;
+    assert_eq!(attempts, [(1, Some(200))], "the real outcome replaces 'unknown'");
+    s.drop_schema().await;
+}
