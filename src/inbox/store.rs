@@ -81,12 +81,21 @@ impl InboxStore {
                         lease_owner = NULL, lease_expires_at = NULL, lease_lapses = 0,
                         handled_at = CASE WHEN $4 = 'done' THEN now() END,
                         last_status_code = $6, last_error = $7, updated_at = now()
-                    WHERE id = $1 AND attempts = $2 AND lease_owner = $3 AND status = 'delivering'
+                    WHERE id = $1 AND attempts = $2
+                      AND ((lease_owner = $3 AND status = 'delivering')
+                           -- The same attempt's outcome after its lease lapsed (the database
+                           -- away longer than a lease), while no replica has claimed it since.
+                           OR (lease_owner IS NULL AND status IN ('pending', 'failed') AND lease_lapses > 0))
                     RETURNING id, attempts
                  )
                  INSERT INTO __SCHEMA__.inbox_attempts
                     (inbox_id, attempt, started_at, duration_ms, status_code, response_excerpt, error)
-                 SELECT id, attempts, $8, $9, $6, $10, $7 FROM u",
+                 SELECT id, attempts, $8, $9, $6, $10, $7 FROM u
+                 -- The reaper's 'outcome unknown' for a lapsed attempt gives way to the outcome.
+                 ON CONFLICT (inbox_id, attempt) DO UPDATE SET
+                    started_at = EXCLUDED.started_at, duration_ms = EXCLUDED.duration_ms,
+                    status_code = EXCLUDED.status_code, response_excerpt = EXCLUDED.response_excerpt,
+                    error = EXCLUDED.error",
             ),
             // The app was not listening: no attempt is counted, and the message is due again.
             hand_back: schema.sql(
@@ -316,6 +325,44 @@ mod tests {
             .await
             .unwrap();
         assert!(again.is_empty());
+        s.drop_schema().await;
+    }
+
+    /// An outcome that comes in after its lease lapsed (the database away longer than a lease)
+    /// is still the attempt's own while nobody has claimed the message since: recorded, not
+    /// forwarded again, the lapse forgotten.
+    #[tokio::test]
+    async fn an_outcome_after_a_lapsed_lease_is_recorded_until_another_claim() {
+        let s = Scratch::new().await;
+        let store = InboxStore::new(s.pool.clone(), &s.schema);
+        with_bodies(&s, &[10]).await;
+        let owner = Uuid::now_v7();
+        let m = store
+            .claim(owner, 32, Duration::from_secs(30), 1024, true)
+            .await
+            .unwrap()
+            .remove(0);
+        s.run("UPDATE __SCHEMA__.inbox SET lease_expires_at = now() - interval '1 second'")
+            .await;
+        assert_eq!(store.reap(3).await.unwrap(), 1);
+        let done = Outcome {
+            status: InboxStatus::Done,
+            next_at: None,
+            status_code: Some(200),
+            error: None,
+            started_at: Utc::now(),
+            duration_ms: 4,
+            response_excerpt: None,
+        };
+        assert!(store.settle(owner, &m, &done).await.unwrap());
+        let seen: Vec<(String, i32)> = s
+            .pairs("SELECT status, lease_lapses FROM __SCHEMA__.inbox")
+            .await;
+        assert_eq!(seen, [("done".to_string(), 0)]);
+        let attempts: Vec<(i32, Option<i32>)> = s
+            .pairs("SELECT attempt, status_code FROM __SCHEMA__.inbox_attempts")
+            .await;
+        assert_eq!(attempts, [(1, Some(200))]);
         s.drop_schema().await;
     }
 }

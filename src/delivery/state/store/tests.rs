@@ -670,7 +670,10 @@ async fn an_outcome_written_after_its_lease_lapsed_still_counts_until_another_cl
             request_headers: None,
         },
     };
-    store.settle(owner, &[ack(ids[0]), ack(ids[1])]).await.unwrap();
+    store
+        .settle(owner, &[ack(ids[0]), ack(ids[1])])
+        .await
+        .unwrap();
     let seen = s
         .pairs::<i64, String>(
             "SELECT outbox_id, status::text || ' ' || lease_lapses FROM __SCHEMA__.deliveries ORDER BY outbox_id",
@@ -678,7 +681,10 @@ async fn an_outcome_written_after_its_lease_lapsed_still_counts_until_another_cl
         .await;
     assert_eq!(
         seen,
-        [(1, "delivered 0".to_string()), (2, "delivering 3".to_string())]
+        [
+            (1, "delivered 0".to_string()),
+            (2, "delivering 3".to_string())
+        ]
     );
     let attempts = s
         .pairs::<i32, Option<i32>>(&format!(
@@ -686,6 +692,10 @@ async fn an_outcome_written_after_its_lease_lapsed_still_counts_until_another_cl
             ids[0]
         ))
         .await;
-    assert_eq!(attempts, [(1, Some(200))], "the real outcome replaces 'unknown'");
+    assert_eq!(
+        attempts,
+        [(1, Some(200))],
+        "the real outcome replaces 'unknown'"
+    );
     s.drop_schema().await;
 }
