@@ -452,24 +452,7 @@ async fn with_postgres_unreachable_the_route_answers_503_and_acknowledges_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_queued_for_a_stalled_database_stay_within_the_buffered_budget() {
     let db = TestDb::create().await;
-    let app = Receiver::ok().await;
-    let app_port: u16 = app
-        .url
-        .trim_end_matches("/hook")
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let (config, _) = config(&db, &db.url, app_port, "forward", "");
-    let config = config.replace(
-        "upstream_timeout = \"2s\"",
-        "upstream_timeout = \"2s\"\nmax_body = \"1MiB\"\nmax_buffered = \"4MiB\"",
-    ) + &format!(
-        "\n[[inbound.routes]]\npath = \"/wh/github-forward\"\nname = \"github-forward\"\nprovider = \"github\"\nsecrets = [\"{GITHUB_SECRET}\"]\n"
-    );
-    let s = Service::start(config).await;
-    assert_eq!(s.stripe("evt_warm").await.0, 200);
+    let (_app, s) = small_budget_with_a_forward_route(&db).await;
     // The database stalls: every insert into the inbox waits.
     let mut holder = db.client().await;
     let stall = holder.transaction().await.unwrap();
@@ -495,16 +478,7 @@ async fn bodies_queued_for_a_stalled_database_stay_within_the_buffered_budget() 
         );
     }
     // A forward route does not wait for the database: a large body still goes to the app.
-    let body = json!({"zen": "x".repeat(900 * 1024)})
-        .to_string()
-        .into_bytes();
-    let mac = hex::encode(signing::hmac_sha256(GITHUB_SECRET.as_bytes(), &[&body]));
-    let headers = vec![
-        ("x-hub-signature-256".to_string(), format!("sha256={mac}")),
-        ("x-github-event".to_string(), "ping".to_string()),
-        ("x-github-delivery".to_string(), "d-1".to_string()),
-    ];
-    let (st, v) = s.post("/wh/github-forward", &headers, body).await;
+    let (st, v) = large_forward(&s).await;
     assert_eq!(st, 200, "{v}");
     // The inbox's bodies are still queued: the next one is refused at once, not queued beside
     // them.
@@ -541,24 +515,7 @@ async fn bodies_queued_for_a_stalled_database_stay_within_the_buffered_budget() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_requests_waiting_for_a_stalled_database_keep_no_forward_route_out() {
     let db = TestDb::create().await;
-    let app = Receiver::ok().await;
-    let app_port: u16 = app
-        .url
-        .trim_end_matches("/hook")
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let (config, _) = config(&db, &db.url, app_port, "forward", "");
-    let config = config.replace(
-        "upstream_timeout = \"2s\"",
-        "upstream_timeout = \"2s\"\nmax_body = \"1MiB\"\nmax_buffered = \"4MiB\"",
-    ) + &format!(
-        "\n[[inbound.routes]]\npath = \"/wh/github-forward\"\nname = \"github-forward\"\nprovider = \"github\"\nsecrets = [\"{GITHUB_SECRET}\"]\n"
-    );
-    let s = Service::start(config).await;
-    assert_eq!(s.stripe("evt_warm").await.0, 200);
+    let (_app, s) = small_budget_with_a_forward_route(&db).await;
     let mut holder = db.client().await;
     let stall = holder.transaction().await.unwrap();
     stall.batch_execute("LOCK postern.inbox").await.unwrap();
@@ -576,16 +533,7 @@ async fn inbox_requests_waiting_for_a_stalled_database_keep_no_forward_route_out
     let forward = async {
         // The four are read and waiting for their commit by now.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let body = json!({"zen": "x".repeat(900 * 1024)})
-            .to_string()
-            .into_bytes();
-        let mac = hex::encode(signing::hmac_sha256(GITHUB_SECRET.as_bytes(), &[&body]));
-        let headers = vec![
-            ("x-hub-signature-256".to_string(), format!("sha256={mac}")),
-            ("x-github-event".to_string(), "ping".to_string()),
-            ("x-github-delivery".to_string(), "d-1".to_string()),
-        ];
-        s.post("/wh/github-forward", &headers, body).await
+        large_forward(&s).await
     };
     let (first, (st, v)) = futures_util::future::join(waiting, forward).await;
     assert_eq!(st, 200, "the forward route was kept out: {v}");
@@ -597,4 +545,42 @@ async fn inbox_requests_waiting_for_a_stalled_database_keep_no_forward_route_out
         );
     }
     stall.rollback().await.unwrap();
+}
+
+/// An inbox service whose proxy buffers at most 4 MiB (bodies up to 1 MiB), with a forward
+/// route `/wh/github-forward` beside the inbox routes, warmed up; and its app.
+async fn small_budget_with_a_forward_route(db: &TestDb) -> (Receiver, Service) {
+    let app = Receiver::ok().await;
+    let app_port: u16 = app
+        .url
+        .trim_end_matches("/hook")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (config, _) = config(db, &db.url, app_port, "forward", "");
+    let config = config.replace(
+        "upstream_timeout = \"2s\"",
+        "upstream_timeout = \"2s\"\nmax_body = \"1MiB\"\nmax_buffered = \"4MiB\"",
+    ) + &format!(
+        "\n[[inbound.routes]]\npath = \"/wh/github-forward\"\nname = \"github-forward\"\nprovider = \"github\"\nsecrets = [\"{GITHUB_SECRET}\"]\n"
+    );
+    let s = Service::start(config).await;
+    assert_eq!(s.stripe("evt_warm").await.0, 200);
+    (app, s)
+}
+
+/// A signed 900 KiB request to the forward route.
+async fn large_forward(s: &Service) -> (u16, Value) {
+    let body = json!({"zen": "x".repeat(900 * 1024)})
+        .to_string()
+        .into_bytes();
+    let mac = hex::encode(signing::hmac_sha256(GITHUB_SECRET.as_bytes(), &[&body]));
+    let headers = vec![
+        ("x-hub-signature-256".to_string(), format!("sha256={mac}")),
+        ("x-github-event".to_string(), "ping".to_string()),
+        ("x-github-delivery".to_string(), "d-1".to_string()),
+    ];
+    s.post("/wh/github-forward", &headers, body).await
 }

@@ -11,6 +11,41 @@ fn store_in(pool: &Pool, schema: &crate::db::Schema, on_failure: OnFailure) -> D
     DeliveryStore::new(pool.clone(), schema, on_failure, defaults)
 }
 
+/// An outcome of attempt 1 of delivery `id` at endpoint `e`, answered `code`.
+fn ack(id: Uuid, key: Option<&str>, settle: Settle, code: i32) -> Ack {
+    Ack {
+        id,
+        attempt: 1,
+        endpoint_id: "e".into(),
+        ordering_key: key.map(str::to_string),
+        judged: true,
+        probe: false,
+        retry_after: None,
+        settle,
+        record: super::super::AttemptRecord {
+            started_at: Utc::now(),
+            duration_ms: 3,
+            status_code: Some(code),
+            response_body: None,
+            error: None,
+            request_headers: None,
+        },
+    }
+}
+
+/// Endpoint `e`'s tenant changed to `globex`, as the API does it: the endpoint, then the cancel
+/// of what the new tenant may not get, in `tx`.
+async fn retenant(tx: &deadpool_postgres::Transaction<'_>, schema: &crate::db::Schema) {
+    tx.batch_execute(
+        &schema.sql("UPDATE __SCHEMA__.endpoints SET tenant = 'globex' WHERE id = 'e'"),
+    )
+    .await
+    .unwrap();
+    crate::delivery::state::cancel_ineligible(tx, schema, "e")
+        .await
+        .unwrap();
+}
+
 /// The sweeper runs on every reaper tick for each endpoint changed within the hour: its work must
 /// not grow with the deliveries an endpoint has finished (the table's bulk), or an endpoint's
 /// change makes every tick scan the whole table for an hour.
@@ -141,24 +176,7 @@ async fn successes_after_a_failure_start_a_new_window_and_never_overflow_it() {
     ))
     .await;
     let store = store_in(&pool, &schema, OnFailure::Skip);
-    let ack = Ack {
-        id,
-        attempt: 1,
-        endpoint_id: "e".into(),
-        ordering_key: None,
-        judged: true,
-        probe: false,
-        retry_after: None,
-        settle: Settle::Delivered,
-        record: super::super::AttemptRecord {
-            started_at: Utc::now(),
-            duration_ms: 3,
-            status_code: Some(200),
-            response_body: None,
-            error: None,
-            request_headers: None,
-        },
-    };
+    let ack = ack(id, None, Settle::Delivered, 200);
     store
         .settle(owner, std::slice::from_ref(&ack))
         .await
@@ -400,15 +418,7 @@ async fn a_retry_racing_a_tenant_change_sees_the_new_tenant() {
     // The tenant change, as the API makes it: the endpoint, then the cancel, one transaction.
     let mut changer = pool.get().await.unwrap();
     let change = changer.transaction().await.unwrap();
-    change
-        .batch_execute(
-            &schema.sql("UPDATE __SCHEMA__.endpoints SET tenant = 'globex' WHERE id = 'e'"),
-        )
-        .await
-        .unwrap();
-    crate::delivery::state::cancel_ineligible(&change, &schema, "e")
-        .await
-        .unwrap();
+    retenant(&change, &schema).await;
     let retry = {
         let (pool, schema) = (pool.clone(), schema.clone());
         tokio::spawn(async move {
@@ -461,15 +471,7 @@ async fn an_old_tenants_keyed_delivery_coming_back_due_is_cancelled() {
     // The tenant change, as the API makes it: keyed deliveries in flight stay.
     let mut client = pool.get().await.unwrap();
     let change = client.transaction().await.unwrap();
-    change
-        .batch_execute(
-            &schema.sql("UPDATE __SCHEMA__.endpoints SET tenant = 'globex' WHERE id = 'e'"),
-        )
-        .await
-        .unwrap();
-    crate::delivery::state::cancel_ineligible(&change, &schema, "e")
-        .await
-        .unwrap();
+    retenant(&change, &schema).await;
     change.commit().await.unwrap();
     let ids: Vec<Uuid> = s
         .pairs::<Uuid, i64>("SELECT id, outbox_id FROM __SCHEMA__.deliveries ORDER BY outbox_id")
@@ -524,25 +526,8 @@ async fn an_old_tenants_keyed_retry_is_cancelled_and_its_key_moves_on() {
         .await[0]
         .0;
     let store = store_in(&pool, &schema, OnFailure::Skip);
-    let ack = Ack {
-        id,
-        attempt: 1,
-        endpoint_id: "e".into(),
-        ordering_key: Some("k".into()),
-        judged: true,
-        probe: false,
-        retry_after: None,
-        settle: Settle::Retry { at: Utc::now() },
-        record: crate::delivery::state::AttemptRecord {
-            started_at: Utc::now(),
-            duration_ms: 3,
-            status_code: Some(500),
-            response_body: None,
-            error: None,
-            request_headers: None,
-        },
-    };
-    store.settle(owner, &[ack]).await.unwrap();
+    let retry = ack(id, Some("k"), Settle::Retry { at: Utc::now() }, 500);
+    store.settle(owner, &[retry]).await.unwrap();
     let seen = s
         .pairs::<i64, String>(
             "SELECT outbox_id, status::text FROM __SCHEMA__.deliveries ORDER BY outbox_id",
@@ -652,26 +637,9 @@ async fn an_outcome_written_after_its_lease_lapsed_still_counts_until_another_cl
         ids[1]
     ))
     .await;
-    let ack = |id| Ack {
-        id,
-        attempt: 1,
-        endpoint_id: "e".into(),
-        ordering_key: None,
-        judged: true,
-        probe: false,
-        retry_after: None,
-        settle: Settle::Delivered,
-        record: crate::delivery::state::AttemptRecord {
-            started_at: Utc::now(),
-            duration_ms: 3,
-            status_code: Some(200),
-            response_body: None,
-            error: None,
-            request_headers: None,
-        },
-    };
+    let delivered = |id| ack(id, None, Settle::Delivered, 200);
     store
-        .settle(owner, &[ack(ids[0]), ack(ids[1])])
+        .settle(owner, &[delivered(ids[0]), delivered(ids[1])])
         .await
         .unwrap();
     let seen = s
