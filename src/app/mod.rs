@@ -105,10 +105,29 @@ pub async fn run(
         None => None,
     };
     let result = async {
-        if db::wait_until_reachable(&pool, &shutdown).await.is_none() {
-            return Ok(());
+        // A start the database cuts short (gone again, read-only for a moment after a failover,
+        // shutting down) is tried again here; any other failure (a config or a stored value that
+        // cannot work) ends the process with the reason. Exiting on the first would leave the pod
+        // in CrashLoopBackOff for minutes after the database is back.
+        let mut delay = std::time::Duration::from_millis(500);
+        loop {
+            if db::wait_until_reachable(&pool, &shutdown).await.is_none() {
+                return Ok(());
+            }
+            match prepare(&config, &pool, &schema, &vault).await {
+                Ok(()) => break,
+                Err(e) if db::is_transient(&e) => {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in_ms = delay.as_millis() as u64,
+                        "the database cut the start short; trying again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(std::time::Duration::from_secs(10));
+                }
+                Err(e) => return Err(e),
+            }
         }
-        prepare(&config, &pool, &schema, &vault).await?;
         let mut pipeline = start(
             &config,
             &schema,

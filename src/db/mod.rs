@@ -357,6 +357,43 @@ pub async fn wait_until_reachable(pool: &Pool, cancel: &CancellationToken) -> Op
     }
 }
 
+/// Whether `e` is the database's passing state rather than anything about the request: a
+/// connection lost or refused, a server shutting down or starting, a read-only server (a replica
+/// being promoted), too many connections, a lock or statement timeout, a serialization failure.
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.chain().any(|cause| {
+        if cause
+            .downcast_ref::<deadpool_postgres::PoolError>()
+            .is_some()
+        {
+            return true;
+        }
+        let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() else {
+            return false;
+        };
+        let Some(code) = pg.code() else {
+            // No SQLSTATE: transient if the connection itself failed or closed (not, say, a
+            // value this side could not encode).
+            let io = std::error::Error::source(pg).is_some_and(|s| s.is::<std::io::Error>());
+            return pg.is_closed() || io;
+        };
+        code.code().starts_with("08")
+            || [
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::CRASH_SHUTDOWN,
+                SqlState::CANNOT_CONNECT_NOW,
+                SqlState::READ_ONLY_SQL_TRANSACTION,
+                SqlState::TOO_MANY_CONNECTIONS,
+                SqlState::LOCK_NOT_AVAILABLE,
+                SqlState::QUERY_CANCELED,
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                SqlState::T_R_DEADLOCK_DETECTED,
+            ]
+            .contains(code)
+    })
+}
+
 /// Applies every missing migration and the grants for the publisher and consumer roles, in one
 /// transaction. Returns the versions applied.
 pub async fn migrate(

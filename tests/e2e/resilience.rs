@@ -523,3 +523,51 @@ async fn postgres_connections_use_tls_when_offered_and_verify_when_asked() {
             .await;
     }
 }
+
+/// A start the database cuts short (here it is read-only, as a promoted replica is for a moment
+/// during a failover) is tried again in the process, not ended: an exit would leave the pod in
+/// CrashLoopBackOff for minutes after the database is back. Once the database takes writes (and
+/// the old connections are gone, as after a failover) Postern migrates and delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_read_only_database_waits_for_it_to_take_writes() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let admin = db.client().await;
+    let read_only = |on: bool| {
+        format!(
+            "ALTER DATABASE \"{}\" {}",
+            db.name,
+            if on {
+                "SET default_transaction_read_only = on"
+            } else {
+                "RESET default_transaction_read_only"
+            }
+        )
+    };
+    admin.batch_execute(&read_only(true)).await.unwrap();
+    let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
+    let mut postern = Postern::spawn(&config, &[]);
+    postern.wait_log("read-only", Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        postern.exited().is_none(),
+        "exited on a read-only database: {}",
+        postern.logs()
+    );
+    // The database takes writes again; its old sessions end, as a failover ends them.
+    admin.batch_execute(&read_only(false)).await.unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    postern
+        .wait_log("pipeline started", Duration::from_secs(30))
+        .await;
+    let client = db.client().await;
+    publish_one(&client, "order.created", json!({})).await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+}
