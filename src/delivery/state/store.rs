@@ -41,6 +41,12 @@ pub struct DeliveryStore {
     reap_keys: String,
 }
 
+/// Why a keyed delivery of an endpoint's old tenant, left in flight by a tenant change, was
+/// cancelled as it came back due (see `keyed_for_another_tenant`).
+/// (Written into SQL as a literal: no quote in it.)
+const RETENANTED: &str =
+    "cancelled: the tenant of the endpoint changed while this keyed attempt was in flight";
+
 /// The outcome statement: `$1` the owner, `$2`-`$10` and `$13` the outcomes column by column,
 /// `$11`-`$12` the endpoints that answered well and how often, `$14` the default breaker window.
 /// `fence`: which deliveries an outcome may still change; `conflict`: the attempt row's conflict
@@ -151,7 +157,8 @@ impl DeliveryStore {
                  SET status = CASE WHEN e.deleted_at IS NOT NULL OR {another_tenant} THEN 'cancelled'
                                    WHEN e.active THEN 'pending' ELSE 'paused' END,
                      attempts = d.attempts - 1, lease_owner = NULL,
-                     lease_expires_at = NULL, next_attempt_at = now(), updated_at = now()
+                     lease_expires_at = NULL, next_attempt_at = now(), updated_at = now(),
+                     last_error = CASE WHEN {another_tenant} THEN '{RETENANTED}' ELSE d.last_error END
                  FROM unnest($2::uuid[], $3::int[]) AS u(id, attempt), __SCHEMA__.endpoints e
                  WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
                    AND d.lease_owner = $1 AND e.id = d.endpoint_id"
@@ -171,7 +178,8 @@ impl DeliveryStore {
                  SET status = CASE WHEN e.deleted_at IS NOT NULL OR {another_tenant} THEN 'cancelled'
                                    WHEN e.active THEN 'pending' ELSE 'paused' END,
                      attempts = d.attempts - 1, lease_owner = NULL, lease_expires_at = NULL,
-                     next_attempt_at = now() + make_interval(secs => $5), last_error = u.reason,
+                     next_attempt_at = now() + make_interval(secs => $5),
+                     last_error = CASE WHEN {another_tenant} THEN '{RETENANTED}' ELSE u.reason END,
                      updated_at = now()
                  FROM unnest($2::uuid[], $3::int[], $4::text[]) AS u(id, attempt, reason),
                       __SCHEMA__.endpoints e
@@ -201,7 +209,8 @@ impl DeliveryStore {
                                       WHEN e.active THEN 'pending' ELSE 'paused' END,
                         lease_lapses = d.lease_lapses + 1,
                         lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = now(),
-                        last_error = CASE WHEN d.lease_lapses + 1 >= $2 AND e.deleted_at IS NULL
+                        last_error = CASE WHEN e.deleted_at IS NULL AND {another_tenant} THEN '{RETENANTED}'
+                            WHEN d.lease_lapses + 1 >= $2 AND e.deleted_at IS NULL
                             THEN 'given up: the lease lapsed ' || (d.lease_lapses + 1)
                                  || ' times in a row without an outcome being recorded (outbound.max_lease_lapses)'
                             ELSE 'lease expired: the replica making this attempt stopped or stalled' END,

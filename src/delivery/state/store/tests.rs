@@ -498,6 +498,15 @@ async fn an_old_tenants_keyed_delivery_coming_back_due_is_cancelled() {
         .await;
     let expected: Vec<(i64, String)> = (1..=3).map(|i| (i, "cancelled".to_string())).collect();
     assert_eq!(seen, expected, "handed back, deferred, reaped");
+    let why = s
+        .pairs::<i64, String>(
+            "SELECT outbox_id, last_error FROM __SCHEMA__.deliveries ORDER BY outbox_id",
+        )
+        .await;
+    assert!(
+        why.iter().all(|(_, e)| e.contains("tenant of the endpoint changed")),
+        "{why:?}"
+    );
     s.drop_schema().await;
 }
 
