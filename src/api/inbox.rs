@@ -264,7 +264,7 @@ async fn get_message(
 /// routes) or `inbox_take` returns it again (sql routes).
 const REPLAY: &str = "UPDATE __SCHEMA__.inbox
     SET status = 'pending', next_attempt_at = now(), replayed_after = attempts, taken_until = NULL,
-        handled_at = NULL, updated_at = now()";
+        handled_at = NULL, updated_at = now(), lease_lapses = 0";
 
 /// Hand one message to the app again (a `done` or `failed` one, a `pending` one now, or one a
 /// consumer took and abandoned).

@@ -145,9 +145,12 @@ async fn bounded(
     c: &tokio_postgres::Client,
     sql: &str,
 ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+    // Prepared first: a query given as text is parsed in a round trip of its own, and would
+    // run after the COMMIT below, outside the transaction and its bound.
+    let stmt = c.prepare(sql).await?;
     let (begun, row, ended) = tokio::join!(
         c.batch_execute("BEGIN; SET LOCAL statement_timeout = '2s'"),
-        c.query_one(sql, &[]),
+        c.query_one(&stmt, &[]),
         // After a failed statement, COMMIT rolls back.
         c.batch_execute("COMMIT"),
     );

@@ -197,7 +197,8 @@ pub async fn retry_now(
                 "UPDATE __SCHEMA__.deliveries d
                  SET status = CASE WHEN d.ordering_key IS NOT NULL AND d.status <> 'pending' THEN 'queued'
                                    WHEN e.active THEN 'pending' ELSE 'paused' END,
-                     next_attempt_at = now(), updated_at = now()
+                     -- A late outcome of the lapsed attempt must not undo the operator's retry.
+                     next_attempt_at = now(), updated_at = now(), lease_lapses = 0
                  FROM __SCHEMA__.endpoints e, __SCHEMA__.outbox o
                  WHERE d.id = $1 AND d.status = $2 AND e.id = d.endpoint_id AND o.id = d.outbox_id
                    AND {FOR_ITS_ENDPOINT}"
@@ -236,7 +237,7 @@ pub async fn replay_failed(
         "UPDATE __SCHEMA__.deliveries d
          SET status = CASE WHEN d.ordering_key IS NOT NULL THEN 'queued'
                            WHEN e.active THEN 'pending' ELSE 'paused' END,
-             next_attempt_at = now(), updated_at = now()
+             next_attempt_at = now(), updated_at = now(), lease_lapses = 0
          FROM __SCHEMA__.endpoints e, __SCHEMA__.outbox o
          WHERE d.id = ANY($2) AND d.status = 'failed' AND e.id = d.endpoint_id AND e.id = $1
            AND o.id = d.outbox_id AND {FOR_ITS_ENDPOINT}

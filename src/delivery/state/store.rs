@@ -137,8 +137,11 @@ impl DeliveryStore {
             // and held bursts up by over a second.
             ack_late: schema.sql(&ack_sql(
                 // (`$1`, the owner, named only so the statement has the usual parameters.)
+                // Not a keyed delivery the reaper failed: its key has moved on (skip) and a late
+                // retry would give it a second head.
                 "d.status IN ('pending', 'paused', 'failed') AND d.lease_owner IS NULL
-                 AND d.lease_lapses > 0 AND $1::uuid IS NOT NULL",
+                 AND d.lease_lapses > 0 AND $1::uuid IS NOT NULL
+                 AND NOT (d.status = 'failed' AND d.ordering_key IS NOT NULL)",
                 "ON CONFLICT (delivery_id, attempt) DO UPDATE SET
                     started_at = EXCLUDED.started_at, duration_ms = EXCLUDED.duration_ms,
                     status_code = EXCLUDED.status_code, response_excerpt = EXCLUDED.response_excerpt,
@@ -158,7 +161,8 @@ impl DeliveryStore {
                                    WHEN e.active THEN 'pending' ELSE 'paused' END,
                      attempts = d.attempts - 1, lease_owner = NULL,
                      lease_expires_at = NULL, next_attempt_at = now(), updated_at = now(),
-                     last_error = CASE WHEN {another_tenant} THEN '{RETENANTED}' ELSE d.last_error END
+                     last_error = CASE WHEN e.deleted_at IS NULL AND {another_tenant} THEN '{RETENANTED}'
+                                       ELSE d.last_error END
                  FROM unnest($2::uuid[], $3::int[]) AS u(id, attempt), __SCHEMA__.endpoints e
                  WHERE d.id = u.id AND d.attempts = u.attempt AND d.status = 'delivering'
                    AND d.lease_owner = $1 AND e.id = d.endpoint_id"
@@ -179,7 +183,8 @@ impl DeliveryStore {
                                    WHEN e.active THEN 'pending' ELSE 'paused' END,
                      attempts = d.attempts - 1, lease_owner = NULL, lease_expires_at = NULL,
                      next_attempt_at = now() + make_interval(secs => $5),
-                     last_error = CASE WHEN {another_tenant} THEN '{RETENANTED}' ELSE u.reason END,
+                     last_error = CASE WHEN e.deleted_at IS NULL AND {another_tenant} THEN '{RETENANTED}'
+                                       ELSE u.reason END,
                      updated_at = now()
                  FROM unnest($2::uuid[], $3::int[], $4::text[]) AS u(id, attempt, reason),
                       __SCHEMA__.endpoints e

@@ -504,7 +504,8 @@ async fn an_old_tenants_keyed_delivery_coming_back_due_is_cancelled() {
         )
         .await;
     assert!(
-        why.iter().all(|(_, e)| e.contains("tenant of the endpoint changed")),
+        why.iter()
+            .all(|(_, e)| e.contains("tenant of the endpoint changed")),
         "{why:?}"
     );
     s.drop_schema().await;
@@ -673,6 +674,46 @@ async fn an_outcome_written_after_its_lease_lapsed_still_counts_until_another_cl
         attempts,
         [(1, Some(200))],
         "the real outcome replaces 'unknown'"
+    );
+    s.drop_schema().await;
+}
+
+/// A keyed head the reaper failed for good (its leases lapsed `max_lapses` times) has let its key
+/// move on (`on_failure = "skip"`): a late retry outcome of that attempt must not make it due again,
+/// which would give the key a second head and send it after later events of its key.
+#[tokio::test]
+async fn a_late_retry_of_a_keyed_head_failed_by_the_reaper_leaves_it_failed() {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let owner = Uuid::now_v7();
+    s.run(&format!(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES ('e', 'http://127.0.0.1:9/a', '{{*}}', 'api');
+         INSERT INTO __SCHEMA__.outbox (event_type, payload, ordering_key, dispatched_at)
+         SELECT 't', '{{}}', 'k', now() FROM generate_series(1, 2);
+         INSERT INTO __SCHEMA__.deliveries
+            (outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at,
+             lease_lapses, ordering_key)
+         VALUES (1, gen_random_uuid(), 't', 'e', 'delivering', 1, '{owner}', now() - interval '1 second', 2, 'k'),
+                (2, gen_random_uuid(), 't', 'e', 'queued', 0, NULL, NULL, 0, 'k')"
+    ))
+    .await;
+    let store = store_in(&pool, &schema, OnFailure::Skip);
+    assert_eq!(store.reap(500, 3).await.unwrap(), 1);
+    let first = s
+        .pairs::<Uuid, i64>("SELECT id, outbox_id FROM __SCHEMA__.deliveries WHERE outbox_id = 1")
+        .await[0]
+        .0;
+    let retry = ack(first, Some("k"), Settle::Retry { at: Utc::now() }, 500);
+    store.settle(owner, &[retry]).await.unwrap();
+    let seen = s
+        .pairs::<i64, String>(
+            "SELECT outbox_id, status::text FROM __SCHEMA__.deliveries ORDER BY outbox_id",
+        )
+        .await;
+    assert_eq!(
+        seen,
+        [(1, "failed".to_string()), (2, "pending".to_string())]
     );
     s.drop_schema().await;
 }
