@@ -378,14 +378,7 @@ async fn with_postgres_unreachable_the_route_answers_503_and_acknowledges_nothin
     let db = TestDb::create().await;
     let relay = TcpRelay::start(pg_target()).await;
     let app = Receiver::ok().await;
-    let app_port: u16 = app
-        .url
-        .trim_end_matches("/hook")
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let app_port = app.port();
     let (config, _) = config(&db, &relay.url_for(&db.url), app_port, "forward", "");
     let s = Service::start(config).await;
     let mut acknowledged = Vec::new();
@@ -551,14 +544,7 @@ async fn inbox_requests_waiting_for_a_stalled_database_keep_no_forward_route_out
 /// route `/wh/github-forward` beside the inbox routes, warmed up; and its app.
 async fn small_budget_with_a_forward_route(db: &TestDb) -> (Receiver, Service) {
     let app = Receiver::ok().await;
-    let app_port: u16 = app
-        .url
-        .trim_end_matches("/hook")
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let app_port = app.port();
     let (config, _) = config(db, &db.url, app_port, "forward", "");
     let config = config.replace(
         "upstream_timeout = \"2s\"",

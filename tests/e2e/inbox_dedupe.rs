@@ -15,14 +15,7 @@ use postern::signing;
 async fn a_provider_retry_is_stored_once_and_forged_or_stale_requests_never() {
     let db = TestDb::create().await;
     let app = Receiver::ok().await;
-    let app_port: u16 = app
-        .url
-        .trim_end_matches("/hook")
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let app_port = app.port();
     let (config, _) = config(&db, &db.url, app_port, "forward", "");
     let s = Service::start(config).await;
 

@@ -68,14 +68,8 @@ async fn an_unopenable_secret_defers_deliveries_and_marks_the_replica_unready() 
         scalar(&client, "SELECT count(*) FROM postern.attempts").await,
         1
     );
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let resp = http
-        .get(format!("http://127.0.0.1:{admin_port}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 503);
-    let body = resp.text().await.unwrap();
+    let (status, body) = readyz(admin_port).await;
+    assert_eq!(status, 503);
     assert!(body.contains("endpoint e"), "{body}");
     drop(postern);
 
@@ -246,19 +240,10 @@ async fn a_repaired_secret_clears_its_endpoints_fault_without_a_restart() {
         + &format!("\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n");
     let _postern = Postern::start(&config).await;
     let client = db.client().await;
-    let readyz = || async {
-        let http = reqwest::Client::builder().no_proxy().build().unwrap();
-        let resp = http
-            .get(format!("http://127.0.0.1:{admin_port}/readyz"))
-            .send()
-            .await
-            .unwrap();
-        (resp.status().as_u16(), resp.text().await.unwrap())
-    };
     let ready_within = |limit: Duration| async move {
         let deadline = std::time::Instant::now() + limit;
         loop {
-            let (status, body) = readyz().await;
+            let (status, body) = readyz(admin_port).await;
             if status == 200 {
                 return;
             }
@@ -289,7 +274,7 @@ async fn a_repaired_secret_clears_its_endpoints_fault_without_a_restart() {
         Duration::from_secs(10),
     )
     .await;
-    let (status, body) = readyz().await;
+    let (status, body) = readyz(admin_port).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("endpoint e"), "{body}");
 
@@ -301,4 +286,15 @@ async fn a_repaired_secret_clears_its_endpoints_fault_without_a_restart() {
     publish_one(&client, "order.created", json!({})).await;
     receiver.wait_count(2, Duration::from_secs(10)).await;
     ready_within(Duration::from_secs(5)).await;
+}
+
+/// `/readyz` on the admin port: its status and body.
+async fn readyz(admin_port: u16) -> (u16, String) {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let resp = http
+        .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
 }

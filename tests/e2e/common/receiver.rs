@@ -155,6 +155,12 @@ impl Receiver {
         }
     }
 
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        let addr = self.url.trim_end_matches("/hook");
+        addr.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
     pub async fn ok() -> Self {
         Self::start(|_, _| Reply::status(200)).await
     }

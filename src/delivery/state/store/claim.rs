@@ -4,6 +4,21 @@
 
 use crate::delivery::state::trace_member;
 
+/// The claims' `fit`: of the candidates `c` (numbered `n` in claim order), those whose payloads
+/// stay within `$7` bytes (see [`CLAIM_PLAIN`]). One text for both claims.
+macro_rules! fit {
+    () => {
+        "fit AS MATERIALIZED (
+                    SELECT id FROM (
+                        SELECT x.id, sum(x.len) OVER (ORDER BY x.n) AS upto, x.len
+                        FROM (SELECT c.id, c.n, octet_length(o.payload::text) AS len
+                              FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) x
+                        WHERE $7::bigint >= 0 OR x.len <= -$7::bigint) s
+                    WHERE CASE WHEN $7::bigint >= 0 THEN upto - len < $7::bigint ELSE upto <= -$7::bigint END
+                 )"
+    };
+}
+
 /// Fair across endpoints: endpoints in random order, each contributing at most its free
 /// per-endpoint slots, so one endpoint's backlog cannot fill a batch. The MATERIALIZED fence stops
 /// the planner from re-running the LIMIT subquery. `fit` keeps the payloads within `$7` bytes (the
@@ -34,14 +49,9 @@ pub(super) const CLAIM_PLAIN: &str = concat!(
                         FOR UPDATE OF d SKIP LOCKED
                     ) due
                     LIMIT $2
-                 ), fit AS MATERIALIZED (
-                    SELECT id FROM (
-                        SELECT x.id, sum(x.len) OVER (ORDER BY x.n) AS upto, x.len
-                        FROM (SELECT c.id, c.n, octet_length(o.payload::text) AS len
-                              FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) x
-                        WHERE $7::bigint >= 0 OR x.len <= -$7::bigint) s
-                    WHERE CASE WHEN $7::bigint >= 0 THEN upto - len < $7::bigint ELSE upto <= -$7::bigint END
-                 )
+                 ), ",
+    fit!(),
+    "
                  UPDATE __SCHEMA__.deliveries d
                  SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
                      lease_expires_at = clock_timestamp() + make_interval(secs => $6), updated_at = now()
@@ -95,14 +105,9 @@ pub(super) const CLAIM_GATED: &str = concat!(
                         FOR UPDATE OF d SKIP LOCKED
                     ) due
                     LIMIT $2
-                 ), fit AS MATERIALIZED (
-                    SELECT id FROM (
-                        SELECT x.id, sum(x.len) OVER (ORDER BY x.n) AS upto, x.len
-                        FROM (SELECT c.id, c.n, octet_length(o.payload::text) AS len
-                              FROM c JOIN __SCHEMA__.outbox o ON o.id = c.outbox_id) x
-                        WHERE $7::bigint >= 0 OR x.len <= -$7::bigint) s
-                    WHERE CASE WHEN $7::bigint >= 0 THEN upto - len < $7::bigint ELSE upto <= -$7::bigint END
-                 ), upd AS (
+                 ), ",
+    fit!(),
+    ", upd AS (
                     UPDATE __SCHEMA__.deliveries d
                     SET status = 'delivering', attempts = d.attempts + 1, lease_owner = $1,
                         lease_expires_at = clock_timestamp() + make_interval(secs => $6), updated_at = now()

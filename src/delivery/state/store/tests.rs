@@ -7,6 +7,14 @@ use crate::db::scratch::Scratch;
 
 mod due_again;
 
+/// A migrated schema of its own, and a pool with the pipeline's session settings over it.
+async fn scratch() -> (Scratch, crate::db::Schema, Pool) {
+    let s = Scratch::new().await;
+    let schema = s.schema.clone();
+    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    (s, schema, pool)
+}
+
 /// The store the pipeline would have over `pool`, with the default breaker.
 fn store_in(pool: &Pool, schema: &crate::db::Schema, on_failure: OnFailure) -> DeliveryStore {
     let defaults = flow::FlowDefaults::new(None, &BreakerConfig::default(), 16);
@@ -40,9 +48,7 @@ fn ack(id: Uuid, key: Option<&str>, settle: Settle, code: i32) -> Ack {
 /// change makes every tick scan the whole table for an hour.
 #[tokio::test]
 async fn the_sweep_reads_only_waiting_deliveries() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     let client = pool.get().await.unwrap();
     // Endpoints in each state the sweep looks at, all changed just now, and 40,000 finished
     // deliveries beside a few waiting ones.
@@ -116,9 +122,7 @@ async fn the_sweep_reads_only_waiting_deliveries() {
 /// (replicas down, a huge backlog), the rest must still become due, not stay paused for good.
 #[tokio::test]
 async fn paused_deliveries_of_an_endpoint_active_for_hours_become_due() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     s.run(
         "INSERT INTO __SCHEMA__.endpoints (id, url, events, source, active, updated_at)
          VALUES ('on', 'http://127.0.0.1:9/a', '{*}', 'api', true, now() - interval '2 hours');
@@ -149,9 +153,7 @@ async fn paused_deliveries_of_an_endpoint_active_for_hours_become_due() {
 /// overflow, and every settle would then be refused, its deliveries sent again and failed).
 #[tokio::test]
 async fn successes_after_a_failure_start_a_new_window_and_never_overflow_it() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     let owner = Uuid::new_v4();
     let id = Uuid::now_v7();
     s.run(&format!(
@@ -197,9 +199,7 @@ async fn successes_after_a_failure_start_a_new_window_and_never_overflow_it() {
 /// for as long as the circuit stays open), while one a rate limit holds still is.
 #[tokio::test]
 async fn only_deliveries_waiting_for_tokens_count_as_held_by_the_rate() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     s.run(
         "INSERT INTO __SCHEMA__.endpoints (id, url, events, source, rate_limit) VALUES
             ('open', 'http://127.0.0.1:9/a', '{*}', 'api', NULL),
@@ -241,9 +241,7 @@ async fn only_deliveries_waiting_for_tokens_count_as_held_by_the_rate() {
 /// the next delivery past a key that `on_failure = "block"` must block.
 #[tokio::test]
 async fn the_reaper_fails_a_keyed_head_and_blocks_its_key_in_one_transaction() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     s.run(
         "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES ('e', 'http://127.0.0.1:9/a', '{*}', 'api');
          INSERT INTO __SCHEMA__.outbox (event_type, payload, ordering_key, dispatched_at)
@@ -299,9 +297,7 @@ async fn the_reaper_fails_a_keyed_head_and_blocks_its_key_in_one_transaction() {
 /// payloads fit whole in the room left, and leaves the rest due, untouched.
 #[tokio::test]
 async fn a_claim_short_of_room_takes_only_payloads_that_fit_whole() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     s.run(
         "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES
             ('big', 'http://127.0.0.1:9/a', '{*}', 'api'), ('small', 'http://127.0.0.1:9/b', '{*}', 'api');
@@ -346,9 +342,7 @@ async fn a_claim_short_of_room_takes_only_payloads_that_fit_whole() {
 /// the settle, never both for each other (a deadlock, which Postgres would break by failing one).
 #[tokio::test]
 async fn the_reaper_and_a_late_settle_of_the_same_head_do_not_deadlock() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     s.run(
         "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES ('e', 'http://127.0.0.1:9/a', '{*}', 'api');
          INSERT INTO __SCHEMA__.outbox (event_type, payload, ordering_key, dispatched_at) VALUES ('t', '{}', 'k', now());

@@ -21,9 +21,7 @@ async fn retenant(tx: &deadpool_postgres::Transaction<'_>, schema: &crate::db::S
 /// new tenant, so it cannot move a delivery the change's cancel has already looked past.
 #[tokio::test]
 async fn a_retry_racing_a_tenant_change_sees_the_new_tenant() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     s.run(
         "INSERT INTO __SCHEMA__.endpoints (id, url, events, source, tenant) VALUES ('e', 'http://127.0.0.1:9/a', '{*}', 'api', 'acme');
          INSERT INTO __SCHEMA__.outbox (event_type, payload, tenant, dispatched_at) VALUES ('t', '{}', 'acme', now());
@@ -73,9 +71,7 @@ async fn a_retry_racing_a_tenant_change_sees_the_new_tenant() {
 /// it is cancelled, as an attempt that did not deliver is (the ack statement).
 #[tokio::test]
 async fn an_old_tenants_keyed_delivery_coming_back_due_is_cancelled() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     let owner = Uuid::now_v7();
     s.run(&format!(
         "INSERT INTO __SCHEMA__.endpoints (id, url, events, source, tenant) VALUES ('e', 'http://127.0.0.1:9/a', '{{*}}', 'api', 'acme');
@@ -136,9 +132,7 @@ async fn an_old_tenants_keyed_delivery_coming_back_due_is_cancelled() {
 /// queued without a head until the sweeper's safety net finds it.
 #[tokio::test]
 async fn an_old_tenants_keyed_retry_is_cancelled_and_its_key_moves_on() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     let owner = Uuid::now_v7();
     s.run(&format!(
         "INSERT INTO __SCHEMA__.endpoints (id, url, events, source, tenant) VALUES ('e', 'http://127.0.0.1:9/a', '{{*}}', 'api', '*');
@@ -177,9 +171,7 @@ async fn an_old_tenants_keyed_retry_is_cancelled_and_its_key_moves_on() {
 /// before it are committed (visible to others) while the replay waits for that key.
 #[tokio::test]
 async fn a_replay_commits_batch_by_batch() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     // 2,500 failed keyed deliveries, one key each, created in key order.
     s.run(
         "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES ('e', 'http://127.0.0.1:9/a', '{*}', 'api');
@@ -239,9 +231,7 @@ async fn a_replay_commits_batch_by_batch() {
 /// so outages never add up to a "poison pill".
 #[tokio::test]
 async fn an_outcome_written_after_its_lease_lapsed_still_counts_until_another_claim() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     let owner = Uuid::now_v7();
     s.run(&format!(
         "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES ('e', 'http://127.0.0.1:9/a', '{{*}}', 'api');
@@ -303,9 +293,7 @@ async fn an_outcome_written_after_its_lease_lapsed_still_counts_until_another_cl
 /// which would give the key a second head and send it after later events of its key.
 #[tokio::test]
 async fn a_late_retry_of_a_keyed_head_failed_by_the_reaper_leaves_it_failed() {
-    let s = Scratch::new().await;
-    let schema = s.schema.clone();
-    let pool = db::pipeline_pool(&s.url, &db::tls::unverified()).unwrap();
+    let (s, schema, pool) = scratch().await;
     let owner = Uuid::now_v7();
     s.run(&format!(
         "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES ('e', 'http://127.0.0.1:9/a', '{{*}}', 'api');
