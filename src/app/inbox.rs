@@ -45,12 +45,12 @@ pub fn spawn_writer(
 /// Names, in a warning, the open messages this config's routes do not account for (a route set
 /// back to `mode = "forward"`, renamed, removed), and what becomes of them: those stored for
 /// forwarding are still forwarded (the forwarder runs wherever `[inbound]` is); those left for
-/// SQL consumers wait for `inbox_take` with the old route's name. Returns how many there are.
+/// SQL consumers wait for `inbox_take` with the old route's name.
 pub async fn left_over(
     config: &Config,
     pool: &deadpool_postgres::Pool,
     schema: &Schema,
-) -> anyhow::Result<i64> {
+) -> anyhow::Result<()> {
     let routes = inbox_routes(config);
     let client = pool.get().await?;
     let rows = client
@@ -62,13 +62,11 @@ pub async fn left_over(
             &[],
         )
         .await?;
-    let mut left = 0;
     for r in &rows {
         let (route, consume, n): (&str, &str, i64) = (r.get(0), r.get(1), r.get(2));
         if routes.iter().any(|(name, _)| name == route) {
             continue;
         }
-        left += n;
         match (consume, &config.inbound) {
             ("forward", Some(_)) => tracing::warn!(route, messages = n,
                 "open inbox messages of a route that is no longer an inbox route here: still forwarded to inbound.upstream"),
@@ -78,7 +76,7 @@ pub async fn left_over(
                 "open inbox messages of a route that is no longer an inbox route here wait for inbox_take with this route's name"),
         }
     }
-    Ok(left)
+    Ok(())
 }
 
 /// The forwarder, wherever `[inbound]` is (the app it forwards to): with no route forwarded
@@ -142,8 +140,8 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// Every replica with an inbox route, forwarding or not, keeps the inbox moving: a message a dead
 /// forwarder held becomes due again when its lease lapses (for whatever consumes its route now),
 /// and a message an old replica stored with its old `consume` during a rolling update follows
-/// the setting. Without it such messages stay acknowledged and unhandled.
-/// Wherever `[inbound]` is, inbox routes or not (messages another config stored may be left).
+/// the setting. Without it such messages stay acknowledged and unhandled. It runs wherever
+/// `[inbound]` is, inbox routes or not: messages another config stored may be left.
 pub fn upkeep(
     config: &Config,
     pool: deadpool_postgres::Pool,
