@@ -72,6 +72,7 @@ pub mod names {
     pub const LISTENER_CONNECTED: &str = "postern_listener_connected";
     pub const OUTBOX_PASSES: &str = "postern_outbox_passes";
     pub const OUTBOX_PROBES: &str = "postern_outbox_probes";
+    pub const OUTBOX_FOLDED: &str = "postern_outbox_folded";
 }
 
 use std::sync::atomic::AtomicU64;
@@ -150,6 +151,8 @@ pub struct Metrics {
     pub listener_connected: Gauge,
     pub outbox_passes: Family<PassLabel, Counter>,
     pub outbox_probes: Family<ProbeLabel, Counter>,
+    /// Deliveries the fan-out inserted already delivered (their outcome came before its commit).
+    pub outbox_folded: Counter,
     /// Inbound decisions over the last 24 hours, for the dashboard.
     pub inbound_tally: inbound_tally::InboundTally,
 }
@@ -186,6 +189,7 @@ impl Metrics {
             listener_connected: Gauge::default(),
             outbox_passes: Family::default(),
             outbox_probes: Family::default(),
+            outbox_folded: Counter::default(),
             inbound_tally: Default::default(),
             registry: Registry::default(),
         };
@@ -223,6 +227,11 @@ impl Metrics {
             names::OUTBOX_PROBES,
             "Probes of the outbox while events flow, by answer",
             m.outbox_probes.clone(),
+        );
+        registry.register(
+            names::OUTBOX_FOLDED,
+            "Deliveries written delivered by the fan-out that made them, their 2xx in before its commit",
+            m.outbox_folded.clone(),
         );
         registry.register(
             names::DISPATCH_LAG,

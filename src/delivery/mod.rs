@@ -98,6 +98,39 @@ pub struct Handoff {
     pub hold: Hold,
     /// The fan-out's commit, still on the wire when the delivery is handed over.
     pub commit: FanOutCommit,
+    /// Where a 2xx outcome goes when the fan-out waits to write it in its own commit (see
+    /// [`Folded`]); dropped unsent when the outcome is anything else.
+    pub fold: Option<tokio::sync::oneshot::Sender<Folded>>,
+}
+
+/// A fast-path delivery's 2xx outcome, offered to the fan-out that made the delivery while that
+/// fan-out has not committed: it inserts the delivery `delivered` with its attempt, so the
+/// delivery costs one row version and no transaction of the settler's. The fan-out says what
+/// became of it once its commit is known; dropped (a failed fan-out), the delivery never existed
+/// and the hold is freed.
+pub struct Folded {
+    pub ack: Ack,
+    hold: Hold,
+    reports: mpsc::UnboundedSender<Done>,
+}
+
+impl Folded {
+    /// Written by the fan-out's commit: only the hold is left, freed through the settler.
+    pub fn written(self) {
+        let _ = self.reports.send(Done {
+            report: Report::Written,
+            _hold: Some(self.hold),
+        });
+    }
+
+    /// The fan-out committed the delivery without the outcome (`delivering`, under its lease):
+    /// the settler writes it as any other.
+    pub fn settle(self) {
+        let _ = self.reports.send(Done {
+            report: Report::Settled(self.ack),
+            _hold: Some(self.hold),
+        });
+    }
 }
 
 /// Whether the fan-out that inserted a handed-off delivery committed. The dispatcher hands its
@@ -149,6 +182,8 @@ struct Done {
 /// What an attempt task reports.
 enum Report {
     Settled(Ack),
+    /// Written by the fan-out that made the delivery (see [`Folded`]): nothing left to write.
+    Written,
     /// Not finished before the shutdown deadline: back to `pending` at once.
     HandBack(Uuid, i32),
     /// Not attempted, for a fault of this replica (a secret it cannot open): back to `pending`,
@@ -327,7 +362,7 @@ impl Worker {
                                     len,
                                     claimed_at,
                                 ) {
-                                    Some(hold) => attempts.start(delivery, hold, None),
+                                    Some(hold) => attempts.start(delivery, hold, None, None),
                                     // Over the memory budget: back for later (or another replica).
                                     None => attempts.hand_back(&delivery),
                                 }
@@ -377,6 +412,8 @@ impl Worker {
         let return_handoffs = async {
             while let Some(batch) = handoffs.recv().await {
                 for h in batch {
+                    // Not waited for: the fan-out writes the delivery `delivering`.
+                    drop(h.fold);
                     if !h.commit.committed().await {
                         continue;
                     }
@@ -420,11 +457,18 @@ impl Attempts {
     fn start_handoffs(&self, batch: Vec<Handoff>) {
         batch
             .into_iter()
-            .for_each(|h| self.start(h.delivery, h.hold, Some(h.commit)));
+            .for_each(|h| self.start(h.delivery, h.hold, Some(h.commit), h.fold));
     }
 
-    /// `commit`: for a handed-off delivery, its fan-out's commit (see [`FanOutCommit`]).
-    fn start(&self, delivery: Claimed, hold: Hold, commit: Option<FanOutCommit>) {
+    /// `commit`: for a handed-off delivery, its fan-out's commit (see [`FanOutCommit`]); `fold`:
+    /// where its 2xx outcome goes while that fan-out waits for it (see [`Folded`]).
+    fn start(
+        &self,
+        delivery: Claimed,
+        mut hold: Hold,
+        commit: Option<FanOutCommit>,
+        fold: Option<tokio::sync::oneshot::Sender<Folded>>,
+    ) {
         let (context, reports, abort, stop) = (
             self.context.clone(),
             self.reports.clone(),
@@ -478,6 +522,21 @@ impl Attempts {
                     _ = abort.cancelled() => Report::Settled(cut_short(id, attempt, &hold.endpoint)),
                 },
             };
+            // A 2xx the fan-out still waits for is written in its commit; anything else, or a
+            // fan-out that stopped waiting, is settled here once the commit is known.
+            let report = match (report, fold) {
+                (Report::Settled(ack), Some(fold)) if foldable(&ack) => {
+                    let reports = reports.clone();
+                    match fold.send(Folded { ack, hold, reports }) {
+                        Ok(()) => return,
+                        Err(back) => {
+                            hold = back.hold;
+                            Report::Settled(back.ack)
+                        }
+                    }
+                }
+                (report, _) => report,
+            };
             if let Some(commit) = commit {
                 // The commit's answer normally comes within milliseconds; past the drain
                 // deadline it gets one second more, so a hung database cannot hold shutdown.
@@ -512,6 +571,22 @@ impl Attempts {
             _hold: None,
         });
     }
+}
+
+/// Whether the fan-out may write this outcome in its commit: a 2xx of an unkeyed delivery that
+/// was no circuit's probe (those move their key or their breaker: the settler's work), whose
+/// record the database takes as it is (text cannot hold NUL; the settler strips such a record,
+/// a fan-out's statement refused would be tried again with the event).
+fn foldable(ack: &Ack) -> bool {
+    ack.settle == Settle::Delivered
+        && ack.ordering_key.is_none()
+        && !ack.probe
+        && ack.record.error.is_none()
+        && !ack
+            .record
+            .request_headers
+            .as_deref()
+            .is_some_and(|h| h.contains('\0'))
 }
 
 #[cfg(test)]

@@ -59,6 +59,7 @@ pub(super) async fn settle_loop(
                 Report::Settled(a) => acks.push(a.clone()),
                 Report::HandBack(id, attempt) => back.push((*id, *attempt)),
                 Report::Defer(d) => deferred.push(d.clone()),
+                Report::Written => {}
             }
         }
         let started = Instant::now();

@@ -3,8 +3,9 @@
 //! one transaction, so an event is fanned out exactly once even with several replicas (rows are
 //! taken with `FOR UPDATE SKIP LOCKED`, never by a high-water mark: `id` order is not commit order).
 
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
@@ -16,7 +17,7 @@ use super::target::{Known, Target};
 use crate::db::Schema;
 use crate::delivery::state::ordering::{Keys, Ordering};
 use crate::delivery::state::{Claimed, DeliveryStatus};
-use crate::delivery::{Capacity, FanOutCommit, Handoff};
+use crate::delivery::{Capacity, FanOutCommit, Folded, Handoff};
 
 /// Whether any event waits to be fanned out: one probe of the undispatched-rows index.
 const WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox WHERE dispatched_at IS NULL)";
@@ -24,6 +25,49 @@ const WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox WHERE disp
 /// Whether keyed events wait to be fanned out: one probe of a partial index.
 pub(super) const KEYED_WAITING: &str = "SELECT EXISTS (SELECT 1 FROM __SCHEMA__.outbox
                                 WHERE dispatched_at IS NULL AND ordering_key IS NOT NULL)";
+
+/// The fan-out's insert with outcomes it waited for (`$11`-`$16`, column by column): those
+/// deliveries go in `delivered` with their attempt, unless their endpoint's breaker is counting
+/// failures (its count must see the success: the settler's statement does that, so such an
+/// outcome is left to it and its delivery goes in `delivering`, leased). Returns the ids written
+/// `delivered`.
+const INSERT_FOLDED: &str = "WITH marked AS (
+         UPDATE __SCHEMA__.outbox SET dispatched_at = now() WHERE id = ANY($10::bigint[])
+     ), f AS (
+         SELECT * FROM unnest($11::uuid[], $12::int[], $13::timestamptz[], $14::int[], $15::bytea[],
+                              $16::text[])
+           AS f(id, status_code, started_at, duration_ms, response_excerpt, request_headers)
+     ), ins AS (
+         INSERT INTO __SCHEMA__.deliveries
+            (id, outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner,
+             lease_expires_at, ordering_key, last_status_code, delivered_at, updated_at)
+         SELECT u.id, u.outbox_id, u.event_id, u.event_type, u.endpoint_id, s.status,
+                CASE WHEN s.status IN ('delivering', 'delivered') THEN 1 ELSE 0 END,
+                CASE WHEN s.status = 'delivering' THEN $7::uuid END,
+                CASE WHEN s.status = 'delivering' THEN clock_timestamp() + make_interval(secs => $8) END,
+                u.ordering_key,
+                CASE WHEN s.status = 'delivered' THEN f.status_code END,
+                -- The transaction began before the attempt did.
+                CASE WHEN s.status = 'delivered' THEN clock_timestamp() END,
+                CASE WHEN s.status = 'delivered' THEN clock_timestamp() ELSE now() END
+         FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $9::text[])
+           AS u(id, outbox_id, event_id, event_type, endpoint_id, status, ordering_key)
+         LEFT JOIN f ON f.id = u.id
+         CROSS JOIN LATERAL (
+             SELECT CASE WHEN f.id IS NOT NULL AND u.status = 'delivering' AND NOT EXISTS (
+                             SELECT 1 FROM __SCHEMA__.endpoint_flow x
+                             WHERE x.endpoint_id = u.endpoint_id
+                               AND (x.consecutive_failures > 0 OR x.window_failures > 0
+                                    OR x.opened_at IS NOT NULL))
+                         THEN 'delivered' ELSE u.status END AS status) s
+         RETURNING id, status
+     ), recorded AS (
+         INSERT INTO __SCHEMA__.attempts
+            (delivery_id, attempt, started_at, duration_ms, status_code, response_excerpt, request_headers)
+         SELECT f.id, 1, f.started_at, f.duration_ms, f.status_code, f.response_excerpt, f.request_headers
+         FROM f JOIN ins ON ins.id = f.id AND ins.status = 'delivered'
+     )
+     SELECT id FROM ins WHERE status = 'delivered'";
 
 /// What one dispatcher pass did.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -39,7 +83,20 @@ pub struct Dispatched {
     /// Undispatched rows the pass looked at, and the highest id among them.
     pub scanned: usize,
     pub last_id: i64,
+    /// Deliveries inserted `delivered`, their outcome written with the fan-out (see `fold`).
+    pub folded: usize,
 }
+
+/// How long a small pass waits, its commit unsent, for the 2xx outcomes of the deliveries it
+/// handed over, to insert them `delivered` with their attempts (one row version and one
+/// transaction per delivery fewer than settling them after: see `delivery::Folded`). The
+/// requests are already out, so the wait delays no delivery, only this pass's commit (its loop
+/// is busy meanwhile; the other loop takes the next wake-up).
+const FOLD_WAIT: Duration = Duration::from_millis(2);
+
+/// After a wait that ran out (a receiver slower than [`FOLD_WAIT`]), passes commit at once for
+/// this long: a slow receiver should not hold every pass for the whole wait.
+const FOLD_PAUSE: Duration = Duration::from_millis(250);
 
 /// The fan-out fast path: fresh deliveries to active endpoints are inserted already claimed by
 /// this replica (attempt 1, under a lease) while it has capacity, and handed to its worker in
@@ -68,6 +125,11 @@ pub struct Dispatcher {
     waiting: String,
     take_keyed: String,
     insert: String,
+    /// `insert` with the outcomes a pass waited for (`fold`).
+    insert_folded: String,
+    /// Until when (microseconds from `started`) passes do not wait for outcomes.
+    fold_paused_until: AtomicU64,
+    started: Instant,
     /// The endpoints as a pass last read them: passes read them again only when they changed.
     known: Known,
 }
@@ -155,6 +217,9 @@ impl Dispatcher {
                  FROM unnest($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $9::text[])
                    AS u(id, outbox_id, event_id, event_type, endpoint_id, status, ordering_key)",
             ),
+            insert_folded: schema.sql(INSERT_FOLDED),
+            fold_paused_until: AtomicU64::new(0),
+            started: Instant::now(),
             known: Known::default(),
         }
     }
@@ -192,8 +257,9 @@ impl Dispatcher {
     ) -> anyhow::Result<Dispatched> {
         // Everything the pass runs is prepared before it starts, so each round trip goes out
         // whole on its first poll (`advance` included: see `Ordering::advance_sql`).
-        let (insert, _) = futures_util::try_join!(
+        let (insert, insert_folded, _) = futures_util::try_join!(
             client.prepare_cached(&self.insert),
+            client.prepare_cached(&self.insert_folded),
             client.prepare_cached(self.ordering.advance_sql()),
         )?;
         // The lock (shared; an endpoint change takes it exclusively, see
@@ -325,6 +391,7 @@ impl Dispatcher {
                         delivery,
                         hold,
                         commit: commit.clone(),
+                        fold: None,
                     });
                 }
             }
@@ -336,13 +403,27 @@ impl Dispatcher {
             .iter()
             .filter(|s| **s == DeliveryStatus::Pending)
             .count();
+        // A small pass (the latency path) hands its deliveries over first and waits a moment for
+        // their 2xx outcomes, to insert them `delivered` (`FOLD_WAIT`); any other commits at once.
+        let fold = small && !handoffs.is_empty() && self.folding();
+        let mut offered = Vec::new();
+        if fold {
+            for h in &mut handoffs {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                h.fold = Some(tx);
+                offered.push(Some(rx));
+            }
+            self.hand_over(std::mem::take(&mut handoffs));
+        }
+        let folded = self.gather(offered).await;
+        let outcomes = FoldedColumns::of(&folded);
         // Keys with no head get one: their earliest queued delivery becomes due. Then the
         // commit, in the same round trip.
-        let second = async {
-            futures_util::try_join!(
-                async {
-                    if deliveries > 0 || !unmarked.is_empty() {
-                        let insert_params: [&(dyn ToSql + Sync); 10] = [
+        let outcome = {
+            let second = async {
+                futures_util::try_join!(
+                    async {
+                        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
                             &new.ids,
                             &new.outbox_ids,
                             &new.event_ids,
@@ -354,29 +435,53 @@ impl Dispatcher {
                             &new.ordering_keys,
                             &unmarked,
                         ];
-                        client.execute(&insert, &insert_params).await?;
-                    }
-                    anyhow::Ok(())
-                },
-                self.ordering.advance(client, &keys, &[]),
-                async { Ok(client.batch_execute("COMMIT").await?) },
-            )
+                        if fold {
+                            params.extend(outcomes.params());
+                            let rows = client.query(&insert_folded, &params).await?;
+                            return rows
+                                .iter()
+                                .map(|r| Ok(r.try_get::<_, Uuid>(0)?))
+                                .collect::<anyhow::Result<Vec<Uuid>>>();
+                        }
+                        if deliveries > 0 || !unmarked.is_empty() {
+                            client.execute(&insert, &params).await?;
+                        }
+                        Ok(Vec::new())
+                    },
+                    self.ordering.advance(client, &keys, &[]),
+                    async { Ok(client.batch_execute("COMMIT").await?) },
+                )
+            };
+            tokio::pin!(second);
+            // Polled once, the round trip is on the wire; the requests start now, beside it.
+            let first_poll = futures_util::poll!(&mut second);
+            self.hand_over(handoffs);
+            match first_poll {
+                std::task::Poll::Ready(outcome) => outcome,
+                std::task::Poll::Pending => second.await,
+            }
         };
-        tokio::pin!(second);
-        // Polled once, the round trip is on the wire; the requests start now, beside it.
-        let first_poll = futures_util::poll!(&mut second);
-        // Only a stopped worker drops the receiver; the leases then lapse and the reaper makes
-        // these deliveries due again.
-        if !handoffs.is_empty() && self.fast.handoff.send(handoffs).is_err() {
+        drop(outcomes);
+        committed.settle(outcome.is_ok());
+        let written = match &outcome {
+            Ok((written, _, _)) => written.as_slice(),
+            Err(_) => &[],
+        };
+        let folded_n = written.len();
+        if outcome.is_err() && !folded.is_empty() {
             tracing::warn!(
-                "the delivery worker has stopped; fresh deliveries wait for their lease to lapse"
+                deliveries = folded.len(),
+                "a fan-out that waited for its deliveries' outcomes did not commit; they are not recorded and the events are delivered again"
             );
         }
-        let outcome = match first_poll {
-            std::task::Poll::Ready(outcome) => outcome,
-            std::task::Poll::Pending => second.await,
-        };
-        committed.settle(outcome.is_ok());
+        for f in folded {
+            match outcome {
+                Ok(_) if written.contains(&f.ack.id) => f.written(),
+                Ok(_) => f.settle(),
+                // The delivery does not exist: its hold is freed as it is dropped.
+                Err(_) => drop(f),
+            }
+        }
         let (_, heads, _) = outcome?;
         pending += heads as usize;
         let done = Dispatched {
@@ -387,8 +492,75 @@ impl Dispatcher {
             held_back,
             scanned,
             last_id,
+            folded: folded_n,
         };
         Ok(done)
+    }
+
+    /// Starts the requests of the deliveries a pass handed over.
+    fn hand_over(&self, handoffs: Vec<Handoff>) {
+        // Only a stopped worker drops the receiver; the leases then lapse and the reaper makes
+        // these deliveries due again.
+        if !handoffs.is_empty() && self.fast.handoff.send(handoffs).is_err() {
+            tracing::warn!(
+                "the delivery worker has stopped; fresh deliveries wait for their lease to lapse"
+            );
+        }
+    }
+
+    /// Whether this pass may wait for outcomes (see [`FOLD_PAUSE`]).
+    fn folding(&self) -> bool {
+        self.started.elapsed().as_micros() as u64
+            >= self.fold_paused_until.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Waits up to [`FOLD_WAIT`] for the outcomes offered on `offered`: those that came. One that
+    /// is not foldable closes its channel unsent, so a pass whose outcomes are all in (or all
+    /// refused) goes on at once.
+    async fn gather(
+        &self,
+        mut offered: Vec<Option<tokio::sync::oneshot::Receiver<Folded>>>,
+    ) -> Vec<Folded> {
+        use std::future::Future;
+        use std::task::Poll;
+        let mut got = Vec::new();
+        if offered.is_empty() {
+            return got;
+        }
+        let all = std::future::poll_fn(|cx| {
+            let mut open = false;
+            for slot in offered.iter_mut() {
+                if let Some(rx) = slot {
+                    match std::pin::Pin::new(rx).poll(cx) {
+                        Poll::Ready(Ok(f)) => {
+                            got.push(f);
+                            *slot = None;
+                        }
+                        Poll::Ready(Err(_)) => *slot = None,
+                        Poll::Pending => open = true,
+                    }
+                }
+            }
+            if open {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        });
+        let ran_out = tokio::time::timeout(FOLD_WAIT, all).await.is_err();
+        if ran_out {
+            let until = (self.started.elapsed() + FOLD_PAUSE).as_micros() as u64;
+            self.fold_paused_until.store(until, AtomicOrdering::Relaxed);
+            // Closed first, so an outcome sent as the wait ended is either here or back with
+            // its sender (who settles it), never dropped in between.
+            for mut rx in offered.into_iter().flatten() {
+                rx.close();
+                if let Ok(f) = rx.try_recv() {
+                    got.push(f);
+                }
+            }
+        }
+        got
     }
 
     /// Whether any event waits (taken or not by a pass in progress): one round trip, no
@@ -463,6 +635,44 @@ impl<'a> NewDeliveries<'a> {
         self.endpoints.push(endpoint);
         self.statuses.push(status);
         self.ordering_keys.push(ordering_key);
+    }
+}
+
+/// The outcomes a pass waited for, column by column (`INSERT_FOLDED`'s `$11`-`$16`).
+#[derive(Default)]
+struct FoldedColumns<'a> {
+    ids: Vec<Uuid>,
+    codes: Vec<Option<i32>>,
+    started: Vec<chrono::DateTime<chrono::Utc>>,
+    durations: Vec<i32>,
+    bodies: Vec<Option<&'a [u8]>>,
+    sent: Vec<Option<&'a str>>,
+}
+
+impl<'a> FoldedColumns<'a> {
+    fn of(folded: &'a [Folded]) -> Self {
+        let mut c = Self::default();
+        for f in folded {
+            let r = &f.ack.record;
+            c.ids.push(f.ack.id);
+            c.codes.push(r.status_code);
+            c.started.push(r.started_at);
+            c.durations.push(r.duration_ms);
+            c.bodies.push(r.response_body.as_deref());
+            c.sent.push(r.request_headers.as_deref());
+        }
+        c
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.ids,
+            &self.codes,
+            &self.started,
+            &self.durations,
+            &self.bodies,
+            &self.sent,
+        ]
     }
 }
 

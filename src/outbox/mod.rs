@@ -358,6 +358,7 @@ pub async fn dispatch_loop(
                     if done.pending > 0 {
                         signals.deliveries_ready.notify_one();
                     }
+                    metrics.outbox_folded.inc_by(done.folded as u64);
                     for lag in &done.lags {
                         metrics.dispatch_lag.observe(*lag);
                     }

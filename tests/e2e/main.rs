@@ -9,6 +9,7 @@ mod common;
 mod dashboard;
 mod deliveries;
 mod deploy;
+mod fast_path;
 mod flow;
 mod hardening;
 mod hostile_events;

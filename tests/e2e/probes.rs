@@ -88,7 +88,7 @@ async fn readiness_follows_the_database_and_metrics_count_deliveries() {
 
 /// Parses the Prometheus text format strictly enough to catch a malformed exposition:
 /// (name, labels, value) per sample.
-fn parse_prometheus(text: &str) -> Vec<(String, String, f64)> {
+pub(crate) fn parse_prometheus(text: &str) -> Vec<(String, String, f64)> {
     let mut out = Vec::new();
     for line in text.lines() {
         if line.is_empty() || line.starts_with('#') {
