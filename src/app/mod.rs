@@ -420,6 +420,7 @@ pub fn start(
         lease: settings.lease,
         capacity: capacity.clone(),
         handoff,
+        fold: Default::default(),
     };
     for _ in 0..DISPATCHERS {
         // Each loop's pass brings at most a sixteenth of the memory budget's worth of payloads

@@ -46,13 +46,14 @@ impl NotifySetting {
 /// The shape of the trigger this build installs, recorded with the setting: an upgrade replaces a
 /// trigger an earlier build installed even when mode and throttle are unchanged. 2: the throttle
 /// compares window numbers (1 compared milliseconds with a sliding window); 3: as 2, and no
-/// window at all while the stream is sparse.
-const TRIGGER_SHAPE: u32 = 3;
+/// window at all while the stream is sparse; 4: sparse up to one event per 0.5 ms, not 2.
+const TRIGGER_SHAPE: u32 = 4;
 
 /// A stream whose events came at most one per this long on average since the previous wake-up is
 /// sparse: each of its commits is announced (capped by the throttle). So a stream of up to about
-/// 500 events/s is announced commit by commit.
-pub const SPARSE_GAP: Duration = Duration::from_millis(2);
+/// 2,000 events/s is announced commit by commit; one commit closer than this to the previous
+/// wake-up closes the window, and the next wake-up looks again.
+pub const SPARSE_GAP: Duration = Duration::from_micros(500);
 
 /// Installs the outbox trigger for `wanted`. With `force` (the `migrate` command) it always
 /// installs; otherwise (startup) it installs only when none was installed yet and returns the

@@ -67,6 +67,33 @@ pub struct Capacity {
     /// Some endpoint has a flow policy in force (a rate limit, back pressure, an open circuit), as
     /// the last fan-out pass saw: claims then take the gated statement (`state::flow`).
     hindered: std::sync::atomic::AtomicBool,
+    /// Per endpoint, the failures its breaker counts that are not written yet (see
+    /// [`FailureMark`]).
+    unwritten_failures: Mutex<HashMap<String, usize>>,
+}
+
+/// A failure on its way to the settler: while one is, a success of the same endpoint is not
+/// written by its fan-out (`delivery::Folded`), which would put it in the breaker's count ahead of
+/// the failure that came first. Dropped once the failure is written (or given up).
+pub struct FailureMark {
+    endpoint: String,
+    capacity: Arc<Capacity>,
+}
+
+impl Drop for FailureMark {
+    fn drop(&mut self) {
+        let mut map = self
+            .capacity
+            .unwritten_failures
+            .lock()
+            .expect("failures map");
+        if let Some(n) = map.get_mut(&self.endpoint) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.endpoint);
+            }
+        }
+    }
 }
 
 /// One delivery's hold on its replica's capacity; dropping it gives the hold back. It lives until
@@ -124,7 +151,30 @@ impl Capacity {
             revoked: Mutex::default(),
             revoked_all: Mutex::default(),
             stop_for: settings.lease,
+            unwritten_failures: Mutex::default(),
         })
+    }
+
+    /// Counts a failure of `endpoint` as unwritten until the mark is dropped.
+    pub fn mark_failure(self: &Arc<Self>, endpoint: &str) -> FailureMark {
+        *self
+            .unwritten_failures
+            .lock()
+            .expect("failures map")
+            .entry(endpoint.to_string())
+            .or_default() += 1;
+        FailureMark {
+            endpoint: endpoint.to_string(),
+            capacity: self.clone(),
+        }
+    }
+
+    /// Whether a failure of `endpoint` is on its way to the settler.
+    pub fn failing(&self, endpoint: &str) -> bool {
+        self.unwritten_failures
+            .lock()
+            .expect("failures map")
+            .contains_key(endpoint)
     }
 
     /// Stops sending to `endpoint` at once: what this replica holds for it is handed back as its

@@ -13,7 +13,7 @@ mod settle;
 pub mod ssrf;
 pub mod state;
 
-pub use capacity::{Capacity, Hold};
+pub use capacity::{Capacity, FailureMark, Hold};
 
 pub use attempt::envelope;
 
@@ -120,6 +120,7 @@ impl Folded {
         let _ = self.reports.send(Done {
             report: Report::Written,
             _hold: Some(self.hold),
+            _failing: None,
         });
     }
 
@@ -129,6 +130,7 @@ impl Folded {
         let _ = self.reports.send(Done {
             report: Report::Settled(self.ack),
             _hold: Some(self.hold),
+            _failing: None,
         });
     }
 }
@@ -177,6 +179,8 @@ impl FanOutCommitted {
 struct Done {
     report: Report,
     _hold: Option<Hold>,
+    /// A failure's mark, dropped once it is written (see [`FailureMark`]).
+    _failing: Option<FailureMark>,
 }
 
 /// What an attempt task reports.
@@ -421,6 +425,7 @@ impl Worker {
                     let _ = report_tx.send(Done {
                         report,
                         _hold: Some(h.hold),
+                        _failing: None,
                     });
                 }
             }
@@ -522,10 +527,20 @@ impl Attempts {
                     _ = abort.cancelled() => Report::Settled(cut_short(id, attempt, &hold.endpoint)),
                 },
             };
+            // A failure the breaker counts is marked until written: meanwhile no success of its
+            // endpoint goes ahead of it through a fan-out's commit.
+            let failing = match &report {
+                Report::Settled(a) if a.judged && matches!(a.settle, Settle::Retry { .. } | Settle::Failed) => {
+                    Some(capacity.mark_failure(&hold.endpoint))
+                }
+                _ => None,
+            };
             // A 2xx the fan-out still waits for is written in its commit; anything else, or a
             // fan-out that stopped waiting, is settled here once the commit is known.
             let report = match (report, fold) {
-                (Report::Settled(ack), Some(fold)) if foldable(&ack) => {
+                (Report::Settled(ack), Some(fold))
+                    if foldable(&ack) && !capacity.failing(&hold.endpoint) =>
+                {
                     let reports = reports.clone();
                     match fold.send(Folded { ack, hold, reports }) {
                         Ok(()) => return,
@@ -560,6 +575,7 @@ impl Attempts {
             let _ = reports.send(Done {
                 report,
                 _hold: Some(hold),
+                _failing: failing,
             });
         });
     }
@@ -569,6 +585,7 @@ impl Attempts {
         let _ = self.reports.send(Done {
             report: Report::HandBack(delivery.id, delivery.attempt),
             _hold: None,
+            _failing: None,
         });
     }
 }

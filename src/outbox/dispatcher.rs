@@ -3,8 +3,7 @@
 //! one transaction, so an event is fanned out exactly once even with several replicas (rows are
 //! taken with `FOR UPDATE SKIP LOCKED`, never by a high-water mark: `id` order is not commit order).
 
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -98,6 +97,38 @@ const FOLD_WAIT: Duration = Duration::from_millis(2);
 /// this long: a slow receiver should not hold every pass for the whole wait.
 const FOLD_PAUSE: Duration = Duration::from_millis(250);
 
+/// Small passes wait for outcomes only while they come at least this close together (about 100
+/// events/s or more): below that the CPU a fold saves does not matter, and in alternated runs the
+/// 20/s median was 0.1-0.25 ms higher with every pass waiting (BENCHMARKS.md, "Issue 16,
+/// fourteenth session").
+const FOLD_BUSY: Duration = Duration::from_millis(10);
+
+/// When a replica's small passes may wait for outcomes, shared by its loops: the last small pass
+/// (see [`FOLD_BUSY`]) and the end of a pause ([`FOLD_PAUSE`]).
+#[derive(Clone, Default)]
+pub struct FoldState(Arc<Mutex<FoldTimes>>);
+
+#[derive(Default)]
+struct FoldTimes {
+    last_small_pass: Option<Instant>,
+    paused_until: Option<Instant>,
+}
+
+impl FoldState {
+    /// Called by every small pass: whether it may wait for outcomes.
+    fn small_pass(&self) -> bool {
+        let now = Instant::now();
+        let mut t = self.0.lock().expect("fold state");
+        let busy = t.last_small_pass.is_some_and(|last| now - last < FOLD_BUSY);
+        t.last_small_pass = Some(now);
+        busy && t.paused_until.is_none_or(|until| now >= until)
+    }
+
+    fn pause(&self) {
+        self.0.lock().expect("fold state").paused_until = Some(Instant::now() + FOLD_PAUSE);
+    }
+}
+
 /// The fan-out fast path: fresh deliveries to active endpoints are inserted already claimed by
 /// this replica (attempt 1, under a lease) while it has capacity, and handed to its worker in
 /// memory. The rest are inserted `pending` for whichever replica claims them.
@@ -107,6 +138,7 @@ pub struct FastPath {
     pub lease: Duration,
     pub capacity: Arc<Capacity>,
     pub handoff: mpsc::UnboundedSender<Vec<Handoff>>,
+    pub fold: FoldState,
 }
 
 pub struct Dispatcher {
@@ -127,9 +159,6 @@ pub struct Dispatcher {
     insert: String,
     /// `insert` with the outcomes a pass waited for (`fold`).
     insert_folded: String,
-    /// Until when (microseconds from `started`) passes do not wait for outcomes.
-    fold_paused_until: AtomicU64,
-    started: Instant,
     /// The endpoints as a pass last read them: passes read them again only when they changed.
     known: Known,
 }
@@ -218,8 +247,6 @@ impl Dispatcher {
                    AS u(id, outbox_id, event_id, event_type, endpoint_id, status, ordering_key)",
             ),
             insert_folded: schema.sql(INSERT_FOLDED),
-            fold_paused_until: AtomicU64::new(0),
-            started: Instant::now(),
             known: Known::default(),
         }
     }
@@ -404,8 +431,11 @@ impl Dispatcher {
             .filter(|s| **s == DeliveryStatus::Pending)
             .count();
         // A small pass (the latency path) hands its deliveries over first and waits a moment for
-        // their 2xx outcomes, to insert them `delivered` (`FOLD_WAIT`); any other commits at once.
-        let fold = small && !handoffs.is_empty() && self.folding();
+        // their 2xx outcomes, to insert them `delivered` (`FOLD_WAIT`); any other commits at once,
+        // and so does one with deliveries that wait for its commit to become due (pending ones,
+        // a key's next head).
+        let busy = small && self.fast.fold.small_pass();
+        let fold = busy && !handoffs.is_empty() && pending == 0 && keys.is_empty();
         let mut offered = Vec::new();
         if fold {
             for h in &mut handoffs {
@@ -471,7 +501,7 @@ impl Dispatcher {
         if outcome.is_err() && !folded.is_empty() {
             tracing::warn!(
                 deliveries = folded.len(),
-                "a fan-out that waited for its deliveries' outcomes did not commit; they are not recorded and the events are delivered again"
+                "a fan-out that waited for its deliveries' outcomes did not confirm its commit; unless it committed, the events are fanned out and delivered again"
             );
         }
         for f in folded {
@@ -506,12 +536,6 @@ impl Dispatcher {
                 "the delivery worker has stopped; fresh deliveries wait for their lease to lapse"
             );
         }
-    }
-
-    /// Whether this pass may wait for outcomes (see [`FOLD_PAUSE`]).
-    fn folding(&self) -> bool {
-        self.started.elapsed().as_micros() as u64
-            >= self.fold_paused_until.load(AtomicOrdering::Relaxed)
     }
 
     /// Waits up to [`FOLD_WAIT`] for the outcomes offered on `offered`: those that came. One that
@@ -549,8 +573,7 @@ impl Dispatcher {
         });
         let ran_out = tokio::time::timeout(FOLD_WAIT, all).await.is_err();
         if ran_out {
-            let until = (self.started.elapsed() + FOLD_PAUSE).as_micros() as u64;
-            self.fold_paused_until.store(until, AtomicOrdering::Relaxed);
+            self.fast.fold.pause();
             // Closed first, so an outcome sent as the wait ended is either here or back with
             // its sender (who settles it), never dropped in between.
             for mut rx in offered.into_iter().flatten() {

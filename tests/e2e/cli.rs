@@ -511,14 +511,14 @@ async fn the_throttled_trigger_announces_sparse_commits_throttles_dense_ones_and
         }
     };
 
-    // Sparse commits (further apart than 2 ms on average since the previous wake-up) are each
+    // Sparse commits (further apart than 0.5 ms on average since the previous wake-up) are each
     // announced at once.
     for i in 0..3 {
         publish_one(&client, "order.created", json!({ "i": i })).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(settle(3).await, 3);
-    // A dense stream (100-row statements back to back, far more than one event per 2 ms) is
+    // A dense stream (100-row statements back to back, far more than one event per 0.5 ms) is
     // throttled: its first wake-up closes the 400 ms window and the statements inside it are not
     // announced; one more if the stream straddles a window's edge, never one per statement.
     let dense = std::time::Instant::now();
@@ -583,7 +583,7 @@ async fn the_throttled_trigger_announces_sparse_commits_throttles_dense_ones_and
         .get(0);
     assert!(definition.contains("IS DISTINCT FROM"), "{definition}");
     let setting = notify_setting(&client).await;
-    assert_eq!(setting, "throttled:400:3");
+    assert_eq!(setting, "throttled:400:4");
     assert!(!postern
         .logs()
         .contains("differs from the trigger installed"));

@@ -20,15 +20,22 @@ async fn folded(ops: &Ops) -> f64 {
         .sum()
 }
 
-/// Publishes events one at a time, each after the last was delivered, until the fan-out has
-/// written one `delivered` itself (a slow moment on the machine can make any one miss the wait).
+/// Two events committed back to back: the fan-out waits for outcomes only in a busy stream (a
+/// small pass within 10 ms of the previous one), as the second one's pass is.
+async fn publish_pair(client: &tokio_postgres::Client, event_type: &str, i: usize) {
+    publish_one(client, event_type, json!({ "i": i })).await;
+    publish_one(client, event_type, json!({ "i": i + 1 })).await;
+}
+
+/// Publishes pairs of events, each after the last was delivered, until the fan-out has written
+/// one `delivered` itself (a slow moment on the machine can make any one miss the wait).
 async fn publish_until_folded(ops: &Ops, receiver: &Receiver, event_type: &str) -> usize {
     let client = ops.db.client().await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut published = 0;
     loop {
-        publish_one(&client, event_type, json!({ "i": published })).await;
-        published += 1;
+        publish_pair(&client, event_type, published).await;
+        published += 2;
         receiver
             .wait_count(published, Duration::from_secs(10))
             .await;
@@ -84,11 +91,12 @@ async fn a_fast_outcome_is_written_by_its_fan_out_as_the_settler_writes_it() {
     assert_eq!(receiver.count(), published, "each event sent once");
 }
 
-/// A breaker counting failures is reset by a success: a fan-out must not write that success
-/// past it. Here one event fails every attempt (three consecutive failures counted), then fresh
-/// events succeed on the fast path: the count goes back to zero.
+/// A breaker counting failures counts every success too (a success resets its consecutive
+/// count, and the window's attempts are the failure rate's denominator): a fan-out must not write
+/// one past it. Here one event fails every attempt (three failures counted), then fresh events
+/// succeed on the fast path: each is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fast_success_resets_a_breaker_that_counts_failures() {
+async fn a_fast_success_is_counted_by_a_breaker_that_counts_failures() {
     let receiver = Receiver::start(|_, r| {
         if r.json()["type"] == "bad" {
             Reply::status(500)
@@ -104,7 +112,7 @@ async fn a_fast_success_resets_a_breaker_that_counts_failures() {
             "e",
             &receiver.url,
             &["*"],
-            "[endpoints.breaker]\nfailures = 1000\nmin_attempts = 1000000",
+            "[endpoints.breaker]\nfailures = 1000\nmin_attempts = 1000000\nwindow = \"1h\"",
         ),
     )
     .await;
@@ -122,10 +130,10 @@ async fn a_fast_success_resets_a_breaker_that_counts_failures() {
     // Fresh events until the fan-out waits for one's outcome; only the breaker's count may say
     // whether it wrote it.
     let client2 = ops.db.client().await;
-    for i in 0..20 {
-        publish_one(&client2, "good", json!({ "i": i })).await;
+    for i in 0..10 {
+        publish_pair(&client2, "good", 2 * i).await;
         receiver
-            .wait_count(before + i + 1, Duration::from_secs(10))
+            .wait_count(before + 2 * i + 2, Duration::from_secs(10))
             .await;
     }
     wait_sql(
@@ -135,13 +143,76 @@ async fn a_fast_success_resets_a_breaker_that_counts_failures() {
         Duration::from_secs(5),
     )
     .await;
-    assert_eq!(
-        scalar(
-            &client,
-            "SELECT count(*) FROM postern.endpoint_flow WHERE consecutive_failures = 0"
-        )
-        .await,
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.endpoint_flow
+         WHERE consecutive_failures = 0 AND window_failures = 3 AND window_attempts = 23",
         1,
-        "the successes did not reset the breaker's count"
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
+/// A failure the settler has not written yet came first: a later success of the same endpoint
+/// must not be written ahead of it by its fan-out, or the breaker would end counting the failure
+/// as the last word. Here the settler is held on the endpoint's breaker row (locked by the test)
+/// while it writes a failure, and successes follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_success_never_goes_ahead_of_a_failure_not_yet_written() {
+    let receiver = Receiver::start(|_, r| {
+        if r.json()["type"] == "bad" {
+            Reply::status(500)
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
+    let ops = start_ops(
+        TestDb::create().await,
+        None,
+        &endpoint(
+            "e",
+            &receiver.url,
+            &["*"],
+            "retry = { schedule = [\"1h\"] }\n[endpoints.breaker]\nfailures = 1000\nmin_attempts = 1000000",
+        ),
+    )
+    .await;
+    ops.wait_ready(200).await;
+    let client = ops.db.client().await;
+    let mut holder = ops.db.client().await;
+    let held = holder.transaction().await.unwrap();
+    held.batch_execute("SELECT 1 FROM postern.endpoint_flow WHERE endpoint_id = 'e' FOR UPDATE")
+        .await
+        .unwrap();
+    publish_one(&client, "bad", json!({})).await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    let before = folded(&ops).await;
+    for i in 0..5 {
+        publish_pair(&client, "good", 2 * i).await;
+        receiver
+            .wait_count(1 + 2 * i + 2, Duration::from_secs(10))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        folded(&ops).await,
+        before,
+        "a success was written by its fan-out ahead of the failure"
     );
+    held.rollback().await.unwrap();
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
+        10,
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.endpoint_flow WHERE consecutive_failures = 0 AND window_failures = 1",
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
 }

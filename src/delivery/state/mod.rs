@@ -1,8 +1,9 @@
 //! The delivery state machine: the [`DeliveryStatus`] type and every transition between statuses,
 //! each a named statement here (other modules call these, none writes `status` itself).
 //! Invariant: every write on a claimed row is fenced by (owner, attempt, `delivering`), so a
-//! replica whose lease lapsed can never overwrite a newer claim; no transaction spans an HTTP call;
-//! nothing waits forever for an endpoint that no longer takes it (the sweeper).
+//! replica whose lease lapsed can never overwrite a newer claim; no transaction waits on an HTTP
+//! call, but a fan-out's for at most its fold wait (2 ms, `outbox::dispatcher`); nothing waits
+//! forever for an endpoint that no longer takes it (the sweeper).
 //!
 //! ```text
 //!            fan-out ─┬─> pending ──claim──> delivering ──2xx──────────> delivered
@@ -17,6 +18,8 @@
 //!
 //!   keyed (ordering_key): fan-out / retry ──> queued ──advance (the key has no head)──> pending | paused
 //!   queued ──delete / re-tenant / cancel──> cancelled
+//!
+//!   fast path, its 2xx in before the fan-out commits ──> delivered (inserted so by the fan-out)
 //! ```
 //!
 //! A keyed delivery is its key's *head* while `pending`, `delivering` or `paused`; `ordering`
