@@ -98,9 +98,9 @@ const FOLD_WAIT: Duration = Duration::from_millis(2);
 const FOLD_PAUSE: Duration = Duration::from_millis(250);
 
 /// Small passes wait for outcomes only while they come at least this close together (about 100
-/// events/s or more): below that the CPU a fold saves does not matter, and in alternated runs the
-/// 20/s median was 0.1-0.25 ms higher with every pass waiting (BENCHMARKS.md, "Issue 16,
-/// fourteenth session").
+/// events/s or more): below that the CPU a fold saves does not matter, and in three alternated
+/// pairs the 20/s median was 0.09-0.40 ms higher with every pass waiting (BENCHMARKS.md, "Issue
+/// 16, fourteenth session").
 const FOLD_BUSY: Duration = Duration::from_millis(10);
 
 /// When a replica's small passes may wait for outcomes, shared by its loops: the last small pass
