@@ -115,11 +115,14 @@ struct FoldTimes {
 }
 
 impl FoldState {
-    /// Called by every small pass: whether it may wait for outcomes.
+    /// Called by every small pass that took events: whether it may wait for outcomes.
     fn small_pass(&self) -> bool {
-        let now = Instant::now();
         let mut t = self.0.lock().expect("fold state");
-        let busy = t.last_small_pass.is_some_and(|last| now - last < FOLD_BUSY);
+        // Read under the lock: the other loop's pass may have just stored its own time.
+        let now = Instant::now();
+        let busy = t
+            .last_small_pass
+            .is_some_and(|last| now.saturating_duration_since(last) < FOLD_BUSY);
         t.last_small_pass = Some(now);
         busy && t.paused_until.is_none_or(|until| now >= until)
     }

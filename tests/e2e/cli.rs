@@ -518,15 +518,16 @@ async fn the_throttled_trigger_announces_sparse_commits_throttles_dense_ones_and
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(settle(3).await, 3);
-    // A dense stream (100-row statements back to back, far more than one event per 0.5 ms) is
-    // throttled: its first wake-up closes the 400 ms window and the statements inside it are not
-    // announced; one more if the stream straddles a window's edge, never one per statement.
+    // A dense stream (1,000-row statements back to back, far more than one event per 0.5 ms, and
+    // the first alone more than the 0.5 s since the last wake-up allows) is throttled: its first
+    // wake-up closes the 400 ms window and the statements inside it are not announced; one more
+    // if the stream straddles a window's edge, never one per statement.
     let dense = std::time::Instant::now();
     for _ in 0..10 {
         client
             .batch_execute(
                 "INSERT INTO postern.outbox (event_type, payload)
-                 SELECT 'order.created', '{}' FROM generate_series(1, 100)",
+                 SELECT 'order.created', '{}' FROM generate_series(1, 1000)",
             )
             .await
             .unwrap();
