@@ -5,6 +5,7 @@
 
 mod cells;
 pub mod dispatcher;
+mod fold;
 pub mod glob;
 mod opening;
 mod target;

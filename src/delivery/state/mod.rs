@@ -2,7 +2,7 @@
 //! each a named statement here (other modules call these, none writes `status` itself).
 //! Invariant: every write on a claimed row is fenced by (owner, attempt, `delivering`), so a
 //! replica whose lease lapsed can never overwrite a newer claim; no transaction waits on an HTTP
-//! call, but a fan-out's for at most its fold wait (2 ms, `outbox::dispatcher`); nothing waits
+//! call, but a fan-out's for at most its fold wait (2 ms, `outbox::fold`); nothing waits
 //! forever for an endpoint that no longer takes it (the sweeper).
 //!
 //! ```text
