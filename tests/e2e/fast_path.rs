@@ -50,6 +50,27 @@ async fn publish_until_folded(ops: &Ops, receiver: &Receiver, event_type: &str) 
     }
 }
 
+/// Postern with one endpoint `e` (`extra` appended to its table) whose receiver answers 500 to
+/// events of type `bad` and 200 to the rest.
+async fn failing_bad_events(extra: &str) -> (Receiver, Ops) {
+    let receiver = Receiver::start(|_, r| {
+        if r.json()["type"] == "bad" {
+            Reply::status(500)
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
+    let ops = start_ops(
+        TestDb::create().await,
+        None,
+        &endpoint("e", &receiver.url, &["*"], extra),
+    )
+    .await;
+    ops.wait_ready(200).await;
+    (receiver, ops)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_outcome_is_written_by_its_fan_out_as_the_settler_writes_it() {
     let receiver = Receiver::ok().await;
@@ -97,26 +118,10 @@ async fn a_fast_outcome_is_written_by_its_fan_out_as_the_settler_writes_it() {
 /// succeed on the fast path: each is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_success_is_counted_by_a_breaker_that_counts_failures() {
-    let receiver = Receiver::start(|_, r| {
-        if r.json()["type"] == "bad" {
-            Reply::status(500)
-        } else {
-            Reply::status(200)
-        }
-    })
-    .await;
-    let ops = start_ops(
-        TestDb::create().await,
-        None,
-        &endpoint(
-            "e",
-            &receiver.url,
-            &["*"],
-            "[endpoints.breaker]\nfailures = 1000\nmin_attempts = 1000000\nwindow = \"1h\"",
-        ),
+    let (receiver, ops) = failing_bad_events(
+        "[endpoints.breaker]\nfailures = 1000\nmin_attempts = 1000000\nwindow = \"1h\"",
     )
     .await;
-    ops.wait_ready(200).await;
     let client = ops.db.client().await;
     publish_one(&client, "bad", json!({})).await;
     wait_sql(
@@ -159,26 +164,10 @@ async fn a_fast_success_is_counted_by_a_breaker_that_counts_failures() {
 /// while it writes a failure, and successes follow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_success_never_goes_ahead_of_a_failure_not_yet_written() {
-    let receiver = Receiver::start(|_, r| {
-        if r.json()["type"] == "bad" {
-            Reply::status(500)
-        } else {
-            Reply::status(200)
-        }
-    })
-    .await;
-    let ops = start_ops(
-        TestDb::create().await,
-        None,
-        &endpoint(
-            "e",
-            &receiver.url,
-            &["*"],
-            "retry = { schedule = [\"1h\"] }\n[endpoints.breaker]\nfailures = 1000\nmin_attempts = 1000000",
-        ),
+    let (receiver, ops) = failing_bad_events(
+        "retry = { schedule = [\"1h\"] }\n[endpoints.breaker]\nfailures = 1000\nmin_attempts = 1000000",
     )
     .await;
-    ops.wait_ready(200).await;
     let client = ops.db.client().await;
     let mut holder = ops.db.client().await;
     let held = holder.transaction().await.unwrap();
