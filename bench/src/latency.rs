@@ -75,6 +75,7 @@ pub async fn latency(b: &Bench, out: &mut Vec<Figure>) -> anyhow::Result<()> {
             for (what, spent) in [
                 ("passes", after.0 - before.0),
                 ("probes", after.1 - before.1),
+                ("folded deliveries", after.2 - before.2),
             ] {
                 out.push(Figure::new(
                     format!("latency at {rate}/s: fan-out {what} per event"),
@@ -110,7 +111,7 @@ async fn transactions(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
 
 /// Postern's fan-out passes and outbox probes so far (`postern_outbox_passes_total`,
 /// `postern_outbox_probes_total`, every label summed), or none when its metrics have no passes.
-async fn passes_and_probes(http: &reqwest::Client, metrics: &str) -> Option<(f64, f64)> {
+async fn passes_and_probes(http: &reqwest::Client, metrics: &str) -> Option<(f64, f64, f64)> {
     let text = http.get(metrics).send().await.ok()?.text().await.ok()?;
     let sum = |family: &str| -> Option<f64> {
         let values: Vec<f64> = text
@@ -123,6 +124,11 @@ async fn passes_and_probes(http: &reqwest::Client, metrics: &str) -> Option<(f64
     Some((
         sum("postern_outbox_passes_total")?,
         sum("postern_outbox_probes_total").unwrap_or(0.0),
+        // A counter without labels: its line is the family's name and the value.
+        text.lines()
+            .find_map(|l| l.strip_prefix("postern_outbox_folded_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0),
     ))
 }
 

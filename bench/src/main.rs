@@ -62,6 +62,9 @@ struct Args {
     /// (`latency-<label>.csv`): where in a run the slow events fall.
     #[arg(long)]
     timeline: bool,
+    /// Scenario 4's paced rates (events/s), instead of 20, 200 and 1,000: a focused experiment.
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<u32>,
 }
 
 struct Sizes {
@@ -236,7 +239,13 @@ async fn main() -> anyhow::Result<()> {
         if args.quick { " --quick" } else { "" }
     );
     let bench = Bench {
-        sizes: Sizes::new(args.quick),
+        sizes: {
+            let mut sizes = Sizes::new(args.quick);
+            if !args.rates.is_empty() {
+                sizes.rates = args.rates.clone();
+            }
+            sizes
+        },
         admin_url: args.database_url.clone(),
         db_url: db_url.to_string(),
         sink,

@@ -61,9 +61,15 @@ pub(super) const INSERT_FOLDED: &str = "WITH marked AS (
 /// is busy meanwhile; the other loop takes the next wake-up).
 const FOLD_WAIT: Duration = Duration::from_millis(2);
 
-/// After a wait that ran out (a receiver slower than [`FOLD_WAIT`]), passes commit at once for
-/// this long: a slow receiver should not hold every pass for the whole wait.
+/// After [`FOLD_PATIENCE`] waits in a row ran out (a receiver slower than [`FOLD_WAIT`]), passes
+/// commit at once for this long: a slow receiver should not hold every pass for the whole wait.
 const FOLD_PAUSE: Duration = Duration::from_millis(250);
+
+/// How many waits in a row (a replica's loops together) must run out before passes pause: on a
+/// busy machine one runs out now and then by chance, and pausing after each left a third to
+/// two thirds of the 1,000/s stream's outcomes to the settler (BENCHMARKS.md, "Issue 16,
+/// fifteenth session").
+const FOLD_PATIENCE: u32 = 3;
 
 /// Small passes wait for outcomes only while they come at least this close together (about 100
 /// events/s or more): below that the CPU a fold saves does not matter, and in three alternated
@@ -80,6 +86,8 @@ pub struct FoldState(Arc<Mutex<FoldTimes>>);
 struct FoldTimes {
     last_small_pass: Option<Instant>,
     paused_until: Option<Instant>,
+    /// Waits that ran out since the last one that did not.
+    ran_out: u32,
 }
 
 impl FoldState {
@@ -95,8 +103,18 @@ impl FoldState {
         busy && t.paused_until.is_none_or(|until| now >= until)
     }
 
-    fn pause(&self) {
-        self.0.lock().expect("fold state").paused_until = Some(Instant::now() + FOLD_PAUSE);
+    /// Called after every wait: whether it ran out.
+    fn waited(&self, ran_out: bool) {
+        let mut t = self.0.lock().expect("fold state");
+        if !ran_out {
+            t.ran_out = 0;
+            return;
+        }
+        t.ran_out += 1;
+        if t.ran_out >= FOLD_PATIENCE {
+            t.ran_out = 0;
+            t.paused_until = Some(Instant::now() + FOLD_PAUSE);
+        }
     }
 }
 
@@ -134,8 +152,8 @@ pub(super) async fn gather(
         }
     });
     let ran_out = tokio::time::timeout(FOLD_WAIT, all).await.is_err();
+    state.waited(ran_out);
     if ran_out {
-        state.pause();
         // Closed first, so an outcome sent as the wait ended is either here or back with
         // its sender (who settles it), never dropped in between.
         for mut rx in offered.into_iter().flatten() {
@@ -183,5 +201,65 @@ impl<'a> FoldedColumns<'a> {
             &self.bodies,
             &self.sent,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    /// Whether a small pass may wait now: asked twice at once, so the first call stands for
+    /// the pass just before and the busy rule holds whatever the test's own pace.
+    fn may_wait(state: &FoldState) -> bool {
+        state.small_pass();
+        state.small_pass()
+    }
+
+    /// An outcome offered and never sent: the wait runs out. Its sender is returned to be kept.
+    fn silent() -> (
+        oneshot::Sender<Folded>,
+        Vec<Option<oneshot::Receiver<Folded>>>,
+    ) {
+        let (tx, rx) = oneshot::channel();
+        (tx, vec![Some(rx)])
+    }
+
+    /// A wait that ran out now and then (a busy machine) pauses nothing; `FOLD_PATIENCE` in a row
+    /// (a slow receiver) pause the replica's passes, and a wait whose outcomes all came starts
+    /// the count again.
+    #[tokio::test]
+    async fn passes_pause_only_after_several_waits_in_a_row_ran_out() {
+        let state = FoldState::default();
+        assert!(may_wait(&state));
+        let (_kept, offered) = silent();
+        assert!(gather(&state, offered).await.is_empty());
+        assert!(may_wait(&state), "paused after one wait ran out");
+        for _ in 1..FOLD_PATIENCE - 1 {
+            let (_kept, offered) = silent();
+            gather(&state, offered).await;
+            assert!(
+                may_wait(&state),
+                "paused after fewer waits than the patience"
+            );
+        }
+        // Answered (refused: the sender dropped unsent): not a wait that ran out.
+        let (refused, offered) = silent();
+        drop(refused);
+        assert!(gather(&state, offered).await.is_empty());
+        for _ in 0..FOLD_PATIENCE - 1 {
+            let (_kept, offered) = silent();
+            gather(&state, offered).await;
+            assert!(
+                may_wait(&state),
+                "the answered wait did not start the count again"
+            );
+        }
+        let (_kept, offered) = silent();
+        gather(&state, offered).await;
+        assert!(
+            !may_wait(&state),
+            "not paused after {FOLD_PATIENCE} waits in a row ran out"
+        );
     }
 }
