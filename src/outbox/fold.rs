@@ -66,8 +66,8 @@ const FOLD_WAIT: Duration = Duration::from_millis(2);
 const FOLD_PAUSE: Duration = Duration::from_millis(250);
 
 /// How many waits in a row (a replica's loops together) must run out before passes pause: on a
-/// busy machine one runs out now and then by chance, and pausing after each left a third to
-/// two thirds of the 1,000/s stream's outcomes to the settler (BENCHMARKS.md, "Issue 16,
+/// busy machine one runs out now and then by chance, and pausing after each left a quarter to
+/// three quarters of the 1,000/s stream's outcomes to the settler (BENCHMARKS.md, "Issue 16,
 /// fifteenth session").
 const FOLD_PATIENCE: u32 = 3;
 
