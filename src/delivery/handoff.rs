@@ -28,32 +28,27 @@ pub struct Handoff {
 pub struct Folded {
     pub ack: Ack,
     pub(super) hold: Hold,
-    /// The settler's channel, held weakly: a fan-out stuck in its commit (a hung database) must
-    /// not keep the settler, and so the worker's shutdown, waiting past the drain deadline. The
-    /// worker's own sender lives until its drain has ended, which waits for the fan-out to stop.
-    pub(super) reports: mpsc::WeakUnboundedSender<Done>,
+    pub(super) reports: mpsc::UnboundedSender<Done>,
 }
 
 impl Folded {
     /// Written by the fan-out's commit: only the hold is left, freed through the settler.
     pub fn written(self) {
-        Self::send(self.reports, Report::Written, self.hold);
+        let _ = self.reports.send(Done {
+            report: Report::Written,
+            _hold: Some(self.hold),
+            _failing: None,
+        });
     }
 
     /// The fan-out committed the delivery without the outcome (`delivering`, under its lease):
-    /// the settler writes it as any other (past the drain deadline, its lease lapses instead).
+    /// the settler writes it as any other.
     pub fn settle(self) {
-        Self::send(self.reports, Report::Settled(self.ack), self.hold);
-    }
-
-    fn send(reports: mpsc::WeakUnboundedSender<Done>, report: Report, hold: Hold) {
-        if let Some(reports) = reports.upgrade() {
-            let _ = reports.send(Done {
-                report,
-                _hold: Some(hold),
-                _failing: None,
-            });
-        }
+        let _ = self.reports.send(Done {
+            report: Report::Settled(self.ack),
+            _hold: Some(self.hold),
+            _failing: None,
+        });
     }
 }
 
@@ -114,55 +109,7 @@ pub(super) fn foldable(ack: &Ack) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use super::{FanOutCommit, Folded};
-    use crate::config::Config;
-    use crate::delivery::state::{Ack, AttemptRecord, Settle};
-    use crate::delivery::{Capacity, WorkerSettings};
-
-    /// A 2xx outcome held by a fan-out that never returns (stuck in its commit: a hung
-    /// database) does not keep the settler's channel open once the worker's own senders are gone
-    /// (its drain over), so the settler, and the worker's shutdown, end in time.
-    #[tokio::test]
-    async fn an_outcome_held_by_a_fan_out_does_not_keep_the_settler_waiting() {
-        let config = Config::from_toml_str("[database]\nurl = \"postgres://127.0.0.1/app\"\n")
-            .expect("valid config");
-        let capacity = Capacity::new(&WorkerSettings::from_config(&config));
-        let hold = capacity.try_hold("e", 10).expect("room");
-        let (worker, mut settler) = tokio::sync::mpsc::unbounded_channel();
-        let ack = Ack {
-            id: uuid::Uuid::now_v7(),
-            attempt: 1,
-            endpoint_id: "e".into(),
-            ordering_key: None,
-            settle: Settle::Delivered,
-            record: AttemptRecord {
-                started_at: chrono::Utc::now(),
-                duration_ms: 1,
-                status_code: Some(200),
-                response_body: None,
-                error: None,
-                request_headers: None,
-            },
-            judged: true,
-            probe: false,
-            retry_after: None,
-        };
-        let held = Folded {
-            ack,
-            hold,
-            reports: worker.downgrade(),
-        };
-        drop(worker);
-        let ended = tokio::time::timeout(Duration::from_secs(1), settler.recv()).await;
-        assert!(
-            matches!(ended, Ok(None)),
-            "the settler's channel stayed open for an outcome a fan-out holds"
-        );
-        // Given after that, the outcome goes nowhere (its lease lapses) and its hold is freed.
-        held.settle();
-    }
+    use super::FanOutCommit;
 
     #[test]
     fn a_fan_out_commit_is_known_failed_once_answered_so_or_abandoned() {

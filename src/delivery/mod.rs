@@ -461,7 +461,7 @@ impl Attempts {
                 (Report::Settled(ack), Some(fold))
                     if foldable(&ack) && !capacity.failing(&hold.endpoint) =>
                 {
-                    let reports = reports.downgrade();
+                    let reports = reports.clone();
                     match fold.send(Folded { ack, hold, reports }) {
                         Ok(()) => return,
                         Err(back) => {
