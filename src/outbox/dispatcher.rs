@@ -350,14 +350,13 @@ impl Dispatcher {
         // and so does one with deliveries that wait for its commit to become due (pending ones,
         // a key's next head).
         let busy = small && self.fast.fold.small_pass();
-        let fold = busy && !handoffs.is_empty() && pending == 0 && keys.is_empty();
-        let mut offered = Vec::new();
+        let offered = if busy && pending == 0 && keys.is_empty() {
+            self.fast.fold.offer(&mut handoffs)
+        } else {
+            Vec::new()
+        };
+        let fold = !offered.is_empty();
         if fold {
-            for h in &mut handoffs {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                h.fold = Some(tx);
-                offered.push(Some(rx));
-            }
             self.hand_over(std::mem::take(&mut handoffs));
         }
         let folded = gather(&self.fast.fold, offered).await;

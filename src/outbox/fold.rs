@@ -3,13 +3,15 @@
 //! offered to a pass is either written by its commit, given back to the settler, or (the commit
 //! failed) dropped with a delivery that does not exist; never lost between the two.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::oneshot;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use crate::delivery::Folded;
+use crate::delivery::{Folded, Handoff};
 
 /// The fan-out's insert with outcomes it waited for (`$11`-`$16`, column by column): those
 /// deliveries go in `delivered` with their attempt, unless their endpoint's breaker is counting
@@ -61,14 +63,16 @@ pub(super) const INSERT_FOLDED: &str = "WITH marked AS (
 /// is busy meanwhile; the other loop takes the next wake-up).
 const FOLD_WAIT: Duration = Duration::from_millis(2);
 
-/// After [`FOLD_PATIENCE`] waits in a row ran out (a receiver slower than [`FOLD_WAIT`]), passes
-/// commit at once for this long: a slow receiver should not hold every pass for the whole wait.
+/// After [`FOLD_PATIENCE`] waits in a row ran out for an endpoint (a receiver slower than
+/// [`FOLD_WAIT`]), passes do not wait for its outcomes for this long: a slow receiver should not
+/// hold every pass for the whole wait.
 const FOLD_PAUSE: Duration = Duration::from_millis(250);
 
-/// How many waits in a row (a replica's loops together) must run out before passes pause: on a
-/// busy machine one runs out now and then by chance, and pausing after each left a quarter to
-/// three quarters of the 1,000/s stream's outcomes to the settler (BENCHMARKS.md, "Issue 16,
-/// fifteenth session").
+/// How many waits in a row (a replica's loops together) must run out for an endpoint before
+/// passes stop waiting for it: on a busy machine one runs out now and then by chance, and pausing
+/// after each left a quarter to three quarters of the 1,000/s stream's outcomes to the settler
+/// (BENCHMARKS.md, "Issue 16, fifteenth session"). Counted per endpoint, so another endpoint's
+/// quick answers cannot keep a slow one's count from growing.
 const FOLD_PATIENCE: u32 = 3;
 
 /// Small passes wait for outcomes only while they come at least this close together (about 100
@@ -78,20 +82,43 @@ const FOLD_PATIENCE: u32 = 3;
 const FOLD_BUSY: Duration = Duration::from_millis(10);
 
 /// When a replica's small passes may wait for outcomes, shared by its loops: the last small pass
-/// (see [`FOLD_BUSY`]) and the end of a pause ([`FOLD_PAUSE`]).
+/// (see [`FOLD_BUSY`]) and, per endpoint, the waits that ran out and the end of a pause
+/// ([`FOLD_PAUSE`]).
 #[derive(Clone, Default)]
 pub struct FoldState(Arc<Mutex<FoldTimes>>);
 
 #[derive(Default)]
 struct FoldTimes {
     last_small_pass: Option<Instant>,
-    paused_until: Option<Instant>,
-    /// Waits that ran out since the last one that did not.
+    /// Endpoints whose last wait ran out or that are paused; one whose outcomes came leaves.
+    slow: HashMap<String, Slow>,
+}
+
+impl FoldTimes {
+    fn paused(&self, endpoint: &str, now: Instant) -> bool {
+        self.slow
+            .get(endpoint)
+            .and_then(|s| s.paused_until)
+            .is_some_and(|until| now < until)
+    }
+}
+
+#[derive(Default)]
+struct Slow {
+    /// Waits that ran out in a row.
     ran_out: u32,
+    paused_until: Option<Instant>,
+}
+
+/// An outcome a pass waits for, with its endpoint.
+pub(super) struct Offered {
+    endpoint: String,
+    rx: Option<oneshot::Receiver<Folded>>,
 }
 
 impl FoldState {
-    /// Called by every small pass that took events: whether it may wait for outcomes.
+    /// Called by every small pass that took events: whether the stream is busy enough for it to
+    /// wait for outcomes.
     pub(super) fn small_pass(&self) -> bool {
         let mut t = self.0.lock().expect("fold state");
         // Read under the lock: the other loop's pass may have just stored its own time.
@@ -100,20 +127,53 @@ impl FoldState {
             .last_small_pass
             .is_some_and(|last| now.saturating_duration_since(last) < FOLD_BUSY);
         t.last_small_pass = Some(now);
-        busy && t.paused_until.is_none_or(|until| now >= until)
+        busy
     }
 
-    /// Called after every wait: whether it ran out.
-    fn waited(&self, ran_out: bool) {
+    /// Offers the pass the outcomes of the deliveries it hands over, but those of endpoints
+    /// paused now (their deliveries are settled as any other).
+    pub(super) fn offer(&self, handoffs: &mut [Handoff]) -> Vec<Offered> {
+        let t = self.0.lock().expect("fold state");
+        let now = Instant::now();
+        let mut offered = Vec::with_capacity(handoffs.len());
+        for h in handoffs {
+            let endpoint = &h.delivery.endpoint_id;
+            if t.paused(endpoint, now) {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            h.fold = Some(tx);
+            offered.push(Offered {
+                endpoint: endpoint.clone(),
+                rx: Some(rx),
+            });
+        }
+        offered
+    }
+
+    /// Whether passes wait for this endpoint's outcomes now.
+    #[cfg(test)]
+    fn waits_for(&self, endpoint: &str) -> bool {
+        !self
+            .0
+            .lock()
+            .expect("fold state")
+            .paused(endpoint, Instant::now())
+    }
+
+    /// Called after every wait, for each endpoint it waited for: whether the wait ran out with
+    /// some of that endpoint's outcomes still to come.
+    fn waited(&self, endpoint: &str, ran_out: bool) {
         let mut t = self.0.lock().expect("fold state");
         if !ran_out {
-            t.ran_out = 0;
+            t.slow.remove(endpoint);
             return;
         }
-        t.ran_out += 1;
-        if t.ran_out >= FOLD_PATIENCE {
-            t.ran_out = 0;
-            t.paused_until = Some(Instant::now() + FOLD_PAUSE);
+        let slow = t.slow.entry(endpoint.to_string()).or_default();
+        slow.ran_out += 1;
+        if slow.ran_out >= FOLD_PATIENCE {
+            slow.ran_out = 0;
+            slow.paused_until = Some(Instant::now() + FOLD_PAUSE);
         }
     }
 }
@@ -121,10 +181,7 @@ impl FoldState {
 /// Waits up to [`FOLD_WAIT`] for the outcomes offered on `offered`: those that came. One that
 /// is not foldable closes its channel unsent, so a pass whose outcomes are all in (or all
 /// refused) goes on at once.
-pub(super) async fn gather(
-    state: &FoldState,
-    mut offered: Vec<Option<tokio::sync::oneshot::Receiver<Folded>>>,
-) -> Vec<Folded> {
+pub(super) async fn gather(state: &FoldState, mut offered: Vec<Offered>) -> Vec<Folded> {
     use std::future::Future;
     use std::task::Poll;
     let mut got = Vec::new();
@@ -134,13 +191,13 @@ pub(super) async fn gather(
     let all = std::future::poll_fn(|cx| {
         let mut open = false;
         for slot in offered.iter_mut() {
-            if let Some(rx) = slot {
+            if let Some(rx) = &mut slot.rx {
                 match std::pin::Pin::new(rx).poll(cx) {
                     Poll::Ready(Ok(f)) => {
                         got.push(f);
-                        *slot = None;
+                        slot.rx = None;
                     }
-                    Poll::Ready(Err(_)) => *slot = None,
+                    Poll::Ready(Err(_)) => slot.rx = None,
                     Poll::Pending => open = true,
                 }
             }
@@ -152,11 +209,22 @@ pub(super) async fn gather(
         }
     });
     let ran_out = tokio::time::timeout(FOLD_WAIT, all).await.is_err();
-    state.waited(ran_out);
+    // Each endpoint once: ran out if any of its outcomes had not come.
+    let mut seen: Vec<(&str, bool)> = Vec::new();
+    for o in &offered {
+        let late = o.rx.is_some();
+        match seen.iter_mut().find(|(e, _)| *e == o.endpoint) {
+            Some((_, l)) => *l |= late,
+            None => seen.push((&o.endpoint, late)),
+        }
+    }
+    for (endpoint, late) in seen {
+        state.waited(endpoint, late);
+    }
     if ran_out {
         // Closed first, so an outcome sent as the wait ended is either here or back with
         // its sender (who settles it), never dropped in between.
-        for mut rx in offered.into_iter().flatten() {
+        for mut rx in offered.into_iter().filter_map(|o| o.rx) {
             rx.close();
             if let Ok(f) = rx.try_recv() {
                 got.push(f);
@@ -207,59 +275,83 @@ impl<'a> FoldedColumns<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::sync::oneshot;
 
-    /// Whether a small pass may wait now: asked twice at once, so the first call stands for
-    /// the pass just before and the busy rule holds whatever the test's own pace.
-    fn may_wait(state: &FoldState) -> bool {
-        state.small_pass();
-        state.small_pass()
+    /// An outcome of `endpoint` offered and never sent: the wait runs out. Its sender is
+    /// returned, to be kept or dropped (dropped unsent: refused, an answer).
+    fn offered(endpoint: &str) -> (oneshot::Sender<Folded>, Offered) {
+        let (tx, rx) = oneshot::channel();
+        let endpoint = endpoint.to_string();
+        (
+            tx,
+            Offered {
+                endpoint,
+                rx: Some(rx),
+            },
+        )
     }
 
-    /// An outcome offered and never sent: the wait runs out. Its sender is returned to be kept.
-    fn silent() -> (
-        oneshot::Sender<Folded>,
-        Vec<Option<oneshot::Receiver<Folded>>>,
-    ) {
-        let (tx, rx) = oneshot::channel();
-        (tx, vec![Some(rx)])
+    async fn silent(state: &FoldState, endpoint: &str) {
+        let (_kept, o) = offered(endpoint);
+        assert!(gather(state, vec![o]).await.is_empty());
+    }
+
+    async fn answered(state: &FoldState, endpoint: &str) {
+        let (refused, o) = offered(endpoint);
+        drop(refused);
+        assert!(gather(state, vec![o]).await.is_empty());
     }
 
     /// A wait that ran out now and then (a busy machine) pauses nothing; `FOLD_PATIENCE` in a row
-    /// (a slow receiver) pause the replica's passes, and a wait whose outcomes all came starts
-    /// the count again.
+    /// (a slow receiver) pause waiting for that endpoint, and a wait whose outcomes all came
+    /// starts its count again.
     #[tokio::test]
-    async fn passes_pause_only_after_several_waits_in_a_row_ran_out() {
+    async fn an_endpoint_is_paused_only_after_several_waits_in_a_row_ran_out() {
         let state = FoldState::default();
-        assert!(may_wait(&state));
-        let (_kept, offered) = silent();
-        assert!(gather(&state, offered).await.is_empty());
-        assert!(may_wait(&state), "paused after one wait ran out");
+        assert!(state.waits_for("e"));
+        silent(&state, "e").await;
+        assert!(state.waits_for("e"), "paused after one wait ran out");
         for _ in 1..FOLD_PATIENCE - 1 {
-            let (_kept, offered) = silent();
-            gather(&state, offered).await;
+            silent(&state, "e").await;
             assert!(
-                may_wait(&state),
+                state.waits_for("e"),
                 "paused after fewer waits than the patience"
             );
         }
-        // Answered (refused: the sender dropped unsent): not a wait that ran out.
-        let (refused, offered) = silent();
-        drop(refused);
-        assert!(gather(&state, offered).await.is_empty());
+        answered(&state, "e").await;
         for _ in 0..FOLD_PATIENCE - 1 {
-            let (_kept, offered) = silent();
-            gather(&state, offered).await;
+            silent(&state, "e").await;
             assert!(
-                may_wait(&state),
+                state.waits_for("e"),
                 "the answered wait did not start the count again"
             );
         }
-        let (_kept, offered) = silent();
-        gather(&state, offered).await;
+        silent(&state, "e").await;
         assert!(
-            !may_wait(&state),
+            !state.waits_for("e"),
             "not paused after {FOLD_PATIENCE} waits in a row ran out"
+        );
+    }
+
+    /// Another endpoint's quick answers, between a slow endpoint's waits or in the same wait,
+    /// neither reset the slow one's count nor get paused with it.
+    #[tokio::test]
+    async fn a_fast_endpoint_neither_shields_nor_shares_a_slow_ones_pause() {
+        let state = FoldState::default();
+        for _ in 0..FOLD_PATIENCE - 1 {
+            silent(&state, "slow").await;
+            answered(&state, "fast").await;
+        }
+        let (_kept, slow) = offered("slow");
+        let (refused, fast) = offered("fast");
+        drop(refused);
+        gather(&state, vec![slow, fast]).await;
+        assert!(
+            !state.waits_for("slow"),
+            "a fast endpoint's answers kept the slow one waited for"
+        );
+        assert!(
+            state.waits_for("fast"),
+            "the fast endpoint was paused with the slow one"
         );
     }
 }
