@@ -103,10 +103,10 @@ impl FoldTimes {
     }
 }
 
-#[derive(Default)]
 struct Slow {
-    /// Waits that ran out in a row.
+    /// Waits that ran out in a row, each within [`FOLD_PAUSE`] of the one before.
     ran_out: u32,
+    last_late: Instant,
     paused_until: Option<Instant>,
 }
 
@@ -165,15 +165,27 @@ impl FoldState {
     /// some of that endpoint's outcomes still to come.
     fn waited(&self, endpoint: &str, ran_out: bool) {
         let mut t = self.0.lock().expect("fold state");
+        let now = Instant::now();
+        // What no longer counts leaves (an endpoint deleted, or gone quiet, after a late wait):
+        // the map holds only endpoints late or paused just now.
+        t.slow.retain(|_, s| {
+            s.paused_until.is_some_and(|until| now < until)
+                || now.saturating_duration_since(s.last_late) < FOLD_PAUSE
+        });
         if !ran_out {
             t.slow.remove(endpoint);
             return;
         }
-        let slow = t.slow.entry(endpoint.to_string()).or_default();
+        let slow = t.slow.entry(endpoint.to_string()).or_insert(Slow {
+            ran_out: 0,
+            last_late: now,
+            paused_until: None,
+        });
         slow.ran_out += 1;
+        slow.last_late = now;
         if slow.ran_out >= FOLD_PATIENCE {
             slow.ran_out = 0;
-            slow.paused_until = Some(Instant::now() + FOLD_PAUSE);
+            slow.paused_until = Some(now + FOLD_PAUSE);
         }
     }
 }
@@ -330,6 +342,80 @@ mod tests {
             !state.waits_for("e"),
             "not paused after {FOLD_PATIENCE} waits in a row ran out"
         );
+    }
+
+    /// Late waits far apart are not "in a row": after a quiet spell the count starts afresh, and
+    /// an endpoint that is no longer late or paused (deleted, or gone quiet) leaves the state.
+    #[tokio::test]
+    async fn late_waits_far_apart_do_not_add_up_and_are_forgotten() {
+        let state = FoldState::default();
+        for _ in 0..FOLD_PATIENCE - 1 {
+            silent(&state, "e").await;
+        }
+        silent(&state, "gone").await;
+        tokio::time::sleep(FOLD_PAUSE + Duration::from_millis(20)).await;
+        silent(&state, "e").await;
+        assert!(
+            state.waits_for("e"),
+            "paused by late waits a quiet spell apart"
+        );
+        let kept: Vec<String> = state.0.lock().unwrap().slow.keys().cloned().collect();
+        assert_eq!(
+            kept,
+            vec!["e".to_string()],
+            "an endpoint no longer late was kept"
+        );
+    }
+
+    fn handoff(capacity: &Arc<crate::delivery::Capacity>, endpoint: &str) -> Handoff {
+        let delivery = crate::delivery::state::Claimed {
+            id: Uuid::now_v7(),
+            attempt: 1,
+            endpoint_id: endpoint.into(),
+            event_id: Uuid::now_v7(),
+            event_type: "t".into(),
+            payload: "{}".into(),
+            created_at: chrono::Utc::now(),
+            url: "http://127.0.0.1:1/".into(),
+            headers: serde_json::Value::Null,
+            signature: "standard".into(),
+            retry: None,
+            trace: Default::default(),
+            secrets: Vec::new(),
+            ordering_key: None,
+            probe: false,
+        };
+        Handoff {
+            hold: capacity.try_hold(endpoint, 2).expect("room"),
+            delivery,
+            commit: crate::delivery::FanOutCommit::new().1,
+            fold: None,
+        }
+    }
+
+    /// A pass is offered the outcomes of every delivery but a paused endpoint's: those get no
+    /// channel (the settler writes them), and a pass whose endpoints are all paused is offered
+    /// nothing, so it does not wait.
+    #[tokio::test]
+    async fn a_paused_endpoints_deliveries_are_not_waited_for() {
+        let config = crate::config::Config::from_toml_str(
+            "[database]\nurl = \"postgres://127.0.0.1/app\"\n",
+        )
+        .expect("valid config");
+        let capacity =
+            crate::delivery::Capacity::new(&crate::delivery::WorkerSettings::from_config(&config));
+        let state = FoldState::default();
+        for _ in 0..FOLD_PATIENCE {
+            silent(&state, "slow").await;
+        }
+        let mut pass = vec![handoff(&capacity, "slow"), handoff(&capacity, "fast")];
+        let offered = state.offer(&mut pass);
+        assert_eq!(offered.len(), 1);
+        assert_eq!(offered[0].endpoint, "fast");
+        assert!(pass[0].fold.is_none() && pass[1].fold.is_some());
+        let mut paused_only = vec![handoff(&capacity, "slow")];
+        assert!(state.offer(&mut paused_only).is_empty());
+        assert!(paused_only[0].fold.is_none());
     }
 
     /// Another endpoint's quick answers, between a slow endpoint's waits or in the same wait,
