@@ -161,9 +161,9 @@ impl FoldState {
             .paused(endpoint, Instant::now())
     }
 
-    /// Called after every wait, for each endpoint it waited for: whether the wait ran out with
-    /// some of that endpoint's outcomes still to come.
-    fn waited(&self, endpoint: &str, ran_out: bool) {
+    /// Called after every wait with each endpoint it waited for, once: whether the wait ran out
+    /// with some of that endpoint's outcomes still to come. One lock per wait.
+    fn waited(&self, endpoints: &[(&str, bool)]) {
         let mut t = self.0.lock().expect("fold state");
         let now = Instant::now();
         // What no longer counts leaves (an endpoint deleted, or gone quiet, after a late wait):
@@ -172,20 +172,22 @@ impl FoldState {
             s.paused_until.is_some_and(|until| now < until)
                 || now.saturating_duration_since(s.last_late) < FOLD_PAUSE
         });
-        if !ran_out {
-            t.slow.remove(endpoint);
-            return;
-        }
-        let slow = t.slow.entry(endpoint.to_string()).or_insert(Slow {
-            ran_out: 0,
-            last_late: now,
-            paused_until: None,
-        });
-        slow.ran_out += 1;
-        slow.last_late = now;
-        if slow.ran_out >= FOLD_PATIENCE {
-            slow.ran_out = 0;
-            slow.paused_until = Some(now + FOLD_PAUSE);
+        for &(endpoint, ran_out) in endpoints {
+            if !ran_out {
+                t.slow.remove(endpoint);
+                continue;
+            }
+            let slow = t.slow.entry(endpoint.to_string()).or_insert(Slow {
+                ran_out: 0,
+                last_late: now,
+                paused_until: None,
+            });
+            slow.ran_out += 1;
+            slow.last_late = now;
+            if slow.ran_out >= FOLD_PATIENCE {
+                slow.ran_out = 0;
+                slow.paused_until = Some(now + FOLD_PAUSE);
+            }
         }
     }
 }
@@ -230,9 +232,7 @@ pub(super) async fn gather(state: &FoldState, mut offered: Vec<Offered>) -> Vec<
             None => seen.push((&o.endpoint, late)),
         }
     }
-    for (endpoint, late) in seen {
-        state.waited(endpoint, late);
-    }
+    state.waited(&seen);
     if ran_out {
         // Closed first, so an outcome sent as the wait ended is either here or back with
         // its sender (who settles it), never dropped in between.
