@@ -338,23 +338,8 @@ mod tests {
     #[test]
     fn an_envelope_takes_its_own_length_in_memory_and_nothing_more() {
         let payload = format!(r#"{{"blob":"{}"}}"#, "x".repeat(1 << 20));
-        let d = Claimed {
-            id: uuid::Uuid::now_v7(),
-            attempt: 1,
-            endpoint_id: "e".into(),
-            event_id: uuid::Uuid::now_v7(),
-            event_type: "order.\"created\"".into(),
-            payload: payload.as_str().into(),
-            created_at: chrono::DateTime::from_timestamp(1_700_000_000, 123_000_000).unwrap(),
-            url: "http://127.0.0.1:1/".into(),
-            headers: serde_json::Value::Null,
-            signature: "standard".into(),
-            retry: None,
-            trace: Default::default(),
-            secrets: Vec::new(),
-            ordering_key: None,
-            probe: false,
-        };
+        let mut d = Claimed::for_test("e", "order.\"created\"", &payload);
+        d.created_at = chrono::DateTime::from_timestamp(1_700_000_000, 123_000_000).unwrap();
         let text = envelope_text(&d);
         assert_eq!(text.capacity(), text.len());
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();

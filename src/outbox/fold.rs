@@ -368,23 +368,7 @@ mod tests {
     }
 
     fn handoff(capacity: &Arc<crate::delivery::Capacity>, endpoint: &str) -> Handoff {
-        let delivery = crate::delivery::state::Claimed {
-            id: Uuid::now_v7(),
-            attempt: 1,
-            endpoint_id: endpoint.into(),
-            event_id: Uuid::now_v7(),
-            event_type: "t".into(),
-            payload: "{}".into(),
-            created_at: chrono::Utc::now(),
-            url: "http://127.0.0.1:1/".into(),
-            headers: serde_json::Value::Null,
-            signature: "standard".into(),
-            retry: None,
-            trace: Default::default(),
-            secrets: Vec::new(),
-            ordering_key: None,
-            probe: false,
-        };
+        let delivery = crate::delivery::state::Claimed::for_test(endpoint, "t", "{}");
         Handoff {
             hold: capacity.try_hold(endpoint, 2).expect("room"),
             delivery,

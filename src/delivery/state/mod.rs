@@ -203,6 +203,31 @@ pub struct Claimed {
     pub probe: bool,
 }
 
+#[cfg(test)]
+impl Claimed {
+    /// For tests: a first attempt of a fresh event to `endpoint` (a loopback URL, Standard
+    /// Webhooks, no secret, no key), with `event_type` and `payload`.
+    pub(crate) fn for_test(endpoint: &str, event_type: &str, payload: &str) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            attempt: 1,
+            endpoint_id: endpoint.into(),
+            event_id: Uuid::now_v7(),
+            event_type: event_type.into(),
+            payload: payload.into(),
+            created_at: Utc::now(),
+            url: "http://127.0.0.1:1/".into(),
+            headers: serde_json::Value::Null,
+            signature: "standard".into(),
+            retry: None,
+            trace: Trace::default(),
+            secrets: Vec::new(),
+            ordering_key: None,
+            probe: false,
+        }
+    }
+}
+
 /// How an attempt settles its delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settle {
