@@ -12,7 +12,7 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Schema;
-use crate::delivery::state::DeliveryStore;
+use crate::delivery::state::{DeliveryStore, LAPSE_GRACE};
 
 const BATCH: i64 = 1000;
 /// A pruning pass yields after this long, so a huge backlog of old rows is worked off over
@@ -377,10 +377,12 @@ pub async fn housekeeping_loop(
             _ = reap.tick() => {
                 match store.reap(500, max_lease_lapses as i32).await {
                     Ok(0) => {}
-                    Ok(n) => {
-                        tracing::warn!(reaped = n, "deliveries whose lease lapsed are due again");
-                        wake_worker.notify_one();
-                    }
+                    // Due after the grace, which the worker's polls find: no wake-up now.
+                    Ok(n) => tracing::warn!(
+                        reaped = n,
+                        grace_s = LAPSE_GRACE.as_secs(),
+                        "deliveries whose lease lapsed are due again"
+                    ),
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "reaping lapsed leases failed"),
                 }
                 sweep(&store, Sweep::Recent).await;

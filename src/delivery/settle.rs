@@ -90,9 +90,16 @@ pub(super) async fn settle_loop(
     }
 }
 
-/// How many times a batch is retried when the database is away before the outcomes are left to
-/// their leases (the reaper then makes the deliveries due again: at-least-once, never lost).
-const WRITE_TRIES: u32 = 50;
+/// How many times a batch is retried when the database is away (about five minutes, at
+/// [`WRITE_RETRY_MAX`] apart) before the outcomes are left to their leases (the reaper then makes
+/// the deliveries due again: at-least-once, never lost).
+const WRITE_TRIES: u32 = 300;
+
+/// The longest wait between two tries of a batch while the database is away: when it is back, the
+/// outcomes are written well inside [`state::LAPSE_GRACE`], before a lapsed lease makes their
+/// deliveries due again (which would send a delivered event twice).
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(1);
+const _: () = assert!(WRITE_RETRY_MAX.as_millis() * 2 <= state::LAPSE_GRACE.as_millis());
 
 /// Writes a batch of outcomes. A batch the database refuses as a statement (bad data in one row)
 /// is written row by row, so one row can never hold back the others; a row still refused is
@@ -142,7 +149,7 @@ async fn write_outcomes(store: &DeliveryStore, owner: Uuid, mut acks: Vec<Ack>) 
         }
         tracing::warn!(error = %format!("{e:#}"), batch = acks.len(), "recording outcomes failed; retrying");
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        delay = (delay * 2).min(WRITE_RETRY_MAX);
     }
     promoted
 }

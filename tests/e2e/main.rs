@@ -21,6 +21,7 @@ mod inbox_consumers;
 mod inbox_dedupe;
 mod isolation;
 mod ordering;
+mod outage;
 mod outbound;
 mod pgbouncer;
 mod probes;

@@ -38,6 +38,13 @@ mod store;
 pub use changes::*;
 pub use store::{DeliveryStore, Room};
 
+/// How long after its lease lapsed a delivery becomes due again. The replica that made the
+/// attempt may still run and hold its outcome: cut off from the database for longer than the
+/// lease (a failover), its settler retries at least once a second, and when the database is back
+/// its outcome must be written before another attempt is made (`ack_late`), or a delivered event
+/// is sent twice. A replica that died costs its deliveries this much more than their lease.
+pub const LAPSE_GRACE: Duration = Duration::from_secs(3);
+
 /// `postern.deliveries.status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeliveryStatus {

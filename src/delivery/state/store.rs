@@ -192,7 +192,8 @@ impl DeliveryStore {
                    AND d.lease_owner = $1 AND e.id = d.endpoint_id"
             )),
             // A lapsed lease means the replica died (or stalled) mid-attempt: whether the request
-            // went out is unknown, so the attempt is recorded as such and the delivery is due again.
+            // went out is unknown, so the attempt is recorded as such and the delivery is due again
+            // (after `$3`, the grace in which a replica cut off meanwhile writes what it holds).
             // A delivery whose leases lapse `$2` times in a row is a poison pill (it kills or stalls
             // whoever makes it): it is failed, with the reason, instead of being sent forever.
             reap_keys: schema.sql(&format!(
@@ -213,7 +214,8 @@ impl DeliveryStore {
                                       WHEN d.lease_lapses + 1 >= $2 THEN 'failed'
                                       WHEN e.active THEN 'pending' ELSE 'paused' END,
                         lease_lapses = d.lease_lapses + 1,
-                        lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = now(),
+                        lease_owner = NULL, lease_expires_at = NULL,
+                        next_attempt_at = now() + make_interval(secs => $3),
                         last_error = CASE WHEN e.deleted_at IS NULL AND {another_tenant} THEN '{RETENANTED}'
                             WHEN d.lease_lapses + 1 >= $2 AND e.deleted_at IS NULL
                             THEN 'given up: the lease lapsed ' || (d.lease_lapses + 1)
@@ -510,8 +512,8 @@ impl DeliveryStore {
         self.ordering.mend(&mut client, batch, cursor).await
     }
 
-    /// Makes deliveries whose lease lapsed due again (or failed, after `max_lapses` in a row);
-    /// returns how many.
+    /// Makes deliveries whose lease lapsed due again after [`super::LAPSE_GRACE`] (or failed,
+    /// after `max_lapses` in a row); returns how many.
     /// A keyed delivery failed here leaves its key in the same transaction, under the key's lock:
     /// committed apart, the failure would be visible before the key is blocked (`block`), and
     /// anything moving the key on meanwhile would send the next delivery past it.
@@ -525,7 +527,8 @@ impl DeliveryStore {
             locked.push(r.get(0), r.get(1));
         }
         self.ordering.lock(&tx, &locked).await?;
-        let rows = tx.query(&self.reap, &[&batch, &max_lapses]).await?;
+        let grace = super::LAPSE_GRACE.as_secs_f64();
+        let rows = tx.query(&self.reap, &[&batch, &max_lapses, &grace]).await?;
         // A keyed delivery failed or cancelled here no longer heads its key.
         let mut keys = ordering::Keys::default();
         let mut unlocked = ordering::Keys::default();

@@ -244,6 +244,15 @@ async fn an_outcome_written_after_its_lease_lapsed_still_counts_until_another_cl
     .await;
     let store = store_in(&pool, &schema, OnFailure::Skip);
     assert_eq!(store.reap(500, 5).await.unwrap(), 2);
+    // Due again only after the grace, in which the replica that made the attempt writes it.
+    let not_due = s
+        .pairs::<i64, bool>(&format!(
+            "SELECT outbox_id, next_attempt_at > now() + interval '{} milliseconds' - interval '500 milliseconds'
+             FROM __SCHEMA__.deliveries ORDER BY outbox_id",
+            crate::delivery::state::LAPSE_GRACE.as_millis()
+        ))
+        .await;
+    assert_eq!(not_due, [(1, true), (2, true)]);
     let ids: Vec<Uuid> = s
         .pairs::<Uuid, i64>("SELECT id, outbox_id FROM __SCHEMA__.deliveries ORDER BY outbox_id")
         .await
