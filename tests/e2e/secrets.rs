@@ -298,3 +298,32 @@ async fn readyz(admin_port: u16) -> (u16, String) {
         .unwrap();
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
+
+/// The fault an endpoint's unopenable secret raises also goes when the endpoint itself changes:
+/// deleted, no delivery to it will ever prepare again to clear it, and the replica (with it the
+/// pod, whose readiness a native sidecar's is) would stay out of its Services until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_endpoint_whose_secret_cannot_be_opened_clears_its_fault() {
+    let db = TestDb::create().await;
+    let receiver = Receiver::ok().await;
+    let ops = crate::api::start_ops(db, None, "").await;
+    let created = ops.create(&receiver.url, json!({})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    ops.wait_ready(200).await;
+    let client = ops.db.client().await;
+    client
+        .batch_execute(
+            "UPDATE postern.endpoint_secrets
+             SET secret = regexp_replace(secret, '.....$', 'AAAA=')",
+        )
+        .await
+        .unwrap();
+    publish_one(&client, "order.created", json!({})).await;
+    let body = ops.wait_ready(503).await;
+    assert!(body.contains(&format!("endpoint {id}")), "{body}");
+    assert_eq!(receiver.count(), 0);
+
+    let (status, _) = ops.call("DELETE", &format!("/endpoints/{id}"), None).await;
+    assert_eq!(status, 204);
+    ops.wait_ready(200).await;
+}
