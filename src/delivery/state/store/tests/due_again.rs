@@ -334,3 +334,53 @@ async fn a_late_retry_of_a_keyed_head_failed_by_the_reaper_leaves_it_failed() {
     );
     s.drop_schema().await;
 }
+
+/// An operator's "retry now" of a delivery the reaper made due again is the operator's call: the
+/// lapsed attempt's outcome, coming in afterwards (its replica was cut off), must not undo it by
+/// marking the delivery delivered under the retry (`ack_late` needs a lapse the retry forgot).
+#[tokio::test]
+async fn a_late_outcome_does_not_undo_an_operators_retry_of_the_reaped_delivery() {
+    let (s, schema, pool) = scratch().await;
+    let owner = Uuid::now_v7();
+    s.run(&format!(
+        "INSERT INTO __SCHEMA__.endpoints (id, url, events, source) VALUES ('e', 'http://127.0.0.1:9/a', '{{*}}', 'api');
+         INSERT INTO __SCHEMA__.outbox (event_type, payload, dispatched_at) VALUES ('t', '{{}}', now());
+         INSERT INTO __SCHEMA__.deliveries
+            (outbox_id, event_id, event_type, endpoint_id, status, attempts, lease_owner, lease_expires_at)
+         VALUES (1, gen_random_uuid(), 't', 'e', 'delivering', 1, '{owner}', now() - interval '1 second')"
+    ))
+    .await;
+    let store = store_in(&pool, &schema, OnFailure::Skip);
+    assert_eq!(store.reap(500, 3).await.unwrap(), 1);
+    let id: Uuid = s
+        .pairs::<Uuid, i64>("SELECT id, outbox_id FROM __SCHEMA__.deliveries")
+        .await[0]
+        .0;
+    let mut client = pool.get().await.unwrap();
+    let ordering = ordering::Ordering::new(&schema, OnFailure::Skip);
+    let moved = crate::delivery::state::retry_now(
+        &mut client,
+        &schema,
+        &ordering,
+        id,
+        DeliveryStatus::Pending,
+    )
+    .await
+    .unwrap();
+    assert!(moved);
+    store
+        .settle(owner, &[ack(id, None, Settle::Delivered, 200)])
+        .await
+        .unwrap();
+    let seen = s
+        .pairs::<String, bool>(
+            "SELECT status::text, next_attempt_at <= now() FROM __SCHEMA__.deliveries",
+        )
+        .await;
+    assert_eq!(seen, [("pending".to_string(), true)], "the retry stands");
+    let attempts = s
+        .pairs::<i32, Option<i32>>("SELECT attempt, status_code FROM __SCHEMA__.attempts")
+        .await;
+    assert_eq!(attempts, [(1, None)], "the attempt stays 'unknown'");
+    s.drop_schema().await;
+}
