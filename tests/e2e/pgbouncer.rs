@@ -30,6 +30,11 @@ fn pgbouncer_binary() -> String {
 }
 
 async fn start_pgbouncer() -> Pgbouncer {
+    start_pgbouncer_in("session").await
+}
+
+/// pgbouncer in `pool_mode` (`session` or `transaction`).
+async fn start_pgbouncer_in(pool_mode: &str) -> Pgbouncer {
     let (host, pg_port) = pg_target();
     let port = dead_port().await;
     let dir = tempfile::tempdir().unwrap();
@@ -41,7 +46,7 @@ async fn start_pgbouncer() -> Pgbouncer {
         format!(
             "[databases]\n* = host={host} port={pg_port}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
              listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nauth_file = {}\n\
-             pool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 40\n",
+             pool_mode = {pool_mode}\nmax_client_conn = 200\ndefault_pool_size = 40\n",
             users.display()
         ),
     )
@@ -147,4 +152,36 @@ async fn delivers_through_pgbouncer_with_session_settings_applied_by_set() {
             .get(0);
         assert_eq!(got, want, "{name}");
     }
+}
+
+/// Behind a transaction pooler with no `listen_url`, LISTEN goes through the pooler and no
+/// notification ever comes: the start says so in the log, and polling still delivers everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_listen_url_behind_pgbouncer_the_log_warns_and_polling_delivers() {
+    let db = TestDb::create().await;
+    let bouncer = start_pgbouncer_in("transaction").await;
+    let receiver = Receiver::ok().await;
+    let mut through = url::Url::parse(&db.url).unwrap();
+    through.set_port(Some(bouncer.port)).unwrap();
+    let config = base_config(&db).replace(
+        &format!("url = \"{}\"\n", db.url),
+        &format!("url = \"{through}\"\npgbouncer = true\n"),
+    ) + &endpoint("e", &receiver.url, &["*"], "");
+    let postern = Postern::start(&config).await;
+    postern
+        .wait_log(
+            "database.pgbouncer is set and database.listen_url is not",
+            Duration::from_secs(5),
+        )
+        .await;
+    let mut client = db.client().await;
+    publish_batch(&mut client, "order.created", 20, 0).await;
+    receiver.wait_count(20, Duration::from_secs(15)).await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.deliveries WHERE status = 'delivered'",
+        20,
+        Duration::from_secs(10),
+    )
+    .await;
 }
