@@ -377,12 +377,16 @@ pub async fn housekeeping_loop(
             _ = reap.tick() => {
                 match store.reap(500, max_lease_lapses as i32).await {
                     Ok(0) => {}
-                    // Due after the grace, which the worker's polls find: no wake-up now.
-                    Ok(n) => tracing::warn!(
-                        reaped = n,
-                        grace_s = LAPSE_GRACE.as_secs(),
-                        "deliveries whose lease lapsed are due again"
-                    ),
+                    Ok(n) => {
+                        tracing::warn!(
+                            reaped = n,
+                            grace_s = LAPSE_GRACE.as_secs(),
+                            "deliveries whose lease lapsed are due again"
+                        );
+                        // The reaped ones are due after the grace, but a key whose head was
+                        // failed or cancelled here has its next delivery due now.
+                        wake_worker.notify_one();
+                    }
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "reaping lapsed leases failed"),
                 }
                 sweep(&store, Sweep::Recent).await;

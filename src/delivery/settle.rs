@@ -90,14 +90,16 @@ pub(super) async fn settle_loop(
     }
 }
 
-/// How many times a batch is retried when the database is away (about five minutes, at
-/// [`WRITE_RETRY_MAX`] apart) before the outcomes are left to their leases (the reaper then makes
-/// the deliveries due again: at-least-once, never lost).
+/// How many times a batch (of outcomes, or of hand-backs) is retried when the database is away
+/// (about five minutes when each try fails at once, at [`WRITE_RETRY_MAX`] apart) before it is
+/// left to the leases (the reaper then makes the deliveries due again: at-least-once, never lost).
 const WRITE_TRIES: u32 = 300;
 
-/// The longest wait between two tries of a batch while the database is away: when it is back, the
-/// outcomes are written well inside [`state::LAPSE_GRACE`], before a lapsed lease makes their
-/// deliveries due again (which would send a delivered event twice).
+/// The longest wait between two tries of a batch while the database is away: when it answers
+/// again, the outcomes are written well inside [`state::LAPSE_GRACE`], before a lapsed lease makes
+/// their deliveries due again (which would send a delivered event twice). Hand-backs use it too, as
+/// the settler writes one batch at a time. Best effort: a try stuck on a connection that hangs
+/// silently ends only with the pool's and TCP's timeouts.
 const WRITE_RETRY_MAX: Duration = Duration::from_secs(1);
 const _: () = assert!(WRITE_RETRY_MAX.as_millis() * 2 <= state::LAPSE_GRACE.as_millis());
 
@@ -167,7 +169,7 @@ async fn hand_back_all(store: &DeliveryStore, owner: Uuid, back: &[(Uuid, i32)])
             Err(e) if attempt < WRITE_TRIES => {
                 tracing::warn!(error = %format!("{e:#}"), "handing back deliveries failed; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                delay = (delay * 2).min(WRITE_RETRY_MAX);
             }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "handing back deliveries failed for good; their leases will lapse")

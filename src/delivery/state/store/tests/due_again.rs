@@ -247,7 +247,7 @@ async fn an_outcome_written_after_its_lease_lapsed_still_counts_until_another_cl
     // Due again only after the grace, in which the replica that made the attempt writes it.
     let not_due = s
         .pairs::<i64, bool>(&format!(
-            "SELECT outbox_id, next_attempt_at > now() + interval '{} milliseconds' - interval '500 milliseconds'
+            "SELECT outbox_id, next_attempt_at = updated_at + interval '{} milliseconds'
              FROM __SCHEMA__.deliveries ORDER BY outbox_id",
             crate::delivery::state::LAPSE_GRACE.as_millis()
         ))
