@@ -18,6 +18,42 @@ use super::InboxStatus;
 use crate::delivery::retry::{parse_retry_after, RetryPolicy};
 use crate::telemetry::{ForwardLabels, Metrics};
 
+/// Writes the app's answer, retrying while the database is away (at most [`SETTLE_RETRY_MAX`]
+/// apart, [`SETTLE_TRIES`] times): a replica cut off for longer than the forward lease writes it
+/// inside the grace the reaper gives (`LAPSE_GRACE`), so the message is not forwarded again.
+async fn settle(store: &InboxStore, owner: Uuid, m: &Claimed, outcome: &Outcome) {
+    let mut delay = Duration::from_millis(100);
+    for tried in 1..=SETTLE_TRIES {
+        match store.settle(owner, m, outcome).await {
+            Ok(true) => return,
+            Ok(false) => {
+                tracing::warn!(
+                    inbox.id = m.id,
+                    "inbox outcome dropped: the lease had passed to another replica"
+                );
+                return;
+            }
+            Err(e) if tried == SETTLE_TRIES || crate::delivery::state::is_statement_error(&e) => {
+                tracing::warn!(inbox.id = m.id, error = %format!("{e:#}"), "inbox outcome not written; the lease will lapse and it is sent again");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(inbox.id = m.id, error = %format!("{e:#}"), "inbox outcome not written yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(SETTLE_RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// How often the app's answer is tried while the database is away: about five minutes when each
+/// try fails at once.
+const SETTLE_TRIES: u32 = 300;
+/// The longest wait between two tries (see `delivery::settle`'s own).
+const SETTLE_RETRY_MAX: Duration = Duration::from_secs(1);
+const _: () =
+    assert!(SETTLE_RETRY_MAX.as_millis() * 2 <= crate::delivery::state::LAPSE_GRACE.as_millis());
+
 /// Messages in flight to the app per replica.
 pub const CONCURRENCY: usize = 32;
 /// Bytes of the app's answer kept in the attempt record.
@@ -230,16 +266,7 @@ impl Forwarder {
                         _ => "retry",
                     };
                     metrics.inbox_forwards.get_or_create(&label(kind)).inc();
-                    match store.settle(owner, &m, &outcome).await {
-                        Ok(true) => {}
-                        Ok(false) => tracing::warn!(
-                            inbox.id = m.id,
-                            "inbox outcome dropped: the lease had passed to another replica"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(inbox.id = m.id, error = %format!("{e:#}"), "inbox outcome not written; the lease will lapse and it is sent again")
-                        }
-                    }
+                    settle(&store, owner, &m, &outcome).await;
                     Sent::Settled
                 }
             };

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::InboxStatus;
 use crate::db::Schema;
+use crate::delivery::state::LAPSE_GRACE;
 
 /// A message claimed for one attempt.
 #[derive(Debug, Clone)]
@@ -107,7 +108,8 @@ impl InboxStore {
                    AND status = 'delivering'",
             ),
             // A replica died holding these: they count as attempted (the app may have got them),
-            // recorded as such. One whose leases lapse `$1` times in a row is a poison pill (it
+            // recorded as such, and are due again after `$2` (`LAPSE_GRACE`: a replica cut off
+            // from the database meanwhile writes the app's answer first, see `settle`). One whose leases lapse `$1` times in a row is a poison pill (it
             // kills or stalls whoever forwards it): failed, with the reason, not claimed forever.
             reap: schema.sql(
                 "WITH upd AS (
@@ -115,7 +117,7 @@ impl InboxStore {
                     SET status = CASE WHEN m.lease_lapses + 1 >= $1 THEN 'failed' ELSE 'pending' END,
                         lease_lapses = m.lease_lapses + 1,
                         lease_owner = NULL, lease_expires_at = NULL,
-                        next_attempt_at = now(), updated_at = now(),
+                        next_attempt_at = now() + make_interval(secs => $2), updated_at = now(),
                         last_error = CASE WHEN m.lease_lapses + 1 >= $1
                             THEN 'given up: the lease lapsed ' || (m.lease_lapses + 1)
                                  || ' times in a row without an outcome being recorded (outbound.max_lease_lapses)'
@@ -235,10 +237,15 @@ impl InboxStore {
             .await?)
     }
 
-    /// Makes lapsed claims due again, failing those lapsed `max_lapses` times in a row.
+    /// Makes lapsed claims due again after [`LAPSE_GRACE`], failing those lapsed `max_lapses`
+    /// times in a row.
     pub async fn reap(&self, max_lapses: i32) -> anyhow::Result<u64> {
         let client = self.pool.get().await?;
-        let n: i64 = client.query_one(&self.reap, &[&max_lapses]).await?.get(0);
+        let grace = LAPSE_GRACE.as_secs_f64();
+        let n: i64 = client
+            .query_one(&self.reap, &[&max_lapses, &grace])
+            .await?
+            .get(0);
         Ok(n as u64)
     }
 }
@@ -310,6 +317,14 @@ mod tests {
             s.run("UPDATE __SCHEMA__.inbox SET lease_expires_at = now() - interval '1 second'")
                 .await;
             assert_eq!(store.reap(3).await.unwrap(), 1);
+            // Due again only after the grace (in which a cut-off replica writes its answer).
+            let early = store
+                .claim(owner, 32, Duration::from_secs(30), 1024, true)
+                .await
+                .unwrap();
+            assert!(early.is_empty(), "round {round}: claimed within the grace");
+            s.run("UPDATE __SCHEMA__.inbox SET next_attempt_at = now() - interval '1 second'")
+                .await;
         }
         let left: Vec<(String, String)> = s
             .pairs("SELECT status, last_error FROM __SCHEMA__.inbox")

@@ -66,3 +66,42 @@ async fn an_outcome_held_through_an_outage_longer_than_a_lease_is_written_not_se
     .await;
     assert_eq!(answered, 1, "the outcome replaces the reaper's 'unknown'");
 }
+
+/// The same for the inbox: a replica forwarding a stored message to the app is cut off from the
+/// database while the app answers; the forward lease (the upstream timeout and 15 s) lapses, and
+/// another replica's upkeep reaps it. The cut-off replica keeps trying to write the app's answer,
+/// and writes it inside the grace once the database is back: the app gets the message once.
+/// Before, it tried once, logged "the lease will lapse and it is sent again", and it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_answer_held_through_an_outage_longer_than_a_lease_is_written_not_forwarded_again()
+{
+    use crate::inbox::{config, send_many, Service};
+    let relay = TcpRelay::start(pg_target()).await;
+    let db = TestDb::create().await;
+    let app = Receiver::start(|_, _| Reply::status(200).after(Duration::from_millis(800))).await;
+    let (cut_off, _) = config(&db, &relay.url_for(&db.url), app.port(), "forward", "");
+    let a = Service::start(cut_off).await;
+    let answers = send_many(&a, "held", 1, 1).await;
+    assert_eq!(answers[0].1, 200, "{answers:?}");
+    app.wait_count(1, Duration::from_secs(10)).await;
+    relay.cut();
+    // Another replica, still connected, reaps the forward lease when it lapses.
+    let (connected, _) = config(&db, &db.url, app.port(), "forward", "");
+    let b = Service::start(connected).await;
+    b.postern
+        .wait_log("inbox leases lapsed", Duration::from_secs(30))
+        .await;
+    relay.restore();
+    let client = db.client().await;
+    wait_sql(
+        &client,
+        "SELECT count(*) FROM postern.inbox WHERE status = 'done' AND attempts = 1",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Past the grace and the forwarder's next look, had the message been made due again.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(app.count(), 1, "the message was forwarded again");
+    drop(a);
+}
