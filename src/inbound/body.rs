@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora::protocols::http::ServerSession as Session;
 
 use super::refusal::{too_large, Refusal};
@@ -48,13 +48,16 @@ impl BodyBudget {
 
 /// Reads the whole body, counting as it goes (chunked bodies declare no length) and charging the
 /// budget as bytes arrive. A body that arrives in one chunk, as small webhooks do, is kept as it
-/// came, without a copy.
+/// came, without a copy; later chunks are copied into one buffer as they come, never kept one by
+/// one: a sender's 1-byte chunks would otherwise each hold an allocation many times their size,
+/// outside the budget. The budget is charged for the buffer's capacity, not only its bytes.
 pub(super) async fn read_body(
     session: &mut Session,
     limit: usize,
     budget: &mut BodyBudget,
 ) -> Result<Bytes, Refusal> {
-    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
     let mut seen = 0;
     loop {
         match session.read_request_body().await {
@@ -63,11 +66,19 @@ pub(super) async fn read_body(
                 if seen > limit {
                     return Err(too_large(limit));
                 }
-                budget.grow(seen)?;
-                chunks.push(chunk);
+                if first.is_none() && joined.is_empty() {
+                    budget.grow(seen)?;
+                    first = Some(chunk);
+                    continue;
+                }
+                if let Some(head) = first.take() {
+                    room_for(&mut joined, head.len() + chunk.len(), limit, budget)?;
+                    joined.extend_from_slice(&head);
+                }
+                room_for(&mut joined, chunk.len(), limit, budget)?;
+                joined.extend_from_slice(&chunk);
             }
-            Ok(None) if chunks.len() == 1 => return Ok(chunks.swap_remove(0)),
-            Ok(None) => return Ok(Bytes::from(chunks.concat())),
+            Ok(None) => return Ok(first.unwrap_or_else(|| joined.freeze())),
             Err(e) => {
                 return Err(Refusal::new(
                     400,
@@ -77,6 +88,27 @@ pub(super) async fn read_body(
             }
         }
     }
+}
+
+/// Makes room in `joined` for `more` bytes: a new buffer of twice the capacity (at least what is
+/// needed, at most `limit`), charged to the budget before it is allocated.
+fn room_for(
+    joined: &mut BytesMut,
+    more: usize,
+    limit: usize,
+    budget: &mut BodyBudget,
+) -> Result<(), Refusal> {
+    if joined.capacity() - joined.len() >= more {
+        return Ok(());
+    }
+    let want = (joined.len() + more)
+        .max(joined.capacity() * 2)
+        .min(limit.max(joined.len() + more));
+    budget.grow(want)?;
+    let mut bigger = BytesMut::with_capacity(want);
+    bigger.extend_from_slice(joined);
+    *joined = bigger;
+    Ok(())
 }
 
 /// After refusing a request whose body is still arriving, read and discard a bounded amount of it
