@@ -6,7 +6,8 @@
 //! Webhooks Rule's SharedKey signs; list it in `secrets`); the URL is tried with and without its
 //! default port, and repeated parameters count each distinct value once, as Twilio's libraries do.
 //! Invariant: every body byte let through is covered: a form body is part of the signed string,
-//! any other body needs `bodySHA256`; a signature over the URL alone passes only an empty body.
+//! any other body needs `bodySHA256`; a signature over the URL alone passes only an empty body; a
+//! form parameter with no name (Twilio sends none) is refused, as its value would read as the URL's.
 
 use sha2::{Digest, Sha256};
 
@@ -123,6 +124,11 @@ impl Verifier for Twilio {
                         std::collections::BTreeSet<String>,
                     > = Default::default();
                     for (k, v) in form_urlencoded::parse(r.body) {
+                        // A nameless parameter's value would join the URL in the signed string
+                        // (it sorts first), letting the query's tail move into the form.
+                        if k.is_empty() {
+                            return Err(VerifyError::SignatureMismatch);
+                        }
                         by_name
                             .entry(k.into_owned())
                             .or_default()
@@ -227,6 +233,43 @@ mod tests {
         assert_eq!(check(b""), Ok(()));
         assert_eq!(
             check(br#"{"admin":true}"#),
+            Err(VerifyError::SignatureMismatch)
+        );
+    }
+
+    /// A parameter with no name sorts first and its value joins the URL in the signed string, so
+    /// the tail of a signed query could move into the form and the app receive a URL the
+    /// signature never covered (`?account=acme` signed, `?account=ac` + `=me&...` sent). Twilio
+    /// sends no such parameter: a form carrying one is refused.
+    #[test]
+    fn a_form_parameter_without_a_name_cannot_carry_the_querys_tail() {
+        let t = Twilio::new(&["k"], Some("https://x/tw")).unwrap();
+        let signed_url = "https://x/tw?account=acme";
+        let sig = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            signing::hmac_with(
+                HmacAlgorithm::Sha1,
+                b"k",
+                &[signed_url.as_bytes(), b"Bodyhi"],
+            ),
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-twilio-signature", sig.parse().unwrap());
+        headers.insert(
+            "content-type",
+            "application/x-www-form-urlencoded".parse().unwrap(),
+        );
+        let check = |query: &str, body: &[u8]| {
+            t.verify(&Incoming {
+                headers: &headers,
+                body,
+                query: Some(query),
+                now: 0,
+            })
+        };
+        assert_eq!(check("account=acme", b"Body=hi"), Ok(()));
+        assert_eq!(
+            check("account=ac", b"=me&Body=hi"),
             Err(VerifyError::SignatureMismatch)
         );
     }
