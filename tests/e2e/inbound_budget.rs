@@ -103,9 +103,9 @@ async fn a_slow_answer_on_a_forward_route_holds_no_budget_once_the_app_has_the_b
 }
 
 /// A chunked body sent a byte per chunk costs the proxy its bytes, not a buffer per chunk: one
-/// unsigned request of 3 MiB in 1-byte chunks (within `max_body` and the budget) must not grow
-/// the process by hundreds of MiB (it did, about 64 bytes per chunk, which would OOM-kill a 256 Mi
-/// pod, its outbound delivery with it).
+/// unsigned request of 512 KiB in 1-byte chunks (within `max_body` and the budget) must not grow
+/// the process by tens of MiB (it did, about 64 bytes per chunk: a few 5 MiB ones would OOM-kill
+/// a 256 Mi pod, its outbound delivery with it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_in_one_byte_chunks_costs_its_bytes_not_a_buffer_per_chunk() {
     let app = Receiver::ok().await;
@@ -120,12 +120,14 @@ async fn a_body_in_one_byte_chunks_costs_its_bytes_not_a_buffer_per_chunk() {
         "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     );
     s.write_all(head.as_bytes()).await.unwrap();
-    let chunks = b"1\r\nx\r\n".repeat(3 << 20);
+    // Half a million chunks: a debug build on a loaded machine parses them well within the
+    // route's read_timeout (3 s).
+    let chunks = b"1\r\nx\r\n".repeat(1 << 19);
     s.write_all(&chunks).await.unwrap();
     s.write_all(b"0\r\n\r\n").await.unwrap();
     // Unsigned: refused once the body is in.
     let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut answer))
+    let n = tokio::time::timeout(Duration::from_secs(90), s.read(&mut answer))
         .await
         .expect("no answer")
         .unwrap();
@@ -134,7 +136,7 @@ async fn a_body_in_one_byte_chunks_costs_its_bytes_not_a_buffer_per_chunk() {
     let grown = peak_rss_mib(proxy.postern.pid()) - before;
     eprintln!("peak RSS grew by {grown:.1} MiB");
     assert!(
-        grown < 40.0,
-        "peak RSS grew by {grown:.1} MiB for a 3 MiB body"
+        grown < 16.0,
+        "peak RSS grew by {grown:.1} MiB for a 512 KiB body"
     );
 }
