@@ -59,9 +59,21 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Database and other internal failures: logged with their detail, answered without it.
+/// Database and other internal failures: logged with their detail, answered without it. A
+/// database error inside an operation's context (a PATCH, a replay) is answered as the same error
+/// alone would be: the caller's value (400), a busy or lost database (503).
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
+        for cause in e.chain() {
+            if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+                if let Some(known) = of_postgres(pg) {
+                    return known;
+                }
+            }
+            if let Some(pool) = cause.downcast_ref::<deadpool_postgres::PoolError>() {
+                return of_pool(pool);
+            }
+        }
         tracing::error!(error = %format!("{e:#}"), "management API request failed");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -73,54 +85,59 @@ impl From<anyhow::Error> for ApiError {
 
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // A data exception (class 22) is the caller's value, not our fault: the extractors refuse
-        // NUL up front, and this catches whatever else Postgres cannot store.
-        // A CHECK the value broke (the outbox's payload limit, say) is the caller's too: the
-        // constraint's name says which.
-        if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) {
-            let detail = e.as_db_error().map(|d| d.message().to_string());
-            return Self::invalid(
-                "invalid_body",
-                detail.unwrap_or_else(|| "a value breaks a constraint".into()),
-            );
-        }
-        // A statement that ran out of time, or a row another session holds: the database is
-        // busy, not the caller wrong and not a bug.
-        if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
-            || e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
-        {
-            return Self::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "database_unavailable",
-                "the database is busy (a statement timed out or a row is held); try again",
-            );
-        }
-        // The connection ended (a restart, a failover, a terminated backend), the server is
-        // short of something, or a transaction lost a conflict: try again, as for an
-        // unreachable database.
-        let retryable = e.code().is_some_and(|c| {
-            let c = c.code();
-            ["08", "53", "57P", "40001", "40P01"]
-                .iter()
-                .any(|p| c.starts_with(p))
-        });
-        if retryable || e.is_closed() {
-            tracing::warn!(error = %e, "a management API request lost its database connection");
-            return Self::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "database_unavailable",
-                "the database connection was lost; try again",
-            );
-        }
-        if e.code().is_some_and(|c| c.code().starts_with("22")) {
-            let detail = e.as_db_error().map(|d| d.message().to_string());
-            return Self::bad_request(format!(
-                "a value cannot be stored: {}",
-                detail.unwrap_or_else(|| "invalid input".into())
-            ));
-        }
-        anyhow::Error::from(e).into()
+        of_postgres(&e).unwrap_or_else(|| anyhow::Error::from(e).into())
     }
+}
+
+/// The answer a database error calls for when it is not Postern's fault; `None` for the rest.
+fn of_postgres(e: &tokio_postgres::Error) -> Option<ApiError> {
+    // A data exception (class 22) is the caller's value, not our fault: the extractors refuse
+    // NUL up front, and this catches whatever else Postgres cannot store.
+    // A CHECK the value broke (the outbox's payload limit, say) is the caller's too: the
+    // constraint's name says which.
+    if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) {
+        let detail = e.as_db_error().map(|d| d.message().to_string());
+        return Some(ApiError::invalid(
+            "invalid_body",
+            detail.unwrap_or_else(|| "a value breaks a constraint".into()),
+        ));
+    }
+    // A statement that ran out of time, or a row another session holds: the database is
+    // busy, not the caller wrong and not a bug.
+    if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+        || e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+    {
+        return Some(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the database is busy (a statement timed out or a row is held); try again",
+        ));
+    }
+    // The connection ended (a restart, a failover, a terminated backend), the server is
+    // short of something, or a transaction lost a conflict: try again, as for an
+    // unreachable database.
+    let retryable = e.code().is_some_and(|c| {
+        let c = c.code();
+        ["08", "53", "57P", "40001", "40P01"]
+            .iter()
+            .any(|p| c.starts_with(p))
+    });
+    if retryable || e.is_closed() {
+        tracing::warn!(error = %e, "a management API request lost its database connection");
+        return Some(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the database connection was lost; try again",
+        ));
+    }
+    if e.code().is_some_and(|c| c.code().starts_with("22")) {
+        let detail = e.as_db_error().map(|d| d.message().to_string());
+        return Some(ApiError::bad_request(format!(
+            "a value cannot be stored: {}",
+            detail.unwrap_or_else(|| "invalid input".into())
+        )));
+    }
+    None
 }
 
 /// How long a request body may take to arrive, as the inbound proxy's `read_timeout`.
@@ -143,13 +160,17 @@ fn json_escapes_nul(body: &[u8]) -> bool {
 
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        tracing::error!(error = %e, "no database connection for a management API request");
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            "the database is unreachable; try again",
-        )
+        of_pool(&e)
     }
+}
+
+fn of_pool(e: &deadpool_postgres::PoolError) -> ApiError {
+    tracing::error!(error = %e, "no database connection for a management API request");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "database_unavailable",
+        "the database is unreachable; try again",
+    )
 }
 
 /// A JSON body: syntax errors are 400 `bad_request`; a body of the wrong shape (unknown field,

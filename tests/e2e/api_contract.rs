@@ -221,3 +221,64 @@ async fn an_event_as_large_as_max_payload_can_be_published_through_the_api() {
         "{v}"
     );
 }
+
+/// Database failures inside a larger operation (a PATCH, a replay) get the statuses every other
+/// route gives them, not 500: a value Postgres cannot hold is 400 `bad_request` (the earliest
+/// date it has, less the microsecond the replay subtracts), a connection lost mid-request 503
+/// `database_unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_failures_inside_an_operation_get_the_documented_status() {
+    let receiver = Receiver::ok().await;
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let created = ops.create(&receiver.url, json!({})).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let (s, v) = ops
+        .call(
+            "POST",
+            &format!("/endpoints/{id}/replay"),
+            Some(json!({ "since": "-4713-11-24T00:00:00Z" })),
+        )
+        .await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")), "{v}");
+
+    let mut holder = ops.db.client().await;
+    let tx = holder.transaction().await.unwrap();
+    // The endpoint's row held: only the PATCH waits for it.
+    tx.batch_execute(&format!(
+        "SELECT 1 FROM postern.endpoints WHERE id = '{id}' FOR UPDATE"
+    ))
+    .await
+    .unwrap();
+    let waiting = "wait_event_type = 'Lock' AND datname = current_database()";
+    let url = format!("{}/endpoints/{id}", ops.api);
+    let request = tokio::spawn(async move {
+        raw(
+            "PATCH",
+            &url,
+            json!({ "description": "x" }).to_string().into_bytes(),
+        )
+        .await
+    });
+    let watcher = ops.db.client().await;
+    wait_sql(
+        &watcher,
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE {waiting}"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    watcher
+        .execute(
+            &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {waiting}"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (s, v) = request.await.unwrap();
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (503, Some("database_unavailable")),
+        "{v}"
+    );
+    tx.rollback().await.unwrap();
+}
