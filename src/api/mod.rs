@@ -176,24 +176,31 @@ pub fn router(state: ApiState, tokens: Vec<String>, body_limit: usize) -> axum::
             }),
         )
         .fallback(|| async { ApiError::not_found("no such route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                axum::http::StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "the route does not take this method",
-            )
-        })
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(tokens, require_token))
-        // Outside the token layer: whether a token is needed at all (the dashboard asks, so a
-        // page without a token never draws a 401).
-        .route(
-            "/api/v1/auth",
-            axum::routing::get(move || async move {
-                axum::Json(serde_json::json!({"token_required": token_required}))
-            }),
+        .merge(
+            // Outside the token layer: whether a token is needed at all (the dashboard asks, so
+            // a page without a token never draws a 401), and the dashboard's pages. Their own
+            // 405 is set here: a method fallback reaches only routes registered before it.
+            axum::Router::new()
+                .route(
+                    "/api/v1/auth",
+                    axum::routing::get(move || async move {
+                        axum::Json(serde_json::json!({"token_required": token_required}))
+                    }),
+                )
+                .merge(dashboard::routes())
+                .method_not_allowed_fallback(method_not_allowed),
         )
-        .merge(dashboard::routes())
         .with_state(state)
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "the route does not take this method",
+    )
 }
 
 /// Serves the API until `shutdown`, then finishes in-flight requests.

@@ -43,6 +43,16 @@ async fn refusals_outside_the_handlers_are_json_with_the_documented_status() {
         (405, Some("method_not_allowed")),
         "{v}"
     );
+    // The same on the routes outside the token layer: the token question and the dashboard.
+    let root = ops.api.trim_end_matches("/api/v1").to_string();
+    for url in [format!("{}/auth", ops.api), format!("{root}/")] {
+        let (s, v) = raw("POST", &url, Vec::new()).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (405, Some("method_not_allowed")),
+            "{url}: {v}"
+        );
+    }
     // One endpoint's subscription list is bounded (every pass matches every event against it).
     let many: Vec<String> = (0..1001).map(|i| format!("t{i}.*")).collect();
     let (s, v) = ops
