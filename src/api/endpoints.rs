@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 use super::endpoint_checks::{
     check_breaker, check_events, check_headers, check_retry, check_tenant, check_url,
 };
-use super::error::{ApiBody, ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody, OptionalJson};
 use super::paging::{decode_cursor, encode_cursor, next_page, page_limit};
 use super::ApiState;
 use crate::config::{
@@ -539,14 +539,9 @@ struct RotateSecret {
 async fn rotate_secret(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
-    ApiBody(body): ApiBody,
+    OptionalJson(request): OptionalJson<RotateSecret>,
 ) -> Result<Json<Endpoint>, ApiError> {
-    let request: RotateSecret = if body.iter().all(u8::is_ascii_whitespace) {
-        RotateSecret { grace: None }
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid("invalid_body", e.to_string()))?
-    };
+    let request = request.unwrap_or(RotateSecret { grace: None });
     let grace = request
         .grace
         .map_or(Duration::from_secs(24 * 3600), |d| d.0);

@@ -181,34 +181,60 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let json = req
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("application/json")
-            });
-        if !json {
-            return Err(ApiError::bad_request(
-                "expected Content-Type: application/json",
-            ));
+        if !declares_json(req.headers()) {
+            return Err(not_json());
         }
         let ApiBody(bytes) = ApiBody::from_request(req, state).await?;
-        if json_escapes_nul(&bytes) {
-            return Err(nul_refused("a JSON string"));
+        parse_json(&bytes).map(Self)
+    }
+}
+
+/// A JSON body that may be left out: no bytes (or only whitespace) is `None`; anything else
+/// follows [`ApiJson`]'s rules (the content type, NUL, 400 for syntax, 422 for shape).
+pub struct OptionalJson<T>(pub Option<T>);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let json = declares_json(req.headers());
+        let ApiBody(bytes) = ApiBody::from_request(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(None));
         }
-        match axum::Json::<T>::from_bytes(&bytes) {
-            Ok(axum::Json(v)) => Ok(Self(v)),
-            Err(JsonRejection::JsonDataError(e)) => {
-                Err(ApiError::invalid("invalid_body", e.body_text()))
-            }
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::bad_request(
-                "expected Content-Type: application/json",
-            )),
-            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        if !json {
+            return Err(not_json());
         }
+        parse_json(&bytes).map(|v| Self(Some(v)))
+    }
+}
+
+fn declares_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        })
+}
+
+fn not_json() -> ApiError {
+    ApiError::bad_request("expected Content-Type: application/json")
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if json_escapes_nul(bytes) {
+        return Err(nul_refused("a JSON string"));
+    }
+    match axum::Json::<T>::from_bytes(bytes) {
+        Ok(axum::Json(v)) => Ok(v),
+        Err(JsonRejection::JsonDataError(e)) => {
+            Err(ApiError::invalid("invalid_body", e.body_text()))
+        }
+        Err(JsonRejection::MissingJsonContentType(_)) => Err(not_json()),
+        Err(e) => Err(ApiError::bad_request(e.body_text())),
     }
 }
 

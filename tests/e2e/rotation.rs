@@ -64,6 +64,29 @@ async fn rotation_signs_with_both_secrets_during_the_grace_then_only_the_new() {
         .call("POST", &format!("/endpoints/{id}/rotate-secret"), None)
         .await;
     assert_eq!(s, 200);
+    // A body follows the JSON rules of every other route: malformed JSON, or JSON not declared
+    // as such, is 400 bad_request (neither rotates).
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    for (content_type, body) in [
+        ("application/json", "{"),
+        ("text/plain", r#"{"grace": "1h"}"#),
+    ] {
+        let resp = http
+            .post(format!("{}/endpoints/{id}/rotate-secret", ops.api))
+            .bearer_auth(crate::api::TOKEN)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let v: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+        assert_eq!(
+            (status, v["error"].as_str()),
+            (400, Some("bad_request")),
+            "{content_type} {body}: {v}"
+        );
+    }
 }
 
 /// Issue 12: a legacy receiver verifies one signature, so during a rotation's grace Postern keeps
