@@ -67,6 +67,10 @@ impl From<anyhow::Error> for ApiError {
         for cause in e.chain() {
             if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
                 if let Some(known) = of_postgres(pg) {
+                    // Logged whole: inside an operation, a value Postgres refused may also be
+                    // one Postern built, and the answer alone would hide that.
+                    tracing::warn!(error = %format!("{e:#}"), status = known.status.as_u16(),
+                        "a management API request's database error");
                     return known;
                 }
             }

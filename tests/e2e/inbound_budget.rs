@@ -125,14 +125,18 @@ async fn a_body_in_one_byte_chunks_costs_its_bytes_not_a_buffer_per_chunk() {
     let chunks = b"1\r\nx\r\n".repeat(1 << 19);
     s.write_all(&chunks).await.unwrap();
     s.write_all(b"0\r\n\r\n").await.unwrap();
-    // Unsigned: refused once the body is in.
+    // Unsigned: refused once the body is in (or, on a machine too loaded to parse it within the
+    // route's read_timeout, cut short: what is measured is the memory either way).
     let mut answer = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(90), s.read(&mut answer))
         .await
         .expect("no answer")
         .unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]).to_string();
-    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        answer.starts_with("HTTP/1.1 401") || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
     let grown = peak_rss_mib(proxy.postern.pid()) - before;
     eprintln!("peak RSS grew by {grown:.1} MiB");
     assert!(

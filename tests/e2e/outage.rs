@@ -17,7 +17,7 @@ async fn an_outcome_held_through_an_outage_longer_than_a_lease_is_written_not_se
     let relay = TcpRelay::start(pg_target()).await;
     let db = TestDb::create().await;
     let receiver =
-        Receiver::start(|_, _| Reply::status(200).after(Duration::from_millis(800))).await;
+        Receiver::start(|_, _| Reply::status(200).after(Duration::from_millis(1500))).await;
     // The base config's lease is 4 s (request timeout 2 s).
     let config = base_config(&db) + &endpoint("e", &receiver.url, &["*"], "");
     let _cut_off = Postern::start(&config.replace(&db.url, &relay.url_for(&db.url))).await;
@@ -78,7 +78,7 @@ async fn an_inbox_answer_held_through_an_outage_longer_than_a_lease_is_written_n
     use crate::inbox::{config, send_many, Service};
     let relay = TcpRelay::start(pg_target()).await;
     let db = TestDb::create().await;
-    let app = Receiver::start(|_, _| Reply::status(200).after(Duration::from_millis(800))).await;
+    let app = Receiver::start(|_, _| Reply::status(200).after(Duration::from_millis(1500))).await;
     let (cut_off, _) = config(&db, &relay.url_for(&db.url), app.port(), "forward", "");
     let a = Service::start(cut_off).await;
     let answers = send_many(&a, "held", 1, 1).await;
