@@ -123,7 +123,7 @@ impl Forwarder {
     pub async fn run(self, cancel: CancellationToken) {
         // An attempt's time and a margin to record it: past that, another replica may take it.
         let lease = self.settings.timeout + LEASE_MARGIN;
-        let in_flight: Arc<Mutex<HashMap<i64, (i32, u64)>>> = Arc::default();
+        let in_flight: InFlightSet = Arc::default();
         let mut tasks: JoinSet<Sent> = JoinSet::new();
         let mut down_delay = Duration::ZERO;
         let mut resume_at = Instant::now();
@@ -139,7 +139,7 @@ impl Forwarder {
             };
             let mut full = false;
             let held: u64 = (in_flight.lock().expect("not poisoned").values())
-                .map(|(_, len)| len)
+                .map(|f| f.bytes)
                 .sum();
             let bytes = self.settings.max_held.saturating_sub(held);
             if room > 0 && (bytes > 0 || held == 0) && Instant::now() >= resume_at {
@@ -150,10 +150,14 @@ impl Forwarder {
                     Ok(claimed) => {
                         full = claimed.len() == room;
                         for m in claimed {
-                            in_flight
-                                .lock()
-                                .expect("not poisoned")
-                                .insert(m.id, (m.attempt, m.body.len() as u64));
+                            in_flight.lock().expect("not poisoned").insert(
+                                m.id,
+                                InFlight {
+                                    attempt: m.attempt,
+                                    bytes: m.body.len() as u64,
+                                    answered: false,
+                                },
+                            );
                             tasks.spawn(self.attempt(m, in_flight.clone()));
                         }
                     }
@@ -193,11 +197,7 @@ impl Forwarder {
     }
 
     /// Lets in-flight requests finish within the drain time, then hands back the rest.
-    async fn drain(
-        &self,
-        mut tasks: JoinSet<Sent>,
-        in_flight: Arc<Mutex<HashMap<i64, (i32, u64)>>>,
-    ) {
+    async fn drain(&self, mut tasks: JoinSet<Sent>, in_flight: InFlightSet) {
         let deadline = tokio::time::sleep(self.settings.drain);
         tokio::pin!(deadline);
         while !tasks.is_empty() {
@@ -207,11 +207,14 @@ impl Forwarder {
             }
         }
         // What is left is read before the tasks go: an aborted task's guard takes its entry out.
+        // A message the app answered (its outcome not written yet, the database away) is not
+        // handed back as unattempted: its lease lapses and the reaper records the attempt.
         let left: Vec<(i64, i32)> = in_flight
             .lock()
             .expect("not poisoned")
             .iter()
-            .map(|(id, (attempt, _))| (*id, *attempt))
+            .filter(|(_, f)| !f.answered)
+            .map(|(id, f)| (*id, f.attempt))
             .collect();
         tasks.abort_all();
         if let Err(e) = self.store.hand_back(self.owner, &left).await {
@@ -223,7 +226,7 @@ impl Forwarder {
     fn attempt(
         &self,
         m: Claimed,
-        in_flight: Arc<Mutex<HashMap<i64, (i32, u64)>>>,
+        in_flight: InFlightSet,
     ) -> impl std::future::Future<Output = Sent> + Send + 'static {
         let (store, http, settings, owner, metrics) = (
             self.store.clone(),
@@ -259,6 +262,8 @@ impl Forwarder {
                     Sent::AppDown
                 }
                 result => {
+                    // The request may have reached the app: from here it is never handed back.
+                    held.answered();
                     let outcome = judge(&settings.retry, &m, result, started_at, duration_ms).await;
                     let kind = match outcome.status {
                         InboxStatus::Done => "delivered",
@@ -276,10 +281,29 @@ impl Forwarder {
     }
 }
 
+/// The messages a forwarder holds, by id.
+type InFlightSet = Arc<Mutex<HashMap<i64, InFlight>>>;
+
+struct InFlight {
+    attempt: i32,
+    /// Its body's bytes, counted against the room of later claims.
+    bytes: u64,
+    /// The request went out and did not fail to connect: the app may have it.
+    answered: bool,
+}
+
 /// A message's place in the forwarder's in-flight set, given up when its task ends.
 struct Held {
-    set: Arc<Mutex<HashMap<i64, (i32, u64)>>>,
+    set: InFlightSet,
     id: i64,
+}
+
+impl Held {
+    fn answered(&self) {
+        if let Some(f) = self.set.lock().expect("not poisoned").get_mut(&self.id) {
+            f.answered = true;
+        }
+    }
 }
 
 impl Drop for Held {
@@ -389,4 +413,84 @@ async fn excerpt(mut response: reqwest::Response) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::scratch::Scratch;
+
+    /// At the drain deadline a message the app may have (its answer's write still being retried,
+    /// the database away) is left to its lease, so the reaper counts the attempt; only one the
+    /// app never got is handed back as unattempted and due at once.
+    #[tokio::test]
+    async fn the_drain_hands_back_only_messages_the_app_never_got() {
+        let s = Scratch::new().await;
+        let store = Arc::new(InboxStore::new(s.pool.clone(), &s.schema));
+        s.run(
+            "INSERT INTO __SCHEMA__.inbox
+                (route, provider, dedupe_key, method, path, header_names, header_values, body)
+             VALUES ('r', 'stripe', 'a', 'POST', '/', '{}', '{}', 'x'),
+                    ('r', 'stripe', 'b', 'POST', '/', '{}', '{}', 'y')",
+        )
+        .await;
+        let owner = Uuid::now_v7();
+        let claimed = store
+            .claim(owner, 32, Duration::from_secs(30), 1024, true)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 2);
+        let settings = ForwardSettings {
+            upstream: "http://127.0.0.1:9".into(),
+            timeout: Duration::from_secs(1),
+            retry: RetryPolicy::from_config(&Default::default()).unwrap(),
+            poll_interval: Duration::from_secs(1),
+            drain: Duration::from_millis(100),
+            max_held: 1 << 20,
+        };
+        let forwarder = Forwarder::new(
+            store,
+            settings,
+            owner,
+            Arc::new(Metrics::default()),
+            Arc::new(Notify::new()),
+        )
+        .unwrap();
+        let in_flight: InFlightSet = Arc::default();
+        for m in &claimed {
+            let answered = s
+                .pairs::<i64, String>(&format!(
+                    "SELECT id, dedupe_key FROM __SCHEMA__.inbox WHERE id = {}",
+                    m.id
+                ))
+                .await[0]
+                .1
+                == "a";
+            in_flight.lock().unwrap().insert(
+                m.id,
+                InFlight {
+                    attempt: m.attempt,
+                    bytes: 1,
+                    answered,
+                },
+            );
+        }
+        // Both tasks still running at the deadline.
+        let mut tasks = JoinSet::new();
+        tasks.spawn(std::future::pending::<Sent>());
+        forwarder.drain(tasks, in_flight).await;
+        let seen = s
+            .pairs::<String, String>(
+                "SELECT dedupe_key, status || ' ' || attempts FROM __SCHEMA__.inbox ORDER BY dedupe_key",
+            )
+            .await;
+        assert_eq!(
+            seen,
+            [
+                ("a".to_string(), "delivering 1".to_string()),
+                ("b".to_string(), "pending 0".to_string())
+            ]
+        );
+        s.drop_schema().await;
+    }
 }
