@@ -85,9 +85,7 @@ pub fn spawn(
                         return;
                     }
                 };
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
+                super::server::serve(listener, app, async move { stop.cancelled().await }).await;
             });
         })?;
     Ok(thread)

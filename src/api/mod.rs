@@ -13,6 +13,7 @@ mod events;
 mod inbox;
 mod ordering;
 mod paging;
+pub mod server;
 mod views;
 
 use std::sync::Arc;
@@ -209,10 +210,5 @@ pub async fn serve(
     app: axum::Router,
     shutdown: CancellationToken,
 ) {
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "management API server failed");
-    }
+    server::serve(listener, app, async move { shutdown.cancelled().await }).await;
 }

@@ -292,3 +292,35 @@ async fn database_failures_inside_an_operation_get_the_documented_status() {
     );
     tx.rollback().await.unwrap();
 }
+
+/// A connection whose request head never finishes is closed, on the API port and the admin port
+/// alike: without a bound, anyone who can reach them could hold connections (and the process's
+/// file descriptors, which outbound delivery shares) for as long as they like.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_that_never_finishes_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    for base in [ops.api.trim_end_matches("/api/v1"), ops.admin.as_str()] {
+        let addr = base.trim_start_matches("http://").to_string();
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /api/v1/endpoints HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = vec![0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{addr}: still open after 20 s");
+        assert!(
+            started.elapsed() >= Duration::from_secs(5),
+            "{addr}: cut too soon"
+        );
+    }
+}
