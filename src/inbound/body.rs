@@ -1,6 +1,7 @@
 //! Reading a request body: bounded by `max_body`, by `read_timeout` (the caller's) and by the
-//! buffered-body budget shared by every request. Invariant: bytes are charged to the budget as
-//! they arrive, and the charge lives until the request is done.
+//! buffered-body budget shared by every request, of which one route holds at most its share.
+//! Invariant: bytes are charged to the budget as they arrive, and the charge lives until the
+//! request is done.
 
 use std::sync::Arc;
 
@@ -9,17 +10,26 @@ use pingora::protocols::http::ServerSession as Session;
 
 use super::refusal::{too_large, Refusal};
 
-/// A request's share of the buffered-body budget, in KiB; given back when dropped.
+/// A request's share of the buffered-body budget, in KiB, taken from the whole budget and from
+/// its route's share of it (see [`route_share_kib`]); given back when dropped.
 pub(super) struct BodyBudget {
     pool: Arc<tokio::sync::Semaphore>,
-    held: Option<tokio::sync::OwnedSemaphorePermit>,
+    route: Arc<tokio::sync::Semaphore>,
+    held: Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    )>,
     bytes: usize,
 }
 
 impl BodyBudget {
-    pub(super) fn new(pool: &Arc<tokio::sync::Semaphore>) -> Self {
+    pub(super) fn new(
+        pool: &Arc<tokio::sync::Semaphore>,
+        route: &Arc<tokio::sync::Semaphore>,
+    ) -> Self {
         Self {
             pool: pool.clone(),
+            route: route.clone(),
             held: None,
             bytes: 0,
         }
@@ -31,18 +41,41 @@ impl BodyBudget {
         let want = total.div_ceil(1024);
         if want > have {
             let more = u32::try_from(want - have).map_err(|_| Refusal::overloaded())?;
-            let permit = self
-                .pool
-                .clone()
-                .try_acquire_many_owned(more)
-                .map_err(|_| Refusal::overloaded())?;
+            let take = |s: &Arc<tokio::sync::Semaphore>| {
+                s.clone()
+                    .try_acquire_many_owned(more)
+                    .map_err(|_| Refusal::overloaded())
+            };
+            // The route's share first: a route at its share takes nothing from the others.
+            let (route, pool) = (take(&self.route)?, take(&self.pool)?);
             match &mut self.held {
-                Some(held) => held.merge(permit),
-                None => self.held = Some(permit),
+                Some((r, p)) => {
+                    r.merge(route);
+                    p.merge(pool);
+                }
+                None => self.held = Some((route, pool)),
             }
         }
         self.bytes = self.bytes.max(total);
         Ok(())
+    }
+}
+
+/// How much of the budget (`max_buffered`, in KiB) one route's requests may hold together: all of
+/// it when there is one route, else half (but at least one body of `max_body`), so senders to one
+/// route (anyone can reach a provider's path; the signature is checked only once the body is in)
+/// cannot make every other route answer 503.
+pub(super) fn route_share_kib(
+    max_buffered_kib: usize,
+    max_body_kib: usize,
+    routes: usize,
+) -> usize {
+    if routes <= 1 {
+        max_buffered_kib
+    } else {
+        (max_buffered_kib / 2)
+            .max(max_body_kib)
+            .min(max_buffered_kib)
     }
 }
 
@@ -126,4 +159,20 @@ pub(super) async fn linger(session: &mut Session) {
         }
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_share_kib;
+
+    #[test]
+    fn a_route_holds_half_the_budget_but_always_one_whole_body() {
+        // One route: all of it.
+        assert_eq!(route_share_kib(32 * 1024, 5 * 1024, 1), 32 * 1024);
+        // Several: half.
+        assert_eq!(route_share_kib(32 * 1024, 5 * 1024, 3), 16 * 1024);
+        // Never less than one body of max_body, never more than the budget.
+        assert_eq!(route_share_kib(6 * 1024, 5 * 1024, 2), 5 * 1024);
+        assert_eq!(route_share_kib(5 * 1024, 5 * 1024, 2), 5 * 1024);
+    }
 }

@@ -35,6 +35,8 @@ pub struct Route {
     pub upstream_path: Option<String>,
     pub allow_ips: Vec<IpNet>,
     pub methods: Vec<String>,
+    /// The route's share of the buffered-body budget, in KiB (`body::route_share_kib`).
+    pub buffered: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// An inbox route's settings.
@@ -267,9 +269,14 @@ impl Inbound {
     pub fn build(config: &InboundConfig, inbox: Option<InboxWriter>) -> anyhow::Result<Self> {
         let problems = validate(config);
         anyhow::ensure!(problems.is_empty(), "{}", problems.join("\n"));
+        let share = body::route_share_kib(
+            (config.max_buffered.0 / 1024) as usize,
+            (config.max_body.0 as usize).div_ceil(1024),
+            config.routes.len(),
+        );
         let mut routes = HashMap::new();
         for route in &config.routes {
-            routes.insert(route.path.clone(), Self::route(route)?);
+            routes.insert(route.path.clone(), Self::route(route, share)?);
         }
         Ok(Self {
             inbox,
@@ -285,7 +292,7 @@ impl Inbound {
         })
     }
 
-    fn route(route: &RouteConfig) -> anyhow::Result<Route> {
+    fn route(route: &RouteConfig, share_kib: usize) -> anyhow::Result<Route> {
         let verifier = providers::build(route).map_err(|e| anyhow::anyhow!(e.join("; ")))?;
         let inbox = is_inbox(route).then(|| {
             let mut sources: Vec<dedupe::Source> = route
@@ -322,6 +329,7 @@ impl Inbound {
             upstream_path: route.upstream_path.clone(),
             allow_ips: route.allow_ips.clone(),
             methods: route.methods.clone().unwrap_or_else(|| vec!["POST".into()]),
+            buffered: std::sync::Arc::new(tokio::sync::Semaphore::new(share_kib)),
         })
     }
 

@@ -175,7 +175,7 @@ impl VerifyingProxy {
         }
         // Bytes are charged as they arrive, not as declared: a sender that declares 5 MiB and
         // sends nothing holds nothing.
-        let mut budget = BodyBudget::new(&self.inbound.buffered);
+        let mut budget = BodyBudget::new(&self.inbound.buffered, &route.buffered);
         let expects_continue = req
             .headers
             .get(http::header::EXPECT)

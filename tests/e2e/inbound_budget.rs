@@ -144,3 +144,35 @@ async fn a_body_in_one_byte_chunks_costs_its_bytes_not_a_buffer_per_chunk() {
         "peak RSS grew by {grown:.1} MiB for a 512 KiB body"
     );
 }
+
+/// One route's senders cannot take the whole buffered-body budget: slow uploads to one route (a
+/// provider's path anyone can reach, signature or not) hold at most half of it, so a signed
+/// request to another route still gets through instead of 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_uploads_to_one_route_leave_room_for_the_others() {
+    let app = Receiver::ok().await;
+    let url = app.url.trim_end_matches("/hook").to_string();
+    let extra = "max_body = \"1MiB\"\nmax_buffered = \"2MiB\"\n";
+    let proxy = start_proxy_with(app, &url, extra).await;
+    let github = path_of("github");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap();
+        let head = format!(
+            "POST {github} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            1 << 20
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // All but the last KiB: the body never completes.
+        let _ = s.write_all(&vec![b'x'; (1 << 20) - 1024]).await;
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = br#"{"id":"evt_1","type":"invoice.paid"}"#.to_vec();
+    let (headers, _) = sign("stripe", &body, now());
+    let (status, answer) = proxy.post(&path_of("stripe"), "", &headers, body).await;
+    assert_eq!(status, 200, "{answer}");
+    drop(held);
+}
