@@ -463,12 +463,7 @@ async fn bodies_queued_for_a_stalled_database_stay_within_the_buffered_budget() 
         (stripe_headers(&body, now()), body)
     };
     // Four bodies of 900 KiB fill the queue's bound; each waits out the inbox wait and gets 503.
-    let first = futures_util::future::join_all((0..4).map(|i| {
-        let (h, b) = big(&format!("evt_big{i}"));
-        let s = &s;
-        async move { s.post("/wh/stripe", &h, b).await }
-    }))
-    .await;
+    let first = futures_util::future::join_all((0..4).map(|i| big_inbox_request(&s, i))).await;
     for (st, v) in &first {
         assert_eq!(
             (*st, v["error"].as_str()),
@@ -518,17 +513,7 @@ async fn inbox_requests_waiting_for_a_stalled_database_keep_no_forward_route_out
     let mut holder = db.client().await;
     let stall = holder.transaction().await.unwrap();
     stall.batch_execute("LOCK postern.inbox").await.unwrap();
-    let waiting = futures_util::future::join_all((0..4).map(|i| {
-        let body =
-            json!({"id": format!("evt_big{i}"), "object": "event", "note": "x".repeat(900 * 1024)})
-                .to_string()
-                .into_bytes();
-        let s = &s;
-        async move {
-            s.post("/wh/stripe", &stripe_headers(&body, now()), body)
-                .await
-        }
-    }));
+    let waiting = futures_util::future::join_all((0..4).map(|i| big_inbox_request(&s, i)));
     let forward = async {
         // The four are read and waiting for their commit by now.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -561,6 +546,28 @@ async fn small_budget_with_a_forward_route(db: &TestDb) -> (Receiver, Service) {
     let s = Service::start(config).await;
     assert_eq!(s.stripe("evt_warm").await.0, 200);
     (app, s)
+}
+
+/// A 900 KiB inbox request `i`, to the Stripe route when `i` is even and the GitHub one when odd:
+/// tests that send several at once spread them over two routes, since one route's requests may
+/// hold only half of the proxy's budget while their bodies arrive.
+async fn big_inbox_request(s: &Service, i: usize) -> (u16, Value) {
+    let body =
+        json!({"id": format!("evt_big{i}"), "object": "event", "note": "x".repeat(900 * 1024)})
+            .to_string()
+            .into_bytes();
+    if i % 2 == 0 {
+        return s
+            .post("/wh/stripe", &stripe_headers(&body, now()), body)
+            .await;
+    }
+    let mac = hex::encode(signing::hmac_sha256(GITHUB_SECRET.as_bytes(), &[&body]));
+    let headers = vec![
+        ("x-hub-signature-256".to_string(), format!("sha256={mac}")),
+        ("x-github-event".to_string(), "ping".to_string()),
+        ("x-github-delivery".to_string(), format!("d-big{i}")),
+    ];
+    s.post("/wh/github", &headers, body).await
 }
 
 /// A signed 900 KiB request to the forward route.
