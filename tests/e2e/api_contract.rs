@@ -81,6 +81,26 @@ async fn refusals_outside_the_handlers_are_json_with_the_documented_status() {
     );
 }
 
+/// Waits until one backend matches `waiting` (a request blocked on the test's lock), then ends
+/// it, as a failover or an operator's `pg_terminate_backend` would.
+async fn terminate_the_waiting(db: &TestDb, waiting: &str) {
+    let watcher = db.client().await;
+    wait_sql(
+        &watcher,
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE {waiting}"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    watcher
+        .execute(
+            &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {waiting}"),
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
 /// The API's list of endpoints, waiting for the lock the test holds.
 const API_WAITING: &str = "wait_event_type = 'Lock' AND datname = current_database()
     AND query LIKE '%ORDER BY created_at, id LIMIT%'";
@@ -95,21 +115,7 @@ async fn a_connection_lost_mid_request_is_503() {
     tx.batch_execute("LOCK postern.endpoints").await.unwrap();
     let url = format!("{}/endpoints", ops.api);
     let request = tokio::spawn(async move { raw("GET", &url, Vec::new()).await });
-    let watcher = ops.db.client().await;
-    wait_sql(
-        &watcher,
-        &format!("SELECT count(*) FROM pg_stat_activity WHERE {API_WAITING}"),
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
-    watcher
-        .execute(
-            &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {API_WAITING}"),
-            &[],
-        )
-        .await
-        .unwrap();
+    terminate_the_waiting(&ops.db, API_WAITING).await;
     let (s, v) = request.await.unwrap();
     assert_eq!(
         (s, v["error"].as_str()),
@@ -269,21 +275,7 @@ async fn database_failures_inside_an_operation_get_the_documented_status() {
         )
         .await
     });
-    let watcher = ops.db.client().await;
-    wait_sql(
-        &watcher,
-        &format!("SELECT count(*) FROM pg_stat_activity WHERE {waiting}"),
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
-    watcher
-        .execute(
-            &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {waiting}"),
-            &[],
-        )
-        .await
-        .unwrap();
+    terminate_the_waiting(&ops.db, waiting).await;
     let (s, v) = request.await.unwrap();
     assert_eq!(
         (s, v["error"].as_str()),

@@ -561,13 +561,18 @@ async fn big_inbox_request(s: &Service, i: usize) -> (u16, Value) {
             .post("/wh/stripe", &stripe_headers(&body, now()), body)
             .await;
     }
-    let mac = hex::encode(signing::hmac_sha256(GITHUB_SECRET.as_bytes(), &[&body]));
-    let headers = vec![
+    let headers = github_headers(&body, &format!("d-big{i}"));
+    s.post("/wh/github", &headers, body).await
+}
+
+/// A GitHub `ping` signed with the test secret, delivery id `delivery`.
+fn github_headers(body: &[u8], delivery: &str) -> Vec<(String, String)> {
+    let mac = hex::encode(signing::hmac_sha256(GITHUB_SECRET.as_bytes(), &[body]));
+    vec![
         ("x-hub-signature-256".to_string(), format!("sha256={mac}")),
         ("x-github-event".to_string(), "ping".to_string()),
-        ("x-github-delivery".to_string(), format!("d-big{i}")),
-    ];
-    s.post("/wh/github", &headers, body).await
+        ("x-github-delivery".to_string(), delivery.to_string()),
+    ]
 }
 
 /// A signed 900 KiB request to the forward route.
@@ -575,11 +580,6 @@ async fn large_forward(s: &Service) -> (u16, Value) {
     let body = json!({"zen": "x".repeat(900 * 1024)})
         .to_string()
         .into_bytes();
-    let mac = hex::encode(signing::hmac_sha256(GITHUB_SECRET.as_bytes(), &[&body]));
-    let headers = vec![
-        ("x-hub-signature-256".to_string(), format!("sha256={mac}")),
-        ("x-github-event".to_string(), "ping".to_string()),
-        ("x-github-delivery".to_string(), "d-1".to_string()),
-    ];
+    let headers = github_headers(&body, "d-1");
     s.post("/wh/github-forward", &headers, body).await
 }

@@ -39,13 +39,7 @@ async fn an_unopenable_secret_defers_deliveries_and_marks_the_replica_unready() 
     publish_one(&client, "order.created", json!({})).await;
     receiver.wait_count(1, Duration::from_secs(10)).await;
     // The stored secret is damaged behind Postern's back.
-    client
-        .batch_execute(
-            "UPDATE postern.endpoint_secrets
-             SET secret = regexp_replace(secret, '.....$', 'AAAA=')",
-        )
-        .await
-        .unwrap();
+    damage_secrets(&client).await;
     publish_one(&client, "order.created", json!({})).await;
     wait_sql(
         &client,
@@ -259,13 +253,7 @@ async fn a_repaired_secret_clears_its_endpoints_fault_without_a_restart() {
         .await
         .unwrap()
         .get(0);
-    client
-        .batch_execute(
-            "UPDATE postern.endpoint_secrets
-             SET secret = regexp_replace(secret, '.....$', 'AAAA=')",
-        )
-        .await
-        .unwrap();
+    damage_secrets(&client).await;
     publish_one(&client, "order.created", json!({})).await;
     wait_sql(
         &client,
@@ -286,6 +274,17 @@ async fn a_repaired_secret_clears_its_endpoints_fault_without_a_restart() {
     publish_one(&client, "order.created", json!({})).await;
     receiver.wait_count(2, Duration::from_secs(10)).await;
     ready_within(Duration::from_secs(5)).await;
+}
+
+/// Damages every stored secret behind Postern's back: it no longer opens with any key.
+async fn damage_secrets(client: &tokio_postgres::Client) {
+    client
+        .batch_execute(
+            "UPDATE postern.endpoint_secrets
+             SET secret = regexp_replace(secret, '.....$', 'AAAA=')",
+        )
+        .await
+        .unwrap();
 }
 
 /// `/readyz` on the admin port: its status and body.
@@ -311,13 +310,7 @@ async fn deleting_an_endpoint_whose_secret_cannot_be_opened_clears_its_fault() {
     let id = created["id"].as_str().unwrap().to_string();
     ops.wait_ready(200).await;
     let client = ops.db.client().await;
-    client
-        .batch_execute(
-            "UPDATE postern.endpoint_secrets
-             SET secret = regexp_replace(secret, '.....$', 'AAAA=')",
-        )
-        .await
-        .unwrap();
+    damage_secrets(&client).await;
     publish_one(&client, "order.created", json!({})).await;
     let body = ops.wait_ready(503).await;
     assert!(body.contains(&format!("endpoint {id}")), "{body}");
