@@ -338,6 +338,10 @@ pub async fn set_active(
     Ok(found)
 }
 
+/// Every unexpired secret of an endpoint signs each delivery to it, so rotations stop at this
+/// many (until an older one's grace ends, or a rotation with no grace retires the others).
+pub const MAX_SIGNING_SECRETS: i64 = 5;
+
 /// Stores a new secret for an endpoint, sealed. With `retire_others`, every other unexpired secret
 /// keeps signing for that grace and then expires (a rotation); without, they are left as they are.
 pub async fn add_secret(

@@ -535,7 +535,8 @@ struct RotateSecret {
 /// A new secret. The old one keeps signing alongside it until the grace ends, so receivers
 /// switch without a gap.
 #[utoipa::path(post, path = "/endpoints/{id}/rotate-secret", tag = "endpoints", request_body(content = Option<RotateSecret>),
-    responses((status = 200, body = Endpoint), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Endpoint), (status = 404, body = ErrorBody),
+        (status = 409, description = "config_managed, or too_many_secrets: already five signing", body = ErrorBody)))]
 async fn rotate_secret(
     State(state): State<ApiState>,
     ApiPath(id): ApiPath<String>,
@@ -558,8 +559,7 @@ async fn rotate_secret(
     let secret = crate::signing::generate_secret();
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    crate::endpoints::add_secret(&tx, &state.schema, &state.vault, &id, &secret, Some(grace))
-        .await?;
+    // The endpoint's row first: two rotations of one endpoint count its secrets in turn.
     tx.execute(
         &state
             .schema
@@ -567,6 +567,33 @@ async fn rotate_secret(
         &[&id],
     )
     .await?;
+    if !grace.is_zero() {
+        let row = tx
+            .query_one(
+                &state.schema.sql(
+                    "SELECT count(*), to_char(min(expires_at) AT TIME ZONE 'UTC',
+                                             'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                     FROM __SCHEMA__.endpoint_secrets
+                     WHERE endpoint_id = $1 AND (expires_at IS NULL OR expires_at > now())",
+                ),
+                &[&id],
+            )
+            .await?;
+        let (signing, first_retired): (i64, Option<String>) = (row.get(0), row.get(1));
+        if signing >= crate::endpoints::MAX_SIGNING_SECRETS {
+            let after = first_retired.map_or(String::new(), |at| format!(" after {at} or"));
+            return Err(ApiError::conflict(
+                "too_many_secrets",
+                format!(
+                    "endpoint {id} already signs with {signing} secrets (at most {} at once); \
+                     rotate again{after} with \"grace\": \"0s\", which retires the others at once",
+                    crate::endpoints::MAX_SIGNING_SECRETS
+                ),
+            ));
+        }
+    }
+    crate::endpoints::add_secret(&tx, &state.schema, &state.vault, &id, &secret, Some(grace))
+        .await?;
     tx.commit().await?;
     // Back to the pool before `load` takes one: holding two at once, rotations could take a
     // small pool between them and each wait for the other (the new secret then never shown).

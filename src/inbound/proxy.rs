@@ -25,7 +25,7 @@ use pingora::{Error, ErrorType};
 use super::body::{linger, read_body, BodyBudget};
 use super::decision::{Decision, Outcome, RouteCounters};
 use super::inbox;
-use super::providers::Incoming;
+use super::providers::{self, Incoming};
 use super::refusal::{
     respond, timeout_refusal, too_large, upstream_failure, Refusal, WRITE_TIMEOUT,
 };
@@ -172,6 +172,16 @@ impl VerifyingProxy {
         };
         if declared.is_some_and(|n| n > self.inbound.max_body as u64) {
             return Err(too_large(self.inbound.max_body));
+        }
+        // A head that fails the route's checks on its own is refused before any body byte is
+        // read: a sender with no signature cannot hold the budget while its body trickles in.
+        if let Some(e) = providers::refuses_head(
+            route.verifier.as_ref(),
+            &req.headers,
+            req.uri.query(),
+            chrono::Utc::now().timestamp(),
+        ) {
+            return Err(Refusal::from_verify(e));
         }
         // Bytes are charged as they arrive, not as declared: a sender that declares 5 MiB and
         // sends nothing holds nothing.

@@ -161,7 +161,8 @@ async fn slow_uploads_to_one_route_leave_room_for_the_others() {
             .await
             .unwrap();
         let head = format!(
-            "POST {github} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "POST {github} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nX-Hub-Signature-256: sha256={}\r\nContent-Length: {}\r\n\r\n",
+            "0".repeat(64),
             1 << 20
         );
         s.write_all(head.as_bytes()).await.unwrap();
@@ -175,4 +176,66 @@ async fn slow_uploads_to_one_route_leave_room_for_the_others() {
     let (status, answer) = proxy.post(&path_of("stripe"), "", &headers, body).await;
     assert_eq!(status, 200, "{answer}");
     drop(held);
+}
+
+/// A request whose head already fails its route's checks (no signature header, a malformed one,
+/// a timestamp outside the tolerance) is refused on its head: its body is never read, so senders
+/// without a signature cannot hold the buffered-body budget while their bodies trickle in. A
+/// `100-continue` sender is refused before it sends the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_head_fails_is_refused_before_its_body_is_read() {
+    let app = Receiver::ok().await;
+    let url = app.url.trim_end_matches("/hook").to_string();
+    let proxy = start_proxy_with(app, &url, "").await;
+    let stale = format!("t={},v1={}", now() - 3600, "0".repeat(64));
+    for (path, header, expect, code) in [
+        (path_of("github"), String::new(), "", "missing_header"),
+        (
+            path_of("github"),
+            "X-Hub-Signature-256: md5=abc\r\n".to_string(),
+            "",
+            "malformed_header",
+        ),
+        (
+            path_of("stripe"),
+            format!("Stripe-Signature: {stale}\r\n"),
+            "",
+            "timestamp_out_of_tolerance",
+        ),
+        (
+            path_of("github"),
+            String::new(),
+            "Expect: 100-continue\r\n",
+            "missing_header",
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .unwrap();
+        // The head only: the declared body never comes. Read before `inbound.read_timeout`
+        // (3 s here) could end the wait with 408.
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{header}{expect}Content-Length: 100000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_millis(1500), async {
+            while !String::from_utf8_lossy(&got).contains(code) {
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            read.is_ok() && text.starts_with("HTTP/1.1 401") && text.contains(code),
+            "{path} {header}{expect}: {text:?}"
+        );
+        assert!(!text.contains("100 Continue"), "{text}");
+    }
+    assert_eq!(proxy.upstream.count(), 0);
 }

@@ -331,7 +331,8 @@ async fn slow_uploads_past_the_buffered_budget_get_503_and_outbound_goes_on() {
             .await
             .unwrap();
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nX-Hub-Signature-256: sha256={}\r\nContent-Length: {}\r\n\r\n",
+            "0".repeat(64),
             4 << 20
         );
         s.write_all(head.as_bytes()).await.unwrap();

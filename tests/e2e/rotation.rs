@@ -134,3 +134,55 @@ async fn legacy_rotation_signs_with_the_older_secret_until_its_grace_ends() {
         "after the grace: the new secret"
     );
 }
+
+/// Every unexpired secret signs each delivery, so rotations are capped: at most
+/// `MAX_SIGNING_SECRETS` sign at once. A rotation past that is 409 and changes nothing; one with
+/// a zero grace (retiring the others at once, as after a leak) is always taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_stop_at_five_signing_secrets_until_one_retires() {
+    let receiver = Receiver::ok().await;
+    let ops = start_ops(TestDb::create().await, None, "").await;
+    let created = ops.create(&receiver.url, json!({})).await;
+    let id = created["id"].as_str().unwrap();
+    let rotate = |grace: &'static str| {
+        let path = format!("/endpoints/{id}/rotate-secret");
+        let ops = &ops;
+        async move {
+            ops.call("POST", &path, Some(json!({ "grace": grace })))
+                .await
+        }
+    };
+    for n in 2..=5 {
+        let (s, body) = rotate("1h").await;
+        assert_eq!(s, 200, "rotation to {n} secrets: {body}");
+    }
+    let (s, body) = rotate("1h").await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (409, Some("too_many_secrets")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("\"0s\""),
+        "the refusal says how to go on: {body}"
+    );
+    ops.call("POST", &format!("/endpoints/{id}/test"), None)
+        .await;
+    receiver.wait_count(1, Duration::from_secs(10)).await;
+    let signatures = |r: &Received| r.header("webhook-signature").unwrap().split(' ').count();
+    assert_eq!(
+        signatures(&receiver.requests()[0]),
+        5,
+        "the refused rotation added none"
+    );
+
+    let (s, rotated) = rotate("0s").await;
+    assert_eq!(s, 200, "{rotated}");
+    let new = rotated["secret"].as_str().unwrap().to_string();
+    ops.call("POST", &format!("/endpoints/{id}/test"), None)
+        .await;
+    receiver.wait_count(2, Duration::from_secs(10)).await;
+    let after = &receiver.requests()[1];
+    assert_eq!(signatures(after), 1);
+    assert!(verify_independently(&new, after));
+}

@@ -50,8 +50,37 @@ impl Incoming<'_> {
     }
 }
 
+/// A provider's check of one request. Every verifier decides the errors its headers alone cause
+/// (missing, malformed, a timestamp outside the tolerance) before it looks at the body, and
+/// answers `SignatureMismatch` for everything the body or query decides: so `refuses_head` can
+/// refuse a request on its head, before its body is read or buffered.
 pub trait Verifier: Send + Sync {
     fn verify(&self, request: &Incoming<'_>) -> Result<(), VerifyError>;
+}
+
+/// The refusal a request's head alone earns, if any: the verifier run over an empty body, its
+/// header errors kept (the same the whole request would get) and a mismatch ignored (the body
+/// decides that).
+pub fn refuses_head(
+    verifier: &dyn Verifier,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    now: i64,
+) -> Option<VerifyError> {
+    let head = Incoming {
+        headers,
+        body: &[],
+        query,
+        now,
+    };
+    match verifier.verify(&head) {
+        Err(
+            e @ (VerifyError::MissingHeader
+            | VerifyError::MalformedHeader
+            | VerifyError::TimestampOutOfTolerance),
+        ) => Some(e),
+        _ => None,
+    }
 }
 
 /// Every provider name `provider = "..."` accepts.
@@ -324,7 +353,12 @@ mod tests {
                 }
                 let req = Incoming { headers: &h, body: &body, query: query.as_deref(), now };
                 for v in &verifiers {
-                    prop_assert!(v.verify(&req).is_err());
+                    let whole = v.verify(&req);
+                    prop_assert!(whole.is_err());
+                    // What the head alone refuses, the whole request is refused for too.
+                    if let Some(e) = refuses_head(v.as_ref(), &h, query.as_deref(), now) {
+                        prop_assert_eq!(whole, Err(e));
+                    }
                 }
             }
         }
