@@ -420,6 +420,31 @@ mod tests {
     use super::*;
     use crate::db::scratch::Scratch;
 
+    /// A forward task that panics still gives up its place in the in-flight set: its bytes would
+    /// otherwise count against every later claim's room for good.
+    #[tokio::test]
+    async fn a_panicking_attempt_gives_its_bytes_back() {
+        let set: InFlightSet = Arc::default();
+        set.lock().unwrap().insert(
+            7,
+            InFlight {
+                attempt: 1,
+                bytes: 1 << 20,
+                answered: false,
+            },
+        );
+        let held = Held {
+            set: set.clone(),
+            id: 7,
+        };
+        let task = tokio::spawn(async move {
+            held.answered();
+            panic!("a bug in an attempt");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert!(set.lock().unwrap().is_empty());
+    }
+
     /// At the drain deadline a message the app may have (its answer's write still being retried,
     /// the database away) is left to its lease, so the reaper counts the attempt; only one the
     /// app never got is handed back as unattempted and due at once.
