@@ -56,6 +56,11 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         if let Err(msg) = crate::signing::validate_secret(e.signature, e.secret.expose()) {
             p.push(format!("{key}.secret: {msg}"));
         }
+        if let Some(name) = crate::endpoints::repeated_header(e.headers.keys()) {
+            p.push(format!(
+                "{key}.headers.{name}: the same header as another name in this table (header names ignore case)"
+            ));
+        }
         for (name, value) in &e.headers {
             if let Err(msg) = crate::endpoints::validate_custom_header(name) {
                 p.push(format!("{key}.headers.{name}: {msg}"));

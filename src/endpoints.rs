@@ -65,6 +65,13 @@ pub fn validate_custom_header(name: &str) -> Result<(), String> {
         "user-agent",
         "transfer-encoding",
         "connection",
+        // Hop-by-hop or framing: they would change how the request is carried, not what it says.
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "proxy-connection",
     ];
     if RESERVED.contains(&lower.as_str())
         || lower.starts_with("webhook-")
@@ -73,6 +80,16 @@ pub fn validate_custom_header(name: &str) -> Result<(), String> {
         return Err("is set by Postern and cannot be overridden".into());
     }
     Ok(())
+}
+
+/// Two names of one header in any case (`Authorization`, `authorization`): which value a
+/// receiver would get is not for the map's order to decide. Returns the second name.
+pub fn repeated_header<'a>(names: impl IntoIterator<Item = &'a String>) -> Option<&'a str> {
+    let mut seen = std::collections::HashSet::new();
+    names
+        .into_iter()
+        .find(|n| !seen.insert(n.to_ascii_lowercase()))
+        .map(String::as_str)
 }
 
 /// Why a config endpoint is inactive after it left the file; also how a later config that lists

@@ -71,6 +71,12 @@ pub(super) fn check_headers(
     headers: &BTreeMap<String, String>,
 ) -> Result<serde_json::Value, ApiError> {
     let mut sealed = serde_json::Map::new();
+    if let Some(name) = crate::endpoints::repeated_header(headers.keys()) {
+        return Err(ApiError::invalid(
+            "invalid_headers",
+            format!("headers.{name}: the same header as another name (header names ignore case)"),
+        ));
+    }
     for (name, value) in headers {
         crate::endpoints::validate_custom_header(name)
             .map_err(|m| ApiError::invalid("invalid_headers", format!("headers.{name}: {m}")))?;

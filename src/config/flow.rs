@@ -246,7 +246,7 @@ mod tests {
         );
         let too_big = BreakerConfig {
             failures: Some(3_000_000_000),
-            window: Some("4000d".parse().unwrap()),
+            window: Some(Dur(std::time::Duration::from_secs(4000 * 86_400))),
             ..Default::default()
         };
         assert_eq!(

@@ -7,6 +7,7 @@
 
 mod database;
 mod endpoints;
+mod env;
 mod flow;
 mod inbound;
 mod operations;
@@ -27,7 +28,7 @@ pub use values::{mask_url_password, ByteSize, Dur, Secret, REDACTED};
 use std::path::Path;
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
@@ -226,23 +227,31 @@ impl Config {
     pub fn parse(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
         if let Some(path) = file {
+            let name = path.display();
             if !path.exists() {
-                return Err(ConfigError::one(format!(
-                    "config file {}: not found",
-                    path.display()
-                )));
+                return Err(ConfigError::one(format!("config file {name}: not found")));
             }
-            figment = figment.merge(Toml::file_exact(path));
+            let bytes = std::fs::read(path).map_err(|e| {
+                ConfigError::one(format!("config file {name}: cannot read it ({e})"))
+            })?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| ConfigError::one(format!("config file {name}: not UTF-8 text")))?;
+            toml_syntax(&text).map_err(|e| ConfigError::one(format!("config file {name}: {e}")))?;
+            figment = figment.merge(Toml::string(&text));
         }
-        figment = figment.merge(Env::prefixed("POSTERN__").split("__").lowercase(true));
+        let (variables, secrets) = env::layer();
+        figment = figment.merge(variables).merge(secrets);
         Self::from_figment(figment)
     }
 
     /// A TOML document (plus the environment layer) parsed, not yet validated.
     pub fn parse_toml_str(toml: &str) -> Result<Self, ConfigError> {
+        toml_syntax(toml).map_err(ConfigError::one)?;
+        let (variables, secrets) = env::layer();
         let figment = Figment::new()
             .merge(Toml::string(toml))
-            .merge(Env::prefixed("POSTERN__").split("__").lowercase(true));
+            .merge(variables)
+            .merge(secrets);
         Self::from_figment(figment)
     }
 
@@ -497,6 +506,25 @@ impl Config {
     }
 }
 
+/// A document that is not TOML, said by line and column only: the parser's own message quotes
+/// the line, which may hold a secret, and config errors reach the logs.
+fn toml_syntax(text: &str) -> Result<(), String> {
+    let Err(e) = text.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    let at = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!(" at line {line}, column {column}")
+    });
+    Err(format!(
+        "not valid TOML{}: {}",
+        at.unwrap_or_default(),
+        e.message()
+    ))
+}
+
 /// figment's path sometimes already ends with the offending field.
 fn append_field(key: &mut String, field: &str) {
     if key == field || key.ends_with(&format!(".{field}")) {
@@ -564,6 +592,8 @@ fn without_text(actual: &figment::error::Actual) -> String {
         Actual::Char(_) => "a character".into(),
         Actual::Bytes(_) => "bytes".into(),
         Actual::Other(_) => "a value of another kind".into(),
+        // A secret can be all digits (a PIN, a token written without quotes).
+        Actual::Signed(_) | Actual::Unsigned(_) | Actual::Float(_) => "a number".into(),
         other => other.to_string(),
     }
 }

@@ -230,3 +230,126 @@ fn a_secret_written_where_a_list_belongs_is_not_repeated_in_the_error() {
     assert!(err.contains("unknown variant"), "{err}");
     assert!(!err.contains("MfKQ9r8"), "{err}");
 }
+
+/// Every config error reaches the logs: no secret may appear in one, whatever its form (a line of
+/// a file that is not TOML, a secret written as a number).
+#[test]
+fn no_config_error_repeats_a_secret() {
+    for (toml, secret) in [
+        (
+            "[database]\nurl = \"postgres://app:Hunter2Secret@127.0.0.1/db\"\nurl = \"postgres://app:Hunter2Secret@127.0.0.1/db\"\n",
+            "Hunter2Secret",
+        ),
+        (
+            "[database]\nurl = \"postgres://app@127.0.0.1/db\"\n[api]\ntokens = [\"SuperSecretApiToken123456\" \"second\"]\n",
+            "SuperSecretApiToken123456",
+        ),
+        (
+            "[database]\nurl = \"postgres://app@127.0.0.1/db\"\nencryption_key = \"c2VjcmV0c2VjcmV0\n",
+            "c2VjcmV0c2VjcmV0",
+        ),
+        (
+            "[database]\nurl = \"postgres://app@127.0.0.1/db\"\nencryption_key = 123456789012\n",
+            "123456789012",
+        ),
+        (
+            "[database]\nurl = \"postgres://app@127.0.0.1/db\"\n[inbound]\nupstream = \"http://user:UpstrPass@127.0.0.1:8080/x\"\n",
+            "UpstrPass",
+        ),
+    ] {
+        let err = crate::checks::from_toml_str(toml).unwrap_err().to_string();
+        assert!(!err.contains(secret), "{err}");
+        assert!(!err.is_empty());
+    }
+    let err = crate::checks::from_toml_str(
+        "[database]\nurl = \"postgres://app:Hunter2Secret@127.0.0.1/db\"\nurl = \"x\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("line 3"), "the place is still named: {err}");
+}
+
+/// Values that parse but cannot work are refused by key, not left to fail (or be misread) at run
+/// time: a lease past what a timestamp holds, a tolerance rounded to nothing or wrapped negative,
+/// a route that accepts no method or whose path no request can match, a memory budget that
+/// overflows.
+#[test]
+fn values_that_parse_but_cannot_work_are_refused_by_key() {
+    let route = |extra: &str| {
+        format!(
+            "{MINIMAL}\n[inbound]\nupstream = \"http://127.0.0.1:8080\"\n[[inbound.routes]]\npath = \"/wh\"\nprovider = \"stripe\"\nsecrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]\n{extra}\n"
+        )
+    };
+    for (toml, key) in [
+        (
+            format!("{MINIMAL}\n[outbound]\nlease = \"99999999999999d\"\n"),
+            "outbound.lease",
+        ),
+        (
+            format!("{MINIMAL}\n[retention]\ndelivered = \"99999999999999d\"\n"),
+            "retention.delivered",
+        ),
+        (
+            route("tolerance = \"500ms\""),
+            "inbound.routes[0].tolerance",
+        ),
+        (
+            route("tolerance = \"9223372036854775808s\""),
+            "inbound.routes[0].tolerance",
+        ),
+        (route("methods = []"), "inbound.routes[0].methods"),
+        (
+            route("").replace("provider = \"stripe\"", "provider = \"github\"")
+                + "tolerance = \"5m\"\n",
+            "inbound.routes[0].tolerance",
+        ),
+        (
+            format!("{MINIMAL}\n[outbound]\nmemory_budget = \"18446744073709551615\"\n"),
+            "outbound.memory_budget",
+        ),
+        (
+            format!("{MINIMAL}\n[inbound]\nupstream = \"http://127.0.0.1:8080/?a=1\"\n"),
+            "inbound.upstream",
+        ),
+        (
+            route("").replace(
+                "secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]",
+                "secrets = [\"  \"]",
+            ),
+            "inbound.routes[0].secrets[0]",
+        ),
+    ] {
+        let err = crate::checks::from_toml_str(&toml)
+            .err()
+            .unwrap_or_else(|| panic!("accepted: {toml}"))
+            .to_string();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    let endpoint = |headers: &str| {
+        format!(
+            "{MINIMAL}\n[[endpoints]]\nid = \"e\"\nurl = \"https://example.com/a\"\nevents = [\"*\"]\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nheaders = {headers}\n"
+        )
+    };
+    for (headers, key) in [
+        (
+            "{ Authorization = \"a\", authorization = \"b\" }",
+            "endpoints[0].headers.authorization",
+        ),
+        ("{ te = \"trailers\" }", "endpoints[0].headers.te"),
+        ("{ Upgrade = \"h2c\" }", "endpoints[0].headers.Upgrade"),
+    ] {
+        let err = crate::checks::from_toml_str(&endpoint(headers))
+            .err()
+            .unwrap_or_else(|| panic!("accepted headers {headers}"))
+            .to_string();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    for path in ["/gh#frag", "/a/../gh", "/%41", "/g h", "/g\u{0}h", "/a//b"] {
+        let toml = route("").replace("path = \"/wh\"", &format!("path = {}", toml_string(path)));
+        let err = crate::checks::from_toml_str(&toml)
+            .err()
+            .unwrap_or_else(|| panic!("accepted path {path:?}"))
+            .to_string();
+        assert!(err.contains("inbound.routes[0].path"), "{path:?}: {err}");
+    }
+}

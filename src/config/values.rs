@@ -99,12 +99,20 @@ impl fmt::Display for Dur {
     }
 }
 
+/// The longest duration any setting takes: every one ends up added to a clock (a lease, a
+/// retention's cut-off, a timer), and ten years keeps that inside what Postgres and Tokio hold.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
 impl FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+        let d = humantime::parse_duration(s.trim()).map_err(|e| {
             format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"30s\", \"10h\", \"7d\"")
-        })
+        })?;
+        if d > MAX_DURATION {
+            return Err(format!("duration {s:?} is longer than 3650d"));
+        }
+        Ok(Dur(d))
     }
 }
 
@@ -163,7 +171,22 @@ impl FromStr for ByteSize {
             "gib" | "g" => 1 << 30,
             _ => return Err(bad()),
         };
-        n.checked_mul(mult).map(ByteSize).ok_or_else(bad)
+        n.checked_mul(mult)
+            .ok_or_else(bad)
+            .and_then(ByteSize::bounded)
+    }
+}
+
+impl ByteSize {
+    /// The largest size any setting takes (1 TiB): sizes are counted in signed 64-bit integers
+    /// further on, and no budget of a sidecar comes near it.
+    pub const MAX: u64 = 1 << 40;
+
+    fn bounded(n: u64) -> Result<Self, String> {
+        if n > Self::MAX {
+            return Err(format!("size {n} bytes is more than 1TiB"));
+        }
+        Ok(ByteSize(n))
     }
 }
 
@@ -181,8 +204,13 @@ impl<'de> Deserialize<'de> for ByteSize {
             Num(u64),
             Text(String),
         }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(ByteSize(n)),
+        let raw = Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a size: a whole number of bytes, or text like \"1MiB\" or \"512KiB\"",
+            )
+        })?;
+        match raw {
+            Raw::Num(n) => ByteSize::bounded(n).map_err(serde::de::Error::custom),
             Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
         }
     }

@@ -109,11 +109,8 @@ pub fn validate(config: &InboundConfig) -> Vec<String> {
     let mut names = HashMap::new();
     for (i, route) in config.routes.iter().enumerate() {
         let key = format!("inbound.routes[{i}]");
-        if !route.path.starts_with('/') || route.path.contains('?') {
-            p.push(format!(
-                "{key}.path: {:?} must start with / and carry no query",
-                route.path
-            ));
+        if let Err(e) = plain_path(&route.path) {
+            p.push(format!("{key}.path: {:?} {e}", route.path));
         } else if let Some(j) = paths.insert(route.path.clone(), i) {
             p.push(format!(
                 "{key}.path: {:?} is also inbound.routes[{j}].path",
@@ -121,11 +118,16 @@ pub fn validate(config: &InboundConfig) -> Vec<String> {
             ));
         }
         if let Some(up) = &route.upstream_path {
-            if !up.starts_with('/') || up.contains('?') {
+            if !up.starts_with('/') || up.contains(['?', '#']) || up.contains(char::is_control) {
                 p.push(format!(
-                    "{key}.upstream_path: {up:?} must start with / and carry no query"
+                    "{key}.upstream_path: {up:?} must start with / and carry no query, fragment or control character"
                 ));
             }
+        }
+        if route.methods.as_ref().is_some_and(Vec::is_empty) {
+            p.push(format!(
+                "{key}.methods: is empty, so the route would refuse every request; leave it out for POST"
+            ));
         }
         for (j, m) in route.methods.iter().flatten().enumerate() {
             if http::Method::from_bytes(m.as_bytes()).is_err() || m.to_ascii_uppercase() != *m {
@@ -157,6 +159,38 @@ pub fn validate(config: &InboundConfig) -> Vec<String> {
         );
     }
     p
+}
+
+/// A route's path as a request can carry it, compared byte for byte with the request's: `/` and
+/// then segments of the characters a URL path carries unescaped. A query or fragment, an escape
+/// (`%41` and `A` are one path to a sender, two to a byte comparison), whitespace or a control
+/// byte, and an empty, `.` or `..` segment (clients resolve those before sending) would make a
+/// route no request reaches.
+fn plain_path(path: &str) -> Result<(), &'static str> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err("must start with /");
+    };
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/".contains(c);
+    if let Some(c) = rest.chars().find(|&c| !allowed(c)) {
+        return Err(match c {
+            '?' => "must carry no query",
+            '#' => "must carry no fragment",
+            '%' => "must carry no percent-escape (write the character itself)",
+            _ => "may hold only letters, digits and - . _ ~ ! $ & ' ( ) * + , ; = : @ /",
+        });
+    }
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let mut segments = rest.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        // A trailing slash is a path of its own (`/wh/`), not an empty segment.
+        if matches!(segment, "" | "." | "..") && !(segment.is_empty() && segments.peek().is_none())
+        {
+            return Err("must have no empty, . or .. segment");
+        }
+    }
+    Ok(())
 }
 
 /// A route's name: `name`, or its path.
@@ -241,14 +275,26 @@ fn validate_inbox(route: &RouteConfig) -> Vec<String> {
 }
 
 /// The upstream must be plain HTTP on an address this pod reaches (normally loopback).
-fn upstream_addr(url: &str) -> Result<SocketAddr, String> {
-    let parsed = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+fn upstream_addr(written: &str) -> Result<SocketAddr, String> {
+    // Shown with any password masked: config errors reach the logs.
+    let url = crate::config::mask_url_password(written);
+    let parsed = url::Url::parse(written).map_err(|e| format!("{url:?} is not a URL ({e})"))?;
     if parsed.scheme() != "http" {
         return Err(format!("{url:?} must be http:// (the app, on localhost)"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(format!(
+            "{url:?} must carry no credentials (the proxy would not send them)"
+        ));
     }
     if parsed.path() != "/" && !parsed.path().is_empty() {
         return Err(format!(
             "{url:?} must not carry a path; use a route's upstream_path"
+        ));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!(
+            "{url:?} must carry no query or fragment (requests keep their own query)"
         ));
     }
     let host = parsed

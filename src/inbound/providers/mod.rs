@@ -104,8 +104,28 @@ pub fn build(route: &RouteConfig) -> Result<Box<dyn Verifier>, Vec<String>> {
     if secrets.is_empty() {
         problems.push("secrets: at least one secret is required".to_string());
     }
-    if let Some(i) = secrets.iter().position(|s| s.is_empty()) {
-        problems.push(format!("secrets[{i}]: is empty"));
+    if let Some(i) = secrets.iter().position(|s| s.trim().is_empty()) {
+        problems.push(format!("secrets[{i}]: is empty or blank"));
+    }
+    // Whole seconds: the providers' timestamps are seconds. The config's durations stop at
+    // 3650d, so the cast cannot wrap.
+    if route
+        .tolerance
+        .is_some_and(|d| d.0 < std::time::Duration::from_secs(1))
+    {
+        problems.push("tolerance: at least 1s (timestamps are whole seconds)".into());
+    }
+    let timestamped = match route.provider.as_str() {
+        "standard-webhooks" | "stripe" | "slack" | "paddle" => true,
+        "hmac" => route.timestamp_header.is_some(),
+        _ => false,
+    };
+    if route.tolerance.is_some() && !timestamped && PROVIDERS.contains(&route.provider.as_str()) {
+        problems.push(format!(
+            "tolerance: provider {:?} sends no timestamp{}, so there is nothing to check it against",
+            route.provider,
+            if route.provider == "hmac" { " unless timestamp_header is set" } else { "" }
+        ));
     }
     if !problems.is_empty() {
         return Err(problems);
