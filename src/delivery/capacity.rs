@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::WorkerSettings;
 
@@ -51,6 +51,14 @@ pub struct Capacity {
     /// budget's room holds at that size, so the database does not size rows it cannot keep.
     recent_payload: std::sync::atomic::AtomicUsize,
     requests: Arc<Semaphore>,
+    /// Request slots beyond `requests` for an endpoint's only request in flight: however many
+    /// endpoints hang in every slot of `requests` (each up to its `per_endpoint_concurrency`),
+    /// another endpoint is still sent to at once, one request at a time. A quarter of
+    /// `concurrency` (at least one).
+    request_reserve: Arc<Semaphore>,
+    /// Rung when a request slot is given back: a request waiting for one of `requests` looks
+    /// again whether it is now its endpoint's only one (and may take the reserve's).
+    slot_freed: Arc<Notify>,
     per_endpoint_requests: usize,
     pub(super) per_endpoint_held: i32,
     /// Held deliveries per endpoint and the endpoint's request semaphore (present while any are held).
@@ -142,6 +150,8 @@ impl Capacity {
             memory_budget: settings.memory_budget,
             recent_payload: std::sync::atomic::AtomicUsize::new(0),
             requests: Arc::new(Semaphore::new(settings.concurrency)),
+            request_reserve: Arc::new(Semaphore::new((settings.concurrency / 4).max(1))),
+            slot_freed: Arc::default(),
             per_endpoint_requests: settings.per_endpoint_concurrency,
             per_endpoint_held: (settings.per_endpoint_concurrency * HOLDS_PER_ENDPOINT_REQUEST)
                 as i32,
@@ -353,7 +363,9 @@ impl Capacity {
     }
 
     pub(super) fn requests_in_flight(&self, concurrency: usize) -> usize {
-        concurrency - self.requests.available_permits()
+        let reserve = (concurrency / 4).max(1);
+        concurrency - self.requests.available_permits() + reserve
+            - self.request_reserve.available_permits()
     }
 
     /// Held deliveries per endpoint, for the claim to subtract; a stopped endpoint counts as full.
@@ -374,14 +386,51 @@ impl Capacity {
         held.into_iter().collect()
     }
 
-    /// Waits for a request slot of the hold's endpoint, then one of the replica's.
-    pub(super) async fn request_slot(
-        &self,
-        hold: &Hold,
-    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+    /// Waits for a request slot of the hold's endpoint, then one of the replica's, or, while
+    /// the replica's are all taken and this is the endpoint's only request, one of the reserve's.
+    pub(super) async fn request_slot(&self, hold: &Hold) -> Option<RequestSlot> {
         let endpoint = hold.endpoint_requests.clone().acquire_owned().await.ok()?;
-        let replica = self.requests.clone().acquire_owned().await.ok()?;
-        Some((endpoint, replica))
+        let slot = |replica| RequestSlot {
+            permits: Some((endpoint, replica)),
+            freed: self.slot_freed.clone(),
+        };
+        if let Ok(replica) = self.requests.clone().try_acquire_owned() {
+            return Some(slot(replica));
+        }
+        let replica = self.requests.clone().acquire_owned();
+        tokio::pin!(replica);
+        loop {
+            // Registered before looking, so a slot given back in between still wakes this.
+            let freed = self.slot_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let alone =
+                hold.endpoint_requests.available_permits() + 1 >= self.per_endpoint_requests;
+            if alone {
+                if let Ok(reserve) = self.request_reserve.clone().try_acquire_owned() {
+                    return Some(slot(reserve));
+                }
+            }
+            tokio::select! {
+                biased;
+                replica = &mut replica => return replica.ok().map(slot),
+                _ = freed => {}
+            }
+        }
+    }
+}
+
+/// A request's slots (its endpoint's, and the replica's or the reserve's): given back when the
+/// request ends, then the waiting requests look again (see [`Capacity::request_slot`]).
+pub(super) struct RequestSlot {
+    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for RequestSlot {
+    fn drop(&mut self) {
+        drop(self.permits.take());
+        self.freed.notify_waiters();
     }
 }
 

@@ -13,6 +13,11 @@ use super::ssrf::{Blocked, Guard, GuardedResolver};
 /// How much of a response body is kept in the attempt record.
 pub const RESPONSE_BODY_LIMIT: usize = 4096;
 
+/// How long the body may take once the head is in. The status is the outcome; the body is only
+/// kept for the record, so a receiver that trickles it must not hold a request slot (and so
+/// everyone else's deliveries) for the rest of the request timeout.
+pub const RESPONSE_BODY_WAIT: Duration = Duration::from_secs(1);
+
 pub fn user_agent() -> String {
     format!("postern/{}", env!("CARGO_PKG_VERSION"))
 }
@@ -84,19 +89,22 @@ impl WebhookClient {
         let headers = resp.headers().clone();
         let mut kept = Vec::new();
         // A receiver that streams a huge or endless body must not cost memory or time: keep the
-        // head only, and stop reading there (the connection is then closed, not pooled). The
-        // client's timeout bounds a body that trickles.
-        while kept.len() < RESPONSE_BODY_LIMIT {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    let room = RESPONSE_BODY_LIMIT - kept.len();
-                    kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        // start only, read for at most `RESPONSE_BODY_WAIT`, and stop there (the connection is
+        // then closed, not pooled).
+        let read = async {
+            while kept.len() < RESPONSE_BODY_LIMIT {
+                match resp.chunk().await {
+                    Ok(Some(chunk)) => {
+                        let room = RESPONSE_BODY_LIMIT - kept.len();
+                        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
+                    Ok(None) => break,
+                    // The status already arrived; a broken body does not change the outcome.
+                    Err(_) => break,
                 }
-                Ok(None) => break,
-                // The status already arrived; a broken body does not change the outcome.
-                Err(_) => break,
             }
-        }
+        };
+        let _ = tokio::time::timeout(RESPONSE_BODY_WAIT, read).await;
         Ok(Response {
             status,
             headers,

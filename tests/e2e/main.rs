@@ -6,6 +6,7 @@ mod api;
 mod api_contract;
 mod cli;
 mod common;
+mod crowd;
 mod dashboard;
 mod deliveries;
 mod deploy;

@@ -189,6 +189,7 @@ pub struct Flow {
     publish: String,
     disable: String,
     announce: String,
+    revoke: String,
     defaults: serde_json::Value,
 }
 
@@ -210,6 +211,7 @@ impl Flow {
                  WHERE id = $1 AND active",
             ),
             announce: format!("SELECT pg_notify('{}', 'stop:' || $1)", schema.endpoints_channel()),
+            revoke: format!("SELECT pg_notify('{}', 'revoke:' || $1)", schema.endpoints_channel()),
             defaults: defaults.stored(),
         }
     }
@@ -265,6 +267,11 @@ impl Flow {
         let opened: Vec<Option<DateTime<Utc>>> = transitions.iter().map(|t| t.opened_at).collect();
         tx.execute(&self.publish, &[&ids, &kinds, &reasons, &counts, &opened])
             .await?;
+        // Open: what any replica holds for the endpoint goes back instead of out (the circuit
+        // gets its probe and nothing else), once this commits.
+        for t in transitions.iter().filter(|t| t.kind == "opened") {
+            tx.execute(&self.revoke, &[&t.endpoint_id]).await?;
+        }
         for t in transitions.iter().filter(|t| t.kind == "disabled") {
             let reason = format!("disabled by the circuit breaker: {}", t.reason);
             tx.execute(&self.disable, &[&t.endpoint_id, &reason])
