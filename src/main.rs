@@ -112,6 +112,9 @@ async fn run(arg: ConfigArg) -> ExitCode {
         return ExitCode::from(2);
     };
     postern::telemetry::init(&config.log);
+    for warning in config.warnings() {
+        tracing::warn!(%warning, "config");
+    }
     let grace = config.shutdown_grace.0;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));

@@ -273,7 +273,7 @@ impl Config {
     /// Checks everything serde cannot that needs no other module; every problem is reported, not
     /// only the first.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut p = Vec::new();
+        let mut p = self.listener_clashes();
         let grace = self.shutdown_grace.0;
         if grace < Duration::from_secs(1) {
             p.push("shutdown_grace: must be at least 1s".into());
@@ -476,7 +476,46 @@ impl Config {
                 w.push("api.tokens: not set; any process that reaches the loopback listener can use the API".into());
             }
         }
+        let everywhere = |nets: &[ipnet::IpNet]| nets.iter().any(|n| n.prefix_len() == 0);
+        if everywhere(&self.outbound.allow_private_networks) {
+            w.push("outbound.allow_private_networks: allows every address, so the SSRF guard is off: an endpoint URL can reach this pod's network, its cloud metadata service and the database".into());
+        }
+        if let Some(inbound) = &self.inbound {
+            if everywhere(&inbound.trust_forwarded_for) {
+                w.push("inbound.trust_forwarded_for: trusts every sender's X-Forwarded-For, so any sender can claim an address allowed by a route's allow_ips".into());
+            }
+        }
         w
+    }
+
+    /// The listeners that would take the same port (`admin`, `api`, `inbound`): found at load,
+    /// not when the second bind fails after the pipeline started.
+    fn listener_clashes(&self) -> Vec<String> {
+        let listeners: Vec<(&str, std::net::SocketAddr)> = [
+            (
+                "admin.listen",
+                self.admin.as_ref().map(|a| a.listen.as_str()),
+            ),
+            ("api.listen", self.api.as_ref().map(|a| a.listen.as_str())),
+            (
+                "inbound.listen",
+                self.inbound.as_ref().map(|i| i.listen.as_str()),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, listen)| Some((key, listen?.parse().ok()?)))
+        .collect();
+        let mut p = Vec::new();
+        for (i, (key, a)) in listeners.iter().enumerate() {
+            for (other, b) in &listeners[..i] {
+                let same_host =
+                    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+                if a.port() != 0 && a.port() == b.port() && same_host {
+                    p.push(format!("{key}: {a} takes the port of {other} ({b})"));
+                }
+            }
+        }
+        p
     }
 
     /// The effective configuration as TOML, every secret shown as `"<redacted>"`.

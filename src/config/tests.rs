@@ -353,3 +353,26 @@ fn values_that_parse_but_cannot_work_are_refused_by_key() {
         assert!(err.contains("inbound.routes[0].path"), "{path:?}: {err}");
     }
 }
+
+/// Two listeners on one port fail only when the second binds, after the pipeline started: found
+/// at load instead. A `file:` secret is read no further than a secret could go.
+#[test]
+fn listeners_on_one_port_and_endless_secret_files_are_refused_by_key() {
+    let err = crate::checks::from_toml_str(&format!(
+        "{MINIMAL}\n[admin]\nlisten = \"0.0.0.0:18950\"\n[api]\nlisten = \"127.0.0.1:18950\"\n"
+    ))
+    .err()
+    .expect("two listeners on one port")
+    .to_string();
+    assert!(err.contains("api.listen"), "{err}");
+    let err = crate::checks::from_toml_str(&format!(
+        "{MINIMAL}\n[api]\nlisten = \"127.0.0.1:9090\"\ntokens = [\"file:/dev/zero\"]\n"
+    ))
+    .err()
+    .expect("an endless secret file")
+    .to_string();
+    assert!(
+        err.contains("api.tokens") && err.contains("/dev/zero"),
+        "{err}"
+    );
+}

@@ -17,6 +17,9 @@ pub struct Secret {
 
 pub const REDACTED: &str = "<redacted>";
 
+/// The largest file a `file:` secret is read from.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
         Self {
@@ -39,9 +42,22 @@ impl Secret {
                 .map_err(|_| format!("environment variable {name} is not set"));
         }
         if let Some(path) = written.strip_prefix("file:") {
-            return std::fs::read_to_string(path)
+            // Read no further than any secret could go: `file:/dev/zero` must not take the
+            // process's memory.
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            std::fs::File::open(path)
+                .and_then(|f| f.take(MAX_SECRET_FILE + 1).read_to_end(&mut bytes))
+                .map_err(|e| format!("cannot read secret file {path}: {e}"))?;
+            if bytes.len() as u64 > MAX_SECRET_FILE {
+                return Err(format!(
+                    "secret file {path} is larger than {} KiB: not a secret",
+                    MAX_SECRET_FILE / 1024
+                ));
+            }
+            return String::from_utf8(bytes)
                 .map(line)
-                .map_err(|e| format!("cannot read secret file {path}: {e}"));
+                .map_err(|_| format!("cannot read secret file {path}: not UTF-8 text"));
         }
         Ok(Self::new(written))
     }
