@@ -41,11 +41,21 @@ impl Provider for Secrets {
     }
 }
 
+/// A value as an operator meant it, as figment reads a string: surrounding whitespace (a line
+/// ending from a Secret made with `echo`) and one pair of double quotes (`--env-file` lines) go.
+fn as_written(raw: &str) -> String {
+    let t = raw.trim();
+    t.strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(t)
+        .to_string()
+}
+
 fn secrets_dict(vars: impl Iterator<Item = (String, String)>) -> Dict {
     let mut database = Dict::new();
     for (key, raw) in vars {
         if let (true, Some(field)) = (is_secret(&key), key.strip_prefix("database.")) {
-            database.insert(field.to_string(), Value::from(raw));
+            database.insert(field.to_string(), Value::from(as_written(&raw)));
         }
     }
     let mut dict = Dict::new();
@@ -66,6 +76,7 @@ mod tests {
             ("database.encryption_key", "007"),
             ("database.listen_url", "[not, a, list]"),
             ("database.pool_size", "8"),
+            ("database.url", " \"123456\"\n"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
         let dict = secrets_dict(vars.into_iter());

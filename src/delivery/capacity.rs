@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::slots::{EndpointRequests, RequestSlot, Slots};
 
 use super::WorkerSettings;
 
@@ -50,19 +52,11 @@ pub struct Capacity {
     /// The largest payload seen lately (decaying): a claim asks for no more rows than the
     /// budget's room holds at that size, so the database does not size rows it cannot keep.
     recent_payload: std::sync::atomic::AtomicUsize,
-    requests: Arc<Semaphore>,
-    /// Request slots beyond `requests` for an endpoint's only request in flight: however many
-    /// endpoints hang in every slot of `requests` (each up to its `per_endpoint_concurrency`),
-    /// another endpoint is still sent to at once, one request at a time. A quarter of
-    /// `concurrency` (at least one).
-    request_reserve: Arc<Semaphore>,
-    /// Rung when a request slot is given back: a request waiting for one of `requests` looks
-    /// again whether it is now its endpoint's only one (and may take the reserve's).
-    slot_freed: Arc<Notify>,
+    slots: Slots,
     per_endpoint_requests: usize,
     pub(super) per_endpoint_held: i32,
     /// Held deliveries per endpoint and the endpoint's request semaphore (present while any are held).
-    per_endpoint: Mutex<HashMap<String, (i32, Arc<Semaphore>)>>,
+    per_endpoint: Mutex<HashMap<String, (i32, Arc<EndpointRequests>)>>,
     /// Endpoints this replica must not send to (an answer of 410, or paused or deleted through the
     /// API), until when: held deliveries to them go back instead of out, claims and the fast path
     /// skip them. After `stop_for` the database's state (inactive, deleted) is what counts.
@@ -111,7 +105,7 @@ pub struct Hold {
     _bytes: OwnedSemaphorePermit,
     pub(super) endpoint: String,
     taken: std::time::Instant,
-    endpoint_requests: Arc<Semaphore>,
+    endpoint_requests: Arc<EndpointRequests>,
     pub(super) capacity: Arc<Capacity>,
 }
 
@@ -149,9 +143,7 @@ impl Capacity {
             max_charge: charge_kib(settings.max_payload as usize).min(budget_kib as u32),
             memory_budget: settings.memory_budget,
             recent_payload: std::sync::atomic::AtomicUsize::new(0),
-            requests: Arc::new(Semaphore::new(settings.concurrency)),
-            request_reserve: Arc::new(Semaphore::new((settings.concurrency / 4).max(1))),
-            slot_freed: Arc::default(),
+            slots: Slots::new(settings.concurrency),
             per_endpoint_requests: settings.per_endpoint_concurrency,
             per_endpoint_held: (settings.per_endpoint_concurrency * HOLDS_PER_ENDPOINT_REQUEST)
                 as i32,
@@ -327,14 +319,14 @@ impl Capacity {
 
     fn count(
         self: &Arc<Self>,
-        map: &mut HashMap<String, (i32, Arc<Semaphore>)>,
+        map: &mut HashMap<String, (i32, Arc<EndpointRequests>)>,
         endpoint: &str,
         permit: OwnedSemaphorePermit,
         bytes: OwnedSemaphorePermit,
     ) -> Hold {
         let entry = map
             .entry(endpoint.to_string())
-            .or_insert_with(|| (0, Arc::new(Semaphore::new(self.per_endpoint_requests))));
+            .or_insert_with(|| (0, EndpointRequests::new(self.per_endpoint_requests)));
         entry.0 += 1;
         Hold {
             _hold: permit,
@@ -362,10 +354,8 @@ impl Capacity {
         self.per_endpoint_requests as i32
     }
 
-    pub(super) fn requests_in_flight(&self, concurrency: usize) -> usize {
-        let reserve = (concurrency / 4).max(1);
-        concurrency - self.requests.available_permits() + reserve
-            - self.request_reserve.available_permits()
+    pub(super) fn requests_in_flight(&self) -> usize {
+        self.slots.in_flight()
     }
 
     /// Held deliveries per endpoint, for the claim to subtract; a stopped endpoint counts as full.
@@ -386,51 +376,10 @@ impl Capacity {
         held.into_iter().collect()
     }
 
-    /// Waits for a request slot of the hold's endpoint, then one of the replica's, or, while
-    /// the replica's are all taken and this is the endpoint's only request, one of the reserve's.
+    /// Waits for a request slot of the hold's endpoint and one of the replica's (see
+    /// [`Slots::take`]).
     pub(super) async fn request_slot(&self, hold: &Hold) -> Option<RequestSlot> {
-        let endpoint = hold.endpoint_requests.clone().acquire_owned().await.ok()?;
-        let slot = |replica| RequestSlot {
-            permits: Some((endpoint, replica)),
-            freed: self.slot_freed.clone(),
-        };
-        if let Ok(replica) = self.requests.clone().try_acquire_owned() {
-            return Some(slot(replica));
-        }
-        let replica = self.requests.clone().acquire_owned();
-        tokio::pin!(replica);
-        loop {
-            // Registered before looking, so a slot given back in between still wakes this.
-            let freed = self.slot_freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            let alone =
-                hold.endpoint_requests.available_permits() + 1 >= self.per_endpoint_requests;
-            if alone {
-                if let Ok(reserve) = self.request_reserve.clone().try_acquire_owned() {
-                    return Some(slot(reserve));
-                }
-            }
-            tokio::select! {
-                biased;
-                replica = &mut replica => return replica.ok().map(slot),
-                _ = freed => {}
-            }
-        }
-    }
-}
-
-/// A request's slots (its endpoint's, and the replica's or the reserve's): given back when the
-/// request ends, then the waiting requests look again (see [`Capacity::request_slot`]).
-pub(super) struct RequestSlot {
-    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
-    freed: Arc<Notify>,
-}
-
-impl Drop for RequestSlot {
-    fn drop(&mut self) {
-        drop(self.permits.take());
-        self.freed.notify_waiters();
+        self.slots.take(&hold.endpoint_requests).await
     }
 }
 
@@ -560,7 +509,7 @@ mod tests {
         assert_eq!(cap.holds.available_permits(), 3);
         // A request slot of the endpoint and of the replica, then none until it is returned.
         let slot = cap.request_slot(&hold).await.expect("a request slot");
-        assert_eq!(cap.requests_in_flight(1), 1);
+        assert_eq!(cap.requests_in_flight(), 1);
         let second = cap.try_hold("a", 10).unwrap();
         assert!(
             tokio::time::timeout(Duration::from_millis(50), cap.request_slot(&second))
@@ -569,7 +518,7 @@ mod tests {
             "the endpoint's one request slot is taken"
         );
         drop(slot);
-        assert_eq!(cap.requests_in_flight(1), 0);
+        assert_eq!(cap.requests_in_flight(), 0);
         drop(hold);
         assert_eq!(cap.held_per_endpoint(), vec![("a".to_string(), 1)]);
     }

@@ -1,8 +1,8 @@
 //! Delivery: the worker claims due deliveries under a lease (or takes the fan-out's handoffs),
 //! runs each attempt as a task (`attempt`), and the settler writes the outcomes in batches
 //! (`settle`); `capacity` bounds what the replica holds, `state` owns the statuses and their SQL.
-//! Invariant: at most `concurrency` requests in flight per replica and `per_endpoint_concurrency`
-//! per endpoint; every claimed delivery ends settled, handed back, deferred or (if this process
+//! Invariant: at most `concurrency` requests in flight per replica (and a quarter more, one per
+//! endpoint, while every slot is taken: `slots`) and `per_endpoint_concurrency` per endpoint; every claimed delivery ends settled, handed back, deferred or (if this process
 //! dies) reaped when its lease lapses: none is ever dropped.
 
 mod attempt;
@@ -11,6 +11,7 @@ pub mod client;
 mod handoff;
 pub mod retry;
 mod settle;
+mod slots;
 pub mod ssrf;
 pub mod state;
 
@@ -330,7 +331,7 @@ impl Worker {
         }
 
         attempts.tracker.close();
-        let in_flight = self.capacity.requests_in_flight(self.settings.concurrency);
+        let in_flight = self.capacity.requests_in_flight();
         tracing::info!(in_flight, "delivery worker draining");
         // The dispatcher may still be finishing a pass: what it hands over now goes straight back.
         let return_handoffs = async {

@@ -162,33 +162,33 @@ pub fn validate(config: &InboundConfig) -> Vec<String> {
 }
 
 /// A route's path as a request can carry it, compared byte for byte with the request's: `/` and
-/// then segments of the characters a URL path carries unescaped. A query or fragment, an escape
-/// (`%41` and `A` are one path to a sender, two to a byte comparison), whitespace or a control
-/// byte, and an empty, `.` or `..` segment (clients resolve those before sending) would make a
-/// route no request reaches.
+/// then the characters a URL path carries, a `%` only as an escape of two hex digits. A query or
+/// fragment, whitespace or a control byte, a broken escape, and a `.` or `..` segment (clients
+/// resolve those before sending) would make a route no request reaches.
 fn plain_path(path: &str) -> Result<(), &'static str> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err("must start with /");
     };
-    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/".contains(c);
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/%".contains(c);
     if let Some(c) = rest.chars().find(|&c| !allowed(c)) {
         return Err(match c {
             '?' => "must carry no query",
             '#' => "must carry no fragment",
-            '%' => "must carry no percent-escape (write the character itself)",
-            _ => "may hold only letters, digits and - . _ ~ ! $ & ' ( ) * + , ; = : @ /",
+            _ => "may hold only letters, digits, - . _ ~ ! $ & ' ( ) * + , ; = : @ / and %-escapes",
         });
     }
-    if rest.is_empty() {
-        return Ok(());
+    let bytes = rest.as_bytes();
+    let escapes_whole = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || (i + 2 < bytes.len()
+                && bytes[i + 1].is_ascii_hexdigit()
+                && bytes[i + 2].is_ascii_hexdigit())
+    });
+    if !escapes_whole {
+        return Err("has a % that is not followed by two hex digits");
     }
-    let mut segments = rest.split('/').peekable();
-    while let Some(segment) = segments.next() {
-        // A trailing slash is a path of its own (`/wh/`), not an empty segment.
-        if matches!(segment, "" | "." | "..") && !(segment.is_empty() && segments.peek().is_none())
-        {
-            return Err("must have no empty, . or .. segment");
-        }
+    if rest.split('/').any(|segment| matches!(segment, "." | "..")) {
+        return Err("must have no . or .. segment (clients resolve them before sending)");
     }
     Ok(())
 }

@@ -175,12 +175,11 @@ impl VerifyingProxy {
         }
         // A head that fails the route's checks on its own is refused before any body byte is
         // read: a sender with no signature cannot hold the budget while its body trickles in.
-        if let Some(e) = providers::refuses_head(
-            route.verifier.as_ref(),
-            &req.headers,
-            req.uri.query(),
-            chrono::Utc::now().timestamp(),
-        ) {
+        // One clock for both checks: a timestamp the head passed is judged the same way later.
+        let now = chrono::Utc::now().timestamp();
+        if let Some(e) =
+            providers::refuses_head(route.verifier.as_ref(), &req.headers, req.uri.query(), now)
+        {
             return Err(Refusal::from_verify(e));
         }
         // Bytes are charged as they arrive, not as declared: a sender that declares 5 MiB and
@@ -214,7 +213,7 @@ impl VerifyingProxy {
             headers: &req.headers,
             body: &body,
             query: req.uri.query(),
-            now: chrono::Utc::now().timestamp(),
+            now,
         };
         route
             .verifier

@@ -223,8 +223,11 @@ fn endpoint_changed(capacity: &Capacity, health: &Health, sweep_now: &Notify, pa
         Announce::Revoke => capacity.revoke(endpoint),
     }
     // Stopped, nothing more goes to it here; changed (its secrets rotated, say), a fault it
-    // raised may be gone: the next delivery to it raises the fault again if not.
-    health.clear_endpoint_fault(endpoint);
+    // raised may be gone: the next delivery to it raises the fault again if not. A revocation
+    // alone (its circuit opened) changes nothing the fault is about.
+    if what != Announce::Revoke {
+        health.clear_endpoint_fault(endpoint);
+    }
     // What the change left to the sweeper (a large backlog) is moved now, not at the next tick.
     sweep_now.notify_one();
 }

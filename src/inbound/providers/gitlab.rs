@@ -19,6 +19,10 @@ impl Verifier for GitLab {
         let token = r.required("x-gitlab-token")?;
         super::any_match(&self.secrets, &[token.as_bytes().to_vec()])
     }
+
+    fn head_decides(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -56,6 +56,12 @@ impl Incoming<'_> {
 /// refuse a request on its head, before its body is read or buffered.
 pub trait Verifier: Send + Sync {
     fn verify(&self, request: &Incoming<'_>) -> Result<(), VerifyError>;
+
+    /// Nothing but the head is checked (a token compared, no body signed): a mismatch on the head
+    /// is final too.
+    fn head_decides(&self) -> bool {
+        false
+    }
 }
 
 /// The refusal a request's head alone earns, if any: the verifier run over an empty body, its
@@ -79,6 +85,7 @@ pub fn refuses_head(
             | VerifyError::MalformedHeader
             | VerifyError::TimestampOutOfTolerance),
         ) => Some(e),
+        Err(e @ VerifyError::SignatureMismatch) if verifier.head_decides() => Some(e),
         _ => None,
     }
 }
