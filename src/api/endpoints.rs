@@ -568,18 +568,8 @@ async fn rotate_secret(
     )
     .await?;
     if !grace.is_zero() {
-        let row = tx
-            .query_one(
-                &state.schema.sql(
-                    "SELECT count(*), to_char(min(expires_at) AT TIME ZONE 'UTC',
-                                             'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
-                     FROM __SCHEMA__.endpoint_secrets
-                     WHERE endpoint_id = $1 AND (expires_at IS NULL OR expires_at > now())",
-                ),
-                &[&id],
-            )
-            .await?;
-        let (signing, first_retired): (i64, Option<String>) = (row.get(0), row.get(1));
+        let (signing, first_retired) =
+            crate::endpoints::signing_secrets(&tx, &state.schema, &id).await?;
         if signing >= crate::endpoints::MAX_SIGNING_SECRETS {
             let after = first_retired.map_or(String::new(), |at| format!(" after {at} or"));
             return Err(ApiError::conflict(
